@@ -1,0 +1,456 @@
+//! The agent: one lifecycle and the one loop that drives it. Other modules
+//! send [`Input`]s on a channel; only this module changes the state, publishes
+//! it (to /readyz, the `machine_agent_state` metric and systemd's STATUS=),
+//! and decides to drain and exit.
+//!
+//! Shutdown has one path: SIGTERM/SIGINT, `should_terminate` and a terminate
+//! task all end the loop with a reason, and [`Agent::drain`] runs under the
+//! configured deadline.
+
+pub mod state;
+
+use crate::config::Config;
+use crate::control::health::HealthStream;
+use crate::control::identity::IdentityProvider;
+use crate::control::register::Registration;
+use crate::control::usage::UsageReporter;
+use crate::control::{ControlError, ControlPlane, Session};
+use crate::engine::{EngineHandle, EngineState, StopOutcome};
+use crate::observe::http::HttpError;
+use crate::observe::liveness::Liveness;
+use crate::observe::metrics::Metrics;
+use crate::proto::v1 as pb;
+use crate::signal::ShutdownSignals;
+use crate::systemd::Notifier;
+use crate::task::{BuildkitTask, Task, TaskError, TaskLimits};
+use state::{next, Event, State};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn, Instrument};
+
+/// The main loop wakes at least this often to beat its heartbeat and ping the
+/// systemd watchdog; /healthz declares a loop stalled after MAX_SILENCE.
+const MAIN_TICK: Duration = Duration::from_secs(1);
+const MAX_SILENCE: Duration = Duration::from_secs(10);
+/// Part of the drain deadline kept for the shutdown report, so a slow engine
+/// stop cannot starve the one message that tells the control plane what happened.
+const SHUTDOWN_REPORT_RESERVE: Duration = Duration::from_secs(2);
+
+/// Where tasks come from.
+#[derive(Debug)]
+pub enum Mode {
+    /// Register with the configured control plane and take tasks from it.
+    ControlPlane,
+    /// Serve this task, validated from a local file; no control plane.
+    Standalone(Box<BuildkitTask>),
+}
+
+/// What the agent publishes about itself; every reader gets a consistent copy.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub state: State,
+    /// Why the agent is in this state (empty when there is nothing to say).
+    pub reason: String,
+    pub engine: EngineState,
+    pub task_id: Option<String>,
+    /// Filesystems whose figures the health stream carries.
+    pub watched_paths: Vec<PathBuf>,
+    /// The cache volume's mount point, once a task names it.
+    pub cache_mount: Option<PathBuf>,
+    pub since: Instant,
+}
+
+/// Everything that can happen to the agent, from any of its loops.
+#[derive(Debug)]
+pub enum Input {
+    /// A validated task from the control plane.
+    Task(Task),
+    /// A task that failed validation: logged, counted, not acted on.
+    TaskRejected(TaskError),
+    /// The control plane answered the health stream with should_terminate.
+    ShouldTerminate,
+    /// The engine exited on its own; the text says how.
+    EngineExited(String),
+}
+
+/// Why the agent could not run or finish cleanly.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum AgentError {
+    /// {0}
+    Http(#[from] HttpError),
+    /// {0}
+    Control(#[from] ControlError),
+    /// `run` needs a [control_plane] section in the config, or --standalone TASK.toml
+    NoControlPlane,
+    /// cannot install signal handlers: {0}
+    Signals(#[source] std::io::Error),
+    /// cannot create the state directory {path}: {source}
+    StateDir { path: PathBuf, #[source] source: std::io::Error },
+    /// the drain did not finish cleanly: {0}
+    DrainIncomplete(String),
+}
+
+/// Runs the agent until it has drained. Ok means a clean drain (exit 0).
+pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), AgentError> {
+    // Signals first: a SIGTERM from here on starts a drain instead of killing us.
+    let mut signals = ShutdownSignals::install().map_err(AgentError::Signals)?;
+    create_state_dir(&config.state_dir)?;
+
+    let metrics = Metrics::new();
+    let liveness = Liveness::default();
+    let (status_tx, status_rx) = watch::channel(Status {
+        state: State::Starting,
+        reason: String::new(),
+        engine: EngineState::NotStarted,
+        task_id: None,
+        watched_paths: vec![config.state_dir.clone()],
+        cache_mount: None,
+        since: Instant::now(),
+    });
+
+    let (addr, serve) = crate::observe::http::bind(config.listen, status_rx.clone(), metrics.clone(), liveness.clone()).await?;
+    tokio::spawn(serve.instrument(tracing::info_span!("endpoints", listen = %addr)));
+    info!(listen = %addr, version = env!("CARGO_PKG_VERSION"), "endpoints serving");
+    let notifier = Arc::new(notifier);
+    notifier.ready();
+
+    let (inputs_tx, inputs_rx) = mpsc::channel(64);
+    let (session_tx, session_rx) = watch::channel(None);
+    let control = match (&mode, &config.control_plane) {
+        (Mode::Standalone(_), _) => None,
+        (Mode::ControlPlane, None) => return Err(AgentError::NoControlPlane),
+        (Mode::ControlPlane, Some(cp)) => Some(ControlPlane::new(cp.clone(), metrics.clone())?),
+    };
+
+    let mut agent = Agent {
+        config,
+        metrics,
+        notifier,
+        status: status_tx,
+        engine: None,
+        task: None,
+        control,
+        session: session_rx,
+        inputs: inputs_tx,
+    };
+    agent.publish_state(agent.status.borrow().state, String::new());
+
+    match mode {
+        Mode::Standalone(task) => {
+            info!(task_id = %task.id, "standalone mode: serving the task file, no control plane");
+            agent.accept_task(*task);
+        }
+        Mode::ControlPlane => agent.start_control_loops(session_tx, &status_rx, &liveness),
+    }
+
+    let heartbeat = liveness.register("main", MAX_SILENCE);
+    let tick = agent.notifier.watchdog_interval().map_or(MAIN_TICK, |w| w.min(MAIN_TICK));
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ping = |notifier: &Notifier| {
+        // The watchdog is fed only while every loop is alive: a stalled health
+        // loop makes systemd restart us, as a stalled main loop would.
+        if notifier.watchdog_interval().is_some() && liveness.stalled().is_empty() {
+            notifier.watchdog();
+        }
+    };
+
+    let mut inputs_rx = inputs_rx;
+    let reason = loop {
+        tokio::select! {
+            Some(input) = inputs_rx.recv() => {
+                if let Some(reason) = agent.handle(input) {
+                    break reason;
+                }
+            }
+            signal = signals.recv() => {
+                info!(signal, "shutdown signal received");
+                break signal.to_ascii_lowercase();
+            }
+            _ = ticker.tick() => {
+                heartbeat.beat();
+                ping(&agent.notifier);
+            }
+        }
+    };
+
+    // Keep feeding the watchdog through the drain: a long engine stop is not a hang.
+    let notifier = agent.notifier.clone();
+    let drain = agent.drain(reason);
+    tokio::pin!(drain);
+    loop {
+        tokio::select! {
+            result = &mut drain => return result,
+            _ = ticker.tick() => {
+                heartbeat.beat();
+                ping(&notifier);
+            }
+        }
+    }
+}
+
+fn create_state_dir(path: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|source| AgentError::StateDir { path: path.into(), source })
+}
+
+#[derive(Debug)]
+struct Agent {
+    config: Config,
+    metrics: Metrics,
+    notifier: Arc<Notifier>,
+    status: watch::Sender<Status>,
+    engine: Option<EngineHandle>,
+    task: Option<BuildkitTask>,
+    control: Option<ControlPlane>,
+    session: watch::Receiver<Option<Session>>,
+    inputs: mpsc::Sender<Input>,
+}
+
+impl Agent {
+    fn state(&self) -> State {
+        self.status.borrow().state
+    }
+
+    /// Applies a lifecycle event; an illegal one is logged and changes nothing.
+    fn transition(&mut self, event: Event, reason: impl Into<String>) {
+        let from = self.state();
+        let reason = reason.into();
+        match next(from, event) {
+            Ok(to) => {
+                if to != from || self.status.borrow().reason != reason {
+                    info!(from = %from, to = %to, reason = %reason, "state changed");
+                    self.publish_state(to, reason);
+                }
+            }
+            Err(illegal) => warn!(%illegal, "ignored"),
+        }
+    }
+
+    /// The one place state is published: the watch (/readyz, health), the metric, STATUS=.
+    fn publish_state(&self, state: State, reason: String) {
+        let status_line = if reason.is_empty() { state.to_string() } else { format!("{state}: {reason}") };
+        self.status.send_modify(|s| {
+            if s.state != state {
+                s.since = Instant::now();
+            }
+            s.state = state;
+            s.reason = reason;
+        });
+        self.metrics.set_state(state);
+        self.notifier.status(&status_line);
+    }
+
+    fn set_engine_state(&self, engine: EngineState) {
+        self.status.send_modify(|s| s.engine = engine);
+    }
+
+    fn start_control_loops(&mut self, session_tx: watch::Sender<Option<Session>>, status: &watch::Receiver<Status>, liveness: &Liveness) {
+        let Some(control) = self.control.clone() else { return };
+        self.transition(Event::RegistrationStarted, "");
+        let registration = Registration {
+            control: control.clone(),
+            identity: IdentityProvider::new(self.config.identity.clone()),
+            limits: self.task_limits(),
+            session: session_tx,
+            inputs: self.inputs.clone(),
+        };
+        tokio::spawn(registration.run().instrument(tracing::info_span!("register")));
+        let health = HealthStream {
+            control: control.clone(),
+            session: self.session.clone(),
+            status: status.clone(),
+            inputs: self.inputs.clone(),
+            interval: self.config.health_interval,
+            heartbeat: liveness.register("health", MAX_SILENCE.max(self.config.health_interval * 3)),
+        };
+        tokio::spawn(health.run().instrument(tracing::info_span!("health")));
+        let usage = UsageReporter {
+            control,
+            session: self.session.clone(),
+            status: status.clone(),
+            interval: self.config.usage_interval,
+        };
+        tokio::spawn(usage.run().instrument(tracing::info_span!("usage")));
+    }
+
+    fn task_limits(&self) -> TaskLimits {
+        TaskLimits { allowed_mount_prefixes: self.config.allowed_mount_prefixes.clone() }
+    }
+
+    /// Handles one input; Some(reason) ends the main loop and starts the drain.
+    fn handle(&mut self, input: Input) -> Option<String> {
+        match input {
+            Input::Task(Task::Pending) => {
+                match &self.task {
+                    // The engine keeps serving: a control plane that lost track of
+                    // us must not cost a build. It can send terminate if it means it.
+                    Some(task) => warn!(task_id = %task.id, "control plane sent pending while a task runs; keeping the task"),
+                    None => self.transition(Event::TaskPending, "waiting for a task"),
+                }
+                None
+            }
+            Input::Task(Task::Buildkit(task)) => {
+                match &self.task {
+                    Some(current) if current.id == task.id => debug!(task_id = %task.id, "task re-sent after reconnect; nothing to do"),
+                    Some(current) => warn!(
+                        running = %current.id, offered = %task.id,
+                        "a different task arrived while one runs; keeping the running task"
+                    ),
+                    None => self.accept_task(*task),
+                }
+                None
+            }
+            Input::Task(Task::Terminate { reason }) => Some(format!("terminate task: {reason}")),
+            Input::ShouldTerminate => Some("should_terminate".into()),
+            Input::TaskRejected(error) => {
+                error!(%error, "task rejected; the agent keeps its current state");
+                None
+            }
+            Input::EngineExited(how) => {
+                self.engine = None;
+                self.set_engine_state(EngineState::Stopped);
+                self.transition(Event::Degraded, format!("engine exited: {how}"));
+                None
+            }
+        }
+    }
+
+    fn accept_task(&mut self, task: BuildkitTask) {
+        info!(task_id = %task.id, mounts = task.mounts.len(), "task accepted");
+        let mount_paths: Vec<PathBuf> = task.mounts.iter().map(|m| m.mount_path.clone()).collect();
+        self.status.send_modify(|s| {
+            s.task_id = Some(task.id.clone());
+            s.cache_mount = mount_paths.first().cloned();
+            s.watched_paths.extend(mount_paths);
+        });
+        self.transition(Event::TaskAccepted, format!("preparing volumes for task {}", task.id));
+        // The volume manager (device wait, format-if-blank, mount) plugs in here.
+        self.transition(Event::VolumePrepared, "starting the engine");
+        self.start_engine(&task);
+        self.task = Some(task);
+    }
+
+    fn start_engine(&mut self, task: &BuildkitTask) {
+        self.set_engine_state(EngineState::Starting);
+        let (exited_tx, mut exited_rx) = mpsc::channel(1);
+        match EngineHandle::spawn(&self.config.engine, task, exited_tx) {
+            Ok(engine) => {
+                info!(pid = engine.pid, binary = %self.config.engine.binary.display(), "engine started");
+                let inputs = self.inputs.clone();
+                tokio::spawn(async move {
+                    if let Some(how) = exited_rx.recv().await {
+                        let _ = inputs.send(Input::EngineExited(how)).await;
+                    }
+                });
+                self.engine = Some(engine);
+                self.set_engine_state(EngineState::Running);
+                // Until the BuildKit driver's readiness probe lands, a running process is ready.
+                self.transition(Event::EngineReady, "");
+            }
+            Err(error) => {
+                error!(%error, "engine did not start");
+                self.set_engine_state(EngineState::Stopped);
+                self.transition(Event::Degraded, error.to_string());
+            }
+        }
+    }
+
+    /// Stops the engine, reports shutdown, and ends in Stopped, all within the drain deadline.
+    async fn drain(mut self, reason: String) -> Result<(), AgentError> {
+        let started = Instant::now();
+        let deadline = started + self.config.drain_timeout;
+        self.transition(Event::DrainRequested, reason.clone());
+        self.notifier.stopping();
+        info!(reason = %reason, deadline_secs = self.config.drain_timeout.as_secs(), "draining");
+
+        let mut errors = vec![];
+        let mut engine_stopped_cleanly = true;
+        if let Some(engine) = self.engine.take() {
+            self.set_engine_state(EngineState::Stopping);
+            let budget = deadline.saturating_duration_since(Instant::now()).saturating_sub(SHUTDOWN_REPORT_RESERVE);
+            let grace = self.config.engine.stop_grace.min(budget);
+            match tokio::time::timeout(budget.max(grace), engine.stop(grace)).await {
+                Ok(StopOutcome::Clean) => {}
+                Ok(StopOutcome::Killed) => {
+                    engine_stopped_cleanly = false;
+                    errors.push(format!("engine needed SIGKILL after {grace:?}"));
+                }
+                Err(_) => {
+                    engine_stopped_cleanly = false;
+                    errors.push("engine stop did not finish within the drain deadline".to_string());
+                }
+            }
+            self.set_engine_state(EngineState::Stopped);
+        }
+
+        let session = self.session.borrow().clone();
+        if let (Some(control), Some(session)) = (&self.control, session) {
+            let report = pb::ShutdownReport {
+                machine_id: session.machine_id.clone(),
+                task_id: self.task.as_ref().map(|t| t.id.clone()).unwrap_or_default(),
+                reason: reason.clone(),
+                // Nothing is mounted by the agent until the volume manager lands.
+                unmounted: true,
+                errors: errors.clone(),
+                drain_duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                engine_stopped_cleanly,
+            };
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(500));
+            match control.report_shutdown(report, &session, left).await {
+                Ok(()) => info!("shutdown reported to the control plane"),
+                Err(error) => warn!(%error, "shutdown report not delivered"),
+            }
+        }
+
+        let elapsed = started.elapsed();
+        if elapsed > self.config.drain_timeout {
+            warn!(elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX), "drain overran its deadline");
+        }
+        self.transition(Event::Drained, reason);
+        info!(elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX), "stopped");
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(AgentError::DrainIncomplete(errors.join("; ")))
+        }
+    }
+}
+
+// === proto mapping ===
+
+impl State {
+    pub fn to_proto(self) -> pb::AgentState {
+        match self {
+            State::Starting => pb::AgentState::Starting,
+            State::Registering => pb::AgentState::Registering,
+            State::Pending => pb::AgentState::Pending,
+            State::Preparing => pb::AgentState::Preparing,
+            State::StartingEngine => pb::AgentState::StartingEngine,
+            State::Ready => pb::AgentState::Ready,
+            State::Degraded => pb::AgentState::Degraded,
+            State::Draining => pb::AgentState::Draining,
+            State::Stopped => pb::AgentState::Stopped,
+        }
+    }
+}
+
+impl EngineState {
+    pub fn to_proto(self) -> pb::EngineState {
+        match self {
+            EngineState::NotStarted => pb::EngineState::NotStarted,
+            EngineState::Starting => pb::EngineState::Starting,
+            EngineState::Running => pb::EngineState::Running,
+            EngineState::Restarting => pb::EngineState::Restarting,
+            EngineState::Stopping => pb::EngineState::Stopping,
+            EngineState::Stopped => pb::EngineState::Stopped,
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The health stream: one report per interval on a client stream, reopened with
+//! backoff whenever it breaks. The control plane answers the call only to say
+//! `should_terminate`; that answer becomes a drain request.
+//!
+//! The loop ticks (and beats its heartbeat) whether or not the stream is open:
+//! reports that cannot be sent during an outage are dropped, never queued, so
+//! memory stays flat and the first report after a reconnect is current.
+
+use super::{describe_status, mount_stats, unix_time_ms, ControlPlane, Session};
+use crate::agent::{Input, Status};
+use crate::observe::liveness::Heartbeat;
+use crate::proto::v1 as pb;
+use rand::SeedableRng;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{debug, info, warn};
+
+/// A couple of reports may wait while HTTP/2 flow control catches up; more
+/// than that means the stream is stuck, and a stale report is worth nothing.
+const QUEUED_REPORTS: usize = 2;
+
+#[derive(Debug)]
+pub struct HealthStream {
+    pub control: ControlPlane,
+    pub session: watch::Receiver<Option<Session>>,
+    pub status: watch::Receiver<Status>,
+    pub inputs: mpsc::Sender<Input>,
+    pub interval: Duration,
+    pub heartbeat: Heartbeat,
+}
+
+impl HealthStream {
+    pub async fn run(mut self) {
+        let mut backoff = self.control.config.backoff.clone();
+        let mut rng = rand::rngs::StdRng::from_os_rng();
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            // Registration hands us a session; until then there is nobody to report to.
+            let session = loop {
+                if let Some(s) = self.session.borrow_and_update().clone() {
+                    break s;
+                }
+                tokio::select! {
+                    _ = ticker.tick() => self.heartbeat.beat(),
+                    changed = self.session.changed() => if changed.is_err() { return },
+                }
+            };
+            match self.stream_once(&session, &mut ticker).await {
+                Some(true) => {
+                    info!("control plane asked this machine to terminate");
+                    let _ = self.inputs.send(Input::ShouldTerminate).await;
+                    return;
+                }
+                Some(false) => backoff.reset(),
+                None => {}
+            }
+            if self.inputs.is_closed() {
+                return;
+            }
+            // Wait out the backoff, still ticking so /healthz sees this loop alive.
+            let resume = tokio::time::Instant::now() + backoff.next_delay(&mut rng);
+            while tokio::time::Instant::now() < resume {
+                tokio::select! {
+                    _ = ticker.tick() => self.heartbeat.beat(),
+                    _ = tokio::time::sleep_until(resume) => {}
+                }
+            }
+        }
+    }
+
+    /// Streams until the call ends. Some(should_terminate) when the control
+    /// plane answered, None when the stream failed.
+    async fn stream_once(&mut self, session: &Session, ticker: &mut tokio::time::Interval) -> Option<bool> {
+        let (tx, rx) = mpsc::channel(QUEUED_REPORTS);
+        let req = match self.control.authorized(ReceiverStream::new(rx), session) {
+            Ok(req) => req,
+            Err(error) => {
+                warn!(%error, "cannot open the health stream");
+                return None;
+            }
+        };
+        let mut client = self.control.client.clone();
+        let call = client.report_health(req);
+        tokio::pin!(call);
+        debug!(machine_id = %session.machine_id, "health stream opened");
+        loop {
+            tokio::select! {
+                result = &mut call => {
+                    return match result {
+                        Ok(resp) => {
+                            let should_terminate = resp.into_inner().should_terminate;
+                            if !should_terminate {
+                                warn!("control plane ended the health stream without should_terminate; reopening");
+                            }
+                            Some(should_terminate)
+                        }
+                        Err(status) => {
+                            self.control.metrics.control_plane_errors.with_label_values(&["ReportHealth"]).inc();
+                            warn!(error = %describe_status(&status), "health stream failed");
+                            None
+                        }
+                    };
+                }
+                _ = ticker.tick() => {
+                    self.heartbeat.beat();
+                    // The newest session (a re-registration may have renewed it) names the machine.
+                    let machine_id = self.session.borrow().as_ref().map_or_else(|| session.machine_id.clone(), |s| s.machine_id.clone());
+                    let report = build_report(&self.status.borrow(), &machine_id);
+                    match tx.try_send(report) {
+                        Ok(()) => self.control.metrics.health_reports_sent.inc(),
+                        Err(mpsc::error::TrySendError::Full(_)) => debug!("health stream is backed up; dropping this report"),
+                        Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A report of the agent's status now, with fresh filesystem figures.
+pub fn build_report(status: &Status, machine_id: &str) -> pb::HealthReport {
+    pb::HealthReport {
+        machine_id: machine_id.into(),
+        unix_time_ms: unix_time_ms(),
+        agent_state: status.state.to_proto() as i32,
+        state_reason: status.reason.clone(),
+        engine_state: status.engine.to_proto() as i32,
+        mounts: status
+            .watched_paths
+            .iter()
+            .filter_map(|path| match mount_stats(path) {
+                Ok(stats) => Some(stats),
+                Err(error) => {
+                    debug!(%error, "skipping a mount in the health report");
+                    None
+                }
+            })
+            .collect(),
+        task_id: status.task_id.clone().unwrap_or_default(),
+    }
+}

@@ -1,0 +1,197 @@
+//! The control plane, from the agent's side: one TLS channel, the registration
+//! (task) stream, the health stream, usage reports and the shutdown report.
+//!
+//! Every loop here survives the control plane going away: it logs, counts,
+//! waits out a jittered backoff and dials again. Nothing here stops or
+//! touches the engine; losing the control plane never costs a running build.
+//! The bearer token lives in a [`Secret`] and is only ever put into the
+//! `authorization` header, marked sensitive.
+
+pub mod health;
+pub mod identity;
+pub mod register;
+pub mod usage;
+
+use crate::config::ControlPlaneConfig;
+use crate::observe::metrics::Metrics;
+use crate::proto::v1 as pb;
+use crate::proto::v1::machine_service_client::MachineServiceClient;
+use crate::secret::Secret;
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+/// The User-Agent every call carries.
+pub const USER_AGENT: &str = concat!("machine-agent/", env!("CARGO_PKG_VERSION"));
+
+/// HTTP/2 pings find a dead connection (a VM whose NAT dropped the flow, a
+/// control plane that vanished without a FIN) within interval + timeout.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the control plane could not be reached or used.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum ControlError {
+    /// invalid control plane URL {url}: {reason}
+    Url { url: String, reason: String },
+    /// cannot read the CA bundle {path}: {source}
+    CaBundle { path: PathBuf, #[source] source: std::io::Error },
+    /// cannot set up TLS for {url}: {reason}
+    Tls { url: String, reason: String },
+    /// cannot prove this machine's identity: {0}
+    Identity(#[from] identity::IdentityError),
+    /// {call} failed: {reason}
+    Call { call: &'static str, reason: String },
+    /// {call} got no answer within {timeout:?}
+    Timeout { call: &'static str, timeout: Duration },
+    /// the control plane broke the protocol: {0}
+    Protocol(String),
+}
+
+/// The identity the control plane gave this machine, and the token for later calls.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub machine_id: String,
+    pub token: Secret,
+}
+
+/// A handle on the control plane: cheap to clone, shared by every loop.
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    client: MachineServiceClient<Channel>,
+    pub config: ControlPlaneConfig,
+    pub metrics: Metrics,
+}
+
+impl ControlPlane {
+    /// Builds the channel. It connects lazily, and reconnects by itself, on each call.
+    pub fn new(config: ControlPlaneConfig, metrics: Metrics) -> Result<Self, ControlError> {
+        let url = config.url.clone();
+        let bad_url = |reason: String| ControlError::Url { url: url.clone(), reason };
+        let mut endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| bad_url(e.to_string()))?
+            .user_agent(USER_AGENT)
+            .map_err(|e| bad_url(e.to_string()))?
+            .connect_timeout(config.connect_timeout)
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        if url.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new();
+            tls = match &config.ca_bundle {
+                Some(path) => {
+                    let pem = std::fs::read(path).map_err(|source| ControlError::CaBundle { path: path.clone(), source })?;
+                    tls.ca_certificate(Certificate::from_pem(pem))
+                }
+                None => tls.with_native_roots(),
+            };
+            endpoint = endpoint.tls_config(tls).map_err(|e| ControlError::Tls { url: url.clone(), reason: error_chain(&e) })?;
+        } else {
+            // Config validation allows http only with `insecure = true`.
+            tracing::warn!(url = %url, "control plane connection is PLAINTEXT (control_plane.insecure = true): development only");
+        }
+        let client = MachineServiceClient::new(endpoint.connect_lazy());
+        Ok(Self { client, config, metrics })
+    }
+
+    /// A request carrying the session's bearer token.
+    fn authorized<T>(&self, message: T, session: &Session) -> Result<tonic::Request<T>, ControlError> {
+        let mut req = tonic::Request::new(message);
+        let mut value = MetadataValue::try_from(format!("Bearer {}", session.token.expose()))
+            .map_err(|_| ControlError::Protocol("the session token is not a valid header value".into()))?;
+        value.set_sensitive(true);
+        req.metadata_mut().insert("authorization", value);
+        Ok(req)
+    }
+
+    /// Sends one usage report; bounded by the request timeout.
+    pub async fn report_usage(&self, report: pb::UsageReport, session: &Session) -> Result<(), ControlError> {
+        let req = self.authorized(report, session)?;
+        self.unary("ReportUsage", self.config.request_timeout, self.client.clone().report_usage(req)).await.map(drop)
+    }
+
+    /// Sends the shutdown report; bounded by `timeout` (what is left of the drain).
+    pub async fn report_shutdown(&self, report: pb::ShutdownReport, session: &Session, timeout: Duration) -> Result<(), ControlError> {
+        let req = self.authorized(report, session)?;
+        self.unary("ReportShutdown", timeout, self.client.clone().report_shutdown(req)).await.map(drop)
+    }
+
+    async fn unary<T>(
+        &self,
+        call: &'static str,
+        timeout: Duration,
+        fut: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, ControlError> {
+        let result = match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(ControlError::Call { call, reason: describe_status(&status) }),
+            Err(_) => Err(ControlError::Timeout { call, timeout }),
+        };
+        if result.is_err() {
+            self.metrics.control_plane_errors.with_label_values(&[call]).inc();
+        }
+        result
+    }
+}
+
+/// A status with its transport cause: "Unavailable: tcp connect error: Connection refused",
+/// "Unavailable: ...: invalid peer certificate: UnknownIssuer".
+pub fn describe_status(status: &tonic::Status) -> String {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    let mut source = std::error::Error::source(status);
+    while let Some(err) = source {
+        let part = err.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = err.source();
+    }
+    text
+}
+
+/// An error and all its causes on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        let part = e.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = e.source();
+    }
+    text
+}
+
+/// This build's architecture, as the protocol names it.
+pub fn architecture() -> pb::Architecture {
+    match std::env::consts::ARCH {
+        "x86_64" => pb::Architecture::Amd64,
+        "aarch64" => pb::Architecture::Arm64,
+        _ => pb::Architecture::Unspecified,
+    }
+}
+
+/// Unix milliseconds now, for report timestamps.
+pub fn unix_time_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+/// The statvfs figures of `path`, as the protocol carries them.
+pub fn mount_stats(path: &std::path::Path) -> Result<pb::MountStats, crate::volume::stats::StatsError> {
+    let s = crate::volume::stats::read_fs_stats(path)?;
+    Ok(pb::MountStats {
+        path: path.display().to_string(),
+        total_bytes: s.total_bytes,
+        free_bytes: s.free_bytes,
+        total_inodes: s.total_inodes,
+        free_inodes: s.free_inodes,
+    })
+}

@@ -1,0 +1,38 @@
+//! machine-agent: the node agent of a remote container-build service's builder VMs.
+//!
+//! It proves the VM's identity to the control plane, takes a task (run BuildKit
+//! with this mTLS material on this cache volume), prepares the volume, starts
+//! and supervises the engine, streams health, and on termination drains and
+//! reports. See README.md for the picture and ARCHITECTURE.md for the plan.
+#![deny(unsafe_code)]
+
+/// The lifecycle state machine and the loop that drives it.
+pub mod agent;
+/// Exponential backoff with full jitter, shared by every retry loop.
+pub mod backoff;
+/// The agent's TOML config, validated once at start.
+pub mod config;
+/// The control plane: registration, health stream, usage and shutdown reports.
+pub mod control;
+/// The build engine's process.
+pub mod engine;
+/// Metrics, loop liveness and the HTTP endpoints.
+pub mod observe;
+/// A string that never reaches a log.
+pub mod secret;
+/// SIGTERM and SIGINT.
+pub mod signal;
+/// sd_notify over the datagram socket.
+pub mod systemd;
+/// Untrusted tasks turned into validated domain types.
+pub mod task;
+/// The cache volume.
+pub mod volume;
+
+/// The control-plane contract, generated from proto/ by build.rs.
+#[allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
+pub mod proto {
+    pub mod v1 {
+        tonic::include_proto!("machineagent.v1");
+    }
+}

@@ -1,0 +1,170 @@
+//! The `machine-agent` binary: parses the CLI, sets up logging, loads and
+//! validates the config (every problem at once), and only then runs the agent.
+//! Only this file turns errors into text and exit codes.
+
+use clap::{Parser, Subcommand};
+use machine_agent::agent::{self, AgentError, Mode};
+use machine_agent::config::{Config, ConfigError, ProcessEnv, DEFAULT_CONFIG_PATH};
+use machine_agent::systemd::{NotifyEnv, Notifier};
+use machine_agent::task::{load_task_file, TaskLimits};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit codes, as systemd and operators see them.
+#[derive(Debug, Clone, Copy)]
+enum Exit {
+    /// A clean drain, or a successful command.
+    Clean = 0,
+    /// A runtime failure: the drain was incomplete, a port could not be bound...
+    Runtime = 1,
+    /// Bad command line, config or task file: fix the input, do not restart.
+    Usage = 2,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "machine-agent", version, about = "Builder VM agent: registers, prepares the cache volume, supervises buildkitd")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent until it is told to drain.
+    Run {
+        /// The agent's config file.
+        #[arg(long, env = "MACHINE_AGENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Serve this task file instead of registering with a control plane.
+        #[arg(long, value_name = "TASK.toml")]
+        standalone: Option<PathBuf>,
+    },
+    /// Validate a config file (and optionally a task file); print every problem.
+    Check {
+        #[arg(long, env = "MACHINE_AGENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        #[arg(long, value_name = "TASK.toml")]
+        task: Option<PathBuf>,
+    },
+    /// Print the agent's version and architecture.
+    Version,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    machine_agent::observe::init_tracing(std::env::var("MACHINE_AGENT_LOG").ok().as_deref());
+    let exit = match cli.command {
+        Command::Version => {
+            println!("machine-agent {} ({})", env!("CARGO_PKG_VERSION"), std::env::consts::ARCH);
+            Exit::Clean
+        }
+        Command::Check { config, task } => check(&config, task.as_deref()),
+        Command::Run { config, standalone } => run(&config, standalone.as_deref()),
+    };
+    ExitCode::from(exit as u8)
+}
+
+fn check(config_path: &std::path::Path, task_path: Option<&std::path::Path>) -> Exit {
+    let mut ok = true;
+    let limits = match Config::load(config_path, &ProcessEnv) {
+        Ok(config) => {
+            println!("{}: ok", config_path.display());
+            Some(TaskLimits { allowed_mount_prefixes: config.allowed_mount_prefixes })
+        }
+        Err(e) => {
+            ok = false;
+            print_config_error(config_path, &e);
+            None
+        }
+    };
+    if let Some(task_path) = task_path {
+        // With an invalid config there is no allow-list; check everything else.
+        let limits = limits.clone().unwrap_or(TaskLimits { allowed_mount_prefixes: vec!["/".into()] });
+        match load_task_file(task_path, &limits) {
+            Ok(_) => println!("{}: ok", task_path.display()),
+            Err(e) => {
+                ok = false;
+                eprintln!("{}: {} problem(s):", task_path.display(), e.0.len());
+                for p in &e.0 {
+                    eprintln!("  {}: {}", p.field, p.problem);
+                }
+            }
+        }
+    }
+    if ok {
+        Exit::Clean
+    } else {
+        Exit::Usage
+    }
+}
+
+fn print_config_error(path: &std::path::Path, e: &ConfigError) {
+    match e {
+        ConfigError::Read { .. } => eprintln!("{e}"),
+        ConfigError::Invalid(n, list) => {
+            eprintln!("{}: {n} problem(s):", path.display());
+            for p in &list.0 {
+                eprintln!("  {p}");
+            }
+        }
+    }
+}
+
+fn run(config_path: &std::path::Path, standalone: Option<&std::path::Path>) -> Exit {
+    let config = match Config::load(config_path, &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            print_config_error(config_path, &e);
+            return Exit::Usage;
+        }
+    };
+    let mode = match standalone {
+        None if config.control_plane.is_none() => {
+            eprintln!("{}: {}", config_path.display(), AgentError::NoControlPlane);
+            return Exit::Usage;
+        }
+        None => Mode::ControlPlane,
+        Some(path) => {
+            let limits = TaskLimits { allowed_mount_prefixes: config.allowed_mount_prefixes.clone() };
+            match load_task_file(path, &limits) {
+                Ok(task) => Mode::Standalone(Box::new(task)),
+                Err(e) => {
+                    eprintln!("{}: {} problem(s):", path.display(), e.0.len());
+                    for p in &e.0 {
+                        eprintln!("  {}: {}", p.field, p.problem);
+                    }
+                    return Exit::Usage;
+                }
+            }
+        }
+    };
+    let notifier = Notifier::new(&NotifyEnv::from_process());
+    // Two workers: the agent is I/O bound, and a second thread keeps the
+    // endpoints answering while the other is busy.
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return Exit::Runtime;
+        }
+    };
+    match runtime.block_on(agent::run(config, mode, notifier)) {
+        Ok(()) => Exit::Clean,
+        Err(e) => {
+            tracing::error!(error = %e, "agent failed");
+            exit_code(&e)
+        }
+    }
+}
+
+/// Every agent error's exit code; no wildcard, so a new variant forces a decision.
+fn exit_code(e: &AgentError) -> Exit {
+    match e {
+        AgentError::NoControlPlane => Exit::Usage,
+        AgentError::Http(_)
+        | AgentError::Control(_)
+        | AgentError::Signals(_)
+        | AgentError::StateDir { .. }
+        | AgentError::DrainIncomplete(_) => Exit::Runtime,
+    }
+}

@@ -1,0 +1,15 @@
+//! What the agent shows the fleet: the Prometheus registry, loop liveness, and
+//! the HTTP endpoints (/healthz, /readyz, /metrics) that serve them.
+
+pub mod http;
+pub mod liveness;
+pub mod metrics;
+
+/// Logs to stderr (journald keeps it), filtered by MACHINE_AGENT_LOG
+/// (tracing's env-filter syntax), info by default.
+pub fn init_tracing(filter: Option<&str>) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A second init (tests in one process) keeps the first subscriber.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(true).try_init();
+}

@@ -1,0 +1,843 @@
+//! Tasks from the control plane (or a standalone task file) turned into
+//! validated domain types. Every task field is untrusted: all bad input stops
+//! here, with every problem named by its field, and nothing downstream ever
+//! sees a raw proto task.
+//!
+//! This module never does I/O beyond reading the files a standalone task names;
+//! the checks against the machine (does the device exist, is it blank) belong
+//! to the volume manager.
+
+use crate::config::check_clean_absolute;
+use crate::proto::v1 as pb;
+use crate::secret::Secret;
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A PEM document larger than this is not a certificate chain; refuse it before parsing.
+pub const MAX_PEM_BYTES: usize = 64 * 1024;
+/// One engine and its cache volume, plus a few extra mounts at most.
+pub const MAX_MOUNTS: usize = 8;
+/// Enough for proxy settings and a few knobs; a flood of variables is a bad task.
+pub const MAX_ENGINE_ENV: usize = 64;
+const MAX_ENV_VALUE_BYTES: usize = 4096;
+const MAX_TASK_ID_LEN: usize = 128;
+/// Smaller than this cannot hold a useful cache (and mkfs.xfs refuses under 300 MiB).
+pub const MIN_VOLUME_BYTES: u64 = 512 * 1024 * 1024;
+/// 64 TiB: beyond any single disk we run on; a typo of several zeroes is caught.
+pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
+/// More parallel build steps than this only thrashes a single VM.
+const MAX_PARALLELISM: u32 = 1024;
+/// Mount options a task may ask for; anything that changes security
+/// (exec/suid/dev) or ownership semantics is the agent's call, not the task's.
+const ALLOWED_MOUNT_OPTIONS: &[&str] =
+    &["noatime", "nodiratime", "relatime", "lazytime", "discard", "nodiscard", "prjquota", "pquota", "nobarrier"];
+/// Variables a task must not set for the engine: they change which code runs.
+const FORBIDDEN_ENV: &[&str] = &["PATH", "HOME", "BUILDKIT_HOST", "TMPDIR"];
+
+/// What the control plane asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    /// Wait for work.
+    Pending,
+    /// Serve builds.
+    Buildkit(Box<BuildkitTask>),
+    /// Drain and exit.
+    Terminate { reason: String },
+}
+
+/// A validated BuildKit task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildkitTask {
+    pub id: String,
+    pub tls: TlsMaterial,
+    /// At least one; the first holds the engine's root.
+    pub mounts: Vec<VolumeMount>,
+    pub cache_size_bytes: u64,
+    pub gc: GcOverrides,
+    pub max_parallelism: Option<u32>,
+    pub debug: bool,
+    pub listen_address: SocketAddr,
+    pub engine_env: BTreeMap<String, String>,
+}
+
+/// PEM text, checked for structure here (one or more blocks of the right kind);
+/// chains, key match and expiry are checked by the engine's TLS writer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsMaterial {
+    pub cert_pem: String,
+    pub key_pem: Secret,
+    pub ca_pem: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeMount {
+    pub mount_path: PathBuf,
+    pub source: VolumeSource,
+    pub fs_type: FsType,
+    pub options: Vec<String>,
+    pub skip_trim: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum VolumeSource {
+    Device { path: PathBuf, ebs_volume_id: Option<String> },
+    File { path: PathBuf, size_bytes: u64 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsType {
+    Ext4,
+    Xfs,
+    Btrfs,
+}
+
+impl FsType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ext4 => "ext4",
+            Self::Xfs => "xfs",
+            Self::Btrfs => "btrfs",
+        }
+    }
+}
+
+/// Per-task GC overrides; None = the agent's configured default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcOverrides {
+    pub retention: Option<Duration>,
+    pub keep_bytes: Option<u64>,
+    pub free_bytes_watermarks_percent: Option<(u32, u32)>,
+    pub free_inodes_watermarks_percent: Option<(u32, u32)>,
+    pub min_age: Option<Duration>,
+    pub interval: Option<Duration>,
+}
+
+/// What the validator needs from the agent's config.
+#[derive(Debug, Clone)]
+pub struct TaskLimits {
+    pub allowed_mount_prefixes: Vec<PathBuf>,
+}
+
+/// One invalid task field: its path in the task and what was wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub problem: String,
+}
+
+/// Why a task was refused: every bad field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct TaskError(pub Vec<FieldError>);
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid task:")?;
+        for (i, e) in self.0.iter().enumerate() {
+            let sep = if i == 0 { " " } else { "; " };
+            write!(f, "{sep}{}: {}", e.field, e.problem)?;
+        }
+        Ok(())
+    }
+}
+
+/// Collects field errors while a task is checked.
+#[derive(Debug, Default)]
+struct Problems(Vec<FieldError>);
+
+impl Problems {
+    fn add(&mut self, field: impl Into<String>, problem: impl Into<String>) {
+        self.0.push(FieldError { field: field.into(), problem: problem.into() });
+    }
+}
+
+/// Validates the task of a RegisterResponse. A response without a task is a
+/// protocol error, reported as the field `task`.
+pub fn validate_task(task: Option<pb::register_response::Task>, limits: &TaskLimits) -> Result<Task, TaskError> {
+    use pb::register_response::Task as T;
+    match task {
+        None => Err(TaskError(vec![FieldError { field: "task".into(), problem: "missing: expected pending, buildkit or terminate".into() }])),
+        Some(T::Pending(_)) => Ok(Task::Pending),
+        Some(T::Terminate(t)) => Ok(Task::Terminate { reason: sanitize_reason(&t.reason) }),
+        Some(T::Buildkit(b)) => validate_buildkit(b, limits).map(|t| Task::Buildkit(Box::new(t))),
+    }
+}
+
+/// A reason is free text for logs: keep it printable and short.
+fn sanitize_reason(reason: &str) -> String {
+    let clean: String = reason.chars().filter(|c| !c.is_control()).take(256).collect();
+    if clean.is_empty() {
+        "terminate task".into()
+    } else {
+        clean
+    }
+}
+
+/// Validates a BuildKit task, reporting every bad field.
+pub fn validate_buildkit(task: pb::BuildkitTask, limits: &TaskLimits) -> Result<BuildkitTask, TaskError> {
+    let mut p = Problems::default();
+
+    let id = task.task_id;
+    if id.is_empty() || id.len() > MAX_TASK_ID_LEN || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        p.add("buildkit.task_id", format!("expected 1..={MAX_TASK_ID_LEN} characters of [A-Za-z0-9._-]"));
+    }
+
+    let tls = match task.tls {
+        None => {
+            p.add("buildkit.tls", "missing: the engine needs its mTLS material");
+            None
+        }
+        Some(tls) => {
+            check_pem(&mut p, "buildkit.tls.cert_pem", &tls.cert_pem, PemKind::Certificate);
+            check_pem(&mut p, "buildkit.tls.key_pem", &tls.key_pem, PemKind::PrivateKey);
+            check_pem(&mut p, "buildkit.tls.ca_pem", &tls.ca_pem, PemKind::Certificate);
+            Some(TlsMaterial { cert_pem: tls.cert_pem, key_pem: Secret::new(tls.key_pem), ca_pem: tls.ca_pem })
+        }
+    };
+
+    if task.mounts.is_empty() {
+        p.add("buildkit.mounts", "expected at least one mount for the engine's cache");
+    }
+    if task.mounts.len() > MAX_MOUNTS {
+        p.add("buildkit.mounts", format!("expected at most {MAX_MOUNTS} mounts, got {}", task.mounts.len()));
+    }
+    let mounts: Vec<VolumeMount> = task
+        .mounts
+        .into_iter()
+        .take(MAX_MOUNTS)
+        .enumerate()
+        .filter_map(|(i, m)| validate_mount(&mut p, &format!("buildkit.mounts[{i}]"), m, limits))
+        .collect();
+    check_mounts_disjoint(&mut p, &mounts);
+
+    if task.cache_size_bytes == 0 || task.cache_size_bytes > MAX_VOLUME_BYTES {
+        p.add("buildkit.cache_size_bytes", format!("expected 1..={MAX_VOLUME_BYTES} bytes, got {}", task.cache_size_bytes));
+    }
+
+    let gc = validate_gc(&mut p, task.gc.unwrap_or_default());
+
+    if task.max_parallelism > MAX_PARALLELISM {
+        p.add("buildkit.max_parallelism", format!("expected 0..={MAX_PARALLELISM}, got {}", task.max_parallelism));
+    }
+
+    let listen_address = match task.listen_address.parse::<SocketAddr>() {
+        Ok(a) if a.port() != 0 => Some(a),
+        _ => {
+            p.add("buildkit.listen_address", format!("expected ip:port with a non-zero port, got {:?}", truncate(&task.listen_address)));
+            None
+        }
+    };
+
+    if task.engine_env.len() > MAX_ENGINE_ENV {
+        p.add("buildkit.engine_env", format!("expected at most {MAX_ENGINE_ENV} variables, got {}", task.engine_env.len()));
+    }
+    for (name, value) in &task.engine_env {
+        let field = format!("buildkit.engine_env[{}]", truncate(name));
+        let well_formed = name.bytes().next().is_some_and(|b| b.is_ascii_uppercase() || b == b'_')
+            && name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+        if !well_formed {
+            p.add(&field, "expected a name of [A-Z_][A-Z0-9_]*");
+        } else if FORBIDDEN_ENV.contains(&name.as_str()) || name.starts_with("LD_") {
+            p.add(&field, "this variable changes how the engine is started; the agent sets it");
+        }
+        if value.len() > MAX_ENV_VALUE_BYTES || value.contains('\0') {
+            p.add(&field, format!("expected a value of at most {MAX_ENV_VALUE_BYTES} bytes without NUL"));
+        }
+    }
+
+    match (p.0.is_empty(), tls, listen_address) {
+        (true, Some(tls), Some(listen_address)) => Ok(BuildkitTask {
+            id,
+            tls,
+            mounts,
+            cache_size_bytes: task.cache_size_bytes,
+            gc,
+            max_parallelism: (task.max_parallelism > 0).then_some(task.max_parallelism),
+            debug: task.debug,
+            listen_address,
+            engine_env: task.engine_env.into_iter().collect(),
+        }),
+        _ => Err(TaskError(p.0)),
+    }
+}
+
+/// Field values quoted in errors are cut short: an error must not carry a megabyte of input.
+fn truncate(s: &str) -> String {
+    const MAX: usize = 64;
+    match s.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum PemKind {
+    Certificate,
+    PrivateKey,
+}
+
+fn check_pem(p: &mut Problems, field: &str, pem: &str, kind: PemKind) {
+    if pem.is_empty() {
+        p.add(field, "missing");
+        return;
+    }
+    if pem.len() > MAX_PEM_BYTES {
+        p.add(field, format!("expected at most {MAX_PEM_BYTES} bytes of PEM, got {}", pem.len()));
+        return;
+    }
+    let mut reader = pem.as_bytes();
+    let mut found = 0usize;
+    loop {
+        match rustls_pemfile::read_one(&mut reader) {
+            Ok(None) => break,
+            Ok(Some(item)) => {
+                use rustls_pemfile::Item;
+                let matches = matches!(
+                    (kind, item),
+                    (PemKind::Certificate, Item::X509Certificate(_))
+                        | (PemKind::PrivateKey, Item::Pkcs1Key(_) | Item::Pkcs8Key(_) | Item::Sec1Key(_))
+                );
+                if matches {
+                    found += 1;
+                } else {
+                    // Never echo the block: it may be key material.
+                    p.add(field, "holds a PEM block of the wrong kind");
+                    return;
+                }
+            }
+            Err(_) => {
+                p.add(field, "is not valid PEM");
+                return;
+            }
+        }
+    }
+    match (kind, found) {
+        (_, 0) => p.add(field, "holds no PEM block"),
+        (PemKind::PrivateKey, n) if n > 1 => p.add(field, "expected exactly one private key"),
+        _ => {}
+    }
+}
+
+fn validate_mount(p: &mut Problems, field: &str, m: pb::VolumeMount, limits: &TaskLimits) -> Option<VolumeMount> {
+    let errors_before = p.0.len();
+    let mount_path = PathBuf::from(&m.mount_path);
+    if let Err(problem) = check_clean_absolute(&mount_path) {
+        p.add(format!("{field}.mount_path"), problem);
+    } else if !limits.allowed_mount_prefixes.iter().any(|prefix| mount_path.starts_with(prefix)) {
+        p.add(
+            format!("{field}.mount_path"),
+            format!(
+                "{:?} is not under an allowed prefix ({})",
+                truncate(&m.mount_path),
+                limits.allowed_mount_prefixes.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        );
+    }
+
+    let source = match m.source {
+        None => {
+            p.add(format!("{field}.source"), "missing: expected a device or a file");
+            None
+        }
+        Some(pb::volume_mount::Source::Device(d)) => {
+            let path = PathBuf::from(&d.path);
+            if let Err(problem) = check_clean_absolute(&path) {
+                p.add(format!("{field}.device.path"), problem);
+            } else if !path.starts_with("/dev") || path == Path::new("/dev") {
+                p.add(format!("{field}.device.path"), format!("expected a path under /dev, got {:?}", truncate(&d.path)));
+            }
+            let ebs_volume_id = (!d.ebs_volume_id.is_empty()).then_some(d.ebs_volume_id);
+            if let Some(id) = &ebs_volume_id {
+                let hex = id.strip_prefix("vol-").unwrap_or("");
+                if !(8..=17).contains(&hex.len()) || !hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+                    p.add(format!("{field}.device.ebs_volume_id"), format!("expected vol- and 8 to 17 lowercase hex digits, got {:?}", truncate(id)));
+                }
+            }
+            Some(VolumeSource::Device { path, ebs_volume_id })
+        }
+        Some(pb::volume_mount::Source::File(f)) => {
+            let path = PathBuf::from(&f.path);
+            if let Err(problem) = check_clean_absolute(&path) {
+                p.add(format!("{field}.file.path"), problem);
+            } else if path.starts_with("/dev") || path.starts_with("/proc") || path.starts_with("/sys") {
+                p.add(format!("{field}.file.path"), "expected a regular file path, not under /dev, /proc or /sys");
+            } else if path.starts_with(&mount_path) {
+                p.add(format!("{field}.file.path"), "the backing file cannot live inside its own mount");
+            }
+            if !(MIN_VOLUME_BYTES..=MAX_VOLUME_BYTES).contains(&f.size_bytes) {
+                p.add(format!("{field}.file.size_bytes"), format!("expected {MIN_VOLUME_BYTES}..={MAX_VOLUME_BYTES}, got {}", f.size_bytes));
+            }
+            Some(VolumeSource::File { path, size_bytes: f.size_bytes })
+        }
+    };
+
+    let fs_type = match pb::FilesystemType::try_from(m.fs_type) {
+        Ok(pb::FilesystemType::Ext4) => Some(FsType::Ext4),
+        Ok(pb::FilesystemType::Xfs) => Some(FsType::Xfs),
+        Ok(pb::FilesystemType::Btrfs) => Some(FsType::Btrfs),
+        Ok(pb::FilesystemType::Unspecified) | Err(_) => {
+            p.add(format!("{field}.fs_type"), format!("expected ext4, xfs or btrfs, got enum value {}", m.fs_type));
+            None
+        }
+    };
+
+    let mut seen = BTreeSet::new();
+    for (j, option) in m.options.iter().enumerate() {
+        if !is_allowed_mount_option(option) {
+            p.add(
+                format!("{field}.options[{j}]"),
+                format!("{:?} is not allowed; expected one of {} or commit=1..300", truncate(option), ALLOWED_MOUNT_OPTIONS.join(", ")),
+            );
+        } else if !seen.insert(option.as_str()) {
+            p.add(format!("{field}.options[{j}]"), format!("{option:?} given twice"));
+        }
+    }
+
+    match (p.0.len() == errors_before, source, fs_type) {
+        (true, Some(source), Some(fs_type)) => Some(VolumeMount { mount_path, source, fs_type, options: m.options, skip_trim: m.skip_trim }),
+        _ => None,
+    }
+}
+
+fn is_allowed_mount_option(option: &str) -> bool {
+    if ALLOWED_MOUNT_OPTIONS.contains(&option) {
+        return true;
+    }
+    // ext4/btrfs journal commit interval, seconds.
+    option.strip_prefix("commit=").and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| (1..=300).contains(&n))
+}
+
+/// Two mounts on the same path, or one inside another, or two on the same
+/// backing store, would make unmount order and ownership ambiguous.
+fn check_mounts_disjoint(p: &mut Problems, mounts: &[VolumeMount]) {
+    for (i, a) in mounts.iter().enumerate() {
+        for (j, b) in mounts.iter().enumerate().skip(i + 1) {
+            if a.mount_path.starts_with(&b.mount_path) || b.mount_path.starts_with(&a.mount_path) {
+                p.add(format!("buildkit.mounts[{j}].mount_path"), format!("overlaps buildkit.mounts[{i}].mount_path"));
+            }
+            let same_source = match (&a.source, &b.source) {
+                (VolumeSource::Device { path: x, .. }, VolumeSource::Device { path: y, .. }) => x == y,
+                (VolumeSource::File { path: x, .. }, VolumeSource::File { path: y, .. }) => x == y,
+                _ => false,
+            };
+            if same_source {
+                p.add(format!("buildkit.mounts[{j}].source"), format!("same backing store as buildkit.mounts[{i}]"));
+            }
+        }
+    }
+}
+
+/// Bounds for task GC overrides: durations down to one second so tests can use them.
+fn validate_gc(p: &mut Problems, gc: pb::GcPolicy) -> GcOverrides {
+    const YEAR_SECS: u64 = 366 * 24 * 3600;
+    let secs = |p: &mut Problems, name: &str, v: Option<u64>, max: u64| -> Option<Duration> {
+        let v = v?;
+        if !(1..=max).contains(&v) {
+            p.add(format!("buildkit.gc.{name}"), format!("expected 1..={max} seconds, got {v}"));
+        }
+        Some(Duration::from_secs(v))
+    };
+    let retention = secs(p, "retention_secs", gc.retention_secs, YEAR_SECS);
+    let min_age = secs(p, "min_age_secs", gc.min_age_secs, YEAR_SECS);
+    let interval = secs(p, "interval_secs", gc.interval_secs, 24 * 3600);
+    if let (Some(r), Some(m)) = (retention, min_age) {
+        if m > r {
+            p.add("buildkit.gc.min_age_secs", "must not exceed retention_secs");
+        }
+    }
+    if gc.keep_bytes == Some(0) {
+        p.add("buildkit.gc.keep_bytes", "expected above zero");
+    }
+    let pair = |p: &mut Problems, name: &str, start: Option<u32>, stop: Option<u32>| -> Option<(u32, u32)> {
+        match (start, stop) {
+            (None, None) => None,
+            (Some(start), Some(stop)) if (1..=99).contains(&start) && (1..=99).contains(&stop) && start < stop => Some((start, stop)),
+            (Some(start), Some(stop)) => {
+                p.add(
+                    format!("buildkit.gc.{name}_high_watermark_percent"),
+                    format!("expected 1..=99 and below the low watermark (GC starts under the high and stops above the low), got {start} and {stop}"),
+                );
+                None
+            }
+            _ => {
+                p.add(format!("buildkit.gc.{name}_high_watermark_percent"), "set both watermarks of the pair, or neither");
+                None
+            }
+        }
+    };
+    let free_bytes = pair(p, "free_bytes", gc.free_bytes_high_watermark_percent, gc.free_bytes_low_watermark_percent);
+    let free_inodes = pair(p, "free_inodes", gc.free_inodes_high_watermark_percent, gc.free_inodes_low_watermark_percent);
+    GcOverrides {
+        retention,
+        keep_bytes: gc.keep_bytes,
+        free_bytes_watermarks_percent: free_bytes,
+        free_inodes_watermarks_percent: free_inodes,
+        min_age,
+        interval,
+    }
+}
+
+// === standalone task files ===
+
+/// A task file for `run --standalone` / `check --task`: the same fields as the
+/// wire's BuildkitTask, with TLS material and values read from files. It is
+/// turned into the proto message and validated by the same code as a task from
+/// the control plane.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskFile {
+    task_id: String,
+    listen_address: String,
+    cache_size_bytes: u64,
+    #[serde(default)]
+    max_parallelism: u32,
+    #[serde(default)]
+    debug: bool,
+    tls: TaskFileTls,
+    mounts: Vec<TaskFileMount>,
+    #[serde(default)]
+    gc: TaskFileGc,
+    #[serde(default)]
+    engine_env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskFileTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    ca_file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskFileMount {
+    mount_path: String,
+    fs_type: String,
+    #[serde(default)]
+    options: Vec<String>,
+    #[serde(default)]
+    skip_trim: bool,
+    device: Option<TaskFileDevice>,
+    file: Option<TaskFileBacking>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskFileDevice {
+    path: String,
+    #[serde(default)]
+    ebs_volume_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskFileBacking {
+    path: String,
+    size_bytes: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskFileGc {
+    retention_secs: Option<u64>,
+    keep_bytes: Option<u64>,
+    free_bytes_high_watermark_percent: Option<u32>,
+    free_bytes_low_watermark_percent: Option<u32>,
+    free_inodes_high_watermark_percent: Option<u32>,
+    free_inodes_low_watermark_percent: Option<u32>,
+    min_age_secs: Option<u64>,
+    interval_secs: Option<u64>,
+}
+
+/// Reads a standalone task file into the wire's message (not yet validated).
+pub fn read_task_file(path: &Path) -> Result<pb::BuildkitTask, TaskError> {
+    let one = |field: &str, problem: String| TaskError(vec![FieldError { field: field.into(), problem }]);
+    let text = std::fs::read_to_string(path).map_err(|e| one("<file>", format!("cannot read {}: {e}", path.display())))?;
+    let file: TaskFile = serde_path_to_error::deserialize(toml::Deserializer::new(&text))
+        .map_err(|e| one(&e.path().to_string(), e.inner().message().to_string()))?;
+    let base = path.parent().unwrap_or(Path::new("/"));
+    let mut p = Problems::default();
+    let mut read_pem = |field: &str, file: &Path| -> String {
+        let file = base.join(file);
+        match std::fs::metadata(&file) {
+            Ok(meta) if meta.len() > MAX_PEM_BYTES as u64 => {
+                p.add(field, format!("{} is larger than {MAX_PEM_BYTES} bytes", file.display()));
+                String::new()
+            }
+            _ => std::fs::read_to_string(&file).unwrap_or_else(|e| {
+                p.add(field, format!("cannot read {}: {e}", file.display()));
+                String::new()
+            }),
+        }
+    };
+    let tls = pb::TlsMaterial {
+        cert_pem: read_pem("tls.cert_file", &file.tls.cert_file),
+        key_pem: read_pem("tls.key_file", &file.tls.key_file),
+        ca_pem: read_pem("tls.ca_file", &file.tls.ca_file),
+    };
+    let mut mounts = vec![];
+    for (i, m) in file.mounts.into_iter().enumerate() {
+        let source = match (m.device, m.file) {
+            (Some(d), None) => Some(pb::volume_mount::Source::Device(pb::BlockDevice { path: d.path, ebs_volume_id: d.ebs_volume_id })),
+            (None, Some(f)) => Some(pb::volume_mount::Source::File(pb::FileBackedVolume { path: f.path, size_bytes: f.size_bytes })),
+            _ => {
+                p.add(format!("mounts[{i}]"), "expected exactly one of device or file");
+                None
+            }
+        };
+        let fs_type = match m.fs_type.as_str() {
+            "ext4" => pb::FilesystemType::Ext4,
+            "xfs" => pb::FilesystemType::Xfs,
+            "btrfs" => pb::FilesystemType::Btrfs,
+            other => {
+                p.add(format!("mounts[{i}].fs_type"), format!("expected ext4, xfs or btrfs, got {:?}", truncate(other)));
+                pb::FilesystemType::Unspecified
+            }
+        };
+        mounts.push(pb::VolumeMount { mount_path: m.mount_path, source, fs_type: fs_type as i32, options: m.options, skip_trim: m.skip_trim });
+    }
+    if !p.0.is_empty() {
+        return Err(TaskError(p.0));
+    }
+    let g = file.gc;
+    Ok(pb::BuildkitTask {
+        task_id: file.task_id,
+        tls: Some(tls),
+        mounts,
+        cache_size_bytes: file.cache_size_bytes,
+        gc: Some(pb::GcPolicy {
+            retention_secs: g.retention_secs,
+            keep_bytes: g.keep_bytes,
+            free_bytes_high_watermark_percent: g.free_bytes_high_watermark_percent,
+            free_bytes_low_watermark_percent: g.free_bytes_low_watermark_percent,
+            free_inodes_high_watermark_percent: g.free_inodes_high_watermark_percent,
+            free_inodes_low_watermark_percent: g.free_inodes_low_watermark_percent,
+            min_age_secs: g.min_age_secs,
+            interval_secs: g.interval_secs,
+        }),
+        max_parallelism: file.max_parallelism,
+        debug: file.debug,
+        listen_address: file.listen_address,
+        engine_env: file.engine_env.into_iter().collect(),
+    })
+}
+
+/// Reads and validates a standalone task file.
+pub fn load_task_file(path: &Path, limits: &TaskLimits) -> Result<BuildkitTask, TaskError> {
+    validate_buildkit(read_task_file(path)?, limits)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUZ3Jvb3Q=\n-----END CERTIFICATE-----\n";
+    pub const KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
+
+    pub fn limits() -> TaskLimits {
+        TaskLimits { allowed_mount_prefixes: vec!["/var/lib/buildkit".into(), "/mnt".into()] }
+    }
+
+    pub fn good_task() -> pb::BuildkitTask {
+        pb::BuildkitTask {
+            task_id: "task-1".into(),
+            tls: Some(pb::TlsMaterial { cert_pem: CERT.into(), key_pem: KEY.into(), ca_pem: CERT.into() }),
+            mounts: vec![pb::VolumeMount {
+                mount_path: "/var/lib/buildkit/cache".into(),
+                source: Some(pb::volume_mount::Source::Device(pb::BlockDevice { path: "/dev/nvme1n1".into(), ebs_volume_id: "vol-0123456789abcdef0".into() })),
+                fs_type: pb::FilesystemType::Ext4 as i32,
+                options: vec!["noatime".into()],
+                skip_trim: false,
+            }],
+            cache_size_bytes: 50 << 30,
+            gc: None,
+            max_parallelism: 4,
+            debug: false,
+            listen_address: "0.0.0.0:443".into(),
+            engine_env: Default::default(),
+        }
+    }
+
+    fn fields(err: TaskError) -> Vec<String> {
+        err.0.into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn a_good_task_validates() {
+        let t = validate_buildkit(good_task(), &limits()).unwrap();
+        assert_eq!(t.id, "task-1");
+        assert_eq!(t.mounts[0].fs_type, FsType::Ext4);
+        assert_eq!(t.max_parallelism, Some(4));
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let mut t = good_task();
+        t.task_id = "bad id!".into();
+        t.listen_address = "nowhere".into();
+        t.cache_size_bytes = 0;
+        t.mounts[0].mount_path = "/etc/../var/lib/buildkit/x".into();
+        t.mounts[0].options = vec!["exec".into()];
+        t.engine_env.insert("LD_PRELOAD".into(), "/evil.so".into());
+        t.tls.as_mut().unwrap().key_pem = CERT.into();
+        let f = fields(validate_buildkit(t, &limits()).unwrap_err());
+        for expected in [
+            "buildkit.task_id",
+            "buildkit.listen_address",
+            "buildkit.cache_size_bytes",
+            "buildkit.mounts[0].mount_path",
+            "buildkit.mounts[0].options[0]",
+            "buildkit.engine_env[LD_PRELOAD]",
+            "buildkit.tls.key_pem",
+        ] {
+            assert!(f.iter().any(|x| x == expected), "{expected} not in {f:?}");
+        }
+    }
+
+    #[test]
+    fn mount_outside_the_allow_list_is_refused() {
+        for path in ["/etc/buildkit", "/var/lib", "/var/lib/buildkitfoo", "relative", "/mnt/../etc"] {
+            let mut t = good_task();
+            t.mounts[0].mount_path = path.into();
+            assert_eq!(fields(validate_buildkit(t, &limits()).unwrap_err()), vec!["buildkit.mounts[0].mount_path"], "{path}");
+        }
+    }
+
+    #[test]
+    fn device_must_be_under_dev_and_ebs_id_well_formed() {
+        let mut t = good_task();
+        t.mounts[0].source =
+            Some(pb::volume_mount::Source::Device(pb::BlockDevice { path: "/home/disk".into(), ebs_volume_id: "vol-XYZ".into() }));
+        assert_eq!(
+            fields(validate_buildkit(t, &limits()).unwrap_err()),
+            vec!["buildkit.mounts[0].device.path", "buildkit.mounts[0].device.ebs_volume_id"]
+        );
+    }
+
+    #[test]
+    fn overlapping_mounts_are_refused() {
+        let mut t = good_task();
+        let mut second = t.mounts[0].clone();
+        second.mount_path = "/var/lib/buildkit/cache/inner".into();
+        second.source = Some(pb::volume_mount::Source::File(pb::FileBackedVolume { path: "/var/lib/x.img".into(), size_bytes: 1 << 30 }));
+        t.mounts.push(second);
+        assert_eq!(fields(validate_buildkit(t, &limits()).unwrap_err()), vec!["buildkit.mounts[1].mount_path"]);
+    }
+
+    #[test]
+    fn gc_watermarks_must_be_ordered_pairs() {
+        let mut t = good_task();
+        t.gc = Some(pb::GcPolicy {
+            free_bytes_high_watermark_percent: Some(30),
+            free_bytes_low_watermark_percent: Some(20),
+            free_inodes_high_watermark_percent: Some(5),
+            retention_secs: Some(0),
+            ..Default::default()
+        });
+        assert_eq!(
+            fields(validate_buildkit(t, &limits()).unwrap_err()),
+            vec!["buildkit.gc.retention_secs", "buildkit.gc.free_bytes_high_watermark_percent", "buildkit.gc.free_inodes_high_watermark_percent"]
+        );
+    }
+
+    #[test]
+    fn oversized_pem_is_refused_without_parsing() {
+        let mut t = good_task();
+        t.tls.as_mut().unwrap().ca_pem = CERT.repeat(MAX_PEM_BYTES / CERT.len() + 1);
+        assert_eq!(fields(validate_buildkit(t, &limits()).unwrap_err()), vec!["buildkit.tls.ca_pem"]);
+    }
+
+    #[test]
+    fn key_material_never_appears_in_errors_or_debug() {
+        let mut t = good_task();
+        t.task_id = String::new();
+        t.tls.as_mut().unwrap().key_pem = "-----BEGIN CERTIFICATE-----\nU0VDUkVUS0VZ\n-----END CERTIFICATE-----\n".into();
+        let err = validate_buildkit(t, &limits()).unwrap_err();
+        assert!(!err.to_string().contains("U0VDUkVUS0VZ"));
+        let ok = validate_buildkit(good_task(), &limits()).unwrap();
+        assert!(!format!("{ok:?}").contains("MIGHAgEAMBMG"));
+    }
+
+    #[test]
+    fn missing_task_is_a_named_error() {
+        assert_eq!(fields(validate_task(None, &limits()).unwrap_err()), vec!["task"]);
+        assert_eq!(validate_task(Some(pb::register_response::Task::Pending(pb::PendingTask {})), &limits()).unwrap(), Task::Pending);
+    }
+
+    fn arb_string() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,40}",
+            Just("/var/lib/buildkit/cache".to_string()),
+            Just("/dev/nvme1n1".to_string()),
+            Just("vol-0123456789abcdef0".to_string()),
+            Just(CERT.to_string()),
+            Just(KEY.to_string()),
+            Just("127.0.0.1:443".to_string()),
+            "/[a-z./]{0,30}",
+        ]
+    }
+
+    prop_compose! {
+        fn arb_mount()(
+            mount_path in arb_string(), dev in arb_string(), ebs in arb_string(), file_size in any::<u64>(),
+            use_file in any::<Option<bool>>(), fs_type in -2i32..6, options in proptest::collection::vec(arb_string(), 0..4),
+            skip_trim in any::<bool>()
+        ) -> pb::VolumeMount {
+            let source = use_file.map(|f| if f {
+                pb::volume_mount::Source::File(pb::FileBackedVolume { path: dev.clone(), size_bytes: file_size })
+            } else {
+                pb::volume_mount::Source::Device(pb::BlockDevice { path: dev.clone(), ebs_volume_id: ebs.clone() })
+            });
+            pb::VolumeMount { mount_path, source, fs_type, options, skip_trim }
+        }
+    }
+
+    prop_compose! {
+        fn arb_task()(
+            task_id in arb_string(), cert in arb_string(), key in arb_string(), ca in arb_string(), has_tls in any::<bool>(),
+            mounts in proptest::collection::vec(arb_mount(), 0..10), cache_size_bytes in any::<u64>(),
+            retention in any::<Option<u64>>(), hi in any::<Option<u32>>(), lo in any::<Option<u32>>(),
+            max_parallelism in any::<u32>(), debug in any::<bool>(), listen in arb_string(),
+            env in proptest::collection::btree_map(arb_string(), arb_string(), 0..4)
+        ) -> pb::BuildkitTask {
+            pb::BuildkitTask {
+                task_id,
+                tls: has_tls.then_some(pb::TlsMaterial { cert_pem: cert, key_pem: key, ca_pem: ca }),
+                mounts, cache_size_bytes,
+                gc: Some(pb::GcPolicy { retention_secs: retention, free_bytes_high_watermark_percent: hi, free_bytes_low_watermark_percent: lo, ..Default::default() }),
+                max_parallelism, debug, listen_address: listen,
+                engine_env: env.into_iter().collect(),
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_tasks_never_panic_and_every_rejection_names_a_field(task in arb_task()) {
+            if let Err(err) = validate_buildkit(task, &limits()) {
+                prop_assert!(!err.0.is_empty());
+                for e in &err.0 {
+                    prop_assert!(e.field.starts_with("buildkit."), "field {:?}", e.field);
+                    prop_assert!(!e.problem.is_empty());
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_decoded_as_a_register_response_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            use prost::Message;
+            if let Ok(resp) = pb::RegisterResponse::decode(bytes.as_slice()) {
+                if let Err(err) = validate_task(resp.task, &limits()) {
+                    prop_assert!(err.0.iter().all(|e| !e.field.is_empty()));
+                }
+            }
+        }
+    }
+}
