@@ -136,7 +136,9 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
         session: session_rx,
         inputs: inputs_tx,
     };
-    agent.publish_state(agent.status.borrow().state, String::new());
+    // Bind the state first: publishing while a borrow of the watch is alive would deadlock.
+    let initial = agent.state();
+    agent.publish_state(initial, String::new());
 
     match mode {
         Mode::Standalone(task) => {

@@ -11,5 +11,12 @@ pub fn init_tracing(filter: Option<&str>) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info"))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // A second init (tests in one process) keeps the first subscriber.
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(true).try_init();
+    // Colour only for a human at a terminal; journald and log parsers get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(true)
+        .try_init();
 }

@@ -1,0 +1,328 @@
+//! The agent against the control-plane double over real TLS: registration with
+//! each identity mode, tasks, the health stream, reconnect after an outage,
+//! a wrong CA, and termination.
+
+mod support;
+
+use machine_agent::proto::v1 as pb;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use support::control_plane::{buildkit_task, control_plane, pending, ControlPlaneDouble, MACHINE_ID, MACHINE_TOKEN};
+use support::{agent, base_config, eventually, http_get, metric_value, process_alive, trace_init, write_private, TestPki, WAIT};
+
+const BOOTSTRAP_TOKEN: &str = "bootstrap-token-DO-NOT-LOG-91c2";
+
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+/// Writes a config pointing at `cp`, trusting `ca_pem`, with the identity section
+/// `identity` writes given the test's directory.
+fn setup(cp_url: &str, ca_pem: &str, identity: impl FnOnce(&Path) -> String) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let identity = identity(dir.path());
+    let ca = dir.path().join("cp-ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let config = dir.path().join("config.toml");
+    let text = format!(
+        "{}\n[control_plane]\nurl = \"{cp_url}\"\nca_bundle = \"{}\"\nbackoff_initial_ms = 200\nbackoff_max_secs = 2\nconnect_timeout_secs = 2\n\n[identity]\n{identity}\n",
+        base_config(dir.path()),
+        ca.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    Setup { dir, config }
+}
+
+fn static_token(dir: &Path) -> String {
+    let token_file = dir.join("token");
+    write_private(&token_file, BOOTSTRAP_TOKEN);
+    format!("mode = \"static_token\"\ntoken_file = \"{}\"", token_file.display())
+}
+
+fn static_token_setup(cp: &ControlPlaneDouble) -> Setup {
+    setup(&cp.url(), &cp.pki.ca_pem, static_token)
+}
+
+fn assert_no_secrets(logs: &str) {
+    for secret in [MACHINE_TOKEN, BOOTSTRAP_TOKEN, "BEGIN PRIVATE KEY", "imds-session-token"] {
+        assert!(!logs.contains(secret), "the agent logged a secret ({secret})");
+    }
+}
+
+#[tokio::test]
+async fn registers_with_a_static_token_and_streams_health_at_1hz_with_real_statvfs() {
+    trace_init();
+    let cp = control_plane().expect_static_token(BOOTSTRAP_TOKEN).start();
+    let s = static_token_setup(&cp);
+    let agent = agent(&s.config).start();
+
+    let rec = cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
+    let reg = &rec.registrations[0];
+    assert_eq!(reg.agent_version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(reg.architecture, pb::Architecture::Amd64 as i32);
+    assert!(uuid_like(&reg.connection_id), "connection id {:?}", reg.connection_id);
+    match &reg.identity {
+        Some(pb::register_request::Identity::StaticToken(t)) => assert_eq!(t.token, BOOTSTRAP_TOKEN),
+        other => panic!("expected a static token identity, got {other:?}"),
+    }
+    assert!(rec.user_agents[0].starts_with(&format!("machine-agent/{}", env!("CARGO_PKG_VERSION"))), "{:?}", rec.user_agents);
+
+    let rec = cp.wait_for("5 health reports", |r| r.health.len() >= 5).await;
+    assert_eq!(rec.unauthorized, 0, "health calls carried the bearer token");
+    let state_dir = s.dir.path().join("state");
+    let fs = machine_agent::volume::stats::read_fs_stats(&state_dir).unwrap();
+    for report in &rec.health {
+        assert_eq!(report.machine_id, MACHINE_ID);
+        let m = report.mounts.iter().find(|m| Path::new(&m.path) == state_dir).expect("state dir in the report");
+        assert_eq!(m.total_bytes, fs.total_bytes);
+        assert_eq!(m.total_inodes, fs.total_inodes);
+        // Free space moves a little between reads on a shared machine; 1% of the disk is plenty.
+        assert!(m.free_bytes.abs_diff(fs.free_bytes) < fs.total_bytes / 100, "free {} vs {}", m.free_bytes, fs.free_bytes);
+        assert!(m.free_inodes <= m.total_inodes);
+    }
+    assert_eq!(rec.health.last().unwrap().agent_state, pb::AgentState::Pending as i32);
+    let stamps: Vec<i64> = rec.health.iter().map(|h| h.unix_time_ms).collect();
+    let mut gaps: Vec<i64> = stamps.windows(2).skip(1).map(|w| w[1] - w[0]).collect();
+    gaps.sort();
+    let median = gaps[gaps.len() / 2];
+    assert!((700..=1500).contains(&median), "median gap between health reports {median} ms, expected about 1000 ({stamps:?})");
+
+    assert_no_secrets(&agent.logs());
+}
+
+fn uuid_like(s: &str) -> bool {
+    s.len() == 36 && s.chars().filter(|&c| c == '-').count() == 4
+}
+
+#[tokio::test]
+async fn registers_with_aws_imdsv2_identity() {
+    trace_init();
+    let cp = control_plane().start();
+    let imds = support::metadata::imds().await;
+    let s = setup(&cp.url(), &cp.pki.ca_pem, |_| format!("mode = \"aws\"\nimds_url = \"{}\"", imds.url));
+    let agent = agent(&s.config).start();
+
+    let rec = cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
+    match &rec.registrations[0].identity {
+        Some(pb::register_request::Identity::Aws(aws)) => {
+            assert_eq!(aws.document, support::metadata::IMDS_DOCUMENT);
+            assert_eq!(aws.signature, support::metadata::IMDS_PKCS7);
+        }
+        other => panic!("expected an AWS identity, got {other:?}"),
+    }
+    let requests = imds.log.lock().unwrap().requests.clone();
+    assert_eq!(
+        requests,
+        vec![
+            "PUT /latest/api/token 200",
+            "GET /latest/dynamic/instance-identity/document 200",
+            "GET /latest/dynamic/instance-identity/pkcs7 200"
+        ]
+    );
+    assert_no_secrets(&agent.logs());
+}
+
+#[tokio::test]
+async fn registers_with_a_fly_oidc_token() {
+    trace_init();
+    let cp = control_plane().start();
+    let sock_dir = tempfile::tempdir().unwrap();
+    let fly = support::metadata::fly_api(sock_dir.path()).await;
+    let s = setup(
+        &cp.url(),
+        &cp.pki.ca_pem,
+        |_| format!("mode = \"fly\"\nfly_api_socket = \"{}\"\nfly_oidc_audience = \"builders.example\"", fly.socket.display()),
+    );
+    let _agent = agent(&s.config).start();
+
+    let rec = cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
+    match &rec.registrations[0].identity {
+        Some(pb::register_request::Identity::Fly(f)) => assert_eq!(f.oidc_token, support::metadata::fly_token_for("builders.example")),
+        other => panic!("expected a Fly identity, got {other:?}"),
+    }
+    assert_eq!(fly.audiences.lock().unwrap().as_slice(), ["builders.example"]);
+}
+
+#[tokio::test]
+async fn pending_then_a_task_moves_the_agent_to_ready_and_the_engine_gets_the_task_env() {
+    trace_init();
+    let cp = control_plane().initial(vec![pending()]).start();
+    let s = static_token_setup(&cp);
+    let agent = agent(&s.config).start();
+    let base = agent.endpoints().await;
+
+    cp.wait_for("a pending health report", |r| r.health.iter().any(|h| h.agent_state == pb::AgentState::Pending as i32)).await;
+    let (code, body) = http_get(&base, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("\"state\":\"pending\""), "{body}");
+
+    cp.push(buildkit_task("task-42", &s.dir.path().join("mnt")));
+    let rec = cp
+        .wait_for("a ready health report", |r| r.health.iter().any(|h| h.agent_state == pb::AgentState::Ready as i32))
+        .await;
+    let ready = rec.health.iter().find(|h| h.agent_state == pb::AgentState::Ready as i32).unwrap();
+    assert_eq!(ready.task_id, "task-42");
+    assert_eq!(ready.engine_state, pb::EngineState::Running as i32);
+    let (code, body) = http_get(&base, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+
+    let engine = agent.children();
+    assert_eq!(engine.len(), 1, "one engine process");
+    let environ = std::fs::read(format!("/proc/{}/environ", engine[0])).unwrap();
+    assert!(environ.split(|&b| b == 0).any(|kv| kv == b"ENGINE_MARKER=from-task"), "the task's engine_env reached the engine");
+
+    // The same task again (as after a reconnect) changes nothing.
+    cp.push(buildkit_task("task-42", &s.dir.path().join("mnt")));
+    agent.wait_for_log("task re-sent after reconnect").await;
+    assert_eq!(agent.children(), engine);
+
+    let rec = cp.wait_for("a usage report", |r| !r.usage.is_empty()).await;
+    assert_eq!(rec.usage[0].task_id, "task-42");
+}
+
+#[tokio::test]
+async fn a_bad_task_is_rejected_by_field_and_the_agent_keeps_waiting() {
+    trace_init();
+    let cp = control_plane().start();
+    let s = static_token_setup(&cp);
+    let agent = agent(&s.config).start();
+    let base = agent.endpoints().await;
+    cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
+
+    let mut bad = buildkit_task("task-bad", Path::new("/etc"));
+    if let pb::register_response::Task::Buildkit(t) = &mut bad {
+        t.listen_address = "not-an-address".into();
+    }
+    cp.push(bad);
+    let line = agent.wait_for_log("task rejected").await;
+    assert!(line.contains("buildkit.mounts[0].mount_path"), "{line}");
+    assert!(line.contains("buildkit.listen_address"), "{line}");
+    let (_, scrape) = http_get(&base, "/metrics").await;
+    assert_eq!(metric_value(&scrape, "machine_agent_tasks_rejected_total"), Some(1.0));
+    assert_eq!(metric_value(&scrape, "machine_agent_state{state=\"pending\"}"), Some(1.0));
+    assert!(agent.children().is_empty(), "no engine for a rejected task");
+}
+
+#[tokio::test]
+async fn control_plane_outage_is_survived_with_backoff_and_the_engine_is_left_alone() {
+    trace_init();
+    let cp = control_plane().initial(vec![pending()]).start();
+    let s = static_token_setup(&cp);
+    let agent = agent(&s.config).start();
+    let base = agent.endpoints().await;
+    cp.wait_for("registration", |r| !r.registrations.is_empty()).await;
+    cp.push(buildkit_task("task-7", &s.dir.path().join("mnt")));
+    cp.wait_for("ready", |r| r.health.iter().any(|h| h.agent_state == pb::AgentState::Ready as i32)).await;
+    let engine = agent.children();
+    assert_eq!(engine.len(), 1);
+
+    // The control plane dies, every connection with it, for 10 s.
+    let (port, pki): (u16, Arc<TestPki>) = cp.kill();
+    let outage = tokio::time::Instant::now();
+    agent.wait_for_log("reconnecting to the control plane after backoff").await;
+    // The outage itself is the scenario: its length is what is being tested.
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(outage.elapsed())).await;
+
+    let (_, scrape) = http_get(&base, "/metrics").await;
+    let reconnects = metric_value(&scrape, "machine_agent_control_plane_reconnects_total").unwrap();
+    assert!(reconnects >= 2.0, "several reconnect attempts during a 10 s outage with a 2 s cap, got {reconnects}");
+    assert_eq!(metric_value(&scrape, "machine_agent_control_plane_connected"), Some(0.0));
+    let (code, _) = http_get(&base, "/readyz").await;
+    assert_eq!(code, 200, "the engine keeps serving while the control plane is away");
+    let (code, _) = http_get(&base, "/healthz").await;
+    assert_eq!(code, 200, "the agent's loops stay alive during the outage");
+    assert_eq!(agent.children(), engine, "the engine was not touched");
+    assert!(process_alive(engine[0]));
+    let attempts = agent.logs().lines().filter(|l| l.contains("reconnecting to the control plane")).count();
+    assert!(attempts >= 2, "each attempt is logged with its delay, got {attempts}");
+
+    // It comes back on the same port: registration and health resume.
+    let cp = control_plane().pki(pki).port(port).initial(vec![buildkit_task("task-7", &s.dir.path().join("mnt"))]).start();
+    let rec = cp.wait_for("registration and health after the outage", |r| !r.registrations.is_empty() && r.health.len() >= 2).await;
+    assert_eq!(rec.registrations[0].previous_machine_id, MACHINE_ID, "the agent says which machine it was");
+    assert_eq!(rec.health.last().unwrap().agent_state, pb::AgentState::Ready as i32);
+    eventually("control_plane_connected back to 1", WAIT, || {
+        let scrape = futures_lite_get(&base, "/metrics");
+        metric_value(&scrape, "machine_agent_control_plane_connected") == Some(1.0)
+    })
+    .await;
+    assert_eq!(agent.children(), engine, "still the same engine after the reconnect");
+    assert_no_secrets(&agent.logs());
+}
+
+/// A blocking GET for use inside `eventually`'s synchronous condition.
+fn futures_lite_get(base: &str, path: &str) -> String {
+    let url = format!("{base}{path}");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async { reqwest::get(url).await.unwrap().text().await.unwrap() })
+    })
+    .join()
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_control_plane_with_an_untrusted_certificate_is_refused_without_plaintext_fallback() {
+    trace_init();
+    let cp = control_plane().start();
+    let other_ca = TestPki::new("some other ca");
+    let s = setup(&cp.url(), &other_ca.ca_pem, static_token);
+    let agent = agent(&s.config).start();
+    let base = agent.endpoints().await;
+
+    let line = agent.wait_for_log("task stream failed").await;
+    assert!(line.contains("certificate"), "the error names the certificate problem: {line}");
+    agent.wait_for_log("reconnecting to the control plane after backoff").await;
+    let (_, scrape) = http_get(&base, "/metrics").await;
+    assert!(metric_value(&scrape, "machine_agent_control_plane_errors_total{call=\"RegisterMachine\"}").unwrap() >= 1.0);
+    assert_eq!(metric_value(&scrape, "machine_agent_control_plane_connected"), Some(0.0));
+    assert!(cp.recorded().registrations.is_empty(), "no registration may reach the server");
+    assert!(!agent.logs().contains(BOOTSTRAP_TOKEN));
+}
+
+#[tokio::test]
+async fn should_terminate_drains_stops_the_engine_reports_shutdown_and_exits_0() {
+    trace_init();
+    let cp = control_plane().start();
+    let s = static_token_setup(&cp);
+    let mut agent = agent(&s.config).start();
+    cp.wait_for("registration", |r| !r.registrations.is_empty()).await;
+    cp.push(buildkit_task("task-9", &s.dir.path().join("mnt")));
+    cp.wait_for("ready", |r| r.health.iter().any(|h| h.agent_state == pb::AgentState::Ready as i32)).await;
+    let engine = agent.children();
+    assert_eq!(engine.len(), 1);
+
+    cp.terminate();
+    let status = agent.wait_exit(Duration::from_secs(15 + 5)).await;
+    assert_eq!(status.code(), Some(0), "clean drain exits 0; log:\n{}", agent.logs());
+    let rec = cp.recorded();
+    assert_eq!(rec.shutdowns.len(), 1);
+    let report = &rec.shutdowns[0];
+    assert_eq!(report.reason, "should_terminate");
+    assert_eq!(report.task_id, "task-9");
+    assert_eq!(report.machine_id, MACHINE_ID);
+    assert!(report.engine_stopped_cleanly);
+    assert!(report.drain_duration_ms < 15_000, "within the 15 s deadline");
+    assert!(!process_alive(engine[0]), "the engine was stopped");
+}
+
+#[tokio::test]
+async fn sigterm_and_a_terminate_task_take_the_same_drain_path() {
+    trace_init();
+    for how in ["sigterm", "terminate task"] {
+        let cp = control_plane().start();
+        let s = static_token_setup(&cp);
+        let mut agent = agent(&s.config).start();
+        cp.wait_for("health", |r| !r.health.is_empty()).await;
+        match how {
+            "sigterm" => agent.signal(nix::sys::signal::Signal::SIGTERM),
+            _ => cp.push(pb::register_response::Task::Terminate(pb::TerminateTask { reason: "scale-in".into() })),
+        }
+        let status = agent.wait_exit(Duration::from_secs(20)).await;
+        assert_eq!(status.code(), Some(0), "{how}");
+        let expected = if how == "sigterm" { "sigterm" } else { "terminate task: scale-in" };
+        assert_eq!(cp.recorded().shutdowns.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>(), vec![expected]);
+    }
+}

@@ -1,0 +1,271 @@
+//! Shared fixtures for the integration tests: a test PKI, the in-process
+//! control-plane double (real proto, real TLS), the IMDSv2 and Fly API doubles,
+//! and a launcher for the real `machine-agent` binary that captures its logs.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+pub mod control_plane;
+pub mod metadata;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Every wait in the tests is bounded by this unless a test says otherwise.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn trace_init() {
+    machine_agent::observe::init_tracing(Some("info"));
+}
+
+// === PKI ===
+
+/// A CA and a server certificate for `localhost` signed by it.
+pub struct TestPki {
+    pub ca_pem: String,
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+}
+
+impl TestPki {
+    pub fn new(ca_name: &str) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, ca_name);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        Self { ca_pem: ca.pem(), server_cert_pem: cert.pem(), server_key_pem: key.serialize_pem() }
+    }
+}
+
+// === files ===
+
+pub fn write_private(path: &Path, contents: &str) {
+    std::fs::write(path, contents).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A standalone task file (and its TLS files) in `dir`, with the cache mount under `prefix`.
+pub fn write_task_file(dir: &Path, prefix: &Path) -> PathBuf {
+    let pki = TestPki::new("engine ca");
+    write_private(&dir.join("server.pem"), &pki.server_cert_pem);
+    write_private(&dir.join("server-key.pem"), &pki.server_key_pem);
+    write_private(&dir.join("ca.pem"), &pki.ca_pem);
+    let task = format!(
+        r#"
+task_id = "standalone-1"
+listen_address = "127.0.0.1:1234"
+cache_size_bytes = 10737418240
+[tls]
+cert_file = "server.pem"
+key_file = "server-key.pem"
+ca_file = "ca.pem"
+[[mounts]]
+mount_path = "{}/cache"
+fs_type = "ext4"
+file = {{ path = "{}/cache.img", size_bytes = 1073741824 }}
+"#,
+        prefix.display(),
+        dir.display()
+    );
+    let path = dir.join("task.toml");
+    std::fs::write(&path, task).unwrap();
+    path
+}
+
+// === the agent under test ===
+
+/// Config text for an agent whose state dir and allowed prefix live in `dir`,
+/// whose endpoints listen on an ephemeral port, and whose engine is `sleep`.
+pub fn base_config(dir: &Path) -> String {
+    format!(
+        r#"
+[endpoints]
+listen = "127.0.0.1:0"
+[volume]
+allowed_mount_prefixes = ["{prefix}"]
+[agent]
+state_dir = "{state}"
+drain_timeout_secs = 15
+health_interval_ms = 1000
+usage_interval_secs = 2
+[engine]
+binary = "/bin/sleep"
+args = ["3600"]
+stop_grace_secs = 5
+"#,
+        prefix = dir.join("mnt").display(),
+        state = dir.join("state").display(),
+    )
+}
+
+/// A running `machine-agent`; SIGKILLed and reaped on drop.
+pub struct AgentProcess {
+    child: Option<Child>,
+    pub pid: u32,
+    log: Arc<Mutex<String>>,
+    log_changed: Arc<tokio::sync::Notify>,
+}
+
+pub struct AgentBuilder {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+pub fn agent(config: &Path) -> AgentBuilder {
+    AgentBuilder { args: vec!["run".into(), "--config".into(), config.display().to_string()], env: vec![] }
+}
+
+impl AgentBuilder {
+    pub fn standalone(mut self, task: &Path) -> Self {
+        self.args.push("--standalone".into());
+        self.args.push(task.display().to_string());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn start(self) -> AgentProcess {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_machine-agent"));
+        cmd.args(&self.args)
+            .env("MACHINE_AGENT_LOG", "info,machine_agent=debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn machine-agent");
+        let pid = child.id();
+        let log = Arc::new(Mutex::new(String::new()));
+        let log_changed = Arc::new(tokio::sync::Notify::new());
+        let stderr = child.stderr.take().unwrap();
+        let (log2, changed2) = (log.clone(), log_changed.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[agent {pid}] {line}");
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+                drop(l);
+                changed2.notify_waiters();
+            }
+            changed2.notify_waiters();
+        });
+        AgentProcess { child: Some(child), pid, log, log_changed }
+    }
+}
+
+impl AgentProcess {
+    pub fn logs(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until the log holds a line containing `needle`; returns that line.
+    pub async fn wait_for_log(&self, needle: &str) -> String {
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                let notified = self.log_changed.notified();
+                if let Some(line) = self.logs().lines().find(|l| l.contains(needle)) {
+                    return line.to_string();
+                }
+                notified.await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no log line containing {needle:?} within {WAIT:?}; log:\n{}", self.logs()))
+    }
+
+    /// The endpoints' address, from the agent's "endpoints serving" line.
+    pub async fn endpoints(&self) -> String {
+        let line = self.wait_for_log("endpoints serving").await;
+        let addr = line.split("listen=").nth(1).and_then(|s| s.split_whitespace().next()).expect("listen= in the line");
+        format!("http://{addr}")
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), sig).unwrap();
+    }
+
+    /// Waits (bounded) for the agent to exit on its own.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return status;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("agent did not exit within {within:?}; log:\n{}", self.logs());
+            }
+            // Polling a child's exit: there is no async reaping for std::process::Child.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The pids of the agent's direct children (the engine).
+    pub fn children(&self) -> Vec<u32> {
+        let mut pids = vec![];
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.pid)).into_iter().flatten().flatten() {
+            if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+                pids.extend(list.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let engines = self.children();
+            let _ = child.kill();
+            let _ = child.wait();
+            // The engine lives in its own process group; do not leak it past the test.
+            for pid in engines {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// True while a process with this pid exists and is not a zombie.
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) != Some("Z"),
+        Err(_) => false,
+    }
+}
+
+/// Waits (bounded) for a condition checked against fresh state each time.
+pub async fn eventually<F: FnMut() -> bool>(what: &str, within: Duration, mut cond: F) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// GET a path on the agent's endpoints: (status, body).
+pub async fn http_get(base: &str, path: &str) -> (u16, String) {
+    let resp = reqwest::get(format!("{base}{path}")).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
+}
+
+/// The value of one sample line in a Prometheus scrape, e.g. `machine_agent_state{state="ready"}`.
+pub fn metric_value(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' ')).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
