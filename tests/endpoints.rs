@@ -1,0 +1,97 @@
+//! /healthz, /readyz and /metrics over real HTTP, on a standalone agent; the
+//! scrape passes `promtool check metrics`.
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use support::{agent, base_config, http_get, metric_value, trace_init, write_task_file};
+
+#[tokio::test]
+async fn ready_agent_serves_healthz_readyz_and_promtool_clean_metrics() {
+    trace_init();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, base_config(dir.path())).unwrap();
+    let task = write_task_file(dir.path(), &dir.path().join("mnt"));
+    let agent = agent(&config).standalone(&task).start();
+    let base = agent.endpoints().await;
+    agent.wait_for_log("to=ready").await;
+
+    let (code, body) = http_get(&base, "/healthz").await;
+    assert_eq!((code, body.as_str()), (200, "ok\n"));
+
+    let (code, body) = http_get(&base, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["ready"], true);
+    assert_eq!(json["state"], "ready");
+    assert_eq!(json["engine"], "running");
+    assert_eq!(json["task_id"], "standalone-1");
+
+    let (code, scrape) = http_get(&base, "/metrics").await;
+    assert_eq!(code, 200);
+    assert_eq!(metric_value(&scrape, "machine_agent_state{state=\"ready\"}"), Some(1.0));
+    assert_eq!(metric_value(&scrape, "machine_agent_state{state=\"starting\"}"), Some(0.0));
+    assert!(scrape.contains(&format!("machine_agent_build_info{{arch=\"{}\",version=\"{}\"}} 1", std::env::consts::ARCH, env!("CARGO_PKG_VERSION"))));
+    for name in ["machine_agent_control_plane_connected", "machine_agent_control_plane_reconnects_total", "machine_agent_health_reports_sent_total"] {
+        assert!(scrape.contains(&format!("# HELP {name} ")), "{name} has HELP");
+    }
+    promtool_check(&scrape);
+}
+
+/// Runs `promtool check metrics` on a scrape; promtool comes from Debian's `prometheus` (.ci/run installs it).
+fn promtool_check(scrape: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool not found: install Debian's `prometheus` package (bash .ci/run does)");
+    child.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics found problems:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn an_engine_that_cannot_start_leaves_the_agent_degraded_with_the_reason() {
+    trace_init();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let text = base_config(dir.path()).replace("binary = \"/bin/sleep\"", "binary = \"/nonexistent/buildkitd\"");
+    std::fs::write(&config, text).unwrap();
+    let task = write_task_file(dir.path(), &dir.path().join("mnt"));
+    let agent = agent(&config).standalone(&task).start();
+    let base = agent.endpoints().await;
+    agent.wait_for_log("to=degraded").await;
+
+    let (code, body) = http_get(&base, "/readyz").await;
+    assert_eq!(code, 503);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(json["state"], "degraded");
+    assert!(json["reason"].as_str().unwrap().contains("/nonexistent/buildkitd"), "{body}");
+    let (code, _) = http_get(&base, "/healthz").await;
+    assert_eq!(code, 200, "a degraded agent is still alive");
+}
+
+#[tokio::test]
+async fn an_engine_that_exits_moves_the_agent_to_degraded() {
+    trace_init();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    let text = base_config(dir.path()).replace("binary = \"/bin/sleep\"", "binary = \"/bin/sh\"").replace("args = [\"3600\"]", "args = [\"-c\", \"exit 3\"]");
+    std::fs::write(&config, text).unwrap();
+    let task = write_task_file(dir.path(), &dir.path().join("mnt"));
+    let agent = agent(&config).standalone(&task).start();
+    let base = agent.endpoints().await;
+    agent.wait_for_log("to=degraded").await;
+    let (code, body) = http_get(&base, "/readyz").await;
+    assert_eq!(code, 503);
+    assert!(body.contains("engine exited: exit code 3"), "{body}");
+}
