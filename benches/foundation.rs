@@ -3,6 +3,7 @@
 //! and steady RSS, CPU seconds per minute, and bytes per health report.
 //!
 //! `cargo bench --bench foundation` (BENCH_SECS=10 for a quick look).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly on the first surprise
 
 #[path = "../tests/support/mod.rs"]
 mod support;

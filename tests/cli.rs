@@ -1,5 +1,6 @@
 //! The command line: `check`, `version`, and `run` refusing bad config and task
 //! files with exit 2 and a message that names the field.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly on the first surprise
 
 mod support;
 

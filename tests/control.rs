@@ -1,6 +1,7 @@
 //! The agent against the control-plane double over real TLS: registration with
 //! each identity mode, tasks, the health stream, reconnect after an outage,
 //! a wrong CA, and termination.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly on the first surprise
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! /healthz, /readyz and /metrics over real HTTP, on a standalone agent; the
 //! scrape passes `promtool check metrics`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly on the first surprise
 
 mod support;
 

@@ -1,5 +1,6 @@
 //! sd_notify against a real datagram socket: READY=1 once the endpoints serve,
 //! STATUS= on each state change in order, WATCHDOG=1 when asked for, STOPPING=1 on drain.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly on the first surprise
 
 mod support;
 

@@ -31,12 +31,14 @@ pub struct Recorded {
     pub health_streams_opened: usize,
 }
 
+type TaskSender = mpsc::Sender<Result<pb::RegisterResponse, Status>>;
+
 #[derive(Clone)]
 struct Shared {
     recorded: Arc<Mutex<Recorded>>,
     version: watch::Sender<u64>,
     /// Sends on the newest task stream.
-    task_stream: Arc<Mutex<Option<mpsc::Sender<Result<pb::RegisterResponse, Status>>>>>,
+    task_stream: Arc<Mutex<Option<TaskSender>>>,
     /// What a new registration gets first.
     initial: Arc<Mutex<Vec<pb::register_response::Task>>>,
     terminate: watch::Sender<bool>,
