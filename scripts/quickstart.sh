@@ -75,7 +75,7 @@ elif [[ -n ${SUDO_USER:-} ]] && user_home=$(getent passwd "$SUDO_USER" | cut -d:
     sudo -u "$SUDO_USER" env HOME="$user_home" PATH="$user_home/.cargo/bin:$PATH" \
         cargo build --release --locked
 else
-    echo "quickstart: cargo not found; install Rust (https://rustup.rs) and retry" >&2
+    echo "quickstart: cargo not found; install Rust with rustup and retry" >&2
     exit 1
 fi
 
@@ -87,8 +87,8 @@ AGENT=./target/release/machine-agent
 # --- 4. run ------------------------------------------------------------------------
 engine=$(sed -n 's/^binary *= *"\(.*\)"/\1/p' "$CONFIG")
 if [[ -n $engine && ! -x $engine ]]; then
-    echo "quickstart: note: $engine is not installed yet, so the agent serves its endpoints"
-    echo "quickstart:       but stays \"degraded\" (engine did not start)."
+    echo "quickstart: note: $engine is not installed, so the agent serves its endpoints but"
+    echo "quickstart:       stays \"degraded\" (reason: cannot start the engine ...: No such file)."
 fi
 echo "quickstart: starting the agent. From another terminal:"
 echo "quickstart:   curl -s 127.0.0.1:9911/readyz; curl -s 127.0.0.1:9911/metrics"
