@@ -8,15 +8,21 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use support::{agent, base_config, http_get, metric_value, trace_init, write_task_file};
 
+/// A standalone agent whose base config is changed by `edit`; returns it with its endpoints URL.
+async fn standalone(dir: &tempfile::TempDir, edit: impl FnOnce(String) -> String) -> (support::AgentProcess, String) {
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, edit(base_config(dir.path()))).unwrap();
+    let task = write_task_file(dir.path(), &dir.path().join("mnt"));
+    let agent = agent(&config).standalone(&task).start();
+    let base = agent.endpoints().await;
+    (agent, base)
+}
+
 #[tokio::test]
 async fn ready_agent_serves_healthz_readyz_and_promtool_clean_metrics() {
     trace_init();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, base_config(dir.path())).unwrap();
-    let task = write_task_file(dir.path(), &dir.path().join("mnt"));
-    let agent = agent(&config).standalone(&task).start();
-    let base = agent.endpoints().await;
+    let (agent, base) = standalone(&dir, |c| c).await;
     agent.wait_for_log("to=ready").await;
 
     let (code, body) = http_get(&base, "/healthz").await;
@@ -64,12 +70,7 @@ fn promtool_check(scrape: &str) {
 async fn an_engine_that_cannot_start_leaves_the_agent_degraded_with_the_reason() {
     trace_init();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    let text = base_config(dir.path()).replace("binary = \"/bin/sleep\"", "binary = \"/nonexistent/buildkitd\"");
-    std::fs::write(&config, text).unwrap();
-    let task = write_task_file(dir.path(), &dir.path().join("mnt"));
-    let agent = agent(&config).standalone(&task).start();
-    let base = agent.endpoints().await;
+    let (agent, base) = standalone(&dir, |c| c.replace("binary = \"/bin/sleep\"", "binary = \"/nonexistent/buildkitd\"")).await;
     agent.wait_for_log("to=degraded").await;
 
     let (code, body) = http_get(&base, "/readyz").await;
@@ -85,12 +86,10 @@ async fn an_engine_that_cannot_start_leaves_the_agent_degraded_with_the_reason()
 async fn an_engine_that_exits_moves_the_agent_to_degraded() {
     trace_init();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("config.toml");
-    let text = base_config(dir.path()).replace("binary = \"/bin/sleep\"", "binary = \"/bin/sh\"").replace("args = [\"3600\"]", "args = [\"-c\", \"exit 3\"]");
-    std::fs::write(&config, text).unwrap();
-    let task = write_task_file(dir.path(), &dir.path().join("mnt"));
-    let agent = agent(&config).standalone(&task).start();
-    let base = agent.endpoints().await;
+    let (agent, base) = standalone(&dir, |c| {
+        c.replace("binary = \"/bin/sleep\"", "binary = \"/bin/sh\"").replace("args = [\"3600\"]", "args = [\"-c\", \"exit 3\"]")
+    })
+    .await;
     agent.wait_for_log("to=degraded").await;
     let (code, body) = http_get(&base, "/readyz").await;
     assert_eq!(code, 503);

@@ -139,8 +139,16 @@ impl ControlPlane {
 /// A status with its transport cause: "Unavailable: tcp connect error: Connection refused",
 /// "Unavailable: ...: invalid peer certificate: UnknownIssuer".
 pub fn describe_status(status: &tonic::Status) -> String {
-    let mut text = format!("{:?}: {}", status.code(), status.message());
-    let mut source = std::error::Error::source(status);
+    with_causes(format!("{:?}: {}", status.code(), status.message()), std::error::Error::source(status))
+}
+
+/// An error and all its causes on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    with_causes(err.to_string(), err.source())
+}
+
+/// Appends each cause not already in the text (wrappers often repeat their source).
+fn with_causes(mut text: String, mut source: Option<&dyn std::error::Error>) -> String {
     while let Some(err) = source {
         let part = err.to_string();
         if !text.contains(&part) {
@@ -148,21 +156,6 @@ pub fn describe_status(status: &tonic::Status) -> String {
             text.push_str(&part);
         }
         source = err.source();
-    }
-    text
-}
-
-/// An error and all its causes on one line.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let part = e.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = e.source();
     }
     text
 }

@@ -79,15 +79,16 @@ impl MachineService for Shared {
                 return Err(Status::unauthenticated("unknown bootstrap token"));
             }
         }
-        self.record(|r| {
-            r.registrations.push(msg.clone());
-            r.user_agents.push(ua);
-        });
         let (tx, rx) = mpsc::channel(16);
         for task in self.initial.lock().unwrap().iter() {
             tx.try_send(Ok(response(task.clone()))).unwrap();
         }
+        // The stream is in place before the registration is visible to a waiting test.
         *self.task_stream.lock().unwrap() = Some(tx);
+        self.record(|r| {
+            r.registrations.push(msg.clone());
+            r.user_agents.push(ua);
+        });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -269,7 +270,8 @@ impl ControlPlaneDouble {
 
     /// Sends a task on the newest task stream.
     pub fn push(&self, task: pb::register_response::Task) {
-        let tx = self.shared.task_stream.lock().unwrap().clone().expect("no registration yet");
+        let tx = self.shared.task_stream.lock().unwrap().clone();
+        let tx = tx.expect("no registration yet: wait_for a registration first");
         tx.try_send(Ok(response(task))).unwrap();
     }
 
