@@ -1,4 +1,6 @@
-//! The cache volume. For now: filesystem figures for the health stream.
-//! Device resolution, formatting, mounting and unmounting build on this module.
+//! The cache volume: filesystem figures for the health stream, and the pieces
+//! the volume manager is built from (the blank-device probe and the
+//! format-or-mount decision).
 
+pub mod signature;
 pub mod stats;
