@@ -2,5 +2,6 @@
 //! the volume manager is built from (the blank-device probe and the
 //! format-or-mount decision).
 
+pub mod mountinfo;
 pub mod signature;
 pub mod stats;

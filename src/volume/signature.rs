@@ -281,7 +281,8 @@ mod tests {
     fn known_magics_are_named() {
         let ext4_incompat = 0x40u32.to_le_bytes();
         let md_magic = 0xa92b_4efcu32.to_le_bytes();
-        let cases: Vec<(Vec<(usize, &[u8])>, Signature)> = vec![
+        type Writes<'a> = Vec<(usize, &'a [u8])>;
+        let cases: Vec<(Writes, Signature)> = vec![
             (vec![(1080, &[0x53, 0xEF]), (1024 + 0x60, &ext4_incompat)], Signature::Filesystem("ext4")),
             (vec![(1080, &[0x53, 0xEF])], Signature::Filesystem("ext2")),
             (vec![(0, b"XFSB")], Signature::Filesystem("xfs")),
@@ -304,7 +305,7 @@ mod tests {
         assert_eq!(probe(&[(777, b"x")]), Some(Signature::Data { offset: 777 }));
         assert_eq!(probe(&[(SIZE - 1, b"x")]), Some(Signature::Data { offset: SIZE as u64 - 1 }));
         // A sample: the first one sits one step past the head.
-        let first = sample_offsets(SIZE as u64).next().unwrap() as usize;
+        let first = usize::try_from(sample_offsets(SIZE as u64).next().unwrap()).unwrap();
         assert_eq!(probe(&[(first + 5, b"x")]), Some(Signature::Data { offset: first as u64 + 5 }));
     }
 
