@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use machine_agent::agent::{self, AgentError, Mode};
 use machine_agent::config::{Config, ConfigError, ProcessEnv, DEFAULT_CONFIG_PATH};
 use machine_agent::systemd::{NotifyEnv, Notifier};
-use machine_agent::task::{load_task_file, TaskLimits};
+use machine_agent::task::{load_task_file, TaskError, TaskLimits};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -84,10 +84,7 @@ fn check(config_path: &std::path::Path, task_path: Option<&std::path::Path>) -> 
             Ok(_) => println!("{}: ok", task_path.display()),
             Err(e) => {
                 ok = false;
-                eprintln!("{}: {} problem(s):", task_path.display(), e.0.len());
-                for p in &e.0 {
-                    eprintln!("  {}: {}", p.field, p.problem);
-                }
+                print_task_error(task_path, &e);
             }
         }
     }
@@ -110,6 +107,13 @@ fn print_config_error(path: &std::path::Path, e: &ConfigError) {
     }
 }
 
+fn print_task_error(path: &std::path::Path, e: &TaskError) {
+    eprintln!("{}: {} problem(s):", path.display(), e.0.len());
+    for p in &e.0 {
+        eprintln!("  {}: {}", p.field, p.problem);
+    }
+}
+
 fn run(config_path: &std::path::Path, standalone: Option<&std::path::Path>) -> Exit {
     let config = match Config::load(config_path, &ProcessEnv) {
         Ok(c) => c,
@@ -129,10 +133,7 @@ fn run(config_path: &std::path::Path, standalone: Option<&std::path::Path>) -> E
             match load_task_file(path, &limits) {
                 Ok(task) => Mode::Standalone(Box::new(task)),
                 Err(e) => {
-                    eprintln!("{}: {} problem(s):", path.display(), e.0.len());
-                    for p in &e.0 {
-                        eprintln!("  {}: {}", p.field, p.problem);
-                    }
+                    print_task_error(path, &e);
                     return Exit::Usage;
                 }
             }
