@@ -109,3 +109,35 @@ async fn partition_tables_luks_swap_and_unknown_data_are_refused() {
         assert!(matches!(plan, PrepareAction::Refuse(ref why) if why.contains("wipefs")), "{what}: {plan:?}");
     }
 }
+
+/// Runs a planned mkfs the way the volume manager will: stdin closed, so a tool that asks cannot be answered.
+fn run_mkfs(fs: FsType, device: &std::path::Path) -> std::process::Output {
+    let line = machine_agent::volume::format::mkfs_command(fs, device);
+    Command::new(&line.program).args(&line.args).stdin(Stdio::null()).output().unwrap()
+}
+
+#[tokio::test]
+async fn planned_mkfs_formats_a_blank_device_with_the_requested_type() {
+    for (fs, name) in [(FsType::Ext4, "ext4"), (FsType::Xfs, "xfs"), (FsType::Btrfs, "btrfs")] {
+        let lo = LoopDevice::new(DEVICE_BYTES);
+        let out = run_mkfs(fs, &lo.path);
+        assert!(out.status.success(), "mkfs {name}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(read_device_signature(&lo.path).await.unwrap(), Some(Signature::Filesystem(name)));
+    }
+}
+
+#[tokio::test]
+async fn planned_xfs_and_btrfs_mkfs_refuse_a_device_that_already_holds_a_filesystem() {
+    // The last line of defence, should the probe ever be wrong: no force flag,
+    // so mkfs.xfs and mkfs.btrfs refuse to overwrite what they recognise, and the
+    // UUID stays. (mke2fs overwrites without a terminal: for ext4 the probe is the guard.)
+    for (existing, requested) in [("ext4", FsType::Xfs), ("ext4", FsType::Btrfs), ("xfs", FsType::Btrfs), ("btrfs", FsType::Xfs)] {
+        let lo = LoopDevice::new(DEVICE_BYTES);
+        lo.mkfs(existing, &[]);
+        let uuid = lo.uuid();
+        assert!(!uuid.is_empty());
+        let out = run_mkfs(requested, &lo.path);
+        assert!(!out.status.success(), "mkfs {requested:?} overwrote {existing} without being forced");
+        assert_eq!(lo.uuid(), uuid, "{existing} superblock unchanged after a refused mkfs {requested:?}");
+    }
+}

@@ -2,6 +2,7 @@
 //! the volume manager is built from (the blank-device probe and the
 //! format-or-mount decision).
 
+pub mod format;
 pub mod mountinfo;
 pub mod signature;
 pub mod stats;
