@@ -42,6 +42,12 @@ const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 60;
 const DEFAULT_HEALTH_INTERVAL_MS: u64 = 1000;
 /// The protocol promises a usage report a minute.
 const DEFAULT_USAGE_INTERVAL_SECS: u64 = 60;
+/// An EBS attach usually lands within seconds; two minutes covers a slow API
+/// without leaving a broken VM waiting for ever.
+const DEFAULT_DEVICE_WAIT_SECS: u64 = 120;
+/// Retrying EBUSY for half a minute lets a straggling process exit; the drain
+/// deadline (60 s) must leave room for it.
+const DEFAULT_UNMOUNT_TIMEOUT_SECS: u64 = 30;
 const DEFAULT_STATE_DIR: &str = "/var/lib/machine-agent";
 const DEFAULT_ENGINE_BINARY: &str = "/usr/local/bin/buildkitd";
 /// buildkitd finishes in-flight solves on SIGTERM; give it that long before SIGKILL.
@@ -99,11 +105,30 @@ struct RawEndpoints {
     listen: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawVolume {
     #[serde(default)]
     allowed_mount_prefixes: Vec<PathBuf>,
+    #[serde(default = "default_device_wait_secs")]
+    device_wait_secs: u64,
+    #[serde(default = "default_unmount_timeout_secs")]
+    unmount_timeout_secs: u64,
+    #[serde(default)]
+    kill_holders: bool,
+    ephemeral_dir: Option<PathBuf>,
+}
+
+impl Default for RawVolume {
+    fn default() -> Self {
+        Self {
+            allowed_mount_prefixes: vec![],
+            device_wait_secs: default_device_wait_secs(),
+            unmount_timeout_secs: default_unmount_timeout_secs(),
+            kill_holders: false,
+            ephemeral_dir: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -136,6 +161,8 @@ fn default_backoff_initial_ms() -> u64 { DEFAULT_BACKOFF_INITIAL_MS }
 fn default_backoff_max_secs() -> u64 { DEFAULT_BACKOFF_MAX_SECS }
 fn default_listen() -> String { DEFAULT_LISTEN.into() }
 fn default_drain_timeout_secs() -> u64 { DEFAULT_DRAIN_TIMEOUT_SECS }
+fn default_device_wait_secs() -> u64 { DEFAULT_DEVICE_WAIT_SECS }
+fn default_unmount_timeout_secs() -> u64 { DEFAULT_UNMOUNT_TIMEOUT_SECS }
 fn default_health_interval_ms() -> u64 { DEFAULT_HEALTH_INTERVAL_MS }
 fn default_usage_interval_secs() -> u64 { DEFAULT_USAGE_INTERVAL_SECS }
 fn default_state_dir() -> PathBuf { DEFAULT_STATE_DIR.into() }
@@ -171,6 +198,7 @@ pub struct Config {
     pub identity: Identity,
     pub listen: SocketAddr,
     pub allowed_mount_prefixes: Vec<PathBuf>,
+    pub volume: crate::volume::manager::VolumeSettings,
     pub drain_timeout: Duration,
     pub health_interval: Duration,
     pub usage_interval: Duration,
@@ -406,6 +434,15 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
         }
     }
 
+    let v = &raw.volume;
+    check_range(&mut bad, "volume.device_wait_secs", v.device_wait_secs, 1, 3600);
+    check_range(&mut bad, "volume.unmount_timeout_secs", v.unmount_timeout_secs, 1, 600);
+    if let Some(dir) = &v.ephemeral_dir {
+        if let Err(problem) = check_clean_absolute(dir) {
+            bad("volume.ephemeral_dir", problem);
+        }
+    }
+
     let a = &raw.agent;
     check_range(&mut bad, "agent.drain_timeout_secs", a.drain_timeout_secs, 1, 3600);
     check_range(&mut bad, "agent.health_interval_ms", a.health_interval_ms, 100, 60_000);
@@ -419,14 +456,28 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
         bad("engine.binary", problem);
     }
     check_range(&mut bad, "engine.stop_grace_secs", e.stop_grace_secs, 1, 600);
-    if e.stop_grace_secs >= a.drain_timeout_secs && a.drain_timeout_secs > 0 {
-        bad("engine.stop_grace_secs", format!("must be below agent.drain_timeout_secs ({}s) so the drain can finish", a.drain_timeout_secs));
+    if e.stop_grace_secs + v.unmount_timeout_secs >= a.drain_timeout_secs && a.drain_timeout_secs > 0 {
+        bad(
+            "agent.drain_timeout_secs",
+            format!(
+                "must exceed engine.stop_grace_secs + volume.unmount_timeout_secs ({}s) so the drain can stop the engine and unmount",
+                e.stop_grace_secs + v.unmount_timeout_secs
+            ),
+        );
     }
 
     Config {
         control_plane,
         identity,
         listen,
+        volume: crate::volume::manager::VolumeSettings {
+            sys_root: PathBuf::from("/"),
+            device_wait: Duration::from_secs(raw.volume.device_wait_secs),
+            unmount_timeout: Duration::from_secs(raw.volume.unmount_timeout_secs),
+            kill_holders: raw.volume.kill_holders,
+            ephemeral_dir: raw.volume.ephemeral_dir.clone(),
+            system_paths: crate::volume::manager::default_system_paths(),
+        },
         allowed_mount_prefixes: raw.volume.allowed_mount_prefixes,
         drain_timeout: Duration::from_secs(a.drain_timeout_secs),
         health_interval: Duration::from_millis(a.health_interval_ms),
@@ -596,13 +647,13 @@ mod tests {
         let c = Config::parse(
             MINIMAL,
             &env(&[
-                ("MACHINE_AGENT__AGENT__DRAIN_TIMEOUT_SECS", "30"),
+                ("MACHINE_AGENT__AGENT__DRAIN_TIMEOUT_SECS", "90"),
                 ("MACHINE_AGENT__ENDPOINTS__LISTEN", "127.0.0.1:1234"),
                 ("UNRELATED", "x"),
             ]),
         )
         .unwrap();
-        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.drain_timeout, Duration::from_secs(90));
         assert_eq!(c.listen, "127.0.0.1:1234".parse().unwrap());
     }
 

@@ -22,6 +22,9 @@ pub mod observe;
 pub mod secret;
 /// SIGTERM and SIGINT.
 pub mod signal;
+/// The crate's only unsafe code: raw syscalls (FITRIM) behind safe wrappers.
+#[allow(unsafe_code)]
+pub mod sys;
 /// sd_notify over the datagram socket.
 pub mod systemd;
 /// Untrusted tasks turned into validated domain types.

@@ -305,6 +305,8 @@ async fn should_terminate_drains_stops_the_engine_reports_shutdown_and_exits_0()
     assert_eq!(report.task_id, "task-9");
     assert_eq!(report.machine_id, MACHINE_ID);
     assert!(report.engine_stopped_cleanly);
+    assert!(report.unmounted, "the cache volume was unmounted: {:?}", report.errors);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert!(report.drain_duration_ms < 15_000, "within the 15 s deadline");
     assert!(!process_alive(engine[0]), "the engine was stopped");
 }

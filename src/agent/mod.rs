@@ -16,6 +16,7 @@ use crate::control::register::Registration;
 use crate::control::usage::UsageReporter;
 use crate::control::{ControlError, ControlPlane, Session};
 use crate::engine::{EngineHandle, EngineState, StopOutcome};
+use crate::volume::manager::{prepare_mount, release_mount, PreparedMount};
 use crate::observe::http::HttpError;
 use crate::observe::liveness::Liveness;
 use crate::observe::metrics::Metrics;
@@ -74,6 +75,9 @@ pub enum Input {
     ShouldTerminate,
     /// The engine exited on its own; the text says how.
     EngineExited(String),
+    /// The volume manager finished preparing the task's mounts: those it
+    /// prepared (to release at drain), and the error that stopped it, if any.
+    VolumesPrepared { prepared: Vec<PreparedMount>, error: Option<String> },
 }
 
 /// Why the agent could not run or finish cleanly.
@@ -132,6 +136,8 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
         status: status_tx,
         engine: None,
         task: None,
+        mounts: vec![],
+        preparing: false,
         control,
         session: session_rx,
         inputs: inputs_tx,
@@ -181,7 +187,7 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
 
     // Keep feeding the watchdog through the drain: a long engine stop is not a hang.
     let notifier = agent.notifier.clone();
-    let drain = agent.drain(reason);
+    let drain = agent.drain(reason, &mut inputs_rx);
     tokio::pin!(drain);
     loop {
         tokio::select! {
@@ -211,6 +217,10 @@ struct Agent {
     status: watch::Sender<Status>,
     engine: Option<EngineHandle>,
     task: Option<BuildkitTask>,
+    /// Mounts the volume manager prepared; released at drain.
+    mounts: Vec<PreparedMount>,
+    /// A prepare is running; the drain waits for it before releasing.
+    preparing: bool,
     control: Option<ControlPlane>,
     session: watch::Receiver<Option<Session>>,
     inputs: mpsc::Sender<Input>,
@@ -316,6 +326,22 @@ impl Agent {
                 error!(%error, "task rejected; the agent keeps its current state");
                 None
             }
+            Input::VolumesPrepared { prepared, error } => {
+                self.preparing = false;
+                self.mounts = prepared;
+                match (error, self.task.clone()) {
+                    (Some(error), _) => {
+                        error!(%error, "volume preparation failed; the engine is not started");
+                        self.transition(Event::Degraded, format!("volume: {error}"));
+                    }
+                    (None, Some(task)) => {
+                        self.transition(Event::VolumePrepared, "starting the engine");
+                        self.start_engine(&task);
+                    }
+                    (None, None) => {}
+                }
+                None
+            }
             Input::EngineExited(how) => {
                 self.engine = None;
                 self.set_engine_state(EngineState::Stopped);
@@ -334,9 +360,32 @@ impl Agent {
             s.watched_paths.extend(mount_paths);
         });
         self.transition(Event::TaskAccepted, format!("preparing volumes for task {}", task.id));
-        // The volume manager (device wait, format-if-blank, mount) plugs in here.
-        self.transition(Event::VolumePrepared, "starting the engine");
-        self.start_engine(&task);
+        self.preparing = true;
+        let settings = self.config.volume.clone();
+        let mounts = task.mounts.clone();
+        let inputs = self.inputs.clone();
+        // Off the main loop: waiting for a device or formatting a large disk
+        // must not stop the agent from answering signals and the control plane.
+        tokio::spawn(
+            async move {
+                let mut prepared = vec![];
+                let mut error = None;
+                for (i, m) in mounts.iter().enumerate() {
+                    match prepare_mount(&settings, m, i == 0).await {
+                        Ok(p) => {
+                            info!(mount_path = %p.mount_path.display(), device = %p.device.display(), fs = %p.fs_type, formatted = p.formatted, grown = p.grown, "volume ready");
+                            prepared.push(p);
+                        }
+                        Err(e) => {
+                            error = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                let _ = inputs.send(Input::VolumesPrepared { prepared, error }).await;
+            }
+            .instrument(tracing::info_span!("volume")),
+        );
         self.task = Some(task);
     }
 
@@ -366,7 +415,7 @@ impl Agent {
     }
 
     /// Stops the engine, reports shutdown, and ends in Stopped, all within the drain deadline.
-    async fn drain(mut self, reason: String) -> Result<(), AgentError> {
+    async fn drain(mut self, reason: String, inputs: &mut mpsc::Receiver<Input>) -> Result<(), AgentError> {
         let started = Instant::now();
         let deadline = started + self.config.drain_timeout;
         self.transition(Event::DrainRequested, reason.clone());
@@ -393,14 +442,35 @@ impl Agent {
             self.set_engine_state(EngineState::Stopped);
         }
 
+        // A prepare in flight finishes first: killing mkfs or mount halfway helps nobody.
+        while self.preparing {
+            match tokio::time::timeout_at(deadline, inputs.recv()).await {
+                Ok(Some(Input::VolumesPrepared { prepared, .. })) => {
+                    self.preparing = false;
+                    self.mounts = prepared;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    errors.push("volume preparation did not finish within the drain deadline".to_string());
+                    break;
+                }
+            }
+        }
+        let mut unmounted = true;
+        // Release in reverse order: later mounts may sit inside earlier ones' devices' paths.
+        for mount in self.mounts.iter().rev() {
+            let report = release_mount(&self.config.volume, mount).await;
+            unmounted &= report.unmounted;
+            errors.extend(report.errors);
+        }
+
         let session = self.session.borrow().clone();
         if let (Some(control), Some(session)) = (&self.control, session) {
             let report = pb::ShutdownReport {
                 machine_id: session.machine_id.clone(),
                 task_id: self.task.as_ref().map(|t| t.id.clone()).unwrap_or_default(),
                 reason: reason.clone(),
-                // Nothing is mounted by the agent until the volume manager lands.
-                unmounted: true,
+                unmounted,
                 errors: errors.clone(),
                 drain_duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 engine_stopped_cleanly,

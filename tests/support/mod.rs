@@ -91,6 +91,7 @@ pub fn base_config(dir: &Path) -> String {
 listen = "127.0.0.1:0"
 [volume]
 allowed_mount_prefixes = ["{prefix}"]
+unmount_timeout_secs = 5
 [agent]
 state_dir = "{state}"
 drain_timeout_secs = 15
@@ -109,6 +110,8 @@ stop_grace_secs = 5
 /// A running `machine-agent`; SIGKILLed and reaped on drop.
 pub struct AgentProcess {
     child: Option<Child>,
+    /// The test's directory: mounts and loop devices the agent left under it are undone on drop.
+    test_dir: Option<PathBuf>,
     pub pid: u32,
     log: Arc<Mutex<String>>,
     log_changed: Arc<tokio::sync::Notify>,
@@ -117,10 +120,17 @@ pub struct AgentProcess {
 pub struct AgentBuilder {
     args: Vec<String>,
     env: Vec<(String, String)>,
+    test_dir: Option<PathBuf>,
 }
 
+/// An agent run with this config; the config's directory is the test's own,
+/// and whatever the agent mounted or attached under it is undone on drop.
 pub fn agent(config: &Path) -> AgentBuilder {
-    AgentBuilder { args: vec!["run".into(), "--config".into(), config.display().to_string()], env: vec![] }
+    AgentBuilder {
+        args: vec!["run".into(), "--config".into(), config.display().to_string()],
+        env: vec![],
+        test_dir: config.parent().map(Path::to_path_buf),
+    }
 }
 
 impl AgentBuilder {
@@ -164,11 +174,16 @@ impl AgentBuilder {
             }
             changed2.notify_waiters();
         });
-        AgentProcess { child: Some(child), pid, log, log_changed }
+        AgentProcess { child: Some(child), pid, log, log_changed, test_dir: self.test_dir }
     }
 }
 
 impl AgentProcess {
+    /// Leaves the test dir's mounts and loop devices alone on drop (another agent owns them now).
+    pub fn keep_volumes(&mut self) {
+        self.test_dir = None;
+    }
+
     pub fn logs(&self) -> String {
         self.log.lock().unwrap().clone()
     }
@@ -235,6 +250,43 @@ impl Drop for AgentProcess {
             // The engine lives in its own process group; do not leak it past the test.
             for pid in engines {
                 let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        if let Some(dir) = &self.test_dir {
+            cleanup_volumes_under(dir);
+        }
+    }
+}
+
+/// Unmounts every mount under `dir` (deepest first, never lazily) and detaches
+/// every loop device whose backing file is under `dir`: what an agent killed
+/// mid-task leaves behind. Touches nothing outside `dir`.
+pub fn cleanup_volumes_under(dir: &Path) {
+    let Ok(dir) = dir.canonicalize() else { return };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(&dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in points {
+        let out = Command::new("umount").arg(&point).output();
+        if !out.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!("cleanup: cannot unmount {}: {out:?}", point.display());
+        }
+    }
+    for entry in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else { continue };
+        if Path::new(backing.trim()).starts_with(&dir) {
+            let out = Command::new("losetup").args(["-d", &format!("/dev/{name}")]).output();
+            if !out.as_ref().is_ok_and(|o| o.status.success()) {
+                eprintln!("cleanup: cannot detach /dev/{name}: {out:?}");
             }
         }
     }

@@ -1,0 +1,413 @@
+//! The volume manager: the Preparing and Draining steps for each cache mount.
+//!
+//! Prepare: find (or attach) the device, refuse the system's own disks, probe
+//! it, format it only if blank, mount it with mount(2), verify the mount in
+//! mountinfo, grow the filesystem online if the device grew, and bind the
+//! engine's executor dir onto the ephemeral disk. Every step is idempotent, so
+//! an agent restarted mid-prepare (or after a crash with the volume mounted)
+//! converges on the same mounted volume without formatting twice.
+//!
+//! Release: sync, fstrim, unmount everything beneath the mount point deepest
+//! first, retry EBUSY with backoff while naming the processes that hold it,
+//! kill them only when the config allows it, never lazy-unmount, and detach a
+//! file-backed volume's loop device.
+
+use super::device::{attach_file, detach_file, wait_for_device, LoopAttachment};
+use super::format::{mkfs_command, mount_options};
+use super::holders::{find_holders, kill_holders};
+use super::mountinfo::{find_mount, mounts_beneath, read_mountinfo, MountEntry, PROC_SELF_MOUNTINFO};
+use super::signature::{plan_prepare, read_device_signature, PrepareAction};
+use super::stats::read_fs_stats;
+use super::trim::{fstrim, TrimError};
+use crate::task::{FsType, VolumeMount, VolumeSource};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// mkfs of a lazily initialised filesystem takes seconds even on a large disk;
+/// ten minutes means the device is hung.
+const MKFS_TIMEOUT: Duration = Duration::from_secs(600);
+/// Online grow touches metadata only.
+const GROW_TIMEOUT: Duration = Duration::from_secs(300);
+/// Paths whose devices the agent never touches, whatever the task says.
+const SYSTEM_MOUNTS: &[&str] = &["/", "/boot", "/boot/efi", "/usr", "/var", "/home"];
+
+/// The system paths of a real machine, for [`VolumeSettings::system_paths`].
+pub fn default_system_paths() -> Vec<PathBuf> {
+    SYSTEM_MOUNTS.iter().map(PathBuf::from).collect()
+}
+/// Where BuildKit's runc worker with the overlayfs snapshotter keeps build-step scratch.
+pub const EXECUTOR_SUBDIR: &str = "runc-overlayfs/executor";
+
+/// What the manager needs from the agent's config.
+#[derive(Debug, Clone)]
+pub struct VolumeSettings {
+    /// `/` in production; a test may point sysfs lookups elsewhere.
+    pub sys_root: PathBuf,
+    pub device_wait: Duration,
+    pub unmount_timeout: Duration,
+    /// Kill processes that keep a mount busy once half the unmount timeout has passed.
+    pub kill_holders: bool,
+    /// If set, the engine's executor dir on the first mount is bound onto this disk.
+    pub ephemeral_dir: Option<PathBuf>,
+    /// Mount points whose devices (and the disks they sit on) are never
+    /// touched: [`default_system_paths`] in production.
+    pub system_paths: Vec<PathBuf>,
+}
+
+/// Why a mount could not be prepared or released. Each names the device or path.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum VolumeError {
+    /// {0}
+    Device(#[from] super::device::DeviceError),
+    /// {0}
+    Probe(#[from] super::signature::ProbeError),
+    /// {0}
+    Mountinfo(#[from] super::mountinfo::MountinfoError),
+    /// refusing {device}: {why}
+    Refused { device: PathBuf, why: String },
+    /// {device} is already mounted at {elsewhere}, not at {wanted}
+    MountedElsewhere { device: PathBuf, elsewhere: PathBuf, wanted: PathBuf },
+    /// {mount_path} already holds another filesystem ({mounted})
+    MountPointTaken { mount_path: PathBuf, mounted: String },
+    /// {command} on {device} failed: {detail}
+    Command { command: String, device: PathBuf, detail: String },
+    /// cannot create {path}: {source}
+    CreateDir { path: PathBuf, #[source] source: std::io::Error },
+    /// cannot mount {device} on {mount_path} as {fs_type}: {source}
+    Mount { device: PathBuf, mount_path: PathBuf, fs_type: String, #[source] source: nix::Error },
+    /// mounted {device} on {mount_path}, but mountinfo does not show it there
+    NotVerified { device: PathBuf, mount_path: PathBuf },
+    /// cannot stat {path}: {source}
+    Stat { path: PathBuf, #[source] source: std::io::Error },
+}
+
+/// A mount the manager prepared and must release at drain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedMount {
+    pub mount_path: PathBuf,
+    pub device: PathBuf,
+    pub fs_type: String,
+    /// The device was blank and was formatted by this prepare.
+    pub formatted: bool,
+    /// The filesystem was grown to a larger device.
+    pub grown: bool,
+    pub skip_trim: bool,
+    pub loop_attachment: Option<LoopAttachment>,
+    /// The executor bind mount under this mount, if any.
+    pub executor_bind: Option<PathBuf>,
+}
+
+/// What a release did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReleaseReport {
+    pub unmounted: bool,
+    pub trimmed_bytes: Option<u64>,
+    /// One line per problem, naming the mount and, for EBUSY, the holders.
+    pub errors: Vec<String>,
+}
+
+// === prepare ===
+
+/// Prepares one mount. `first` marks the mount that holds the engine's root.
+pub async fn prepare_mount(settings: &VolumeSettings, m: &VolumeMount, first: bool) -> Result<PreparedMount, VolumeError> {
+    let (device, loop_attachment) = match &m.source {
+        VolumeSource::Device { path, ebs_volume_id } => {
+            (wait_for_device(&settings.sys_root, path, ebs_volume_id.as_deref(), settings.device_wait).await?, None)
+        }
+        VolumeSource::File { path, size_bytes } => {
+            let att = attach_file(path, *size_bytes).await?;
+            (att.device.clone(), Some(att))
+        }
+    };
+    let rdev = block_rdev(&device)?;
+    refuse_system_device(settings, &device, rdev)?;
+
+    let table = read_mountinfo(Path::new(PROC_SELF_MOUNTINFO))?;
+    let (fs_type, formatted) = match already_mounted(&table, &device, rdev, &m.mount_path)? {
+        Some(fs_type) => {
+            info!(device = %device.display(), mount_path = %m.mount_path.display(), "already mounted; nothing to format or mount");
+            (fs_type, false)
+        }
+        None => {
+            let (fs_type, formatted) = format_if_blank(&device, m.fs_type).await?;
+            mount_device(&device, &m.mount_path, &fs_type, &m.options)?;
+            (fs_type, formatted)
+        }
+    };
+    verify_mounted(&device, rdev, &m.mount_path)?;
+    // A volume that cannot grow is still a working cache: say so and carry on.
+    let grown = grow(&device, &m.mount_path, &fs_type).await.unwrap_or_else(|error| {
+        warn!(%error, "online grow failed; the filesystem keeps its size");
+        false
+    });
+    let executor_bind = match (&settings.ephemeral_dir, first) {
+        (Some(ephemeral), true) => Some(bind_executor(ephemeral, &m.mount_path)?),
+        _ => None,
+    };
+    Ok(PreparedMount {
+        mount_path: m.mount_path.clone(),
+        device,
+        fs_type,
+        formatted,
+        grown,
+        skip_trim: m.skip_trim,
+        loop_attachment,
+        executor_bind,
+    })
+}
+
+fn block_rdev(device: &Path) -> Result<u64, VolumeError> {
+    let meta = std::fs::metadata(device).map_err(|source| VolumeError::Stat { path: device.into(), source })?;
+    if !meta.file_type().is_block_device() {
+        return Err(VolumeError::Refused { device: device.into(), why: "not a block device".into() });
+    }
+    Ok(meta.rdev())
+}
+
+/// The devices of `/`, `/boot`, `/usr`... and the disks they are partitions of
+/// are never the cache, whatever the task says.
+fn refuse_system_device(settings: &VolumeSettings, device: &Path, rdev: u64) -> Result<(), VolumeError> {
+    let ours = sysfs_path(&settings.sys_root, rdev);
+    for system in &settings.system_paths {
+        let Ok(meta) = std::fs::metadata(system) else { continue };
+        let theirs = sysfs_path(&settings.sys_root, meta.dev());
+        if is_same_or_parent_disk(ours.as_deref(), theirs.as_deref()) || meta.dev() == rdev {
+            return Err(VolumeError::Refused { device: device.into(), why: format!("it holds the system's {} filesystem", system.display()) });
+        }
+    }
+    Ok(())
+}
+
+/// `/sys/devices/.../block/vda/vda1` for a device number, if sysfs knows it.
+fn sysfs_path(sys_root: &Path, dev: u64) -> Option<PathBuf> {
+    let link = sys_root.join(format!("sys/dev/block/{}:{}", nix::sys::stat::major(dev), nix::sys::stat::minor(dev)));
+    std::fs::canonicalize(link).ok()
+}
+
+/// True when our device is the system device or the whole disk it is a partition of.
+pub fn is_same_or_parent_disk(ours: Option<&Path>, system: Option<&Path>) -> bool {
+    match (ours, system) {
+        (Some(ours), Some(system)) => system.starts_with(ours),
+        _ => false,
+    }
+}
+
+/// Some(fs type) when the device is already mounted at the mount path; an error
+/// when it is mounted elsewhere or the path holds something else.
+fn already_mounted(table: &[MountEntry], device: &Path, rdev: u64, mount_path: &Path) -> Result<Option<String>, VolumeError> {
+    let is_ours = |e: &MountEntry| is_device_entry(e, device, rdev);
+    if let Some(entry) = find_mount(table, mount_path) {
+        if is_ours(entry) {
+            return Ok(Some(entry.fs_type.clone()));
+        }
+        return Err(VolumeError::MountPointTaken { mount_path: mount_path.into(), mounted: entry.source.clone() });
+    }
+    if let Some(elsewhere) = table.iter().find(|e| is_ours(e) && e.root == Path::new("/")) {
+        return Err(VolumeError::MountedElsewhere { device: device.into(), elsewhere: elsewhere.mount_point.clone(), wanted: mount_path.into() });
+    }
+    Ok(None)
+}
+
+/// btrfs reports an anonymous device number in mountinfo, so match the source path too.
+fn is_device_entry(e: &MountEntry, device: &Path, rdev: u64) -> bool {
+    let same_number = u64::from(e.major) == nix::sys::stat::major(rdev) && u64::from(e.minor) == nix::sys::stat::minor(rdev);
+    same_number || std::fs::canonicalize(&e.source).is_ok_and(|s| s == device)
+}
+
+async fn format_if_blank(device: &Path, requested: FsType) -> Result<(String, bool), VolumeError> {
+    let found = read_device_signature(device).await?;
+    match plan_prepare(found.as_ref(), requested) {
+        PrepareAction::Refuse(why) => Err(VolumeError::Refused { device: device.into(), why }),
+        PrepareAction::Mount { fs_type, requested_differs } => {
+            if requested_differs {
+                warn!(device = %device.display(), found = fs_type, requested = requested.as_str(), "device holds another filesystem type than the task asked for; mounting it as it is, never reformatting");
+            }
+            Ok((fs_type.to_string(), false))
+        }
+        PrepareAction::Format(fs) => {
+            let line = mkfs_command(fs, device);
+            info!(device = %device.display(), fs = fs.as_str(), "formatting blank device");
+            run(&line.program, &line.args, device, MKFS_TIMEOUT).await?;
+            Ok((fs.as_str().to_string(), true))
+        }
+    }
+}
+
+async fn run(program: &Path, args: &[std::ffi::OsString], device: &Path, timeout: Duration) -> Result<String, VolumeError> {
+    let command = program.display().to_string();
+    let fail = |detail: String| VolumeError::Command { command: command.clone(), device: device.into(), detail };
+    let child = tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(timeout, child).await.map_err(|_| fail(format!("no result within {timeout:?}")))?;
+    let out = out.map_err(|e| fail(e.to_string()))?;
+    if !out.status.success() {
+        return Err(fail(format!("{}: {}", crate::engine::describe_exit(out.status), String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn create_dir(path: &Path) -> Result<(), VolumeError> {
+    std::fs::create_dir_all(path).map_err(|source| VolumeError::CreateDir { path: path.into(), source })
+}
+
+fn mount_device(device: &Path, mount_path: &Path, fs_type: &str, options: &[String]) -> Result<(), VolumeError> {
+    create_dir(mount_path)?;
+    let (flags, data) = mount_options(options);
+    let data = (!data.is_empty()).then_some(data.as_str());
+    mount(Some(device), mount_path, Some(fs_type), flags, data).map_err(|source| VolumeError::Mount {
+        device: device.into(),
+        mount_path: mount_path.into(),
+        fs_type: fs_type.into(),
+        source,
+    })?;
+    info!(device = %device.display(), mount_path = %mount_path.display(), fs = fs_type, "mounted");
+    Ok(())
+}
+
+fn verify_mounted(device: &Path, rdev: u64, mount_path: &Path) -> Result<(), VolumeError> {
+    let table = read_mountinfo(Path::new(PROC_SELF_MOUNTINFO))?;
+    match find_mount(&table, mount_path) {
+        Some(e) if is_device_entry(e, device, rdev) => Ok(()),
+        _ => Err(VolumeError::NotVerified { device: device.into(), mount_path: mount_path.into() }),
+    }
+}
+
+/// Runs the filesystem's online grow; a no-op when the device has not grown.
+/// Reports whether the filesystem got bigger.
+async fn grow(device: &Path, mount_path: &Path, fs_type: &str) -> Result<bool, VolumeError> {
+    let before = read_fs_stats(mount_path).map(|s| s.total_bytes).unwrap_or(0);
+    let (program, args): (&str, Vec<std::ffi::OsString>) = match fs_type {
+        "ext4" | "ext3" | "ext2" => ("/usr/sbin/resize2fs", vec![device.into()]),
+        "xfs" => ("/usr/sbin/xfs_growfs", vec![mount_path.into()]),
+        "btrfs" => ("/usr/bin/btrfs", vec!["filesystem".into(), "resize".into(), "max".into(), mount_path.into()]),
+        _ => return Ok(false),
+    };
+    run(Path::new(program), &args, device, GROW_TIMEOUT).await?;
+    let after = read_fs_stats(mount_path).map(|s| s.total_bytes).unwrap_or(0);
+    if after > before {
+        info!(device = %device.display(), before_bytes = before, after_bytes = after, "filesystem grown to the larger device");
+    }
+    Ok(after > before)
+}
+
+/// Build-step scratch goes to the ephemeral disk, never into the persistent cache.
+fn bind_executor(ephemeral: &Path, mount_path: &Path) -> Result<PathBuf, VolumeError> {
+    let source = ephemeral.join("buildkit-executor");
+    let target = mount_path.join(EXECUTOR_SUBDIR);
+    create_dir(&source)?;
+    create_dir(&target)?;
+    let table = read_mountinfo(Path::new(PROC_SELF_MOUNTINFO))?;
+    if find_mount(&table, &target).is_none_or(|e| e.mount_point != target) {
+        mount(Some(&source), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|e| VolumeError::Mount {
+            device: source.clone(),
+            mount_path: target.clone(),
+            fs_type: "bind".into(),
+            source: e,
+        })?;
+        info!(from = %source.display(), to = %target.display(), "executor dir bound to the ephemeral disk");
+    }
+    Ok(target)
+}
+
+// === release ===
+
+/// Syncs, trims, unmounts (deepest first) and detaches. Never lazy; reports
+/// exactly what could not be done.
+pub async fn release_mount(settings: &VolumeSettings, p: &PreparedMount) -> ReleaseReport {
+    let mut report = ReleaseReport::default();
+    nix::unistd::sync();
+    if !p.skip_trim {
+        match fstrim(&p.mount_path).await {
+            Ok(bytes) => {
+                info!(mount_path = %p.mount_path.display(), trimmed_bytes = bytes, "fstrim done");
+                report.trimmed_bytes = Some(bytes);
+            }
+            Err(TrimError::NotSupported { .. }) => info!(mount_path = %p.mount_path.display(), "device does not support discard; no fstrim"),
+            Err(error) => warn!(%error, "fstrim failed; unmounting anyway"),
+        }
+    }
+    report.unmounted = match unmount_all_beneath(settings, &p.mount_path).await {
+        Ok(()) => true,
+        Err(error) => {
+            report.errors.push(error);
+            false
+        }
+    };
+    if let (true, Some(att)) = (report.unmounted, &p.loop_attachment) {
+        if let Err(error) = detach_file(att).await {
+            report.errors.push(error.to_string());
+        }
+    }
+    report
+}
+
+/// Unmounts every mount at or below `path`, deepest first; each EBUSY is
+/// retried with backoff until the unmount timeout.
+async fn unmount_all_beneath(settings: &VolumeSettings, path: &Path) -> Result<(), String> {
+    let deadline = Instant::now() + settings.unmount_timeout;
+    let kill_after = Instant::now() + settings.unmount_timeout / 2;
+    let mut delay = Duration::from_millis(50);
+    let mut killed = false;
+    loop {
+        let table = read_mountinfo(Path::new(PROC_SELF_MOUNTINFO)).map_err(|e| e.to_string())?;
+        let beneath: Vec<PathBuf> = mounts_beneath(&table, path).into_iter().map(|e| e.mount_point.clone()).collect();
+        let Some(next) = beneath.first() else { return Ok(()) };
+        match umount2(next.as_path(), MntFlags::empty()) {
+            Ok(()) => {
+                info!(mount_point = %next.display(), "unmounted");
+                delay = Duration::from_millis(50);
+            }
+            Err(nix::Error::EBUSY) => {
+                let holders = find_holders(Path::new("/"), next);
+                let named: Vec<String> = holders.iter().map(|h| format!("{} ({})", h.pid, h.name)).collect();
+                warn!(mount_point = %next.display(), holders = %named.join(", "), "mount is busy");
+                let now = Instant::now();
+                if settings.kill_holders && !killed && now >= kill_after {
+                    let pids = kill_holders(&holders, std::process::id());
+                    warn!(mount_point = %next.display(), killed = ?pids, "killed the processes holding the mount (volume.kill_holders = true)");
+                    killed = true;
+                    delay = Duration::from_millis(50);
+                } else if now >= deadline {
+                    let held_by = if named.is_empty() {
+                        "no process found (a mount in another namespace, or a kernel user such as a loop device)".to_string()
+                    } else {
+                        named.join(", ")
+                    };
+                    return Err(format!("{} is busy after {:?}; held by: {held_by}", next.display(), settings.unmount_timeout));
+                }
+                // The last try lands on the deadline itself, and the kill time is not overslept.
+                let mut wake = (now + delay).min(deadline);
+                if settings.kill_holders && !killed {
+                    wake = wake.min(kill_after.max(now));
+                }
+                tokio::time::sleep_until(wake).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(format!("cannot unmount {}: {e}", next.display())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_is_refused_when_it_is_or_contains_a_system_partition() {
+        let vda = Path::new("/sys/devices/pci0000:00/0000:00:04.0/virtio1/block/vda");
+        let vda1 = vda.join("vda1");
+        let nvme = Path::new("/sys/devices/pci0000:00/0000:00:1f.0/nvme/nvme1/nvme1n1");
+        assert!(is_same_or_parent_disk(Some(vda), Some(&vda1)));
+        assert!(is_same_or_parent_disk(Some(&vda1), Some(&vda1)));
+        assert!(!is_same_or_parent_disk(Some(nvme), Some(&vda1)));
+        assert!(!is_same_or_parent_disk(Some(&vda1), Some(vda)), "a partition does not contain its disk");
+        assert!(!is_same_or_parent_disk(None, Some(vda)));
+    }
+}
