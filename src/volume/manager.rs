@@ -139,11 +139,14 @@ pub async fn prepare_mount(settings: &VolumeSettings, m: &VolumeMount, first: bo
         }
     };
     verify_mounted(&device, rdev, &m.mount_path)?;
-    // A volume that cannot grow is still a working cache: say so and carry on.
-    let grown = grow(&device, &m.mount_path, &fs_type).await.unwrap_or_else(|error| {
-        warn!(%error, "online grow failed; the filesystem keeps its size");
-        false
-    });
+    // A filesystem made just now already spans the device. An existing one may
+    // sit on a device that was resized; a volume that cannot grow is still a
+    // working cache: say so and carry on.
+    let grown = !formatted
+        && grow(&device, &m.mount_path, &fs_type).await.unwrap_or_else(|error| {
+            warn!(%error, "online grow failed; the filesystem keeps its size");
+            false
+        });
     let executor_bind = match (&settings.ephemeral_dir, first) {
         (Some(ephemeral), true) => Some(bind_executor(ephemeral, &m.mount_path)?),
         _ => None,
