@@ -5,6 +5,7 @@
 //! `cargo bench --bench volume` (root; BENCH_GIB and BENCH_RUNS to change the size and count).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench fails loudly
+#![allow(clippy::disallowed_types)] // wall-clock timing is the point of a bench; no paused clock here
 
 #[path = "../tests/support/mod.rs"]
 mod support;
