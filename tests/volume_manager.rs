@@ -354,3 +354,26 @@ async fn an_agent_killed_with_its_volume_mounted_comes_back_without_formatting_a
     drop(first);
     drop(second);
 }
+
+#[tokio::test]
+async fn the_executor_dir_is_bound_to_the_ephemeral_disk_and_released_with_the_volume() {
+    let lo = LoopDevice::new(DEVICE_BYTES);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let at = root.join("cache");
+    let mut s = settings();
+    s.ephemeral_dir = Some(root.join("ephemeral"));
+    let p = prepare_mount(&s, &device_mount(&lo.path, &at, FsType::Ext4), true).await.unwrap();
+    let _guard = Prepared(Some(p.clone()));
+    let executor = at.join(machine_agent::volume::manager::EXECUTOR_SUBDIR);
+    assert_eq!(p.executor_bind.as_deref(), Some(executor.as_path()));
+    std::fs::write(executor.join("scratch"), b"build step scratch").unwrap();
+    assert_eq!(std::fs::read(root.join("ephemeral/buildkit-executor/scratch")).unwrap(), b"build step scratch", "scratch lands on the ephemeral disk");
+    // Idempotent: a second prepare does not stack a second bind.
+    prepare_mount(&s, &device_mount(&lo.path, &at, FsType::Ext4), true).await.unwrap();
+    let binds = std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines().filter(|l| l.split(' ').nth(4) == executor.to_str()).count();
+    assert_eq!(binds, 1);
+    let report = release_mount(&s, &p).await;
+    assert!(report.unmounted, "{report:?}");
+    assert!(!is_mounted(&executor) && !is_mounted(&at), "the bind beneath went first, then the volume");
+}

@@ -457,10 +457,12 @@ impl Agent {
             }
         }
         let mut unmounted = true;
-        // Release in reverse order: later mounts may sit inside earlier ones' devices' paths.
+        let mut trimmed_bytes = 0;
+        // Release in reverse order of preparation.
         for mount in self.mounts.iter().rev() {
             let report = release_mount(&self.config.volume, mount).await;
             unmounted &= report.unmounted;
+            trimmed_bytes += report.trimmed_bytes.unwrap_or(0);
             errors.extend(report.errors);
         }
 
@@ -474,6 +476,7 @@ impl Agent {
                 errors: errors.clone(),
                 drain_duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 engine_stopped_cleanly,
+                trimmed_bytes,
             };
             let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(500));
             match control.report_shutdown(report, &session, left).await {
