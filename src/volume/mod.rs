@@ -1,6 +1,7 @@
-//! The cache volume: filesystem figures for the health stream, and the pieces
-//! the volume manager is built from (the blank-device probe and the
-//! format-or-mount decision).
+//! The cache volume: the manager that prepares and releases each task mount
+//! ([`manager`]), the pieces it is built from (device wait, blank probe, mkfs
+//! and mount options, mountinfo, holders, fstrim), and the filesystem figures
+//! the health stream carries.
 
 pub mod device;
 pub mod format;
