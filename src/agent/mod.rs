@@ -474,7 +474,7 @@ impl Agent {
                 reason: reason.clone(),
                 unmounted,
                 errors: errors.clone(),
-                drain_duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                drain_duration_ms: millis(started.elapsed()),
                 engine_stopped_cleanly,
                 trimmed_bytes,
             };
@@ -487,16 +487,21 @@ impl Agent {
 
         let elapsed = started.elapsed();
         if elapsed > self.config.drain_timeout {
-            warn!(elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX), "drain overran its deadline");
+            warn!(elapsed_ms = millis(elapsed), "drain overran its deadline");
         }
         self.transition(Event::Drained, reason);
-        info!(elapsed_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX), "stopped");
+        info!(elapsed_ms = millis(elapsed), "stopped");
         if errors.is_empty() {
             Ok(())
         } else {
             Err(AgentError::DrainIncomplete(errors.join("; ")))
         }
     }
+}
+
+/// Whole milliseconds, saturating (a drain never lasts 584 million years).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 // === proto mapping ===
