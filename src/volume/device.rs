@@ -20,7 +20,7 @@ use std::io::ErrorKind;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use super::tool::run_tool;
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -68,12 +68,8 @@ pub enum DeviceError {
     Backing { path: PathBuf, #[source] source: std::io::Error },
     /// the backing file {path} is {kind}, not a regular file
     BackingNotAFile { path: PathBuf, kind: &'static str },
-    /// cannot run {command}: {source}
-    Spawn { command: String, #[source] source: std::io::Error },
-    /// {command} failed ({status}): {stderr}
-    Command { command: String, status: String, stderr: String },
-    /// {command} did not finish within {waited:?} and was killed
-    CommandTimeout { command: String, waited: Duration },
+    /// {0}
+    Tool(#[from] super::tool::ToolError),
     /// {command} printed {stdout:?}, not a loop device
     UnexpectedOutput { command: String, stdout: String },
     /// {device} still shows {backing} as its backing file {waited:?} after losetup -d; is it still mounted or held open?
@@ -395,35 +391,14 @@ fn parse_losetup_show(stdout: &str) -> Option<PathBuf> {
     (!number.is_empty() && number.bytes().all(|b| b.is_ascii_digit())).then(|| PathBuf::from(line))
 }
 
-/// Runs losetup with no stdin (nothing may prompt), bounded by [`LOSETUP_TIMEOUT`].
+/// Runs losetup, bounded by [`LOSETUP_TIMEOUT`].
 async fn run_losetup(args: &[&std::ffi::OsStr]) -> Result<std::process::Output, DeviceError> {
-    let command = describe(args);
-    let child = tokio::process::Command::new(LOSETUP)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|source| DeviceError::Spawn { command: command.clone(), source })?;
-    let out = match tokio::time::timeout(LOSETUP_TIMEOUT, child.wait_with_output()).await {
-        Ok(out) => out.map_err(|source| DeviceError::Spawn { command: command.clone(), source })?,
-        // Dropping the wait dropped the child, and kill_on_drop killed it.
-        Err(_) => return Err(DeviceError::CommandTimeout { command, waited: LOSETUP_TIMEOUT }),
-    };
-    if !out.status.success() {
-        return Err(DeviceError::Command {
-            command,
-            status: out.status.to_string(),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-        });
-    }
-    Ok(out)
+    Ok(run_tool(Path::new(LOSETUP), args, LOSETUP_TIMEOUT).await?)
 }
 
-/// The command line as errors quote it.
+/// The losetup command line as errors quote it.
 fn describe(args: &[&std::ffi::OsStr]) -> String {
-    std::iter::once(LOSETUP.into()).chain(args.iter().map(|a| a.to_string_lossy())).collect::<Vec<_>>().join(" ")
+    super::tool::describe(Path::new(LOSETUP), args)
 }
 
 // === small helpers ===
@@ -671,8 +646,12 @@ mod tests {
         assert_eq!(timeout.to_string(), "no block device at /dev/sdf (nor an NVMe namespace for EBS volume vol-0123456789abcdef0) after waiting 30s");
         let timeout = DeviceError::Timeout { device: "/dev/sdf".into(), ebs: EbsHint(None), waited: Duration::from_millis(1500) };
         assert_eq!(timeout.to_string(), "no block device at /dev/sdf after waiting 1.5s");
-        let failed = DeviceError::Command { command: describe(&["-d".as_ref(), "/dev/loop3".as_ref()]), status: "exit status: 1".into(), stderr: "No such device".into() };
-        assert_eq!(failed.to_string(), "/usr/sbin/losetup -d /dev/loop3 failed (exit status: 1): No such device");
+        let failed = DeviceError::from(super::super::tool::ToolError::Failed {
+            command: describe(&["-d".as_ref(), "/dev/loop3".as_ref()]),
+            status: "exit code 1".into(),
+            stderr: "No such device".into(),
+        });
+        assert_eq!(failed.to_string(), "/usr/sbin/losetup -d /dev/loop3 failed (exit code 1): No such device");
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,6 +18,7 @@ use super::holders::{find_holders, kill_holders};
 use super::mountinfo::{find_mount, mounts_beneath, read_mountinfo, MountEntry, PROC_SELF_MOUNTINFO};
 use super::signature::{plan_prepare, read_device_signature, PrepareAction};
 use super::stats::read_fs_stats;
+use super::tool::run_tool;
 use super::trim::{fstrim, TrimError};
 use crate::task::{FsType, VolumeMount, VolumeSource};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -73,8 +74,8 @@ pub enum VolumeError {
     MountedElsewhere { device: PathBuf, elsewhere: PathBuf, wanted: PathBuf },
     /// {mount_path} already holds another filesystem ({mounted})
     MountPointTaken { mount_path: PathBuf, mounted: String },
-    /// {command} on {device} failed: {detail}
-    Command { command: String, device: PathBuf, detail: String },
+    /// {0}
+    Tool(#[from] super::tool::ToolError),
     /// cannot create {path}: {source}
     CreateDir { path: PathBuf, #[source] source: std::io::Error },
     /// cannot mount {device} on {mount_path} as {fs_type}: {source}
@@ -234,26 +235,10 @@ async fn format_if_blank(device: &Path, requested: FsType) -> Result<(String, bo
         PrepareAction::Format(fs) => {
             let line = mkfs_command(fs, device);
             info!(device = %device.display(), fs = fs.as_str(), "formatting blank device");
-            run(&line.program, &line.args, device, MKFS_TIMEOUT).await?;
+            run_tool(&line.program, &line.args, MKFS_TIMEOUT).await?;
             Ok((fs.as_str().to_string(), true))
         }
     }
-}
-
-async fn run(program: &Path, args: &[std::ffi::OsString], device: &Path, timeout: Duration) -> Result<String, VolumeError> {
-    let command = program.display().to_string();
-    let fail = |detail: String| VolumeError::Command { command: command.clone(), device: device.into(), detail };
-    let child = tokio::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(timeout, child).await.map_err(|_| fail(format!("no result within {timeout:?}")))?;
-    let out = out.map_err(|e| fail(e.to_string()))?;
-    if !out.status.success() {
-        return Err(fail(format!("{}: {}", crate::engine::describe_exit(out.status), String::from_utf8_lossy(&out.stderr).trim())));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn create_dir(path: &Path) -> Result<(), VolumeError> {
@@ -292,7 +277,7 @@ async fn grow(device: &Path, mount_path: &Path, fs_type: &str) -> Result<bool, V
         "btrfs" => ("/usr/bin/btrfs", vec!["filesystem".into(), "resize".into(), "max".into(), mount_path.into()]),
         _ => return Ok(false),
     };
-    run(Path::new(program), &args, device, GROW_TIMEOUT).await?;
+    run_tool(Path::new(program), &args, GROW_TIMEOUT).await?;
     let after = read_fs_stats(mount_path).map(|s| s.total_bytes).unwrap_or(0);
     if after > before {
         info!(device = %device.display(), before_bytes = before, after_bytes = after, "filesystem grown to the larger device");

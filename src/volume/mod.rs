@@ -10,4 +10,5 @@ pub mod holders;
 pub mod mountinfo;
 pub mod signature;
 pub mod stats;
+pub mod tool;
 pub mod trim;
