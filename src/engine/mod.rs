@@ -7,6 +7,17 @@
 //! over gRPC and restart-with-backoff build on it. It never restarts the engine
 //! on its own and never signals anything outside the engine's process group.
 
+/// BuildKit's own gRPC API (Control, health) over the engine's unix socket.
+pub mod client;
+/// The engine's memory cgroup (v2 or v1).
+pub mod cgroup;
+/// buildkitd.toml from typed structs.
+pub mod render;
+/// Restart policy and the supervision loop.
+pub mod supervise;
+/// The task's mTLS material: validated, then written atomically.
+pub mod tls;
+
 use crate::config::EngineConfig;
 use crate::task::BuildkitTask;
 use nix::sys::signal::{killpg, Signal};
