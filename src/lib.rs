@@ -40,4 +40,23 @@ pub mod proto {
     pub mod v1 {
         tonic::include_proto!("machineagent.v1");
     }
+    /// BuildKit's Control API (the subset the agent calls), client only.
+    pub mod moby {
+        pub mod buildkit {
+            pub mod v1 {
+                tonic::include_proto!("moby.buildkit.v1");
+                pub mod types {
+                    tonic::include_proto!("moby.buildkit.v1.types");
+                }
+            }
+        }
+    }
+    /// The standard gRPC health check buildkitd serves, client only.
+    pub mod grpc {
+        pub mod health {
+            pub mod v1 {
+                tonic::include_proto!("grpc.health.v1");
+            }
+        }
+    }
 }
