@@ -192,8 +192,10 @@ async fn a_build_leaves_records_and_pruning_a_leaf_frees_exactly_that_record() {
     };
     let mut expected = regular(&before);
     expected.remove(&b.id);
-    // Layers only: buildkitd has been seen to swap its local-source records
-    // (the build context) on its own right after a build.
+    // Layers only: once in some seventy runs, buildkitd was seen to replace
+    // two of a fresh build's four records (new ids) between two DiskUsage
+    // calls, with no prune in between; which ones was not captured, and 80
+    // runs built to catch it did not. Local-source records are the suspects.
     assert_eq!(regular(&after), expected, "before {before:#?}\nafter {after:#?}");
 }
 
