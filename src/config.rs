@@ -153,6 +153,30 @@ struct RawEngine {
     args: Vec<String>,
     #[serde(default = "default_engine_stop_grace_secs")]
     stop_grace_secs: u64,
+    #[serde(default = "default_engine_socket")]
+    socket: PathBuf,
+    #[serde(default = "default_engine_cgroup")]
+    cgroup: String,
+    #[serde(default = "default_engine_memory_reserve_bytes")]
+    memory_reserve_bytes: u64,
+    #[serde(default = "default_engine_ready_timeout_secs")]
+    ready_timeout_secs: u64,
+    #[serde(default = "default_engine_probe_interval_ms")]
+    probe_interval_ms: u64,
+    #[serde(default = "default_engine_probe_timeout_ms")]
+    probe_timeout_ms: u64,
+    #[serde(default = "default_engine_probe_failures")]
+    probe_failures: u32,
+    #[serde(default = "default_engine_restart_initial_ms")]
+    restart_initial_ms: u64,
+    #[serde(default = "default_engine_restart_max_ms")]
+    restart_max_ms: u64,
+    #[serde(default = "default_engine_restart_stable_secs")]
+    restart_stable_secs: u64,
+    #[serde(default = "default_engine_crash_loop_restarts")]
+    crash_loop_restarts: u32,
+    #[serde(default = "default_engine_crash_loop_window_secs")]
+    crash_loop_window_secs: u64,
 }
 
 fn default_connect_timeout_secs() -> u64 { DEFAULT_CONNECT_TIMEOUT_SECS }
@@ -168,6 +192,18 @@ fn default_usage_interval_secs() -> u64 { DEFAULT_USAGE_INTERVAL_SECS }
 fn default_state_dir() -> PathBuf { DEFAULT_STATE_DIR.into() }
 fn default_engine_binary() -> PathBuf { DEFAULT_ENGINE_BINARY.into() }
 fn default_engine_stop_grace_secs() -> u64 { DEFAULT_ENGINE_STOP_GRACE_SECS }
+fn default_engine_socket() -> PathBuf { "/run/machine-agent/buildkitd.sock".into() }
+fn default_engine_cgroup() -> String { "machine-agent-engine".into() }
+fn default_engine_memory_reserve_bytes() -> u64 { 1 << 30 }
+fn default_engine_ready_timeout_secs() -> u64 { 120 }
+fn default_engine_probe_interval_ms() -> u64 { 5_000 }
+fn default_engine_probe_timeout_ms() -> u64 { 3_000 }
+fn default_engine_probe_failures() -> u32 { 3 }
+fn default_engine_restart_initial_ms() -> u64 { 500 }
+fn default_engine_restart_max_ms() -> u64 { 60_000 }
+fn default_engine_restart_stable_secs() -> u64 { 300 }
+fn default_engine_crash_loop_restarts() -> u32 { 5 }
+fn default_engine_crash_loop_window_secs() -> u64 { 600 }
 
 impl Default for RawEndpoints {
     fn default() -> Self { Self { listen: default_listen() } }
@@ -184,7 +220,23 @@ impl Default for RawAgent {
 }
 impl Default for RawEngine {
     fn default() -> Self {
-        Self { binary: default_engine_binary(), args: vec![], stop_grace_secs: default_engine_stop_grace_secs() }
+        Self {
+            binary: default_engine_binary(),
+            args: vec![],
+            stop_grace_secs: default_engine_stop_grace_secs(),
+            socket: default_engine_socket(),
+            cgroup: default_engine_cgroup(),
+            memory_reserve_bytes: default_engine_memory_reserve_bytes(),
+            ready_timeout_secs: default_engine_ready_timeout_secs(),
+            probe_interval_ms: default_engine_probe_interval_ms(),
+            probe_timeout_ms: default_engine_probe_timeout_ms(),
+            probe_failures: default_engine_probe_failures(),
+            restart_initial_ms: default_engine_restart_initial_ms(),
+            restart_max_ms: default_engine_restart_max_ms(),
+            restart_stable_secs: default_engine_restart_stable_secs(),
+            crash_loop_restarts: default_engine_crash_loop_restarts(),
+            crash_loop_window_secs: default_engine_crash_loop_window_secs(),
+        }
     }
 }
 
@@ -236,8 +288,20 @@ pub enum Identity {
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub binary: PathBuf,
+    /// Extra arguments after the agent's own `--config <file>`.
     pub args: Vec<String>,
     pub stop_grace: Duration,
+    /// The unix socket the agent's BuildKit client dials.
+    pub socket: PathBuf,
+    /// The engine's cgroup name at the memory hierarchy's root; None runs it
+    /// unconfined (development machines without a memory controller only).
+    pub cgroup: Option<String>,
+    /// Memory kept out of the engine's limit for the agent, sshd and the kernel.
+    pub memory_reserve_bytes: u64,
+    /// A started engine that is not ready within this long is killed and restarted.
+    pub ready_timeout: Duration,
+    pub probe: crate::engine::supervise::ProbeSettings,
+    pub restart: crate::engine::supervise::RestartPolicy,
 }
 
 /// One invalid field: its dotted name and what was expected.
@@ -456,6 +520,25 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
         bad("engine.binary", problem);
     }
     check_range(&mut bad, "engine.stop_grace_secs", e.stop_grace_secs, 1, 600);
+    if let Err(problem) = check_clean_absolute(&e.socket) {
+        bad("engine.socket", problem);
+    } else if e.socket.as_os_str().len() >= 108 {
+        // sun_path holds 108 bytes including the NUL.
+        bad("engine.socket", format!("a unix socket path must be shorter than 108 bytes, got {}", e.socket.as_os_str().len()));
+    }
+    if !e.cgroup.is_empty() && !is_cgroup_name(&e.cgroup) {
+        bad("engine.cgroup", format!("expected one path component of [A-Za-z0-9._-] (or \"\" to run unconfined), got {:?}", e.cgroup));
+    }
+    check_range(&mut bad, "engine.memory_reserve_bytes", e.memory_reserve_bytes, 64 << 20, 1 << 40);
+    check_range(&mut bad, "engine.ready_timeout_secs", e.ready_timeout_secs, 1, 3600);
+    check_range(&mut bad, "engine.probe_interval_ms", e.probe_interval_ms, 100, 600_000);
+    check_range(&mut bad, "engine.probe_timeout_ms", e.probe_timeout_ms, 10, 600_000);
+    check_range(&mut bad, "engine.probe_failures", u64::from(e.probe_failures), 1, 100);
+    check_range(&mut bad, "engine.restart_initial_ms", e.restart_initial_ms, 1, 600_000);
+    check_range(&mut bad, "engine.restart_max_ms", e.restart_max_ms, e.restart_initial_ms.max(1), 3_600_000);
+    check_range(&mut bad, "engine.restart_stable_secs", e.restart_stable_secs, 1, 86_400);
+    check_range(&mut bad, "engine.crash_loop_restarts", u64::from(e.crash_loop_restarts), 1, 1000);
+    check_range(&mut bad, "engine.crash_loop_window_secs", e.crash_loop_window_secs, 1, 86_400);
     if e.stop_grace_secs + v.unmount_timeout_secs >= a.drain_timeout_secs && a.drain_timeout_secs > 0 {
         bad(
             "agent.drain_timeout_secs",
@@ -484,11 +567,31 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
         usage_interval: Duration::from_secs(a.usage_interval_secs),
         state_dir: raw.agent.state_dir,
         engine: EngineConfig {
-            binary: raw.engine.binary,
-            args: raw.engine.args,
-            stop_grace: Duration::from_secs(raw.engine.stop_grace_secs),
+            binary: e.binary.clone(),
+            args: e.args.clone(),
+            stop_grace: Duration::from_secs(e.stop_grace_secs),
+            socket: e.socket.clone(),
+            cgroup: Some(e.cgroup.clone()).filter(|c| !c.is_empty()),
+            memory_reserve_bytes: e.memory_reserve_bytes,
+            ready_timeout: Duration::from_secs(e.ready_timeout_secs),
+            probe: crate::engine::supervise::ProbeSettings {
+                interval: Duration::from_millis(e.probe_interval_ms),
+                timeout: Duration::from_millis(e.probe_timeout_ms),
+                failures: e.probe_failures,
+            },
+            restart: crate::engine::supervise::RestartPolicy {
+                initial: Duration::from_millis(e.restart_initial_ms),
+                max: Duration::from_millis(e.restart_max_ms),
+                stable_after: Duration::from_secs(e.restart_stable_secs),
+                crash_window: Duration::from_secs(e.crash_loop_window_secs),
+                crash_limit: e.crash_loop_restarts,
+            },
         },
     }
+}
+
+fn is_cgroup_name(name: &str) -> bool {
+    !name.starts_with('.') && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 fn check_range(bad: &mut impl FnMut(&str, String), field: &str, value: u64, min: u64, max: u64) {

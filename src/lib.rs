@@ -16,6 +16,8 @@ pub mod config;
 pub mod control;
 /// The build engine's process.
 pub mod engine;
+/// Atomic file writes.
+pub mod fsutil;
 /// Cache garbage collection: policy, planner, executor.
 pub mod gc;
 /// Metrics, loop liveness and the HTTP endpoints.

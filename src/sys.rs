@@ -39,6 +39,21 @@ pub fn fitrim(fd: BorrowedFd<'_>, range: &mut FstrimRange) -> nix::Result<()> {
     unsafe { raw::fitrim(fd.as_raw_fd(), range) }.map(drop)
 }
 
+/// Makes the child that `command` spawns join the cgroup whose `cgroup.procs`
+/// is open as `procs`, between fork and exec: the engine is inside its cgroup
+/// before it runs a single instruction, so nothing it forks can escape.
+pub fn join_cgroup_before_exec(command: &mut tokio::process::Command, procs: std::fs::File) {
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe calls are allowed: it makes one write(2) of a static
+    // buffer to a descriptor opened by the parent, and allocates nothing.
+    // Writing "0" to cgroup.procs moves the writing process (v1 and v2).
+    unsafe {
+        command.pre_exec(move || {
+            nix::unistd::write(&procs, b"0").map(drop).map_err(std::io::Error::from)
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -194,7 +194,15 @@ pub fn validate_buildkit(task: pb::BuildkitTask, limits: &TaskLimits) -> Result<
             check_pem(&mut p, "buildkit.tls.cert_pem", &tls.cert_pem, PemKind::Certificate);
             check_pem(&mut p, "buildkit.tls.key_pem", &tls.key_pem, PemKind::PrivateKey);
             check_pem(&mut p, "buildkit.tls.ca_pem", &tls.ca_pem, PemKind::Certificate);
-            Some(TlsMaterial { cert_pem: tls.cert_pem, key_pem: Secret::new(tls.key_pem), ca_pem: tls.ca_pem })
+            let material = TlsMaterial { cert_pem: tls.cert_pem, key_pem: Secret::new(tls.key_pem), ca_pem: tls.ca_pem };
+            // The deep check (parses, key matches, dates) only once the PEM shapes are right,
+            // so each field gets one clear problem; a bad cert never reaches the engine.
+            if !p.0.iter().any(|e| e.field.starts_with("buildkit.tls")) {
+                if let Err(error) = crate::engine::tls::check(&material, std::time::SystemTime::now()) {
+                    p.add(error.field().to_string(), error.to_string());
+                }
+            }
+            Some(material)
         }
     };
 
@@ -636,8 +644,38 @@ pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    pub const CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUZ3Jvb3Q=\n-----END CERTIFICATE-----\n";
-    pub const KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n";
+    /// A real CA, and a server cert and key it signed: the deep TLS check runs on every task.
+    struct TestTls {
+        cert: String,
+        key: String,
+        ca: String,
+    }
+
+    fn test_tls() -> &'static TestTls {
+        static TLS: std::sync::OnceLock<TestTls> = std::sync::OnceLock::new();
+        TLS.get_or_init(|| {
+            use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+            let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let ca_key = KeyPair::generate().unwrap();
+            let ca = ca_params.self_signed(&ca_key).unwrap();
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec!["localhost".to_string()]).unwrap().signed_by(&key, &ca, &ca_key).unwrap();
+            TestTls { cert: cert.pem(), key: key.serialize_pem(), ca: ca.pem() }
+        })
+    }
+
+    pub fn cert() -> &'static str {
+        &test_tls().cert
+    }
+
+    pub fn key() -> &'static str {
+        &test_tls().key
+    }
+
+    pub fn ca() -> &'static str {
+        &test_tls().ca
+    }
 
     pub fn limits() -> TaskLimits {
         TaskLimits { allowed_mount_prefixes: vec!["/var/lib/buildkit".into(), "/mnt".into()] }
@@ -646,7 +684,7 @@ pub(crate) mod tests {
     pub fn good_task() -> pb::BuildkitTask {
         pb::BuildkitTask {
             task_id: "task-1".into(),
-            tls: Some(pb::TlsMaterial { cert_pem: CERT.into(), key_pem: KEY.into(), ca_pem: CERT.into() }),
+            tls: Some(pb::TlsMaterial { cert_pem: cert().into(), key_pem: key().into(), ca_pem: ca().into() }),
             mounts: vec![pb::VolumeMount {
                 mount_path: "/var/lib/buildkit/cache".into(),
                 source: Some(pb::volume_mount::Source::Device(pb::BlockDevice { path: "/dev/nvme1n1".into(), ebs_volume_id: "vol-0123456789abcdef0".into() })),
@@ -684,7 +722,7 @@ pub(crate) mod tests {
         t.mounts[0].mount_path = "/etc/../var/lib/buildkit/x".into();
         t.mounts[0].options = vec!["exec".into()];
         t.engine_env.insert("LD_PRELOAD".into(), "/evil.so".into());
-        t.tls.as_mut().unwrap().key_pem = CERT.into();
+        t.tls.as_mut().unwrap().key_pem = cert().into();
         let f = fields(validate_buildkit(t, &limits()).unwrap_err());
         for expected in [
             "buildkit.task_id",
@@ -748,7 +786,7 @@ pub(crate) mod tests {
     #[test]
     fn oversized_pem_is_refused_without_parsing() {
         let mut t = good_task();
-        t.tls.as_mut().unwrap().ca_pem = CERT.repeat(MAX_PEM_BYTES / CERT.len() + 1);
+        t.tls.as_mut().unwrap().ca_pem = cert().repeat(MAX_PEM_BYTES / cert().len() + 1);
         assert_eq!(fields(validate_buildkit(t, &limits()).unwrap_err()), vec!["buildkit.tls.ca_pem"]);
     }
 
@@ -775,8 +813,8 @@ pub(crate) mod tests {
             Just("/var/lib/buildkit/cache".to_string()),
             Just("/dev/nvme1n1".to_string()),
             Just("vol-0123456789abcdef0".to_string()),
-            Just(CERT.to_string()),
-            Just(KEY.to_string()),
+            Just(cert().to_string()),
+            Just(key().to_string()),
             Just("127.0.0.1:443".to_string()),
             "/[a-z./]{0,30}",
         ]

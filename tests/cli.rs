@@ -117,7 +117,9 @@ fn a_bad_task_file_exits_2_listing_every_field() {
     let config = dir.path().join("config.toml");
     std::fs::write(&config, base_config(dir.path())).unwrap();
     let task = write_task_file(dir.path(), Path::new("/etc"));
-    let text = std::fs::read_to_string(&task).unwrap().replace("127.0.0.1:1234", "127.0.0.1:0").replace("10737418240", "0");
+    let text = std::fs::read_to_string(&task).unwrap();
+    let listen = text.lines().find(|l| l.starts_with("listen_address")).unwrap();
+    let text = text.replace(listen, "listen_address = \"127.0.0.1:0\"").replace("10737418240", "0");
     std::fs::write(&task, text).unwrap();
     for sub in ["check --task", "run --standalone"] {
         let (cmd, flag) = sub.split_once(' ').unwrap();

@@ -15,7 +15,9 @@ use crate::control::identity::IdentityProvider;
 use crate::control::register::Registration;
 use crate::control::usage::UsageReporter;
 use crate::control::{ControlError, ControlPlane, Session};
-use crate::engine::{EngineHandle, EngineState, StopOutcome};
+use crate::engine::cgroup::EngineCgroup;
+use crate::engine::supervise::{EngineEvent, Supervisor};
+use crate::engine::{EngineState, StopOutcome};
 use crate::volume::manager::{prepare_mount, release_mount, PreparedMount};
 use crate::observe::http::HttpError;
 use crate::observe::liveness::Liveness;
@@ -56,6 +58,12 @@ pub struct Status {
     /// Why the agent is in this state (empty when there is nothing to say).
     pub reason: String,
     pub engine: EngineState,
+    /// The engine's pid while one runs.
+    pub engine_pid: Option<u32>,
+    /// Engine exits since the task started (each one was followed by a restart).
+    pub engine_restarts: u64,
+    /// How the engine last exited, for /readyz and the health stream.
+    pub engine_last_exit: Option<String>,
     pub task_id: Option<String>,
     /// Filesystems whose figures the health stream carries.
     pub watched_paths: Vec<PathBuf>,
@@ -73,8 +81,8 @@ pub enum Input {
     TaskRejected(TaskError),
     /// The control plane answered the health stream with should_terminate.
     ShouldTerminate,
-    /// The engine exited on its own; the text says how.
-    EngineExited(String),
+    /// The engine supervisor's news: spawned, ready, hung, exited.
+    Engine(EngineEvent),
     /// The volume manager finished preparing the task's mounts: those it
     /// prepared (to release at drain), and the error that stopped it, if any.
     VolumesPrepared { prepared: Vec<PreparedMount>, error: Option<String> },
@@ -109,6 +117,9 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
         state: State::Starting,
         reason: String::new(),
         engine: EngineState::NotStarted,
+        engine_pid: None,
+        engine_restarts: 0,
+        engine_last_exit: None,
         task_id: None,
         watched_paths: vec![config.state_dir.clone()],
         cache_mount: None,
@@ -135,6 +146,7 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
         notifier,
         status: status_tx,
         engine: None,
+        engine_cgroup: None,
         task: None,
         mounts: vec![],
         preparing: false,
@@ -215,7 +227,9 @@ struct Agent {
     metrics: Metrics,
     notifier: Arc<Notifier>,
     status: watch::Sender<Status>,
-    engine: Option<EngineHandle>,
+    engine: Option<Supervisor>,
+    /// Removed at drain, once the engine is gone.
+    engine_cgroup: Option<EngineCgroup>,
     task: Option<BuildkitTask>,
     /// Mounts the volume manager prepared; released at drain.
     mounts: Vec<PreparedMount>,
@@ -342,12 +356,58 @@ impl Agent {
                 }
                 None
             }
-            Input::EngineExited(how) => {
-                self.engine = None;
-                self.set_engine_state(EngineState::Stopped);
-                self.transition(Event::Degraded, format!("engine exited: {how}"));
+            Input::Engine(event) => {
+                self.on_engine_event(event);
                 None
             }
+        }
+    }
+
+    fn on_engine_event(&mut self, event: EngineEvent) {
+        match event {
+            EngineEvent::Spawned { pid } => {
+                self.status.send_modify(|s| {
+                    s.engine = EngineState::Starting;
+                    s.engine_pid = Some(pid);
+                });
+            }
+            EngineEvent::Ready { .. } => {
+                self.set_engine_state(EngineState::Running);
+                self.metrics.engine_up.set(1);
+                self.transition(Event::EngineReady, "");
+            }
+            EngineEvent::Hung { pid, failures } => {
+                error!(pid, failures, "engine stopped answering its liveness probe; it is being killed");
+            }
+            EngineEvent::Exited { exit, decision, .. } => {
+                self.metrics.engine_restarts.with_label_values(&[exit.label()]).inc();
+                self.engine_went_down(exit.to_string(), decision);
+            }
+            EngineEvent::SpawnFailed { error, decision } => {
+                self.metrics.engine_restarts.with_label_values(&["spawn_failed"]).inc();
+                self.engine_went_down(format!("could not be spawned: {error}"), decision);
+            }
+        }
+    }
+
+    /// The engine is gone and the supervisor will restart it: a single exit is
+    /// a restart (StartingEngine), a crash loop is Degraded.
+    fn engine_went_down(&mut self, how: String, decision: crate::engine::supervise::RestartDecision) {
+        self.metrics.engine_up.set(0);
+        self.status.send_modify(|s| {
+            s.engine = EngineState::Restarting;
+            s.engine_pid = None;
+            s.engine_restarts += 1;
+            s.engine_last_exit = Some(how.clone());
+        });
+        let delay = format!("{:.1}s", decision.delay.as_secs_f64());
+        if decision.crash_loop {
+            self.transition(
+                Event::Degraded,
+                format!("engine crash loop: {} exits in the window, last {how}; next restart in {delay}", decision.recent_crashes),
+            );
+        } else {
+            self.transition(Event::EngineRestarting, format!("engine {how}; restarting in {delay}"));
         }
     }
 
@@ -391,25 +451,30 @@ impl Agent {
 
     fn start_engine(&mut self, task: &BuildkitTask) {
         self.set_engine_state(EngineState::Starting);
-        let (exited_tx, mut exited_rx) = mpsc::channel(1);
-        match EngineHandle::spawn(&self.config.engine, task, exited_tx) {
-            Ok(engine) => {
-                info!(pid = engine.pid, binary = %self.config.engine.binary.display(), "engine started");
+        let (events_tx, mut events_rx) = mpsc::channel(16);
+        match crate::engine::start(&self.config.engine, &self.config.state_dir, task, events_tx) {
+            Ok(started) => {
+                info!(
+                    binary = %self.config.engine.binary.display(), config = %started.config_path.display(),
+                    cgroup = ?started.cgroup.as_ref().map(|c| c.dir.display().to_string()),
+                    memory_limit_bytes = ?started.cgroup.as_ref().map(|c| c.limit_bytes),
+                    "engine supervisor started"
+                );
                 let inputs = self.inputs.clone();
                 tokio::spawn(async move {
-                    if let Some(how) = exited_rx.recv().await {
-                        let _ = inputs.send(Input::EngineExited(how)).await;
+                    while let Some(event) = events_rx.recv().await {
+                        if inputs.send(Input::Engine(event)).await.is_err() {
+                            return;
+                        }
                     }
                 });
-                self.engine = Some(engine);
-                self.set_engine_state(EngineState::Running);
-                // Until the BuildKit driver's readiness probe lands, a running process is ready.
-                self.transition(Event::EngineReady, "");
+                self.engine = Some(started.supervisor);
+                self.engine_cgroup = started.cgroup;
             }
             Err(error) => {
-                error!(%error, "engine did not start");
+                error!(%error, "engine not started");
                 self.set_engine_state(EngineState::Stopped);
-                self.transition(Event::Degraded, error.to_string());
+                self.transition(Event::Degraded, format!("engine: {error}"));
             }
         }
     }
@@ -439,7 +504,16 @@ impl Agent {
                     errors.push("engine stop did not finish within the drain deadline".to_string());
                 }
             }
-            self.set_engine_state(EngineState::Stopped);
+            self.status.send_modify(|s| {
+                s.engine = EngineState::Stopped;
+                s.engine_pid = None;
+            });
+            self.metrics.engine_up.set(0);
+        }
+        if let Some(cgroup) = self.engine_cgroup.take() {
+            if let Err(error) = cgroup.remove() {
+                warn!(%error, "engine cgroup left in place");
+            }
         }
 
         // A prepare in flight finishes first: killing mkfs or mount halfway helps nobody.

@@ -70,6 +70,8 @@ pub enum Event {
     VolumePrepared,
     /// The engine answers and has a worker.
     EngineReady,
+    /// The engine exited once; the supervisor restarts it.
+    EngineRestarting,
     /// Something the build service needs is broken: prepare failed, the engine
     /// crashed or hung, the disk is under pressure.
     Degraded,
@@ -98,6 +100,9 @@ pub fn next(state: State, event: Event) -> Result<State, IllegalTransition> {
         (S::Starting | S::Registering | S::Pending, E::TaskAccepted) => S::Preparing,
         (S::Preparing, E::VolumePrepared) => S::StartingEngine,
         (S::StartingEngine | S::Degraded, E::EngineReady) => S::Ready,
+        // One exit is a restart; Degraded (a crash loop) stays Degraded until ready.
+        (S::Ready | S::StartingEngine, E::EngineRestarting) => S::StartingEngine,
+        (S::Degraded, E::EngineRestarting) => S::Degraded,
         (S::Preparing | S::StartingEngine | S::Ready | S::Degraded, E::Degraded) => S::Degraded,
         // A drain can start from anywhere before it, and a second request joins the first.
         (
@@ -116,12 +121,13 @@ mod tests {
     use Event as E;
     use State as S;
 
-    const EVENTS: [Event; 8] = [
+    const EVENTS: [Event; 9] = [
         E::RegistrationStarted,
         E::TaskPending,
         E::TaskAccepted,
         E::VolumePrepared,
         E::EngineReady,
+        E::EngineRestarting,
         E::Degraded,
         E::DrainRequested,
         E::Drained,
@@ -142,6 +148,9 @@ mod tests {
         (S::Preparing, E::Degraded, S::Degraded),
         (S::Preparing, E::DrainRequested, S::Draining),
         (S::StartingEngine, E::EngineReady, S::Ready),
+        (S::StartingEngine, E::EngineRestarting, S::StartingEngine),
+        (S::Ready, E::EngineRestarting, S::StartingEngine),
+        (S::Degraded, E::EngineRestarting, S::Degraded),
         (S::StartingEngine, E::Degraded, S::Degraded),
         (S::StartingEngine, E::DrainRequested, S::Draining),
         (S::Ready, E::Degraded, S::Degraded),

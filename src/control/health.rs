@@ -127,6 +127,8 @@ pub fn build_report(status: &Status, machine_id: &str) -> pb::HealthReport {
         agent_state: status.state.to_proto() as i32,
         state_reason: status.reason.clone(),
         engine_state: status.engine.to_proto() as i32,
+        engine_restarts: status.engine_restarts,
+        engine_last_exit: status.engine_last_exit.clone().unwrap_or_default(),
         mounts: status
             .watched_paths
             .iter()

@@ -1,1 +1,355 @@
-//! (in progress)
+//! The engine's memory cgroup: a runaway build step is OOM-killed inside it and
+//! never takes the agent, sshd or the kernel's own reserve with it.
+//!
+//! Layout, the same on both cgroup versions:
+//!
+//! ```text
+//! <hierarchy>/<name>/              memory limit = total memory - reserve
+//! <hierarchy>/<name>/daemon/       buildkitd itself
+//! <hierarchy>/<name>/buildkit/<id> each build step (BuildKit's defaultCgroupParent = /<name>)
+//! ```
+//!
+//! `daemon/` exists because cgroup v2 forbids processes in a cgroup that hands
+//! controllers to its children; on v1 it keeps the two OOM attributions (the
+//! engine, a step) readable from the memcg path alone.
+//!
+//! v2 is used when the unified hierarchy at /sys/fs/cgroup offers the memory
+//! controller; otherwise the v1 memory hierarchy. The cgroup lives at the
+//! hierarchy's root, outside the agent's own (systemd unit) cgroup, so an agent
+//! restart does not take the engine down with it.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+/// Which cgroup interface the memory controller is reached through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupVersion {
+    V1,
+    V2,
+}
+
+impl CgroupVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V2 => "v2",
+        }
+    }
+}
+
+/// Where the memory controller is mounted, found in /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryHierarchy {
+    pub version: CgroupVersion,
+    pub mount_point: PathBuf,
+}
+
+/// Why the engine's cgroup could not be set up or read.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum CgroupError {
+    /// no memory cgroup controller: neither cgroup v2 with `memory` in cgroup.controllers nor a v1 memory hierarchy is mounted
+    NoMemoryController,
+    /// cannot read the mount table: {0}
+    Mountinfo(#[from] crate::volume::mountinfo::MountinfoError),
+    /// the memory reserve ({reserve} bytes) leaves nothing for the engine out of {total} bytes of memory
+    ReserveTooLarge { total: u64, reserve: u64 },
+    /// cannot read {path}: {source}
+    Read { path: PathBuf, #[source] source: io::Error },
+    /// cannot write {value:?} to {path}: {source}
+    Write { path: PathBuf, value: String, #[source] source: io::Error },
+    /// cannot remove {path}: {source}
+    Remove { path: PathBuf, #[source] source: io::Error },
+    /// cannot create {path}: {source}
+    Create { path: PathBuf, #[source] source: io::Error },
+}
+
+/// Picks the memory hierarchy: v2 when the unified mount offers `memory`
+/// (`v2_controllers` is that mount's cgroup.controllers), else v1's memory mount.
+pub fn choose_hierarchy(
+    mounts: &[crate::volume::mountinfo::MountEntry],
+    v2_controllers: impl Fn(&Path) -> Option<String>,
+) -> Option<MemoryHierarchy> {
+    let v2 = mounts.iter().filter(|m| m.fs_type == "cgroup2").find(|m| {
+        v2_controllers(&m.mount_point).is_some_and(|c| c.split_whitespace().any(|c| c == "memory"))
+    });
+    if let Some(m) = v2 {
+        return Some(MemoryHierarchy { version: CgroupVersion::V2, mount_point: m.mount_point.clone() });
+    }
+    mounts
+        .iter()
+        .find(|m| m.fs_type == "cgroup" && m.super_options.split(',').any(|o| o == "memory"))
+        .map(|m| MemoryHierarchy { version: CgroupVersion::V1, mount_point: m.mount_point.clone() })
+}
+
+/// The engine's memory limit: everything but the reserve kept for the agent and the system.
+pub fn engine_memory_limit(total_bytes: u64, reserve_bytes: u64) -> Result<u64, CgroupError> {
+    match total_bytes.checked_sub(reserve_bytes) {
+        Some(limit) if limit > 0 => Ok(limit),
+        _ => Err(CgroupError::ReserveTooLarge { total: total_bytes, reserve: reserve_bytes }),
+    }
+}
+
+/// The engine's cgroup, created and limited.
+#[derive(Debug, Clone)]
+pub struct EngineCgroup {
+    pub version: CgroupVersion,
+    /// `<hierarchy>/<name>`: the limited cgroup.
+    pub dir: PathBuf,
+    /// `/<name>`: the path inside the hierarchy, for BuildKit's defaultCgroupParent.
+    pub relative: String,
+    pub limit_bytes: u64,
+}
+
+impl EngineCgroup {
+    /// Finds the memory hierarchy, creates `<name>` and `<name>/daemon`, and sets the limit.
+    pub fn create(name: &str, limit_bytes: u64) -> Result<Self, CgroupError> {
+        let mounts = crate::volume::mountinfo::read_mountinfo(Path::new("/proc/self/mountinfo"))?;
+        let hierarchy = choose_hierarchy(&mounts, |mount| fs::read_to_string(mount.join("cgroup.controllers")).ok())
+            .ok_or(CgroupError::NoMemoryController)?;
+        Self::create_in(&hierarchy, name, limit_bytes)
+    }
+
+    /// As [`EngineCgroup::create`], in a known hierarchy.
+    pub fn create_in(hierarchy: &MemoryHierarchy, name: &str, limit_bytes: u64) -> Result<Self, CgroupError> {
+        let dir = hierarchy.mount_point.join(name);
+        let cgroup = Self { version: hierarchy.version, dir, relative: format!("/{name}"), limit_bytes };
+        if cgroup.version == CgroupVersion::V2 {
+            // The root (or parent) must hand the memory controller down before
+            // the child's memory.max exists.
+            enable_memory_controller(&hierarchy.mount_point)?;
+        }
+        make_dir(&cgroup.dir)?;
+        match cgroup.version {
+            CgroupVersion::V2 => {
+                write_value(&cgroup.dir.join("memory.max"), &limit_bytes.to_string())?;
+                // No swap for the engine: a step over the limit is killed, not swapped to a crawl.
+                let _ = write_value(&cgroup.dir.join("memory.swap.max"), "0");
+                enable_memory_controller(&cgroup.dir)?;
+            }
+            CgroupVersion::V1 => {
+                write_value(&cgroup.dir.join("memory.limit_in_bytes"), &limit_bytes.to_string())?;
+                // Limits and OOM accounting must cover the children (steps) too.
+                let _ = write_value(&cgroup.dir.join("memory.use_hierarchy"), "1");
+            }
+        }
+        make_dir(&cgroup.daemon_dir())?;
+        Ok(cgroup)
+    }
+
+    /// Where buildkitd itself runs.
+    pub fn daemon_dir(&self) -> PathBuf {
+        self.dir.join("daemon")
+    }
+
+    /// The file a process writes "0" to in order to join the daemon cgroup.
+    pub fn daemon_procs_file(&self) -> PathBuf {
+        self.daemon_dir().join("cgroup.procs")
+    }
+
+    /// Every process in the engine's cgroup and its descendants.
+    pub fn pids(&self) -> Result<Vec<i32>, CgroupError> {
+        let mut pids = Vec::new();
+        collect_pids(&self.dir, &mut pids)?;
+        pids.sort_unstable();
+        pids.dedup();
+        Ok(pids)
+    }
+
+    /// OOM kills in the whole engine cgroup: on v2 the subtree's kills; on v1
+    /// only kills of processes placed directly in it (v1 counts locally).
+    pub fn oom_kills(&self) -> Result<u64, CgroupError> {
+        self.oom_kills_in(&self.dir)
+    }
+
+    /// OOM kills of buildkitd itself (the daemon cgroup): on both versions the
+    /// kernel counts a kill in the victim's own cgroup, so a build step's kill
+    /// (in `buildkit/<id>`) never shows here.
+    pub fn daemon_oom_kills(&self) -> Result<u64, CgroupError> {
+        self.oom_kills_in(&self.daemon_dir())
+    }
+
+    fn oom_kills_in(&self, dir: &Path) -> Result<u64, CgroupError> {
+        let file = match self.version {
+            CgroupVersion::V2 => "memory.events",
+            CgroupVersion::V1 => "memory.oom_control",
+        };
+        let path = dir.join(file);
+        let text = fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source })?;
+        Ok(parse_flat_keyed(&text, "oom_kill").unwrap_or(0))
+    }
+
+    /// Removes the cgroup tree once it is empty (after the engine stopped), in
+    /// every hierarchy: runc creates `<name>/buildkit/<id>` in all of them on v1.
+    /// Directories still holding processes stay, and are reported.
+    pub fn remove(&self) -> Result<(), CgroupError> {
+        let mounts = crate::volume::mountinfo::read_mountinfo(Path::new("/proc/self/mountinfo"))?;
+        let name = self.relative.trim_start_matches('/');
+        let mut first_error = None;
+        for mount in mounts.iter().filter(|m| m.fs_type == "cgroup" || m.fs_type == "cgroup2") {
+            if let Err(e) = remove_tree(&mount.mount_point.join(name)) {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// The limit the kernel enforces now, read back.
+    pub fn read_limit(&self) -> Result<u64, CgroupError> {
+        let file = match self.version {
+            CgroupVersion::V2 => "memory.max",
+            CgroupVersion::V1 => "memory.limit_in_bytes",
+        };
+        let path = self.dir.join(file);
+        let text = fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source })?;
+        // "max" (v2, unlimited) reads as u64::MAX.
+        Ok(text.trim().parse().unwrap_or(u64::MAX))
+    }
+}
+
+/// `key value` lines (memory.events, memory.oom_control): the value of `key`.
+pub fn parse_flat_keyed(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// The cgroup path of `pid` in the memory hierarchy (v1 `memory` line, else the v2 `0::` line).
+pub fn memory_cgroup_of(proc_cgroup: &str) -> Option<&str> {
+    let mut v2 = None;
+    for line in proc_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        if controllers.split(',').any(|c| c == "memory") {
+            return Some(path);
+        }
+        if id == "0" && controllers.is_empty() {
+            v2 = Some(path);
+        }
+    }
+    v2
+}
+
+fn collect_pids(dir: &Path, pids: &mut Vec<i32>) -> Result<(), CgroupError> {
+    let procs = dir.join("cgroup.procs");
+    match fs::read_to_string(&procs) {
+        Ok(text) => pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()), // removed meanwhile
+        Err(source) => return Err(CgroupError::Read { path: procs, source }),
+    }
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => return Err(CgroupError::Read { path: dir.to_path_buf(), source }),
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            collect_pids(&entry.path(), pids)?;
+        }
+    }
+    Ok(())
+}
+
+/// Cgroup directories are removed with rmdir, deepest first (their control files go with them).
+fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&entry.path())?;
+            }
+        }
+    }
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(CgroupError::Remove { path: dir.to_path_buf(), source }),
+    }
+}
+
+fn enable_memory_controller(dir: &Path) -> Result<(), CgroupError> {
+    let path = dir.join("cgroup.subtree_control");
+    let current = fs::read_to_string(&path).map_err(|source| CgroupError::Read { path: path.clone(), source })?;
+    if current.split_whitespace().any(|c| c == "memory") {
+        return Ok(());
+    }
+    write_value(&path, "+memory")
+}
+
+fn make_dir(path: &Path) -> Result<(), CgroupError> {
+    match fs::create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(source) => Err(CgroupError::Create { path: path.to_path_buf(), source }),
+    }
+}
+
+/// Cgroup files take one write of the whole value; no truncate, no temp file.
+fn write_value(path: &Path, value: &str) -> Result<(), CgroupError> {
+    fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(value.as_bytes()))
+        .map_err(|source| CgroupError::Write { path: path.to_path_buf(), value: value.to_string(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::mountinfo::parse_mountinfo;
+
+    const HYBRID: &str = "\
+30 24 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+34 30 0:30 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,memory
+35 30 0:31 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,cpu,cpuacct
+";
+    const UNIFIED: &str = "\
+30 24 0:26 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
+";
+
+    #[test]
+    fn unified_hierarchy_with_memory_is_v2() {
+        let mounts = parse_mountinfo(UNIFIED).unwrap();
+        let h = choose_hierarchy(&mounts, |_| Some("cpuset cpu io memory pids".into())).unwrap();
+        assert_eq!(h, MemoryHierarchy { version: CgroupVersion::V2, mount_point: "/sys/fs/cgroup".into() });
+    }
+
+    #[test]
+    fn hybrid_without_v2_memory_uses_the_v1_memory_hierarchy() {
+        let mounts = parse_mountinfo(HYBRID).unwrap();
+        let h = choose_hierarchy(&mounts, |_| Some(String::new())).unwrap();
+        assert_eq!(h, MemoryHierarchy { version: CgroupVersion::V1, mount_point: "/sys/fs/cgroup/memory".into() });
+    }
+
+    #[test]
+    fn no_memory_controller_anywhere_is_none() {
+        let mounts = parse_mountinfo(UNIFIED).unwrap();
+        assert_eq!(choose_hierarchy(&mounts, |_| Some("cpu io pids".into())), None);
+    }
+
+    #[test]
+    fn limit_is_total_minus_reserve_and_never_zero() {
+        assert_eq!(engine_memory_limit(8 << 30, 1 << 30).unwrap(), 7 << 30);
+        assert!(matches!(engine_memory_limit(1 << 30, 1 << 30), Err(CgroupError::ReserveTooLarge { .. })));
+        assert!(matches!(engine_memory_limit(1 << 30, 2 << 30), Err(CgroupError::ReserveTooLarge { .. })));
+    }
+
+    #[test]
+    fn oom_kill_counters_parse_from_v1_and_v2_files() {
+        let v2 = "low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 0\n";
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 5\n";
+        assert_eq!(parse_flat_keyed(v2, "oom_kill"), Some(2));
+        assert_eq!(parse_flat_keyed(v1, "oom_kill"), Some(5));
+        assert_eq!(parse_flat_keyed(v1, "oom_kill_disable"), Some(0));
+        assert_eq!(parse_flat_keyed("", "oom_kill"), None);
+    }
+
+    #[test]
+    fn memory_cgroup_of_a_process_on_either_version() {
+        let v1 = "9:name=systemd:/\n4:memory:/machine-agent-engine/buildkit/abc\n0::/\n";
+        assert_eq!(memory_cgroup_of(v1), Some("/machine-agent-engine/buildkit/abc"));
+        assert_eq!(memory_cgroup_of("0::/machine-agent-engine/daemon\n"), Some("/machine-agent-engine/daemon"));
+        assert_eq!(memory_cgroup_of("garbage"), None);
+    }
+}

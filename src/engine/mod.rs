@@ -1,11 +1,10 @@
-//! The build engine's process: spawned in its own process group with the task's
-//! environment, its output streamed into tracing under the `engine` target,
-//! watched for exit, and stopped with SIGTERM, a grace period, then SIGKILL.
+//! The build engine: BuildKit's `buildkitd`, configured from the task,
+//! confined to its memory cgroup, supervised, and spoken to over its own gRPC API.
 //!
-//! This is the first cut the lifecycle needs: it starts the configured binary
-//! and reports when it exits. BuildKit's config, TLS files, cgroup, readiness
-//! over gRPC and restart-with-backoff build on it. It never restarts the engine
-//! on its own and never signals anything outside the engine's process group.
+//! - [`render`] writes buildkitd.toml from typed structs, [`tls`] checks and
+//!   writes the task's mTLS material, [`cgroup`] makes the engine's cgroup;
+//! - [`supervise`] spawns, probes, restarts and stops the process;
+//! - [`client`] is the native BuildKit client the probes and the GC use.
 
 /// BuildKit's own gRPC API (Control, health) over the engine's unix socket.
 pub mod client;
@@ -20,14 +19,137 @@ pub mod tls;
 
 use crate::config::EngineConfig;
 use crate::task::BuildkitTask;
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
-use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
-use std::time::Duration;
+use cgroup::EngineCgroup;
+use std::path::{Path, PathBuf};
+use supervise::{EngineEvent, EngineSpec, Supervisor};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+
+/// Why the engine could not be started; nothing was spawned.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum EngineError {
+    /// the task has no mount to hold the engine's root
+    NoRoot,
+    /// {0}
+    Tls(#[from] tls::TlsError),
+    /// {0}
+    Render(#[from] render::RenderError),
+    /// cannot write {path}: {source}
+    Write { path: PathBuf, #[source] source: std::io::Error },
+    /// cannot read the machine's memory size: {0}
+    Memory(String),
+    /// engine cgroup: {0}
+    Cgroup(#[from] cgroup::CgroupError),
+    /// {0}
+    Supervise(#[from] supervise::SuperviseError),
+}
+
+/// A supervised engine and what was made for it.
+#[derive(Debug)]
+pub struct StartedEngine {
+    pub supervisor: Supervisor,
+    pub cgroup: Option<EngineCgroup>,
+    pub config_path: PathBuf,
+}
+
+/// Where the engine's files live, under the agent's state dir.
+#[derive(Debug, Clone)]
+pub struct EngineFiles {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub tls_dir: PathBuf,
+    pub pidfile: PathBuf,
+}
+
+impl EngineFiles {
+    pub fn under(state_dir: &Path) -> Self {
+        let dir = state_dir.join("engine");
+        Self { config: dir.join("buildkitd.toml"), tls_dir: dir.join("tls"), pidfile: dir.join("buildkitd.pid"), dir }
+    }
+}
+
+/// Writes the task's TLS material and buildkitd.toml, makes the engine's
+/// cgroup, and starts supervising buildkitd with BuildKit's root on the task's
+/// first mount (already prepared). Events about the engine arrive on `events`.
+pub fn start(
+    config: &EngineConfig,
+    state_dir: &Path,
+    task: &BuildkitTask,
+    events: mpsc::Sender<EngineEvent>,
+) -> Result<StartedEngine, EngineError> {
+    let root = task.mounts.first().map(|m| m.mount_path.clone()).ok_or(EngineError::NoRoot)?;
+    let files = EngineFiles::under(state_dir);
+    create_private_dir(&files.dir).map_err(|source| EngineError::Write { path: files.dir.clone(), source })?;
+
+    let checked = tls::check(&task.tls, std::time::SystemTime::now())?;
+    let tls_paths = tls::write(&files.tls_dir, &checked)?;
+
+    let cgroup = match &config.cgroup {
+        Some(name) => {
+            let total = total_memory_bytes().map_err(EngineError::Memory)?;
+            let limit = cgroup::engine_memory_limit(total, config.memory_reserve_bytes)?;
+            Some(EngineCgroup::create(name, limit)?)
+        }
+        None => {
+            tracing::warn!("engine.cgroup is empty: the engine runs without a memory limit of its own");
+            None
+        }
+    };
+
+    let layout = render::EngineLayout {
+        root: root.clone(),
+        unix_socket: config.socket.clone(),
+        tls: tls_paths,
+        cgroup_parent: cgroup.as_ref().map(|c| c.relative.clone()),
+        cni: None,
+    };
+    let text = render::render(task, &layout, &render::backstop_policy(task))?;
+    crate::fsutil::write_atomic(&files.config, text.as_bytes(), 0o600)
+        .map_err(|source| EngineError::Write { path: files.config.clone(), source })?;
+
+    // buildkitd binds /run/buildkit/otel-grpc.sock whatever its root; keep it
+    // next to the agent's socket so it never collides with another engine.
+    let otel_socket = config.socket.with_file_name("otel-grpc.sock");
+    let mut args = vec![
+        "--config".to_string(),
+        files.config.display().to_string(),
+        "--otel-socket-path".to_string(),
+        otel_socket.display().to_string(),
+    ];
+    args.extend(config.args.iter().cloned());
+    let spec = EngineSpec {
+        binary: config.binary.clone(),
+        args,
+        env: task.engine_env.clone(),
+        root,
+        socket: config.socket.clone(),
+        pidfile: files.pidfile.clone(),
+        cgroup: cgroup.clone(),
+        ready_timeout: config.ready_timeout,
+        probe: config.probe.clone(),
+        restart: config.restart.clone(),
+    };
+    let supervisor = Supervisor::start(spec, events, config.stop_grace)?;
+    Ok(StartedEngine { supervisor, cgroup, config_path: files.config })
+}
+
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+}
+
+/// MemTotal from /proc/meminfo, in bytes.
+fn total_memory_bytes() -> Result<u64, String> {
+    let text = std::fs::read_to_string("/proc/meminfo").map_err(|e| format!("/proc/meminfo: {e}"))?;
+    parse_mem_total(&text).ok_or_else(|| "no MemTotal line in /proc/meminfo".to_string())
+}
+
+/// `MemTotal:       24684084 kB` -> bytes.
+pub fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
 
 /// What the health stream and /readyz say about the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,13 +175,6 @@ impl EngineState {
     }
 }
 
-/// Why the engine could not be started.
-#[derive(Debug, displaydoc::Display, thiserror::Error)]
-pub enum EngineError {
-    /// cannot start the engine {binary}: {source}
-    Spawn { binary: PathBuf, #[source] source: std::io::Error },
-}
-
 /// How a stop went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopOutcome {
@@ -69,112 +184,27 @@ pub enum StopOutcome {
     Killed,
 }
 
-/// A running engine, owned by a watcher task. Dropping the handle leaves the
-/// engine running: only an explicit [`EngineHandle::stop`] ends it, because an
-/// agent restart must never take builds down with it.
-#[derive(Debug)]
-pub struct EngineHandle {
-    pub pid: u32,
-    stop_tx: oneshot::Sender<(Duration, oneshot::Sender<StopOutcome>)>,
-}
-
-/// Output lines longer than this are cut: a runaway log line must not grow the agent's memory.
-const MAX_LOG_LINE_BYTES: usize = 4096;
-
-impl EngineHandle {
-    /// Starts the engine. `exited` receives a description when it exits on its own.
-    pub fn spawn(config: &EngineConfig, task: &BuildkitTask, exited: mpsc::Sender<String>) -> Result<Self, EngineError> {
-        let mut cmd = Command::new(&config.binary);
-        cmd.args(&config.args)
-            .envs(&task.engine_env)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own process group, so a stop reaches the engine and every child it
-            // forked, and a Ctrl-C in the agent's terminal does not hit it directly.
-            .process_group(0)
-            .kill_on_drop(false);
-        let mut child = cmd.spawn().map_err(|source| EngineError::Spawn { binary: config.binary.clone(), source })?;
-        let pid = child.id().unwrap_or_default();
-        if let Some(out) = child.stdout.take() {
-            tokio::spawn(forward_lines(out, "stdout"));
-        }
-        if let Some(err) = child.stderr.take() {
-            tokio::spawn(forward_lines(err, "stderr"));
-        }
-        let (stop_tx, stop_rx) = oneshot::channel();
-        tokio::spawn(watch(child, pid, stop_rx, exited));
-        Ok(Self { pid, stop_tx })
-    }
-
-    /// SIGTERM to the engine's group, then SIGKILL after `grace`; waits for the reap.
-    pub async fn stop(self, grace: Duration) -> StopOutcome {
-        let (done_tx, done_rx) = oneshot::channel();
-        if self.stop_tx.send((grace, done_tx)).is_err() {
-            return StopOutcome::Clean; // the watcher already saw it exit
-        }
-        done_rx.await.unwrap_or(StopOutcome::Clean)
-    }
-}
-
-async fn watch(
-    mut child: Child,
-    pid: u32,
-    stop_rx: oneshot::Receiver<(Duration, oneshot::Sender<StopOutcome>)>,
-    exited: mpsc::Sender<String>,
-) {
-    tokio::select! {
-        status = child.wait() => {
-            let description = match status {
-                Ok(status) => describe_exit(status),
-                Err(e) => format!("cannot wait for the engine: {e}"),
-            };
-            tracing::warn!(pid, exit = %description, "engine exited");
-            let _ = exited.send(description).await;
-        }
-        Ok((grace, done)) = stop_rx => {
-            let outcome = terminate_group(&mut child, pid, grace).await;
-            let _ = done.send(outcome);
-        }
-    }
-}
-
-async fn terminate_group(child: &mut Child, pid: u32, grace: Duration) -> StopOutcome {
-    let Ok(raw) = i32::try_from(pid) else { return StopOutcome::Clean };
-    let group = Pid::from_raw(raw);
-    tracing::info!(pid, grace_secs = grace.as_secs_f64(), "stopping engine: SIGTERM to its process group");
-    if let Err(error) = killpg(group, Signal::SIGTERM) {
-        tracing::warn!(pid, %error, "SIGTERM to the engine's group failed");
-    }
-    match tokio::time::timeout(grace, child.wait()).await {
-        Ok(status) => {
-            tracing::info!(pid, exit = %status.map(describe_exit).unwrap_or_default(), "engine stopped");
-            // Children of the engine that ignored SIGTERM must not outlive it.
-            let _ = killpg(group, Signal::SIGKILL);
-            StopOutcome::Clean
-        }
-        Err(_) => {
-            tracing::warn!(pid, "engine did not stop within its grace period: SIGKILL to its process group");
-            let _ = killpg(group, Signal::SIGKILL);
-            let _ = child.wait().await;
-            StopOutcome::Killed
-        }
-    }
-}
-
-/// "exit code 3", "signal 9 (SIGKILL)", "exited cleanly".
-pub fn describe_exit(status: ExitStatus) -> String {
+/// "exit code 3", "signal 9 (SIGKILL)", "exited cleanly": for logs and errors.
+pub fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(0), _) => "exited cleanly".into(),
         (Some(code), _) => format!("exit code {code}"),
-        (None, Some(sig)) => match Signal::try_from(sig) {
-            Ok(s) => format!("signal {sig} ({s})"),
-            Err(_) => format!("signal {sig}"),
-        },
+        (None, Some(sig)) => describe_signal(sig),
         (None, None) => "unknown exit".into(),
     }
 }
+
+/// "signal 9 (SIGKILL)".
+pub fn describe_signal(sig: i32) -> String {
+    match nix::sys::signal::Signal::try_from(sig) {
+        Ok(s) => format!("signal {sig} ({s})"),
+        Err(_) => format!("signal {sig}"),
+    }
+}
+
+/// Output lines longer than this are cut: a runaway log line must not grow the agent's memory.
+const MAX_LOG_LINE_BYTES: usize = 4096;
 
 /// One tracing event per output line, under the `engine` target, cut at MAX_LOG_LINE_BYTES.
 async fn forward_lines(stream: impl AsyncRead + Unpin, stream_name: &'static str) {
@@ -239,8 +269,15 @@ mod tests {
     }
 
     #[test]
+    fn mem_total_parses_in_bytes() {
+        assert_eq!(parse_mem_total("MemTotal:       24684084 kB\nMemFree: 1 kB\n"), Some(24_684_084 * 1024));
+        assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
+    }
+
+    #[test]
     fn exits_are_described() {
         use std::os::unix::process::ExitStatusExt;
+        use std::process::ExitStatus;
         assert_eq!(describe_exit(ExitStatus::from_raw(0)), "exited cleanly");
         assert_eq!(describe_exit(ExitStatus::from_raw(3 << 8)), "exit code 3");
         assert_eq!(describe_exit(ExitStatus::from_raw(9)), "signal 9 (SIGKILL)");

@@ -140,6 +140,23 @@ pub enum TlsError {
     Write { path: PathBuf, #[source] source: std::io::Error },
 }
 
+impl TlsError {
+    /// The task field the problem is in (the cert's for I/O errors, which name their path).
+    pub fn field(&self) -> TlsField {
+        match self {
+            Self::BadPem { field }
+            | Self::NotACertificate { field, .. }
+            | Self::NoCertificate { field }
+            | Self::BadCertificate { field, .. }
+            | Self::Expired { field, .. }
+            | Self::NotYetValid { field, .. } => *field,
+            Self::NotAKey | Self::KeyCount(_) | Self::BadKey | Self::KeyMismatch { .. } => TlsField::Key,
+            Self::NotACa { .. } => TlsField::Ca,
+            Self::BrokenChain { .. } | Self::CreateDir { .. } | Self::NotADirectory { .. } | Self::Write { .. } => TlsField::Cert,
+        }
+    }
+}
+
 // === check ===
 
 /// Checks the task's TLS material at `now` (see the module doc for every

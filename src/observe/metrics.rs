@@ -14,6 +14,8 @@ pub struct Metrics {
     pub control_plane_errors: IntCounterVec,
     pub health_reports_sent: IntCounter,
     pub tasks_rejected: IntCounter,
+    pub engine_up: IntGauge,
+    pub engine_restarts: IntCounterVec,
 }
 
 /// Registering a metric fails only on a duplicate name or bad label set, which
@@ -76,6 +78,25 @@ impl Metrics {
                 IntCounter::new("tasks_rejected_total", "Tasks from the control plane or a task file that failed validation.")
                     .expect("valid"),
             ),
+            engine_up: register(
+                &registry,
+                IntGauge::new("engine_up", "1 while buildkitd answers health checks and has a worker.").expect("valid"),
+            ),
+            engine_restarts: {
+                let restarts = register(
+                    &registry,
+                    IntCounterVec::new(
+                        Opts::new("engine_restarts_total", "Engine exits the supervisor restarted after, by how it ended."),
+                        &["reason"],
+                    )
+                    .expect("valid"),
+                );
+                // Every reason exported from the start, so a rate() sees the first one.
+                for reason in ["clean_exit", "exit_code", "signal", "oom_killed", "unresponsive", "spawn_failed"] {
+                    restarts.with_label_values(&[reason]);
+                }
+                restarts
+            },
             registry,
         }
     }

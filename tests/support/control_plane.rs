@@ -158,7 +158,7 @@ pub fn buildkit_task(id: &str, prefix: &std::path::Path) -> pb::register_respons
         gc: None,
         max_parallelism: 2,
         debug: false,
-        listen_address: "127.0.0.1:1234".into(),
+        listen_address: format!("127.0.0.1:{}", super::free_port()),
         engine_env: [("ENGINE_MARKER".to_string(), "from-task".to_string())].into_iter().collect(),
     })
 }

@@ -23,11 +23,14 @@ pub fn trace_init() {
 
 // === PKI ===
 
-/// A CA and a server certificate for `localhost` signed by it.
+/// A CA and a server certificate for `localhost` and 127.0.0.1 signed by it;
+/// client certificates on demand.
 pub struct TestPki {
     pub ca_pem: String,
     pub server_cert_pem: String,
     pub server_key_pem: String,
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
 }
 
 impl TestPki {
@@ -38,11 +41,27 @@ impl TestPki {
         ca_params.distinguished_name.push(DnType::CommonName, ca_name);
         let ca_key = KeyPair::generate().unwrap();
         let ca = ca_params.self_signed(&ca_key).unwrap();
-        let params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-        Self { ca_pem: ca.pem(), server_cert_pem: cert.pem(), server_key_pem: key.serialize_pem() }
+        Self { ca_pem: ca.pem(), server_cert_pem: cert.pem(), server_key_pem: key.serialize_pem(), ca, ca_key }
     }
+
+    /// A client certificate signed by this CA: (cert PEM, key PEM).
+    pub fn client_cert(&self, name: &str) -> (String, String) {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca, &self.ca_key).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 // === files ===
@@ -61,7 +80,7 @@ pub fn write_task_file(dir: &Path, prefix: &Path) -> PathBuf {
     let task = format!(
         r#"
 task_id = "standalone-1"
-listen_address = "127.0.0.1:1234"
+listen_address = "127.0.0.1:{port}"
 cache_size_bytes = 10737418240
 [tls]
 cert_file = "server.pem"
@@ -73,7 +92,8 @@ fs_type = "ext4"
 file = {{ path = "{}/cache.img", size_bytes = 1073741824 }}
 "#,
         prefix.display(),
-        dir.display()
+        dir.display(),
+        port = free_port(),
     );
     let path = dir.join("task.toml");
     std::fs::write(&path, task).unwrap();
@@ -83,7 +103,8 @@ file = {{ path = "{}/cache.img", size_bytes = 1073741824 }}
 // === the agent under test ===
 
 /// Config text for an agent whose state dir and allowed prefix live in `dir`,
-/// whose endpoints listen on an ephemeral port, and whose engine is `sleep`.
+/// whose endpoints listen on an ephemeral port, and whose engine is the real
+/// buildkitd (scripts/install-buildkit.sh) with its socket and cgroup unique to `dir`.
 pub fn base_config(dir: &Path) -> String {
     format!(
         r#"
@@ -98,13 +119,113 @@ drain_timeout_secs = 15
 health_interval_ms = 1000
 usage_interval_secs = 2
 [engine]
-binary = "/bin/sleep"
-args = ["3600"]
+binary = "{BUILDKITD}"
 stop_grace_secs = 5
+socket = "{socket}"
+cgroup = "{cgroup}"
+ready_timeout_secs = 60
 "#,
         prefix = dir.join("mnt").display(),
         state = dir.join("state").display(),
+        socket = engine_socket(dir).display(),
+        cgroup = test_cgroup_name(dir),
     )
+}
+
+/// Where `install-buildkit.sh` puts the real engine.
+pub const BUILDKITD: &str = "/usr/local/bin/buildkitd";
+pub const BUILDCTL: &str = "/usr/local/bin/buildctl";
+
+/// The engine's unix socket for the agent of the test in `dir`.
+pub fn engine_socket(dir: &Path) -> PathBuf {
+    dir.join("run/bk.sock")
+}
+
+/// The engine cgroup name for the test in `dir`: unique, so parallel tests never share one.
+pub fn test_cgroup_name(dir: &Path) -> String {
+    let name = dir.file_name().map(|n| n.to_string_lossy().replace('.', "")).unwrap_or_default();
+    format!("ma-test-{name}")
+}
+
+/// The engine cgroup's directories of the test in `dir`, in every mounted
+/// hierarchy (runc creates them in all v1 hierarchies and v2), where they exist.
+pub fn test_cgroup_dirs(dir: &Path) -> Vec<PathBuf> {
+    let name = test_cgroup_name(dir);
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo
+        .lines()
+        .filter(|l| l.contains(" - cgroup ") || l.contains(" - cgroup2 "))
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|root| Path::new(root).join(&name))
+        .filter(|p| p.join("cgroup.procs").exists())
+        .collect()
+}
+
+/// The memory-controller directory of the test's engine cgroup (v2 when it has memory, else v1).
+pub fn test_memory_cgroup(dir: &Path) -> Option<PathBuf> {
+    let dirs = test_cgroup_dirs(dir);
+    dirs.iter().find(|d| d.join("memory.max").exists() || d.join("memory.limit_in_bytes").exists()).cloned()
+}
+
+/// The pid the agent recorded for its engine, if one runs.
+pub fn engine_pid(dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(dir.join("state/engine/buildkitd.pid")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Every process in a cgroup directory and its descendants.
+pub fn cgroup_pids(cgroup: &Path) -> Vec<u32> {
+    let mut pids = vec![];
+    let mut dirs = vec![cgroup.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        if let Ok(text) = std::fs::read_to_string(d.join("cgroup.procs")) {
+            pids.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(e.path());
+            }
+        }
+    }
+    pids
+}
+
+/// Kills everything in the test's engine cgroup (the engine and its build steps)
+/// and removes the cgroup: what an agent killed mid-task leaves behind.
+#[allow(clippy::disallowed_methods)] // Drop cannot await; the wait is bounded (5 s)
+pub fn cleanup_engine_of(dir: &Path) {
+    use nix::sys::signal::{kill, killpg, Signal};
+    use nix::unistd::Pid;
+    if let Some(pid) = engine_pid(dir) {
+        let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    for cgroup in test_cgroup_dirs(dir) {
+        for _ in 0..100 {
+            let pids = cgroup_pids(&cgroup);
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(50)); // the kernel empties the cgroup asynchronously
+        }
+        let mut tree = vec![];
+        let mut dirs = vec![cgroup.clone()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    dirs.push(e.path());
+                }
+            }
+            tree.push(d);
+        }
+        for d in tree.iter().rev() {
+            if let Err(e) = std::fs::remove_dir(d) {
+                eprintln!("cleanup: cannot remove cgroup {}: {e}", d.display());
+            }
+        }
+    }
 }
 
 /// A running `machine-agent`; SIGKILLed and reaped on drop.
@@ -179,7 +300,7 @@ impl AgentBuilder {
 }
 
 impl AgentProcess {
-    /// Leaves the test dir's mounts and loop devices alone on drop (another agent owns them now).
+    /// Leaves the test dir's engine, mounts and loop devices alone on drop (another agent owns them now).
     pub fn keep_volumes(&mut self) {
         self.test_dir = None;
     }
@@ -253,6 +374,7 @@ impl Drop for AgentProcess {
             }
         }
         if let Some(dir) = &self.test_dir {
+            cleanup_engine_of(dir);
             cleanup_volumes_under(dir);
         }
     }
