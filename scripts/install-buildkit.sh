@@ -36,7 +36,7 @@ command -v file >/dev/null || missing+=(file)
 if ((${#missing[@]})); then
     log "installing ${missing[*]} from Debian"
     apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" runc busybox-static file
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
 # --- buildkitd and buildctl from the Go module proxy ------------------------------
