@@ -2,3 +2,5 @@
 
 /// The pure planner: which records to prune, and why.
 pub mod planner;
+/// One GC run against the live engine: plan, prune in batches, report.
+pub mod executor;
