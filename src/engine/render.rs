@@ -288,13 +288,8 @@ fn go_duration(d: Duration) -> Option<String> {
 
 // === the GC backstop ===
 
-/// The agent GC's default retention of unused records, when the task sets
-/// none. The agent's GC module will own this default; it is here because the
-/// backstop must be derived from it.
-pub const AGENT_DEFAULT_RETENTION: Duration = Duration::from_secs(14 * 24 * 3600);
-/// The agent GC's default free-space high watermark: it starts collecting
-/// when less than this percentage of the cache filesystem is free.
-pub const AGENT_DEFAULT_FREE_BYTES_HIGH_WATERMARK_PERCENT: u32 = 10;
+/// The agent GC's defaults the backstop is derived from (the planner owns them).
+pub use crate::gc::planner::{DEFAULT_FREE_START_BELOW_PERCENT as AGENT_DEFAULT_FREE_BYTES_HIGH_WATERMARK_PERCENT, DEFAULT_RETENTION as AGENT_DEFAULT_RETENTION};
 /// The backstop keeps unused records this many times the agent's retention.
 pub const BACKSTOP_RETENTION_FACTOR: u32 = 2;
 /// The backstop lets the cache grow this much past the agent's keep-bytes.
@@ -325,7 +320,7 @@ pub const BACKSTOP_RESERVED_PERCENT_OF_KEEP: u64 = 10;
 pub fn backstop_policy(task: &BuildkitTask) -> Vec<GcBackstopRule> {
     let retention = task.gc.retention.unwrap_or(AGENT_DEFAULT_RETENTION);
     let keep_bytes = task.gc.keep_bytes.unwrap_or(task.cache_size_bytes);
-    let high_watermark = task.gc.free_bytes_watermarks_percent.map_or(AGENT_DEFAULT_FREE_BYTES_HIGH_WATERMARK_PERCENT, |(high, _)| high);
+    let high_watermark = task.gc.free_bytes_watermarks_percent.map_or(u32::from(AGENT_DEFAULT_FREE_BYTES_HIGH_WATERMARK_PERCENT), |(high, _)| high);
     let min_free_percent = (high_watermark / 2).max(1);
     let min_free = match task.mounts.first().map(|m| &m.source) {
         Some(VolumeSource::File { size_bytes, .. }) => DiskSpace::Bytes((size_bytes / 100).saturating_mul(u64::from(min_free_percent)).max(1)),
