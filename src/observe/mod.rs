@@ -4,6 +4,8 @@
 pub mod http;
 pub mod liveness;
 pub mod metrics;
+/// The OOM watcher's pure core: kmsg OOM lines parsed, assembled into kills and attributed.
+pub mod oom;
 
 /// Logs to stderr (journald keeps it), filtered by MACHINE_AGENT_LOG
 /// (tracing's env-filter syntax), info by default.
