@@ -18,12 +18,15 @@
 //! [<scope>: ]Kill process <pid> (<name>) score <n> or sacrifice child                 before 5.1
 //! [<scope>: ]Killed process <pid> (<name>) total-vm:..kB, anon-rss:..kB, file-rss:..kB[, shmem-rss:..kB]
 //!          [, UID:<uid>] [pgtables:..kB] [oom_score_adj:N]                             all versions
+//! Tasks in <memcg> are going to be killed due to memory.oom.group set                 v2 memcg, 4.19+
 //! ```
 //!
 //! where `<scope>` is `Out of memory` (a system OOM) or `Memory cgroup out of
 //! memory` (a memcg limit). The `Killed process` line is the one printed for
 //! the actual victim, so it is the line that completes an event; the others
-//! only add context.
+//! only add context. With `memory.oom.group` the kernel kills the victim, then
+//! prints the `Tasks in` line and one `Killed process` line per other task of
+//! the group: each of those is an event too, attributed through the group.
 
 /// One /dev/kmsg record: `<prio>,<seq>,<timestamp_us>,<flags>[,more];<message>`,
 /// then optional continuation lines (` KEY=value`) that are ignored here.
@@ -150,12 +153,19 @@ pub enum OomLine {
     Chosen { scope: Option<OomScope>, pid: u32, name: String, score: Option<u64> },
     /// `[<scope>: ]Killed process <pid> (<name>) total-vm:..`: the kill itself.
     Killed(KilledProcess),
+    /// `Tasks in <memcg> are going to be killed due to memory.oom.group set`:
+    /// the `Killed process` lines that follow are the group's other tasks.
+    GroupKill { memcg: String },
 }
 
 /// Parses a kmsg message into an OOM line; `None` for every other line.
 pub fn parse_oom_line(message: &str) -> Option<OomLine> {
     if let Some(rest) = message.strip_prefix("oom-kill:") {
         return Some(OomLine::Summary(parse_summary(rest)));
+    }
+    if let Some(rest) = message.strip_prefix("Tasks in ") {
+        let memcg = rest.strip_suffix(" are going to be killed due to memory.oom.group set")?;
+        return Some(OomLine::GroupKill { memcg: memcg.to_owned() });
     }
     if let Some(rest) = message.strip_prefix("Task in ") {
         let (task_memcg, oom_memcg) = rest.split_once(" killed as a result of limit of ")?;
@@ -184,8 +194,8 @@ pub fn parse_oom_line(message: &str) -> Option<OomLine> {
 /// to print "killed process" somewhere is not mistaken for the OOM killer.
 fn split_scoped<'a>(message: &'a str, marker: &str) -> Option<(Option<OomScope>, &'a str)> {
     let (prefix, rest) = message.split_once(marker)?;
-    // "Kill process" must not match the start of "Killed process", and v1-era
-    // kernels differ in spacing, so any whitespace may follow the marker.
+    // A word must end at the marker ("Killed processes" is something else);
+    // v1-era kernels differ in spacing, so any whitespace may follow it.
     if !rest.starts_with(char::is_whitespace) {
         return None;
     }
@@ -322,15 +332,34 @@ impl Attribution {
 /// `buildkit/`) counts as the engine's: it is no step and it is not outside.
 pub fn attribute(task_memcg: Option<&str>, engine_cgroup: &str) -> Attribution {
     let Some(task_memcg) = task_memcg else { return Attribution::Unknown };
-    let mut task = task_memcg.split('/').filter(|c| !c.is_empty());
-    for engine_component in engine_cgroup.split('/').filter(|c| !c.is_empty()) {
-        if task.next() != Some(engine_component) {
-            return Attribution::Other;
+    match components_below(task_memcg, engine_cgroup).as_deref() {
+        None => Attribution::Other,
+        Some(["buildkit", id, ..]) => Attribution::BuildStep { container_id: (*id).to_owned() },
+        Some(_) => Attribution::Engine,
+    }
+}
+
+/// The components of `path` below `base`, or `None` when `path` is not
+/// `base` or inside it. Empty components (`//`, a trailing `/`) do not count.
+fn components_below<'a>(path: &'a str, base: &str) -> Option<Vec<&'a str>> {
+    let mut path = path.split('/').filter(|c| !c.is_empty());
+    for base_component in base.split('/').filter(|c| !c.is_empty()) {
+        if path.next() != Some(base_component) {
+            return None;
         }
     }
-    match (task.next(), task.next()) {
-        (Some("buildkit"), Some(id)) => Attribution::BuildStep { container_id: id.to_owned() },
-        _ => Attribution::Engine,
+    Some(path.collect())
+}
+
+/// A task killed as a member of `group` lives in `group` or below it. That
+/// pins a step or the daemon, and anything outside the engine; a group at the
+/// engine's root (or `buildkit/`) could hold either, so it says nothing.
+fn attribute_group_member(group: &str, engine_cgroup: &str) -> Attribution {
+    match components_below(group, engine_cgroup).as_deref() {
+        None => Attribution::Other,
+        Some(["buildkit", id, ..]) => Attribution::BuildStep { container_id: (*id).to_owned() },
+        Some(["daemon", ..]) => Attribution::Engine,
+        Some(_) => Attribution::Unknown,
     }
 }
 
@@ -351,6 +380,8 @@ pub struct OomEvent {
     pub task_memcg: Option<String>,
     /// The task whose allocation triggered the OOM killer.
     pub invoked_by: Option<String>,
+    /// The `memory.oom.group` cgroup when this task was killed as a member of it.
+    pub oom_group: Option<String>,
     pub total_vm_bytes: Option<u64>,
     pub anon_rss_bytes: Option<u64>,
     pub file_rss_bytes: Option<u64>,
@@ -373,6 +404,7 @@ struct Episode {
     task_in: Option<(u64, String, String)>,
     summary: Option<(u64, OomKillSummary)>,
     chosen_scope: Option<(u64, OomScope)>,
+    group: Option<(u64, String)>,
 }
 
 /// Folds parsed OOM lines into [`OomEvent`]s: one per `Killed process` line,
@@ -436,12 +468,21 @@ impl OomAssembler {
                 None
             }
             OomLine::Killed(killed) => Some(self.complete(seq, time_us, killed)),
+            OomLine::GroupKill { memcg } => {
+                self.episode.group = Some((time_us, memcg));
+                None
+            }
         }
     }
 
     fn complete(&mut self, seq: u64, time_us: u64, killed: KilledProcess) -> OomEvent {
-        let episode = std::mem::take(&mut self.episode);
         let recent = |at: u64| time_us.saturating_sub(at) <= MAX_EPISODE_SPAN_US;
+        // The trigger and an oom.group stay for the group's other kills; the
+        // per-victim lines are used up by this one.
+        let episode = std::mem::take(&mut self.episode);
+        self.episode.invoked = episode.invoked.clone().filter(|(at, _)| recent(*at));
+        self.episode.group = episode.group.clone().filter(|(at, _)| recent(*at));
+        let oom_group = self.episode.group.as_ref().map(|(_, memcg)| memcg.clone());
         // The summary names its victim; one for another pid (an `oom-kill:` line
         // whose kill never got printed) must not lend this kill its memcg.
         let summary = episode.summary.filter(|(at, s)| {
@@ -472,7 +513,11 @@ impl OomAssembler {
             None if oom_memcg.is_some() => Some(OomScope::Memcg),
             None => killed.scope.or(chosen_scope).or(task_in.map(|_| OomScope::Memcg)),
         };
-        let attribution = attribute(task_memcg.as_deref(), &self.engine_cgroup);
+        let attribution = match (&task_memcg, &oom_group) {
+            (None, Some(group)) => attribute_group_member(group, &self.engine_cgroup),
+            _ => attribute(task_memcg.as_deref(), &self.engine_cgroup),
+        };
+        let scope = scope.or(oom_group.as_ref().map(|_| OomScope::Memcg));
         OomEvent {
             seq,
             time_us,
@@ -484,6 +529,7 @@ impl OomAssembler {
             oom_memcg,
             task_memcg,
             invoked_by,
+            oom_group,
             total_vm_bytes: killed.total_vm_bytes,
             anon_rss_bytes: killed.anon_rss_bytes,
             file_rss_bytes: killed.file_rss_bytes,
@@ -828,6 +874,7 @@ mod tests {
                 oom_memcg: Some("/machine-agent-engine".into()),
                 task_memcg: Some("/machine-agent-engine/buildkit/abc123".into()),
                 invoked_by: Some("python3".into()),
+                oom_group: None,
                 total_vm_bytes: Some(123_456 * 1024),
                 anon_rss_bytes: Some(65_432 * 1024),
                 file_rss_bytes: Some(0),
@@ -993,7 +1040,50 @@ mod tests {
         assert_eq!(events[0].attribution, Attribution::BuildStep { container_id: "z".into() });
     }
 
-    // === vmstat and reconciliation ===
+    #[test]
+    fn oom_group_kills_every_member_once() {
+        let mut asm = OomAssembler::new(ENGINE);
+        let events = feed_all(
+            &mut asm,
+            &[
+                "4,1,10,-;sh invoked oom-killer: gfp_mask=0xcc0(GFP_KERNEL), order=0, oom_score_adj=0",
+                "6,2,11,-;oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,mems_allowed=0,oom_memcg=/machine-agent-engine/buildkit/abc,task_memcg=/machine-agent-engine/buildkit/abc,task=python3,pid=100,uid=0",
+                "3,3,12,-;Memory cgroup out of memory: Killed process 100 (python3) total-vm:1kB, anon-rss:1kB, file-rss:0kB, shmem-rss:0kB, UID:0 pgtables:4kB oom_score_adj:0",
+                "6,4,13,-;Tasks in /machine-agent-engine/buildkit/abc are going to be killed due to memory.oom.group set",
+                "3,5,14,-;Memory cgroup out of memory: Killed process 101 (sh) total-vm:1kB, anon-rss:1kB, file-rss:0kB, shmem-rss:0kB, UID:0 pgtables:4kB oom_score_adj:0",
+                "3,6,15,-;Memory cgroup out of memory: Killed process 102 (make) total-vm:1kB, anon-rss:1kB, file-rss:0kB, shmem-rss:0kB, UID:0 pgtables:4kB oom_score_adj:0",
+            ],
+        );
+        let step = Attribution::BuildStep { container_id: "abc".into() };
+        let got: Vec<_> = events.iter().map(|e| (e.pid, e.attribution.clone(), e.oom_group.clone(), e.invoked_by.clone())).collect();
+        let group = Some("/machine-agent-engine/buildkit/abc".to_owned());
+        let sh = Some("sh".to_owned());
+        assert_eq!(got, vec![(100, step.clone(), None, sh.clone()), (101, step.clone(), group.clone(), sh.clone()), (102, step, group, sh)]);
+        assert_eq!(events[1].task_memcg, None);
+    }
+
+    #[test]
+    fn oom_group_member_attribution() {
+        let cases: &[(&str, Attribution)] = &[
+            ("/machine-agent-engine/buildkit/abc", Attribution::BuildStep { container_id: "abc".into() }),
+            ("/machine-agent-engine/buildkit/abc/sub", Attribution::BuildStep { container_id: "abc".into() }),
+            ("/machine-agent-engine/daemon", Attribution::Engine),
+            // A group at the engine's root holds the daemon and the steps alike.
+            ("/machine-agent-engine", Attribution::Unknown),
+            ("/machine-agent-engine/buildkit", Attribution::Unknown),
+            ("/system.slice/foo.service", Attribution::Other),
+            ("/machine-agent-engine2", Attribution::Other),
+        ];
+        for (group, want) in cases {
+            assert_eq!(&attribute_group_member(group, ENGINE), want, "{group}");
+        }
+        assert_eq!(
+            line("Tasks in /a b/c are going to be killed due to memory.oom.group set"),
+            OomLine::GroupKill { memcg: "/a b/c".into() }
+        );
+        assert_eq!(parse_oom_line("Tasks in /a are going to be killed"), None);
+    }
+
 
     #[test]
     fn vmstat_oom_kill_counter() {
@@ -1044,6 +1134,7 @@ mod tests {
         "6,2,110,-;Task in /machine-agent-engine/buildkit/deadbeef killed as a result of limit of /machine-agent-engine",
         "3,4,130,-;Out of memory: Kill process 311 (cc1) score 990 or sacrifice child",
         "3,5,140,-;Killed process 312 (cc1plus) total-vm:800000kB, anon-rss:500000kB, file-rss:20kB, shmem-rss:0kB",
+        "6,4,13,-;Tasks in /machine-agent-engine/buildkit/abc are going to be killed due to memory.oom.group set",
     ];
 
     fn record_strategy() -> impl proptest::strategy::Strategy<Value = String> {
@@ -1057,7 +1148,7 @@ mod tests {
                 let at = cuts[cut % cuts.len()];
                 format!("{}{junk}{}", &s[..at], &s[at..])
             }),
-            (0u64..20, 0u64..100_000_000, "(oom-kill:|Killed process |Kill process |Task in |x invoked oom-killer:|Out of memory: Killed process )[ -~]{0,60}")
+            (0u64..20, 0u64..100_000_000, "(oom-kill:|Killed process |Kill process |Task in |Tasks in |x invoked oom-killer:|Out of memory: Killed process )[ -~]{0,60}")
                 .prop_map(|(seq, ts, msg)| format!("3,{seq},{ts},-;{msg}")),
         ]
     }
