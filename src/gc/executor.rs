@@ -115,7 +115,7 @@ pub struct GcReport {
     pub freed_records: u64,
     /// Their sizes, as the engine reported them.
     pub freed_bytes: u64,
-    /// Ids the engine reported deleted, in prune order.
+    /// Ids the engine reported deleted, in plan order.
     pub freed_ids: Vec<String>,
     /// `free_inodes_after - free_inodes_before`, 0 if writes outpaced the run.
     pub inodes_freed: u64,
@@ -213,19 +213,24 @@ pub async fn run_gc(
                 break;
             }
         };
-        let freed_now: HashSet<&str> = freed.iter().map(|r| r.id.as_str()).collect();
+        // The engine streams what one call deleted in its own order; the
+        // report lists it in plan order, then anything it was not asked for.
+        let mut freed_now: HashMap<&str, &CacheRecord> = freed.iter().map(|r| (r.id.as_str(), r)).collect();
         for v in &asked {
-            if freed_now.contains(v.id.as_str()) {
-                report.reasons.add(v.reason);
-            } else {
+            match freed_now.remove(v.id.as_str()) {
+                Some(r) => {
+                    report.reasons.add(v.reason);
+                    report.note_freed(r);
+                }
                 // In use again since DiskUsage: the engine kept it, and it keeps its parents.
-                cursor.kept.insert(v.id.clone());
+                None => {
+                    cursor.kept.insert(v.id.clone());
+                }
             }
         }
-        for r in &freed {
-            report.freed_records = report.freed_records.saturating_add(1);
-            report.freed_bytes = report.freed_bytes.saturating_add(r.size_bytes);
-            report.freed_ids.push(r.id.clone());
+        for r in freed.iter().filter(|r| freed_now.contains_key(r.id.as_str())) {
+            tracing::warn!(id = %r.id, "the engine pruned a record GC did not ask for");
+            report.note_freed(r);
         }
         match read_stats(fs_path) {
             Ok(stats) => after = stats,
@@ -345,6 +350,12 @@ impl<'p> Cursor<'p> {
 // === impl GcReport ===
 
 impl GcReport {
+    fn note_freed(&mut self, r: &CacheRecord) {
+        self.freed_records = self.freed_records.saturating_add(1);
+        self.freed_bytes = self.freed_bytes.saturating_add(r.size_bytes);
+        self.freed_ids.push(r.id.clone());
+    }
+
     /// One log line: what was planned and freed, the volume before and after, and why.
     pub fn summary(&self) -> String {
         self.to_string()

@@ -1,0 +1,278 @@
+//! The GC executor against a real buildkitd (scripts/install-buildkit.sh):
+//! retention prunes old records and reports what the engine freed, keep-bytes
+//! prunes the least recently used and keeps the newest image, a dry run
+//! prunes nothing and plans what a real run then prunes, and an engine that
+//! cannot be reached defers the run.
+//!
+//! Each test starts its own buildkitd (its own GC off, so only ours prunes)
+//! on a private root and socket; the guard kills and reaps it. Builds are
+//! `FROM scratch`, so no registry is needed. Space watermarks are 0% in
+//! every policy: statvfs of /tmp moves with whatever else runs, and these
+//! tests are about records.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly on the first surprise
+
+use machine_agent::engine::client::{self, CacheRecord, EngineClient};
+use machine_agent::gc::executor::{run_gc, GcError, GcRun, Trigger};
+use machine_agent::gc::planner::{Policy, Reason};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BUILDKITD: &str = "/usr/local/bin/buildkitd";
+const BUILDCTL: &str = "/usr/local/bin/buildctl";
+/// A fresh buildkitd listens within tens of milliseconds; this is for a loaded CI machine.
+const READY: Duration = Duration::from_secs(30);
+/// A one-file scratch build takes about a second.
+const BUILD: Duration = Duration::from_secs(120);
+/// Each image's payload.
+const PAYLOAD_BYTES: usize = 2 << 20;
+
+/// A buildkitd of this test's own, as in tests/engine_client.rs.
+struct Engine {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Engine {
+    fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("mag-").tempdir_in("/tmp").unwrap();
+        let socket = dir.path().join("s.sock");
+        let log = dir.path().join("buildkitd.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(BUILDKITD)
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--addr")
+            .arg(format!("unix://{}", socket.display()))
+            // Not under --root by default (/run/buildkit/otel-grpc.sock): two
+            // engines started at once would collide on it and one would exit.
+            .arg("--otel-socket-path")
+            .arg(dir.path().join("otel.sock"))
+            // The engine's own GC would prune behind the test's back.
+            .args(["--oci-worker=true", "--containerd-worker=false", "--oci-worker-gc=false"])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BUILDKITD} (run scripts/install-buildkit.sh): {e}"));
+        Self { child, socket, log, dir }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.path().join("root")
+    }
+
+    async fn ready(&mut self) -> EngineClient {
+        let wait = client::wait_ready(&self.socket, READY);
+        tokio::pin!(wait);
+        let mut exit_check = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                ready = &mut wait => match ready {
+                    Ok(ready) => return ready.client,
+                    Err(e) => panic!("{e}\nbuildkitd log:\n{}", self.log_text()),
+                },
+                _ = exit_check.tick() => {
+                    if let Some(status) = self.child.try_wait().unwrap() {
+                        panic!("buildkitd exited ({status}) before it was ready\nbuildkitd log:\n{}", self.log_text());
+                    }
+                }
+            }
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `buildctl build` of `FROM scratch`, `COPY <name> /<name>` (random
+    /// payload) and a small `COPY <name>.tag` on top, from its own context.
+    async fn build_image(&self, name: &str) {
+        let context = self.dir.path().join(format!("context-{name}"));
+        std::fs::create_dir_all(&context).unwrap();
+        let data: Vec<u8> = (0..PAYLOAD_BYTES).map(|_| rand::random::<u8>()).collect();
+        std::fs::write(context.join(name), data).unwrap();
+        std::fs::write(context.join(format!("{name}.tag")), name).unwrap();
+        std::fs::write(context.join("Dockerfile"), format!("FROM scratch\nCOPY {name} /{name}\nCOPY {name}.tag /{name}.tag\n"))
+            .unwrap();
+        let mut build = tokio::process::Command::new(BUILDCTL);
+        build
+            .arg("--addr")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(["build", "--frontend", "dockerfile.v0", "--progress", "plain"])
+            .arg(format!("--local=context={}", context.display()))
+            .arg(format!("--local=dockerfile={}", context.display()))
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(BUILD, build.output()).await.expect("buildctl build did not finish").unwrap();
+        assert!(output.status.success(), "buildctl build failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// Builds images `names` one after the other, `gap` apart, so their
+    /// records' last-use times are distinct.
+    async fn build_images(&self, names: &[&str], gap: Duration) {
+        for (i, name) in names.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(gap).await;
+            }
+            self.build_image(name).await;
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Only what the tests ask for: no space watermark, nothing too young.
+fn policy(retention: Duration, keep_bytes: u64) -> Policy {
+    Policy {
+        retention,
+        keep_bytes,
+        free_bytes_start_below_percent: 0,
+        free_bytes_stop_at_percent: 0,
+        free_inodes_start_below_percent: 0,
+        free_inodes_stop_at_percent: 0,
+        min_age: Duration::ZERO,
+    }
+}
+
+/// The layer record of `COPY <name> /<name>`, by its description.
+fn layer<'a>(records: &'a [CacheRecord], name: &str) -> &'a CacheRecord {
+    let step = format!("COPY {name} /{name}");
+    records.iter().find(|r| r.description.ends_with(&step)).unwrap_or_else(|| panic!("no record for {step} in {records:#?}"))
+}
+
+fn ids(records: &[CacheRecord]) -> HashSet<String> {
+    records.iter().map(|r| r.id.clone()).collect()
+}
+
+fn regular(records: &[CacheRecord]) -> HashSet<String> {
+    records.iter().filter(|r| r.record_type == "regular").map(|r| r.id.clone()).collect()
+}
+
+#[tokio::test]
+async fn records_past_retention_are_pruned_and_reported() {
+    const RETENTION: Duration = Duration::from_secs(2);
+    let mut engine = Engine::start();
+    let client = engine.ready().await;
+    engine.build_images(&["a", "b"], Duration::from_millis(200)).await;
+    // Past the retention for a and b, with a margin for clock granularity.
+    tokio::time::sleep(RETENTION + Duration::from_millis(500)).await;
+    engine.build_image("c").await;
+
+    let before = client.disk_usage().await.unwrap();
+    let (a, b, c) = (layer(&before, "a").clone(), layer(&before, "b").clone(), layer(&before, "c").clone());
+    let report = run_gc(&client, &engine.root(), &policy(RETENTION, u64::MAX), Trigger::Interval, 2, false).await.unwrap();
+    println!("{}", report.explain());
+
+    let planned: Vec<&str> = report.plan.victims.iter().map(|v| v.id.as_str()).collect();
+    assert!(planned.contains(&a.id.as_str()) && planned.contains(&b.id.as_str()), "{}", report.explain());
+    assert!(!planned.contains(&c.id.as_str()), "{}", report.explain());
+    assert!(report.plan.victims.iter().all(|v| v.reason == Reason::Retention));
+    assert_eq!(report.freed_ids, planned, "the engine freed exactly the plan, in its order");
+    assert_eq!(report.freed_records, report.planned_records);
+    assert_eq!(report.freed_bytes, report.planned_bytes);
+    assert!(report.freed_bytes >= 2 * PAYLOAD_BYTES as u64, "{}", report.summary());
+    assert_eq!(report.reasons.retention, report.freed_records);
+    assert!(report.error.is_none() && report.shortfall.is_none() && !report.stopped_early, "{}", report.summary());
+
+    let after = ids(&client.disk_usage().await.unwrap());
+    assert!(planned.iter().all(|id| !after.contains(*id)), "pruned records are gone: {after:?}");
+    assert!(after.contains(&c.id), "the fresh image stays");
+}
+
+#[tokio::test]
+async fn keep_bytes_prunes_least_recently_used_first_and_keeps_the_newest_image() {
+    let mut engine = Engine::start();
+    let client = engine.ready().await;
+    engine.build_images(&["a", "b", "c"], Duration::from_millis(300)).await;
+
+    let before = client.disk_usage().await.unwrap();
+    let private: u64 = before.iter().filter(|r| !r.shared).map(|r| r.size_bytes).sum();
+    // Half the cache: more than image a's records, less than a's and b's
+    // with c's on top.
+    let keep = private / 2;
+    let report = run_gc(&client, &engine.root(), &policy(Duration::MAX, keep), Trigger::Pressure, 1, false).await.unwrap();
+    println!("{}", report.explain());
+
+    assert_eq!(report.plan.targets.keep_bytes, Some(private - keep));
+    assert!(report.shortfall.is_none() && report.error.is_none(), "{}", report.summary());
+    assert!(report.freed_bytes >= private - keep, "{}", report.summary());
+    let planned: Vec<&str> = report.plan.victims.iter().map(|v| v.id.as_str()).collect();
+    assert_eq!(report.freed_ids, planned);
+    assert_eq!(report.reasons.keep_bytes, report.freed_records);
+
+    // Least recently used first: every freed record was last touched no
+    // later than any record that stays and could have gone (nothing held it
+    // at planning time, and none of its children stays). Flags and times are
+    // read before the run: a build's records can still be held for a moment
+    // after buildctl returns.
+    let after = client.disk_usage().await.unwrap();
+    let after_ids = ids(&after);
+    let touched = |r: &CacheRecord| r.last_used_at.or(r.created_at).unwrap();
+    let freed: HashSet<&str> = report.freed_ids.iter().map(String::as_str).collect();
+    let staying_parents: HashSet<&str> = after.iter().flat_map(|r| r.parents.iter().map(String::as_str)).collect();
+    let newest_freed = before.iter().filter(|r| freed.contains(r.id.as_str())).map(touched).max().unwrap();
+    let could_have_gone = before
+        .iter()
+        .filter(|r| after_ids.contains(&r.id) && !r.in_use && !r.shared && !staying_parents.contains(r.id.as_str()));
+    for r in could_have_gone {
+        assert!(touched(r) >= newest_freed, "{r:#?} stayed but is older than a freed record\n{}", report.explain());
+    }
+
+    assert!(!after_ids.contains(&layer(&before, "a").id), "the oldest image's layer went first");
+    for name in ["c", "c.tag"] {
+        assert!(after_ids.contains(&layer(&before, name).id), "the newest image's {name} layer stays");
+    }
+}
+
+#[tokio::test]
+async fn a_dry_run_prunes_nothing_and_plans_what_a_real_run_prunes() {
+    let mut engine = Engine::start();
+    let client = engine.ready().await;
+    engine.build_images(&["a", "b", "c"], Duration::from_millis(300)).await;
+
+    let before = client.disk_usage().await.unwrap();
+    let private: u64 = before.iter().filter(|r| !r.shared).map(|r| r.size_bytes).sum();
+    let gc = GcRun { fs_path: engine.root(), policy: policy(Duration::MAX, private / 2), batch: 3, dry_run: true };
+    let dry = gc.run(&client, Trigger::Manual).await.unwrap();
+    println!("{}", dry.explain());
+
+    assert!(dry.dry_run && dry.planned_records > 0, "{}", dry.explain());
+    assert_eq!((dry.freed_records, dry.freed_bytes, dry.freed_ids.len()), (0, 0, 0));
+    assert_eq!(dry.reasons.keep_bytes, dry.planned_records);
+    assert!(dry.explain().contains("(dry run)"));
+    // Layers only: see tests/engine_client.rs on local-source records.
+    let unchanged = client.disk_usage().await.unwrap();
+    assert_eq!(regular(&unchanged), regular(&before), "a dry run prunes nothing");
+
+    let real = GcRun { dry_run: false, ..gc }.run(&client, Trigger::Manual).await.unwrap();
+    println!("{}", real.summary());
+    let dry_ids: Vec<&str> = dry.plan.victims.iter().map(|v| v.id.as_str()).collect();
+    assert_eq!(real.freed_ids, dry_ids, "the real run prunes what the dry run planned");
+    assert_eq!(real.freed_bytes, dry.planned_bytes);
+}
+
+#[tokio::test]
+async fn an_engine_that_cannot_be_reached_defers_the_run() {
+    let mut engine = Engine::start();
+    let client = engine.ready().await.with_call_timeout(Duration::from_secs(2));
+    engine.child.kill().unwrap();
+    engine.child.wait().unwrap();
+
+    let err = run_gc(&client, &engine.root(), &policy(Duration::ZERO, 0), Trigger::Interval, 8, false).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, GcError::Deferred(_)), "{text}");
+    assert!(text.starts_with("GC deferred") && text.contains(&engine.socket.display().to_string()), "{text}");
+
+    // Nothing listens at all: connecting already fails, and says the same.
+    let err = GcError::from(EngineClient::connect(&engine.socket).await.unwrap_err());
+    assert!(err.to_string().starts_with("GC deferred"), "{err}");
+}
