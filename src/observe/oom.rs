@@ -34,7 +34,7 @@
 pub struct KmsgRecord<'a> {
     /// The kernel's record sequence number; strictly increasing within a boot.
     pub seq: u64,
-    /// Microseconds since boot (CLOCK_MONOTONIC) when the line was logged.
+    /// Microseconds since boot (the kernel clock dmesg shows) when the line was logged.
     pub timestamp_us: u64,
     /// The message text, without the trailing newline or continuation lines.
     pub message: &'a str,
