@@ -276,3 +276,27 @@ async fn an_engine_that_cannot_be_reached_defers_the_run() {
     let err = GcError::from(EngineClient::connect(&engine.socket).await.unwrap_err());
     assert!(err.to_string().starts_with("GC deferred"), "{err}");
 }
+
+#[tokio::test]
+async fn an_unreachable_free_space_target_frees_what_it_can_and_reports_the_shortfall() {
+    let mut engine = Engine::start();
+    let client = engine.ready().await;
+    engine.build_images(&["a", "b"], Duration::from_millis(200)).await;
+    let before = client.disk_usage().await.unwrap();
+
+    // 100% free: no volume gets there, so every record the rules allow goes
+    // and the report says how far short the volume still is, by statvfs.
+    let all_free = Policy { free_bytes_start_below_percent: 100, free_bytes_stop_at_percent: 100, ..policy(Duration::MAX, u64::MAX) };
+    let report = run_gc(&client, &engine.root(), &all_free, Trigger::Pressure, 4, false).await.unwrap();
+    println!("{}", report.explain());
+
+    let short = report.shortfall.expect("a 100% free target cannot be met");
+    assert!(short.free_bytes > 0 && short.keep_bytes == 0 && short.free_inodes == 0, "{}", report.summary());
+    assert!(report.summary().contains("SHORT by"), "{}", report.summary());
+    assert!(!report.stopped_early && report.error.is_none(), "{}", report.summary());
+    assert_eq!(report.reasons.free_bytes, report.freed_records);
+    for name in ["a", "a.tag", "b", "b.tag"] {
+        assert!(report.freed_ids.contains(&layer(&before, name).id), "{name} went: {}", report.explain());
+    }
+    assert!(report.free_bytes_after > report.free_bytes_before || report.freed_bytes == 0, "{}", report.summary());
+}
