@@ -69,6 +69,42 @@ struct RawConfig {
     agent: RawAgent,
     #[serde(default)]
     engine: RawEngine,
+    #[serde(default)]
+    gc: RawGc,
+}
+
+/// Defaults are the planner's (14 days, 10 min, 10 % / 20 %); a task may override them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawGc {
+    enabled: bool,
+    retention_secs: u64,
+    min_age_secs: u64,
+    interval_secs: u64,
+    pressure_check_secs: u64,
+    free_bytes_start_below_percent: u8,
+    free_bytes_stop_at_percent: u8,
+    free_inodes_start_below_percent: u8,
+    free_inodes_stop_at_percent: u8,
+    batch: usize,
+}
+
+impl Default for RawGc {
+    fn default() -> Self {
+        use crate::gc::planner as p;
+        Self {
+            enabled: true,
+            retention_secs: p::DEFAULT_RETENTION.as_secs(),
+            min_age_secs: p::DEFAULT_MIN_AGE.as_secs(),
+            interval_secs: 60,
+            pressure_check_secs: 5,
+            free_bytes_start_below_percent: p::DEFAULT_FREE_START_BELOW_PERCENT,
+            free_bytes_stop_at_percent: p::DEFAULT_FREE_STOP_AT_PERCENT,
+            free_inodes_start_below_percent: p::DEFAULT_FREE_START_BELOW_PERCENT,
+            free_inodes_stop_at_percent: p::DEFAULT_FREE_STOP_AT_PERCENT,
+            batch: crate::gc::executor::DEFAULT_BATCH,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -256,6 +292,23 @@ pub struct Config {
     pub usage_interval: Duration,
     pub state_dir: PathBuf,
     pub engine: EngineConfig,
+    pub gc: GcConfig,
+}
+
+/// The agent's cache GC, before a task's overrides.
+#[derive(Debug, Clone)]
+pub struct GcConfig {
+    pub enabled: bool,
+    pub retention: Duration,
+    pub min_age: Duration,
+    pub interval: Duration,
+    /// How often the free space is checked for pressure between runs.
+    pub pressure_check: Duration,
+    pub free_bytes_start_below_percent: u8,
+    pub free_bytes_stop_at_percent: u8,
+    pub free_inodes_start_below_percent: u8,
+    pub free_inodes_stop_at_percent: u8,
+    pub batch: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -549,6 +602,22 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
         );
     }
 
+    let g = &raw.gc;
+    check_range(&mut bad, "gc.retention_secs", g.retention_secs, 1, 366 * 86_400);
+    check_range(&mut bad, "gc.min_age_secs", g.min_age_secs, 0, g.retention_secs);
+    check_range(&mut bad, "gc.interval_secs", g.interval_secs, 1, 86_400);
+    check_range(&mut bad, "gc.pressure_check_secs", g.pressure_check_secs, 1, 3600);
+    check_range(&mut bad, "gc.batch", g.batch as u64, 1, 10_000);
+    for (what, start, stop) in [
+        ("free_bytes", g.free_bytes_start_below_percent, g.free_bytes_stop_at_percent),
+        ("free_inodes", g.free_inodes_start_below_percent, g.free_inodes_stop_at_percent),
+    ] {
+        check_range(&mut bad, &format!("gc.{what}_stop_at_percent"), u64::from(stop), 0, 100);
+        if start > stop {
+            bad(&format!("gc.{what}_start_below_percent"), format!("must not exceed gc.{what}_stop_at_percent ({stop}), got {start}"));
+        }
+    }
+
     Config {
         control_plane,
         identity,
@@ -586,6 +655,18 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
                 crash_window: Duration::from_secs(e.crash_loop_window_secs),
                 crash_limit: e.crash_loop_restarts,
             },
+        },
+        gc: GcConfig {
+            enabled: g.enabled,
+            retention: Duration::from_secs(g.retention_secs),
+            min_age: Duration::from_secs(g.min_age_secs),
+            interval: Duration::from_secs(g.interval_secs),
+            pressure_check: Duration::from_secs(g.pressure_check_secs),
+            free_bytes_start_below_percent: g.free_bytes_start_below_percent,
+            free_bytes_stop_at_percent: g.free_bytes_stop_at_percent,
+            free_inodes_start_below_percent: g.free_inodes_start_below_percent,
+            free_inodes_stop_at_percent: g.free_inodes_stop_at_percent,
+            batch: g.batch,
         },
     }
 }

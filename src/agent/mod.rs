@@ -64,6 +64,8 @@ pub struct Status {
     pub engine_restarts: u64,
     /// How the engine last exited, for /readyz and the health stream.
     pub engine_last_exit: Option<String>,
+    /// The last GC run's one-line summary.
+    pub last_gc: Option<String>,
     pub task_id: Option<String>,
     /// Filesystems whose figures the health stream carries.
     pub watched_paths: Vec<PathBuf>,
@@ -83,6 +85,8 @@ pub enum Input {
     ShouldTerminate,
     /// The engine supervisor's news: spawned, ready, hung, exited.
     Engine(EngineEvent),
+    /// A GC run finished (or was deferred): its one-line summary.
+    GcRun(String),
     /// The volume manager finished preparing the task's mounts: those it
     /// prepared (to release at drain), and the error that stopped it, if any.
     VolumesPrepared { prepared: Vec<PreparedMount>, error: Option<String> },
@@ -120,6 +124,7 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
         engine_pid: None,
         engine_restarts: 0,
         engine_last_exit: None,
+        last_gc: None,
         task_id: None,
         watched_paths: vec![config.state_dir.clone()],
         cache_mount: None,
@@ -147,6 +152,7 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
         status: status_tx,
         engine: None,
         engine_cgroup: None,
+        gc: None,
         task: None,
         mounts: vec![],
         preparing: false,
@@ -230,6 +236,8 @@ struct Agent {
     engine: Option<Supervisor>,
     /// Removed at drain, once the engine is gone.
     engine_cgroup: Option<EngineCgroup>,
+    /// The GC loop, started when the engine is first ready; aborted at drain.
+    gc: Option<tokio::task::JoinHandle<()>>,
     task: Option<BuildkitTask>,
     /// Mounts the volume manager prepared; released at drain.
     mounts: Vec<PreparedMount>,
@@ -360,6 +368,10 @@ impl Agent {
                 self.on_engine_event(event);
                 None
             }
+            Input::GcRun(summary) => {
+                self.status.send_modify(|s| s.last_gc = Some(summary));
+                None
+            }
         }
     }
 
@@ -375,6 +387,7 @@ impl Agent {
                 self.set_engine_state(EngineState::Running);
                 self.metrics.engine_up.set(1);
                 self.transition(Event::EngineReady, "");
+                self.start_gc();
             }
             EngineEvent::Hung { pid, failures } => {
                 error!(pid, failures, "engine stopped answering its liveness probe; it is being killed");
@@ -388,6 +401,41 @@ impl Agent {
                 self.engine_went_down(format!("could not be spawned: {error}"), decision);
             }
         }
+    }
+
+    /// Starts the GC loop once (it outlives engine restarts: a run against a
+    /// restarting engine is deferred).
+    fn start_gc(&mut self) {
+        let Some(task) = &self.task else { return };
+        if self.gc.is_some() || !self.config.gc.enabled {
+            return;
+        }
+        let Some(root) = task.mounts.first().map(|m| m.mount_path.clone()) else { return };
+        let (policy, interval) = crate::gc::schedule::effective_policy(&self.config.gc, task);
+        info!(
+            retention_secs = policy.retention.as_secs(), keep_bytes = policy.keep_bytes, min_age_secs = policy.min_age.as_secs(),
+            free_bytes_start_below_percent = policy.free_bytes_start_below_percent, free_bytes_stop_at_percent = policy.free_bytes_stop_at_percent,
+            free_inodes_start_below_percent = policy.free_inodes_start_below_percent, free_inodes_stop_at_percent = policy.free_inodes_stop_at_percent,
+            interval_secs = interval.as_secs(), "gc loop started"
+        );
+        let (summaries_tx, mut summaries_rx) = mpsc::channel(4);
+        let schedule = crate::gc::schedule::GcSchedule {
+            run: crate::gc::executor::GcRun { fs_path: root, policy, batch: self.config.gc.batch, dry_run: false },
+            socket: self.config.engine.socket.clone(),
+            interval,
+            pressure_check: self.config.gc.pressure_check,
+            metrics: self.metrics.clone(),
+            summaries: summaries_tx,
+        };
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            while let Some(summary) = summaries_rx.recv().await {
+                if inputs.send(Input::GcRun(summary)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        self.gc = Some(tokio::spawn(schedule.run_forever().instrument(tracing::info_span!("gc"))));
     }
 
     /// The engine is gone and the supervisor will restart it: a single exit is
@@ -487,6 +535,10 @@ impl Agent {
         self.notifier.stopping();
         info!(reason = %reason, deadline_secs = self.config.drain_timeout.as_secs(), "draining");
 
+        // No GC while the engine stops: a prune cut halfway helps nobody.
+        if let Some(gc) = self.gc.take() {
+            gc.abort();
+        }
         let mut errors = vec![];
         let mut engine_stopped_cleanly = true;
         if let Some(engine) = self.engine.take() {

@@ -275,7 +275,7 @@ pub fn record_for_planner(r: &CacheRecord, now: SystemTime) -> Record {
     }
 }
 
-fn read_stats(path: &Path) -> Result<FsStats, StatsError> {
+pub(crate) fn read_stats(path: &Path) -> Result<FsStats, StatsError> {
     let s = read_fs_stats(path)?;
     Ok(FsStats { total_bytes: s.total_bytes, free_bytes: s.free_bytes, total_inodes: s.total_inodes, free_inodes: s.free_inodes })
 }

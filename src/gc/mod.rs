@@ -4,3 +4,5 @@
 pub mod planner;
 /// One GC run against the live engine: plan, prune in batches, report.
 pub mod executor;
+/// When GC runs: startup, interval, pressure; and what it reports.
+pub mod schedule;

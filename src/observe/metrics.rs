@@ -2,7 +2,7 @@
 //! `machine_agent_` names, base units and HELP text.
 
 use crate::agent::state::State;
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// Handles to every metric; cheap to clone (each is an `Arc` inside).
 #[derive(Clone, Debug)]
@@ -16,6 +16,12 @@ pub struct Metrics {
     pub tasks_rejected: IntCounter,
     pub engine_up: IntGauge,
     pub engine_restarts: IntCounterVec,
+    pub gc_runs: IntCounterVec,
+    pub gc_freed_bytes: IntCounter,
+    pub gc_freed_records: IntCounter,
+    pub gc_last_run_freed_bytes: IntGauge,
+    pub gc_last_run_duration_seconds: Gauge,
+    pub gc_last_run_timestamp_seconds: Gauge,
 }
 
 /// Registering a metric fails only on a duplicate name or bad label set, which
@@ -97,6 +103,34 @@ impl Metrics {
                 }
                 restarts
             },
+            gc_runs: register(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new("gc_runs_total", "Cache GC runs by trigger (startup, interval, pressure, manual) and outcome (ok, error, deferred)."),
+                    &["trigger", "outcome"],
+                )
+                .expect("valid"),
+            ),
+            gc_freed_bytes: register(
+                &registry,
+                IntCounter::new("gc_freed_bytes_total", "Bytes the engine reported freed by the agent's cache GC.").expect("valid"),
+            ),
+            gc_freed_records: register(
+                &registry,
+                IntCounter::new("gc_freed_records_total", "Cache records pruned by the agent's cache GC.").expect("valid"),
+            ),
+            gc_last_run_freed_bytes: register(
+                &registry,
+                IntGauge::new("gc_last_run_freed_bytes", "Bytes freed by the last completed GC run.").expect("valid"),
+            ),
+            gc_last_run_duration_seconds: register(
+                &registry,
+                Gauge::new("gc_last_run_duration_seconds", "How long the last completed GC run took.").expect("valid"),
+            ),
+            gc_last_run_timestamp_seconds: register(
+                &registry,
+                Gauge::new("gc_last_run_timestamp_seconds", "Unix time of the last completed GC run.").expect("valid"),
+            ),
             registry,
         }
     }

@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod control_plane;
+pub mod engine;
 pub mod loopdev;
 pub mod metadata;
 

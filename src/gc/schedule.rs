@@ -1,0 +1,165 @@
+//! When GC runs: once as soon as the engine is ready, every interval, and at
+//! once when the cache volume crosses a free-space or free-inode watermark
+//! between runs. One run at a time; an engine that cannot be read defers the
+//! run to the next tick. Every run is logged, counted and published.
+
+use super::executor::{GcReport, GcRun, Trigger};
+use super::planner::{self, Policy};
+use crate::config::GcConfig;
+use crate::engine::client::EngineClient;
+use crate::observe::metrics::Metrics;
+use crate::task::BuildkitTask;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// The agent's GC policy for a task: the config's, with the task's overrides.
+pub fn effective_policy(config: &GcConfig, task: &BuildkitTask) -> (Policy, Duration) {
+    let o = &task.gc;
+    let percent = |p: u32| u8::try_from(p.min(100)).unwrap_or(100);
+    let (bytes_start, bytes_stop) = o
+        .free_bytes_watermarks_percent
+        .map_or((config.free_bytes_start_below_percent, config.free_bytes_stop_at_percent), |(h, l)| (percent(h), percent(l)));
+    let (inodes_start, inodes_stop) = o
+        .free_inodes_watermarks_percent
+        .map_or((config.free_inodes_start_below_percent, config.free_inodes_stop_at_percent), |(h, l)| (percent(h), percent(l)));
+    let policy = Policy {
+        retention: o.retention.unwrap_or(config.retention),
+        keep_bytes: o.keep_bytes.unwrap_or(task.cache_size_bytes),
+        free_bytes_start_below_percent: bytes_start,
+        free_bytes_stop_at_percent: bytes_stop,
+        free_inodes_start_below_percent: inodes_start,
+        free_inodes_stop_at_percent: inodes_stop,
+        min_age: o.min_age.unwrap_or(config.min_age),
+    };
+    (policy, o.interval.unwrap_or(config.interval))
+}
+
+/// True when the volume is below a start watermark: the planner's own test,
+/// asked with no records.
+pub fn under_pressure(fs: &planner::FsStats, policy: &Policy) -> bool {
+    let targets = planner::plan_prune(&[], fs, policy, SystemTime::now()).targets;
+    targets.free_bytes.is_some() || targets.free_inodes.is_some()
+}
+
+/// The GC loop of one task.
+#[derive(Debug)]
+pub struct GcSchedule {
+    pub run: GcRun,
+    pub socket: PathBuf,
+    pub interval: Duration,
+    pub pressure_check: Duration,
+    pub metrics: Metrics,
+    /// Each run's one-line summary, for /readyz.
+    pub summaries: mpsc::Sender<String>,
+}
+
+impl GcSchedule {
+    /// Runs until the task is dropped (aborted at drain).
+    pub async fn run_forever(self) {
+        let mut next_run = Instant::now(); // the first run as soon as the engine is ready
+        let mut pending = Trigger::Startup;
+        let mut pressure_tick = tokio::time::interval(self.pressure_check);
+        pressure_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next_run) => {}
+                _ = pressure_tick.tick() => {
+                    match super::executor::read_stats(&self.run.fs_path) {
+                        Ok(fs) if under_pressure(&fs, &self.run.policy) => pending = Trigger::Pressure,
+                        Ok(_) => continue,
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot read the cache volume's free space");
+                            continue;
+                        }
+                    }
+                }
+            }
+            self.run_once(pending).await;
+            pending = Trigger::Interval;
+            next_run = Instant::now() + self.interval;
+        }
+    }
+
+    async fn run_once(&self, trigger: Trigger) {
+        let result = match EngineClient::connect(&self.socket).await {
+            Ok(client) => self.run.run(&client, trigger).await,
+            Err(error) => Err(error.into()),
+        };
+        let labels = |outcome: &str| [trigger.as_str().to_string(), outcome.to_string()];
+        match result {
+            Ok(report) => {
+                let outcome = if report.error.is_some() { "error" } else { "ok" };
+                self.metrics.gc_runs.with_label_values(&labels(outcome)).inc();
+                self.record(&report);
+                if let Some(error) = &report.error {
+                    tracing::warn!(trigger = %trigger, %error, summary = %report.summary(), "gc run stopped early");
+                } else {
+                    tracing::info!(trigger = %trigger, summary = %report.summary(), "gc run");
+                }
+                let _ = self.summaries.send(report.summary()).await;
+            }
+            Err(error) => {
+                self.metrics.gc_runs.with_label_values(&labels("deferred")).inc();
+                tracing::warn!(trigger = %trigger, %error, "gc run deferred; retried at the next tick");
+                let _ = self.summaries.send(format!("deferred ({trigger}): {error}")).await;
+            }
+        }
+    }
+
+    fn record(&self, report: &GcReport) {
+        let m = &self.metrics;
+        m.gc_freed_bytes.inc_by(report.freed_bytes);
+        m.gc_freed_records.inc_by(report.freed_records);
+        m.gc_last_run_freed_bytes.set(i64::try_from(report.freed_bytes).unwrap_or(i64::MAX));
+        m.gc_last_run_duration_seconds.set(report.duration.as_secs_f64());
+        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        m.gc_last_run_timestamp_seconds.set(now.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> GcConfig {
+        GcConfig {
+            enabled: true,
+            retention: Duration::from_secs(100),
+            min_age: Duration::from_secs(10),
+            interval: Duration::from_secs(60),
+            pressure_check: Duration::from_secs(5),
+            free_bytes_start_below_percent: 10,
+            free_bytes_stop_at_percent: 20,
+            free_inodes_start_below_percent: 5,
+            free_inodes_stop_at_percent: 15,
+            batch: 64,
+        }
+    }
+
+    #[test]
+    fn the_task_overrides_the_config_field_by_field() {
+        let mut task = crate::engine::render::tests::task();
+        let (p, interval) = effective_policy(&config(), &task);
+        assert_eq!((p.retention, p.min_age, p.keep_bytes, interval), (Duration::from_secs(100), Duration::from_secs(10), task.cache_size_bytes, Duration::from_secs(60)));
+        assert_eq!((p.free_bytes_start_below_percent, p.free_bytes_stop_at_percent), (10, 20));
+        task.gc.retention = Some(Duration::from_secs(7));
+        task.gc.keep_bytes = Some(1234);
+        task.gc.free_bytes_watermarks_percent = Some((30, 40));
+        task.gc.interval = Some(Duration::from_secs(2));
+        let (p, interval) = effective_policy(&config(), &task);
+        assert_eq!((p.retention, p.keep_bytes, interval), (Duration::from_secs(7), 1234, Duration::from_secs(2)));
+        assert_eq!((p.free_bytes_start_below_percent, p.free_bytes_stop_at_percent), (30, 40));
+        assert_eq!((p.free_inodes_start_below_percent, p.free_inodes_stop_at_percent), (5, 15), "inodes keep the config's");
+    }
+
+    #[test]
+    fn pressure_is_a_start_watermark_crossed_for_bytes_or_inodes() {
+        let policy = Policy { free_bytes_start_below_percent: 10, free_inodes_start_below_percent: 10, ..Policy::new(1 << 30) };
+        let fs = |free_bytes, free_inodes| planner::FsStats { total_bytes: 1000, free_bytes, total_inodes: 1000, free_inodes };
+        assert!(!under_pressure(&fs(500, 500), &policy));
+        assert!(under_pressure(&fs(50, 500), &policy), "bytes");
+        assert!(under_pressure(&fs(500, 50), &policy), "inodes");
+    }
+}

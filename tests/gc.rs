@@ -1,0 +1,124 @@
+//! The agent's cache GC loop against the real buildkitd on a loop-device
+//! volume: a free-space watermark crossed while Ready is answered by a
+//! pressure run that prunes the least recently used builds first, and an
+//! engine that cannot be read defers the run without hurting the agent.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly on the first surprise
+
+mod support;
+
+use machine_agent::engine::client::{CacheRecord, EngineClient};
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+use support::engine::{build_context, buildctl_build, readyz, unix_addr, wait_ready, World};
+use support::{agent, engine_socket, eventually, http_get, metric_value};
+
+async fn records(socket: &Path) -> Vec<CacheRecord> {
+    EngineClient::connect(socket).await.unwrap().disk_usage().await.unwrap()
+}
+
+/// Builds one image (its own payload layer, and a RUN layer naming it) and
+/// returns the records it added. The local-source records of the context are
+/// shared by every build: they are the first build's, and used by each.
+async fn build(w: &World, name: &str, payload_bytes: usize) -> Vec<CacheRecord> {
+    let socket = engine_socket(&w.root);
+    let before: BTreeSet<String> = records(&socket).await.into_iter().map(|r| r.id).collect();
+    let ctx = build_context(&w.root, &format!("/bin/busybox echo {name} > /name"), payload_bytes);
+    let out = buildctl_build(&unix_addr(w), &ctx, &w.root.join(format!("out-{name}")));
+    assert!(out.status.success(), "build {name}: {}", String::from_utf8_lossy(&out.stderr));
+    records(&socket).await.into_iter().filter(|r| !before.contains(&r.id)).collect()
+}
+
+/// The build's own layers: its payload COPY and its RUN step.
+fn own_layers(added: &[CacheRecord]) -> Vec<String> {
+    added
+        .iter()
+        .filter(|r| r.description.contains("COPY payload") || r.description.contains("from exec"))
+        .map(|r| r.id.clone())
+        .collect()
+}
+
+fn free_bytes(path: &Path) -> (u64, u64) {
+    let s = nix::sys::statvfs::statvfs(path).unwrap();
+    (s.blocks_available() * s.fragment_size(), s.blocks() * s.fragment_size())
+}
+
+#[tokio::test]
+async fn crossing_the_free_space_watermark_prunes_the_least_recently_used_builds_until_the_stop_watermark() {
+    let w = World::new();
+    let start_below = 59;
+    let stop_at = 60;
+    let agent = agent(&w.config)
+        .standalone(&w.task)
+        .env("MACHINE_AGENT__GC__MIN_AGE_SECS", "0")
+        .env("MACHINE_AGENT__GC__INTERVAL_SECS", "3600") // only pressure can trigger a run here
+        .env("MACHINE_AGENT__GC__PRESSURE_CHECK_SECS", "1")
+        .env("MACHINE_AGENT__GC__FREE_BYTES_START_BELOW_PERCENT", &start_below.to_string())
+        .env("MACHINE_AGENT__GC__FREE_BYTES_STOP_AT_PERCENT", &stop_at.to_string())
+        .env("MACHINE_AGENT__GC__FREE_INODES_START_BELOW_PERCENT", "0")
+        .start();
+    let base = wait_ready(&agent).await;
+    agent.wait_for_log("gc run trigger=startup").await;
+
+    let oldest = build(&w, "oldest", 48 << 20).await;
+    let older = build(&w, "older", 48 << 20).await;
+    let newest = build(&w, "newest", 48 << 20).await;
+    let layer_bytes = |added: &[CacheRecord]| added.iter().filter(|r| r.description.contains("COPY payload")).map(|r| r.size_bytes).sum::<u64>();
+    let (oldest_layers, older_layers, newest_layers) = (own_layers(&oldest), own_layers(&older), own_layers(&newest));
+    assert_eq!((oldest_layers.len(), older_layers.len(), newest_layers.len()), (2, 2, 2), "{oldest:?} {older:?} {newest:?}");
+    let payload = layer_bytes(&oldest);
+    assert!(payload >= 48 << 20, "{oldest:?}");
+
+    // Fill the volume (a file the GC cannot touch) so that freeing the oldest
+    // build's payload and half the next one's is what it takes to reach the
+    // stop watermark. The newest build must never be touched.
+    let cache = w.cache();
+    let (free, total) = free_bytes(&cache);
+    let stop_bytes = total / 100 * stop_at;
+    let want_free = stop_bytes - payload * 3 / 2;
+    assert!(want_free < total / 100 * start_below, "the fill must cross the start watermark");
+    let filler = vec![0x5a_u8; usize::try_from(free - want_free).unwrap()];
+    std::fs::write(cache.join("filler"), &filler).unwrap();
+    nix::unistd::sync();
+
+    let line = agent.wait_for_log("gc run trigger=pressure").await;
+    assert!(line.contains("freed"), "{line}");
+    let (free_after, _) = free_bytes(&cache);
+    assert!(free_after >= stop_bytes, "free {free_after} is back above the stop watermark {stop_bytes}: {line}");
+    let left: BTreeSet<String> = records(&engine_socket(&w.root)).await.into_iter().map(|r| r.id).collect();
+    assert!(oldest_layers.iter().all(|id| !left.contains(id)), "the least recently used build went first: {line}");
+    assert!(newest_layers.iter().all(|id| left.contains(id)), "the most recent build survives: {line}");
+
+    let (_, scrape) = http_get(&base, "/metrics").await;
+    assert_eq!(metric_value(&scrape, "machine_agent_gc_runs_total{outcome=\"ok\",trigger=\"pressure\"}"), Some(1.0), "{scrape}");
+    assert!(metric_value(&scrape, "machine_agent_gc_freed_bytes_total").unwrap() >= payload as f64);
+    let (_, json) = readyz(&base).await;
+    assert!(json["last_gc"].as_str().unwrap().starts_with("gc pressure"), "{json}");
+}
+
+#[tokio::test]
+async fn an_engine_that_cannot_be_read_defers_the_run_and_the_agent_keeps_serving() {
+    let w = World::new();
+    let agent = agent(&w.config)
+        .standalone(&w.task)
+        .env("MACHINE_AGENT__GC__INTERVAL_SECS", "1")
+        .env("MACHINE_AGENT__ENGINE__RESTART_INITIAL_MS", "3000") // long enough to see a run miss the engine
+        .start();
+    let base = wait_ready(&agent).await;
+    agent.wait_for_log("gc run trigger=startup").await;
+    let pid = support::engine_pid(&w.root).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+
+    let line = agent.wait_for_log("gc run deferred").await;
+    assert!(line.contains(&engine_socket(&w.root).display().to_string()), "the deferral names the engine socket: {line}");
+    eventually("the engine back and a GC run after it", Duration::from_secs(30), || {
+        let logs = agent.logs();
+        let deferred = logs.find("gc run deferred").unwrap_or(usize::MAX);
+        logs.rfind("gc run trigger=interval").is_some_and(|i| i > deferred)
+    })
+    .await;
+    let (code, json) = readyz(&base).await;
+    assert_eq!(code, 200, "{json}");
+    let (_, scrape) = http_get(&base, "/metrics").await;
+    assert!(metric_value(&scrape, "machine_agent_gc_runs_total{outcome=\"deferred\",trigger=\"interval\"}").unwrap() >= 1.0);
+}

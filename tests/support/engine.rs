@@ -1,0 +1,144 @@
+//! An agent with the real engine on a loop-device volume, its task and PKI,
+//! and real builds through buildctl: the fixtures of the engine and GC tests.
+
+use super::{agent, base_config, engine_socket, eventually, free_port, http_get, write_private, AgentProcess, TestPki, BUILDCTL};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// One test's world: its directory, PKI, the engine's TCP port, config and task file.
+pub struct World {
+    _dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub pki: TestPki,
+    pub port: u16,
+    pub config: PathBuf,
+    pub task: PathBuf,
+}
+
+impl World {
+    pub fn new() -> Self {
+        Self::with_engine(super::BUILDKITD)
+    }
+
+    /// A world whose engine binary is `binary` (the fake engine for crash loops).
+    pub fn with_engine(binary: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        let pki = TestPki::new("engine ca");
+        let port = free_port();
+        let config = root.join("config.toml");
+        std::fs::write(&config, base_config(&root).replace(super::BUILDKITD, binary)).unwrap();
+        let task = write_task(&root, &pki, port, &pki.server_cert_pem, &pki.server_key_pem);
+        Self { _dir: dir, root, pki, port, config, task }
+    }
+
+    pub fn cache(&self) -> PathBuf {
+        self.root.join("mnt/cache")
+    }
+
+    pub fn start(&self) -> AgentProcess {
+        agent(&self.config).standalone(&self.task).start()
+    }
+
+    /// Writes the client's TLS files; returns buildctl's address and TLS flags.
+    pub fn buildctl_tls_args(&self, with_client_cert: bool) -> Vec<String> {
+        let ca = self.root.join("client-ca.pem");
+        std::fs::write(&ca, &self.pki.ca_pem).unwrap();
+        let mut args = vec![
+            "--addr".to_string(),
+            format!("tcp://127.0.0.1:{}", self.port),
+            "--tlsservername".into(),
+            "localhost".into(),
+            "--tlscacert".into(),
+            ca.display().to_string(),
+        ];
+        if with_client_cert {
+            let (cert, key) = self.pki.client_cert("build client");
+            let (cert_path, key_path) = (self.root.join("client.pem"), self.root.join("client-key.pem"));
+            write_private(&cert_path, &cert);
+            write_private(&key_path, &key);
+            args.extend(["--tlscert".into(), cert_path.display().to_string(), "--tlskey".into(), key_path.display().to_string()]);
+        }
+        args
+    }
+}
+
+pub fn write_task(dir: &Path, pki: &TestPki, port: u16, cert_pem: &str, key_pem: &str) -> PathBuf {
+    write_private(&dir.join("server.pem"), cert_pem);
+    write_private(&dir.join("server-key.pem"), key_pem);
+    write_private(&dir.join("ca.pem"), &pki.ca_pem);
+    let task = format!(
+        r#"
+task_id = "engine-test"
+listen_address = "127.0.0.1:{port}"
+cache_size_bytes = 1073741824
+max_parallelism = 2
+[tls]
+cert_file = "server.pem"
+key_file = "server-key.pem"
+ca_file = "ca.pem"
+[engine_env]
+ENGINE_MARKER = "from-task"
+[[mounts]]
+mount_path = "{mnt}/cache"
+fs_type = "ext4"
+file = {{ path = "{dir}/cache.img", size_bytes = 2147483648 }}
+"#,
+        mnt = dir.join("mnt").display(),
+        dir = dir.display(),
+    );
+    let path = dir.join("task.toml");
+    std::fs::write(&path, task).unwrap();
+    path
+}
+
+/// A build context: a Dockerfile that copies a static busybox into a scratch
+/// image and runs `script` with it (no registry needed), plus a payload file.
+pub fn build_context(dir: &Path, script: &str, payload_bytes: usize) -> PathBuf {
+    let ctx = dir.join(format!("ctx-{}", rand_suffix()));
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::copy("/bin/busybox", ctx.join("busybox")).unwrap();
+    // A fresh seed per context: two builds never share a payload layer by accident.
+    let seed: usize = rand::random::<u32>() as usize;
+    let payload: Vec<u8> = (0..payload_bytes).map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13).to_le_bytes()[0]).collect();
+    std::fs::write(ctx.join("payload"), payload).unwrap();
+    let dockerfile = format!(
+        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY payload /payload\nRUN [\"/bin/busybox\", \"sh\", \"-c\", {}]\n",
+        serde_json::to_string(script).unwrap()
+    );
+    std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
+    ctx
+}
+
+pub fn rand_suffix() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+/// Runs `buildctl build` of `ctx`, exporting the result's files to `out`.
+pub fn buildctl_build(addr_args: &[String], ctx: &Path, out: &Path) -> std::process::Output {
+    Command::new(BUILDCTL)
+        .args(addr_args)
+        .args(["build", "--frontend", "dockerfile.v0", "--progress", "plain"])
+        .arg(format!("--local=context={}", ctx.display()))
+        .arg(format!("--local=dockerfile={}", ctx.display()))
+        .arg(format!("--output=type=local,dest={}", out.display()))
+        .output()
+        .unwrap()
+}
+
+pub fn unix_addr(w: &World) -> Vec<String> {
+    vec!["--addr".into(), format!("unix://{}", engine_socket(&w.root).display())]
+}
+
+pub async fn wait_ready(agent: &AgentProcess) -> String {
+    let base = agent.endpoints().await;
+    eventually("the agent to be ready", Duration::from_secs(60), || agent.logs().contains("to=ready")).await;
+    base
+}
+
+pub async fn readyz(base: &str) -> (u16, serde_json::Value) {
+    let (code, body) = http_get(base, "/readyz").await;
+    (code, serde_json::from_str(&body).unwrap())
+}
+
