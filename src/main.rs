@@ -46,6 +46,15 @@ enum Command {
         #[arg(long, value_name = "TASK.toml")]
         task: Option<PathBuf>,
     },
+    /// Print what the running agent's cache GC would prune now, and why
+    /// (against the live engine, with the agent's own policy); prunes nothing.
+    Gc {
+        #[arg(long, env = "MACHINE_AGENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Required: real runs belong to the agent's GC loop, one at a time.
+        #[arg(long, required = true)]
+        dry_run: bool,
+    },
     /// Print the agent's version and architecture.
     Version,
 }
@@ -60,6 +69,7 @@ fn main() -> ExitCode {
         }
         Command::Check { config, task } => check(&config, task.as_deref()),
         Command::Run { config, standalone } => run(&config, standalone.as_deref()),
+        Command::Gc { config, dry_run: _ } => gc_dry_run(&config),
     };
     ExitCode::from(exit as u8)
 }
@@ -154,6 +164,51 @@ fn run(config_path: &std::path::Path, standalone: Option<&std::path::Path>) -> E
         Err(e) => {
             tracing::error!(error = %e, "agent failed");
             exit_code(&e)
+        }
+    }
+}
+
+fn gc_dry_run(config_path: &std::path::Path) -> Exit {
+    let config = match Config::load(config_path, &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            print_config_error(config_path, &e);
+            return Exit::Usage;
+        }
+    };
+    let run_file = machine_agent::engine::EngineFiles::under(&config.state_dir).gc_run;
+    let run: machine_agent::gc::executor::GcRun = match std::fs::read(&run_file).map(|b| serde_json::from_slice(&b)) {
+        Ok(Ok(run)) => run,
+        Ok(Err(e)) => {
+            eprintln!("{}: {e}", run_file.display());
+            return Exit::Runtime;
+        }
+        Err(e) => {
+            eprintln!("{}: {e} (the agent writes it once its engine is ready: is a task running?)", run_file.display());
+            return Exit::Runtime;
+        }
+    };
+    let run = machine_agent::gc::executor::GcRun { dry_run: true, ..run };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return Exit::Runtime;
+        }
+    };
+    let socket = config.engine.socket.clone();
+    let result = runtime.block_on(async move {
+        let client = machine_agent::engine::client::EngineClient::connect(&socket).await?;
+        run.run(&client, machine_agent::gc::executor::Trigger::Manual).await
+    });
+    match result {
+        Ok(report) => {
+            println!("{}", report.explain());
+            Exit::Clean
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            Exit::Runtime
         }
     }
 }

@@ -122,3 +122,40 @@ async fn an_engine_that_cannot_be_read_defers_the_run_and_the_agent_keeps_servin
     let (_, scrape) = http_get(&base, "/metrics").await;
     assert!(metric_value(&scrape, "machine_agent_gc_runs_total{outcome=\"deferred\",trigger=\"interval\"}").unwrap() >= 1.0);
 }
+
+#[tokio::test]
+async fn gc_dry_run_prints_what_the_next_real_run_prunes_and_prunes_nothing() {
+    let w = World::new();
+    let agent = agent(&w.config)
+        .standalone(&w.task)
+        .env("MACHINE_AGENT__GC__MIN_AGE_SECS", "0")
+        .env("MACHINE_AGENT__GC__RETENTION_SECS", "2")
+        .env("MACHINE_AGENT__GC__INTERVAL_SECS", "15")
+        .start();
+    wait_ready(&agent).await;
+    agent.wait_for_log("gc run trigger=startup").await;
+    let built = build(&w, "expiring", 1 << 20).await;
+    let socket = engine_socket(&w.root);
+    let all: BTreeSet<String> = records(&socket).await.into_iter().map(|r| r.id).collect();
+    // Past the retention (2 s), well before the next interval run (15 s after startup).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_machine-agent"))
+        .args(["gc", "--dry-run", "--config", w.config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with("gc manual (dry run)"), "{stdout}");
+    let planned: BTreeSet<String> =
+        stdout.lines().filter_map(|l| l.split_whitespace().next()).filter(|id| all.contains(*id)).map(str::to_string).collect();
+    assert!(own_layers(&built).iter().all(|id| planned.contains(id)), "expired layers are planned:\n{stdout}");
+    assert!(stdout.lines().filter(|l| planned.iter().any(|id| l.starts_with(id.as_str()))).all(|l| l.contains("retention")), "{stdout}");
+    let after_dry_run: BTreeSet<String> = records(&socket).await.into_iter().map(|r| r.id).collect();
+    assert_eq!(after_dry_run, all, "a dry run prunes nothing");
+
+    agent.wait_for_log("gc run trigger=interval").await;
+    let left: BTreeSet<String> = records(&socket).await.into_iter().map(|r| r.id).collect();
+    let pruned: BTreeSet<String> = all.difference(&left).cloned().collect();
+    assert_eq!(pruned, planned, "the real run pruned exactly what the dry run printed");
+}

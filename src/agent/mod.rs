@@ -419,8 +419,16 @@ impl Agent {
             interval_secs = interval.as_secs(), "gc loop started"
         );
         let (summaries_tx, mut summaries_rx) = mpsc::channel(4);
+        let run = crate::gc::executor::GcRun { fs_path: root, policy, batch: self.config.gc.batch, dry_run: false };
+        // What `machine-agent gc --dry-run` plans with: exactly this loop's settings.
+        let run_file = crate::engine::EngineFiles::under(&self.config.state_dir).gc_run;
+        let written = serde_json::to_vec_pretty(&run).map_err(std::io::Error::other)
+            .and_then(|json| crate::fsutil::write_atomic(&run_file, &json, 0o600));
+        if let Err(error) = written {
+            warn!(path = %run_file.display(), %error, "cannot write the GC settings for gc --dry-run");
+        }
         let schedule = crate::gc::schedule::GcSchedule {
-            run: crate::gc::executor::GcRun { fs_path: root, policy, batch: self.config.gc.batch, dry_run: false },
+            run,
             socket: self.config.engine.socket.clone(),
             interval,
             pressure_check: self.config.gc.pressure_check,

@@ -59,12 +59,20 @@ pub struct EngineFiles {
     pub config: PathBuf,
     pub tls_dir: PathBuf,
     pub pidfile: PathBuf,
+    /// The GC settings the running agent uses, for `machine-agent gc --dry-run`.
+    pub gc_run: PathBuf,
 }
 
 impl EngineFiles {
     pub fn under(state_dir: &Path) -> Self {
         let dir = state_dir.join("engine");
-        Self { config: dir.join("buildkitd.toml"), tls_dir: dir.join("tls"), pidfile: dir.join("buildkitd.pid"), dir }
+        Self {
+            config: dir.join("buildkitd.toml"),
+            tls_dir: dir.join("tls"),
+            pidfile: dir.join("buildkitd.pid"),
+            gc_run: dir.join("gc-run.json"),
+            dir,
+        }
     }
 }
 

@@ -137,7 +137,7 @@ pub struct GcReport {
 }
 
 /// The settings of a GC run, held by whoever runs GC repeatedly.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct GcRun {
     /// A path on the cache volume (BuildKit's root).
     pub fs_path: PathBuf,

@@ -138,7 +138,7 @@ pub struct FsStats {
 }
 
 /// What the planner aims for. Watermarks are whole percent of the volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Policy {
     /// Records unused for longer than this are victims whatever the free space.
     pub retention: Duration,
