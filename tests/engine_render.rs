@@ -177,6 +177,9 @@ impl Engine {
         let child = std::process::Command::new(BUILDKITD)
             .arg("--config")
             .arg(&config)
+            // buildkitd binds /run/buildkit/otel-grpc.sock whatever its root: parallel engines collide there.
+            .arg("--otel-socket-path")
+            .arg(layout.unix_socket.with_file_name("otel-grpc.sock"))
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
