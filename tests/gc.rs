@@ -159,3 +159,42 @@ async fn gc_dry_run_prints_what_the_next_real_run_prunes_and_prunes_nothing() {
     let pruned: BTreeSet<String> = all.difference(&left).cloned().collect();
     assert_eq!(pruned, planned, "the real run pruned exactly what the dry run printed");
 }
+
+#[tokio::test]
+async fn the_usage_report_carries_the_cache_records_and_each_gc_run_once() {
+    let w = World::new();
+    let cp = support::control_plane::control_plane().start();
+    let token = w.root.join("token");
+    support::write_private(&token, "bootstrap");
+    let ca = w.root.join("cp-ca.pem");
+    std::fs::write(&ca, &cp.pki.ca_pem).unwrap();
+    let text = std::fs::read_to_string(&w.config).unwrap();
+    std::fs::write(
+        &w.config,
+        format!(
+            "{text}\n[control_plane]\nurl = \"{}\"\nca_bundle = \"{}\"\n[identity]\nmode = \"static_token\"\ntoken_file = \"{}\"\n",
+            cp.url(),
+            ca.display(),
+            token.display()
+        ),
+    )
+    .unwrap();
+    let agent = agent(&w.config).env("MACHINE_AGENT__GC__INTERVAL_SECS", "1").start();
+    cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
+    cp.push(support::control_plane::buildkit_task("usage", &w.root.join("mnt")));
+    wait_ready(&agent).await;
+    build(&w, "reported", 4 << 20).await;
+
+    let rec = cp
+        .wait_for("a usage report with cache records", |r| r.usage.iter().any(|u| u.cache_used_bytes >= 4 << 20))
+        .await;
+    let with_records = rec.usage.iter().find(|u| u.cache_used_bytes >= 4 << 20).unwrap();
+    assert!(with_records.cache_records >= 2, "{with_records:?}");
+    assert!(with_records.cache_reclaimable_bytes <= with_records.cache_used_bytes);
+    let rec = cp.wait_for("three usage reports with GC runs", |r| r.usage.iter().filter(|u| !u.gc_runs.is_empty()).count() >= 3).await;
+    let runs: Vec<&machine_agent::proto::v1::GcRunReport> = rec.usage.iter().flat_map(|u| &u.gc_runs).collect();
+    assert_eq!(runs.iter().filter(|r| r.trigger == "startup").count(), 1, "each run is reported once: {runs:?}");
+    assert!(runs.iter().all(|r| r.outcome == "ok" && r.summary.starts_with("gc ")), "{runs:?}");
+    let times: Vec<i64> = runs.iter().map(|r| r.unix_time_ms).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "in order, no run twice: {times:?}");
+}

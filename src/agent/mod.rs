@@ -41,6 +41,8 @@ const MAX_SILENCE: Duration = Duration::from_secs(10);
 /// Part of the drain deadline kept for the shutdown report, so a slow engine
 /// stop cannot starve the one message that tells the control plane what happened.
 const SHUTDOWN_REPORT_RESERVE: Duration = Duration::from_secs(2);
+/// GC runs kept for the usage report (one a minute, a run a minute: plenty).
+pub const RECENT_GC_RUNS: usize = 16;
 
 /// Where tasks come from.
 #[derive(Debug)]
@@ -64,8 +66,10 @@ pub struct Status {
     pub engine_restarts: u64,
     /// How the engine last exited, for /readyz and the health stream.
     pub engine_last_exit: Option<String>,
-    /// The last GC run's one-line summary.
-    pub last_gc: Option<String>,
+    /// The last GC runs (at most RECENT_GC_RUNS), oldest first.
+    pub recent_gc: std::collections::VecDeque<pb::GcRunReport>,
+    /// GC runs since the agent started: the number of the newest in `recent_gc`.
+    pub gc_runs: u64,
     pub task_id: Option<String>,
     /// Filesystems whose figures the health stream carries.
     pub watched_paths: Vec<PathBuf>,
@@ -85,8 +89,8 @@ pub enum Input {
     ShouldTerminate,
     /// The engine supervisor's news: spawned, ready, hung, exited.
     Engine(EngineEvent),
-    /// A GC run finished (or was deferred): its one-line summary.
-    GcRun(String),
+    /// A GC run finished (or was deferred).
+    GcRun(pb::GcRunReport),
     /// The volume manager finished preparing the task's mounts: those it
     /// prepared (to release at drain), and the error that stopped it, if any.
     VolumesPrepared { prepared: Vec<PreparedMount>, error: Option<String> },
@@ -124,7 +128,8 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
         engine_pid: None,
         engine_restarts: 0,
         engine_last_exit: None,
-        last_gc: None,
+        recent_gc: std::collections::VecDeque::new(),
+        gc_runs: 0,
         task_id: None,
         watched_paths: vec![config.state_dir.clone()],
         cache_mount: None,
@@ -311,6 +316,7 @@ impl Agent {
             session: self.session.clone(),
             status: status.clone(),
             interval: self.config.usage_interval,
+            engine_socket: self.config.engine.socket.clone(),
         };
         tokio::spawn(usage.run().instrument(tracing::info_span!("usage")));
     }
@@ -368,8 +374,14 @@ impl Agent {
                 self.on_engine_event(event);
                 None
             }
-            Input::GcRun(summary) => {
-                self.status.send_modify(|s| s.last_gc = Some(summary));
+            Input::GcRun(report) => {
+                self.status.send_modify(|s| {
+                    s.gc_runs += 1;
+                    s.recent_gc.push_back(report);
+                    while s.recent_gc.len() > RECENT_GC_RUNS {
+                        s.recent_gc.pop_front();
+                    }
+                });
                 None
             }
         }
@@ -418,7 +430,7 @@ impl Agent {
             free_inodes_start_below_percent = policy.free_inodes_start_below_percent, free_inodes_stop_at_percent = policy.free_inodes_stop_at_percent,
             interval_secs = interval.as_secs(), "gc loop started"
         );
-        let (summaries_tx, mut summaries_rx) = mpsc::channel(4);
+        let (reports_tx, mut reports_rx) = mpsc::channel(4);
         let run = crate::gc::executor::GcRun { fs_path: root, policy, batch: self.config.gc.batch, dry_run: false };
         // What `machine-agent gc --dry-run` plans with: exactly this loop's settings.
         let run_file = crate::engine::EngineFiles::under(&self.config.state_dir).gc_run;
@@ -433,12 +445,12 @@ impl Agent {
             interval,
             pressure_check: self.config.gc.pressure_check,
             metrics: self.metrics.clone(),
-            summaries: summaries_tx,
+            reports: reports_tx,
         };
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
-            while let Some(summary) = summaries_rx.recv().await {
-                if inputs.send(Input::GcRun(summary)).await.is_err() {
+            while let Some(report) = reports_rx.recv().await {
+                if inputs.send(Input::GcRun(report)).await.is_err() {
                     return;
                 }
             }

@@ -14,6 +14,8 @@ pub struct UsageReporter {
     pub session: watch::Receiver<Option<Session>>,
     pub status: watch::Receiver<Status>,
     pub interval: Duration,
+    /// The engine's socket: cache record figures come from its DiskUsage.
+    pub engine_socket: std::path::PathBuf,
 }
 
 impl UsageReporter {
@@ -21,26 +23,51 @@ impl UsageReporter {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await; // the first tick is immediate; the first report comes one interval in
+        // GC runs up to this number were delivered; later ones go in the next report.
+        let mut gc_runs_sent = 0;
         loop {
             ticker.tick().await;
             let Some(session) = self.session.borrow().clone() else { continue };
-            let Some(report) = usage_report(&self.status.borrow(), &session.machine_id) else { continue };
-            if let Err(error) = self.control.report_usage(report, &session).await {
-                tracing::warn!(%error, "usage report not delivered; the next one follows in one interval");
+            let status = self.status.borrow().clone();
+            let Some(mut report) = usage_report(&status, &session.machine_id, gc_runs_sent) else { continue };
+            add_cache_records(&mut report, &self.engine_socket).await;
+            match self.control.report_usage(report, &session).await {
+                Ok(()) => gc_runs_sent = status.gc_runs,
+                Err(error) => tracing::warn!(%error, "usage report not delivered; the next one follows in one interval"),
             }
         }
     }
 }
 
 /// The report for the current task's cache mount; None when no task runs.
-fn usage_report(status: &Status, machine_id: &str) -> Option<pb::UsageReport> {
+/// The report of `status`, with the GC runs numbered above `gc_runs_sent`.
+fn usage_report(status: &Status, machine_id: &str, gc_runs_sent: u64) -> Option<pb::UsageReport> {
     let task_id = status.task_id.clone()?;
     let cache_mount = status.cache_mount.as_deref().and_then(|path| mount_stats(path).ok());
+    let unsent = usize::try_from(status.gc_runs.saturating_sub(gc_runs_sent)).unwrap_or(usize::MAX);
+    let skip = status.recent_gc.len().saturating_sub(unsent);
     Some(pb::UsageReport {
         machine_id: machine_id.into(),
         task_id,
         unix_time_ms: unix_time_ms(),
         cache_mount,
+        gc_runs: status.recent_gc.iter().skip(skip).cloned().collect(),
         ..Default::default()
     })
+}
+
+/// The engine's cache records, summed; left at zero while the engine cannot be read.
+async fn add_cache_records(report: &mut pb::UsageReport, socket: &std::path::Path) {
+    let records = match crate::engine::client::EngineClient::connect(socket).await {
+        Ok(client) => client.disk_usage().await,
+        Err(error) => Err(error),
+    };
+    match records {
+        Ok(records) => {
+            report.cache_records = u64::try_from(records.len()).unwrap_or(u64::MAX);
+            report.cache_used_bytes = records.iter().map(|r| r.size_bytes).sum();
+            report.cache_reclaimable_bytes = records.iter().filter(|r| !r.in_use && !r.shared).map(|r| r.size_bytes).sum();
+        }
+        Err(error) => tracing::debug!(%error, "usage report without cache records: the engine cannot be read"),
+    }
 }

@@ -51,8 +51,8 @@ pub struct GcSchedule {
     pub interval: Duration,
     pub pressure_check: Duration,
     pub metrics: Metrics,
-    /// Each run's one-line summary, for /readyz.
-    pub summaries: mpsc::Sender<String>,
+    /// Each run's report, for /readyz and the usage report.
+    pub reports: mpsc::Sender<crate::proto::v1::GcRunReport>,
 }
 
 impl GcSchedule {
@@ -88,7 +88,7 @@ impl GcSchedule {
             Err(error) => Err(error.into()),
         };
         let labels = |outcome: &str| [trigger.as_str().to_string(), outcome.to_string()];
-        match result {
+        let published = match result {
             Ok(report) => {
                 let outcome = if report.error.is_some() { "error" } else { "ok" };
                 self.metrics.gc_runs.with_label_values(&labels(outcome)).inc();
@@ -98,14 +98,22 @@ impl GcSchedule {
                 } else {
                     tracing::info!(trigger = %trigger, summary = %report.summary(), "gc run");
                 }
-                let _ = self.summaries.send(report.summary()).await;
+                to_proto(&report, outcome)
             }
             Err(error) => {
                 self.metrics.gc_runs.with_label_values(&labels("deferred")).inc();
                 tracing::warn!(trigger = %trigger, %error, "gc run deferred; retried at the next tick");
-                let _ = self.summaries.send(format!("deferred ({trigger}): {error}")).await;
+                crate::proto::v1::GcRunReport {
+                    trigger: trigger.as_str().into(),
+                    outcome: "deferred".into(),
+                    unix_time_ms: crate::control::unix_time_ms(),
+                    error: error.to_string(),
+                    summary: format!("deferred ({trigger}): {error}"),
+                    ..Default::default()
+                }
             }
-        }
+        };
+        let _ = self.reports.send(published).await;
     }
 
     fn record(&self, report: &GcReport) {
@@ -116,6 +124,25 @@ impl GcSchedule {
         m.gc_last_run_duration_seconds.set(report.duration.as_secs_f64());
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         m.gc_last_run_timestamp_seconds.set(now.as_secs_f64());
+    }
+}
+
+/// A run as the control plane's usage report carries it.
+pub fn to_proto(report: &GcReport, outcome: &str) -> crate::proto::v1::GcRunReport {
+    crate::proto::v1::GcRunReport {
+        trigger: report.trigger.as_str().into(),
+        outcome: outcome.into(),
+        unix_time_ms: crate::control::unix_time_ms(),
+        duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
+        planned_records: report.planned_records,
+        planned_bytes: report.planned_bytes,
+        freed_records: report.freed_records,
+        freed_bytes: report.freed_bytes,
+        inodes_freed: report.inodes_freed,
+        free_bytes_before: report.free_bytes_before,
+        free_bytes_after: report.free_bytes_after,
+        error: report.error.clone().unwrap_or_default(),
+        summary: report.summary(),
     }
 }
 

@@ -88,7 +88,7 @@ async fn readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
         engine_pid: st.engine_pid,
         engine_restarts: st.engine_restarts,
         engine_last_exit: st.engine_last_exit,
-        last_gc: st.last_gc,
+        last_gc: st.recent_gc.back().map(|r| r.summary.clone()),
         task_id: st.task_id,
         control_plane_connected: s.metrics.control_plane_connected.get() == 1,
         state_age_secs: st.since.elapsed().as_secs(),
