@@ -198,3 +198,45 @@ async fn the_usage_report_carries_the_cache_records_and_each_gc_run_once() {
     let times: Vec<i64> = runs.iter().map(|r| r.unix_time_ms).collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "in order, no run twice: {times:?}");
 }
+
+#[tokio::test]
+async fn a_volume_over_the_watermark_at_start_is_collected_before_the_agent_turns_ready() {
+    let w = World::new();
+    let (start_below, stop_at) = (59, 60);
+    let gc_env = |builder: support::AgentBuilder, enabled: &str| {
+        builder
+            .env("MACHINE_AGENT__GC__ENABLED", enabled)
+            .env("MACHINE_AGENT__GC__MIN_AGE_SECS", "0")
+            .env("MACHINE_AGENT__GC__INTERVAL_SECS", "3600")
+            .env("MACHINE_AGENT__GC__FREE_BYTES_START_BELOW_PERCENT", &start_below.to_string())
+            .env("MACHINE_AGENT__GC__FREE_BYTES_STOP_AT_PERCENT", &stop_at.to_string())
+            .env("MACHINE_AGENT__GC__FREE_INODES_START_BELOW_PERCENT", "0")
+    };
+
+    // First run, GC off: two builds, then the volume is filled past the start watermark.
+    let mut first = gc_env(agent(&w.config).standalone(&w.task), "false").start();
+    wait_ready(&first).await;
+    let oldest = build(&w, "oldest", 48 << 20).await;
+    let newest = build(&w, "newest", 48 << 20).await;
+    let payload: u64 = oldest.iter().filter(|r| r.description.contains("COPY payload")).map(|r| r.size_bytes).sum();
+    let (free, total) = free_bytes(&w.cache());
+    let stop_bytes = total / 100 * stop_at;
+    let want_free = stop_bytes - payload * 3 / 4;
+    assert!(want_free < total / 100 * start_below);
+    std::fs::write(w.cache().join("filler"), vec![0x5a_u8; usize::try_from(free - want_free).unwrap()]).unwrap();
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(first.wait_exit(Duration::from_secs(30)).await.code(), Some(0), "a clean drain keeps the cache");
+    drop(first);
+
+    // Second run, GC on: Ready only after the first GC run brought the volume back.
+    let second = gc_env(agent(&w.config).standalone(&w.task), "true").start();
+    wait_ready(&second).await;
+    let logs = second.logs();
+    let at = |needle: &str| logs.find(needle).unwrap_or_else(|| panic!("no {needle:?} in:\n{logs}"));
+    assert!(at("collecting before ready") < at("gc run trigger=startup"), "{logs}");
+    assert!(at("gc run trigger=startup") < at("to=ready"), "Ready waits for the GC run:\n{logs}");
+    let (free_at_ready, _) = free_bytes(&w.cache());
+    assert!(free_at_ready >= stop_bytes, "free {free_at_ready} >= stop watermark {stop_bytes}");
+    let left: BTreeSet<String> = records(&engine_socket(&w.root)).await.into_iter().map(|r| r.id).collect();
+    assert!(own_layers(&newest).iter().all(|id| left.contains(id)), "the newest build survives");
+}

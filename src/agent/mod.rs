@@ -161,6 +161,7 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
         task: None,
         mounts: vec![],
         preparing: false,
+        gc_before_ready: false,
         control,
         session: session_rx,
         inputs: inputs_tx,
@@ -248,6 +249,9 @@ struct Agent {
     mounts: Vec<PreparedMount>,
     /// A prepare is running; the drain waits for it before releasing.
     preparing: bool,
+    /// The cache volume was over a GC watermark when the engine first became
+    /// ready: Ready waits for that first GC run, so no build starts on a full disk.
+    gc_before_ready: bool,
     control: Option<ControlPlane>,
     session: watch::Receiver<Option<Session>>,
     inputs: mpsc::Sender<Input>,
@@ -375,6 +379,10 @@ impl Agent {
                 None
             }
             Input::GcRun(report) => {
+                if std::mem::take(&mut self.gc_before_ready) {
+                    info!(outcome = %report.outcome, "first GC run done; the engine is ready");
+                    self.transition(Event::EngineReady, "");
+                }
                 self.status.send_modify(|s| {
                     s.gc_runs += 1;
                     s.recent_gc.push_back(report);
@@ -398,8 +406,15 @@ impl Agent {
             EngineEvent::Ready { .. } => {
                 self.set_engine_state(EngineState::Running);
                 self.metrics.engine_up.set(1);
+                if self.gc.is_none() && self.start_gc() {
+                    self.gc_before_ready = true;
+                    let reason = "the cache volume is over a GC watermark: collecting before ready";
+                    info!("{reason}");
+                    let state = self.state();
+                    self.publish_state(state, reason.into());
+                    return;
+                }
                 self.transition(Event::EngineReady, "");
-                self.start_gc();
             }
             EngineEvent::Hung { pid, failures } => {
                 error!(pid, failures, "engine stopped answering its liveness probe; it is being killed");
@@ -416,14 +431,16 @@ impl Agent {
     }
 
     /// Starts the GC loop once (it outlives engine restarts: a run against a
-    /// restarting engine is deferred).
-    fn start_gc(&mut self) {
-        let Some(task) = &self.task else { return };
+    /// restarting engine is deferred). True when the volume is over a
+    /// watermark now, so the loop's first run is urgent.
+    fn start_gc(&mut self) -> bool {
+        let Some(task) = &self.task else { return false };
         if self.gc.is_some() || !self.config.gc.enabled {
-            return;
+            return false;
         }
-        let Some(root) = task.mounts.first().map(|m| m.mount_path.clone()) else { return };
+        let Some(root) = task.mounts.first().map(|m| m.mount_path.clone()) else { return false };
         let (policy, interval) = crate::gc::schedule::effective_policy(&self.config.gc, task);
+        let pressure = crate::gc::executor::read_stats(&root).is_ok_and(|fs| crate::gc::schedule::under_pressure(&fs, &policy));
         info!(
             retention_secs = policy.retention.as_secs(), keep_bytes = policy.keep_bytes, min_age_secs = policy.min_age.as_secs(),
             free_bytes_start_below_percent = policy.free_bytes_start_below_percent, free_bytes_stop_at_percent = policy.free_bytes_stop_at_percent,
@@ -456,11 +473,14 @@ impl Agent {
             }
         });
         self.gc = Some(tokio::spawn(schedule.run_forever().instrument(tracing::info_span!("gc"))));
+        pressure
     }
 
     /// The engine is gone and the supervisor will restart it: a single exit is
     /// a restart (StartingEngine), a crash loop is Degraded.
     fn engine_went_down(&mut self, how: String, decision: crate::engine::supervise::RestartDecision) {
+        // The next ready engine is ready at once: the GC loop runs already.
+        self.gc_before_ready = false;
         self.metrics.engine_up.set(0);
         self.status.send_modify(|s| {
             s.engine = EngineState::Restarting;
