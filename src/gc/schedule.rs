@@ -64,6 +64,9 @@ impl GcSchedule {
         pressure_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                // Biased: the first run is the startup run even on a volume
+                // already under pressure (both are due at once then).
+                biased;
                 () = tokio::time::sleep_until(next_run) => {}
                 _ = pressure_tick.tick() => {
                     match super::executor::read_stats(&self.run.fs_path) {
