@@ -225,12 +225,7 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
 }
 
 fn create_state_dir(path: &std::path::Path) -> Result<(), AgentError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(|source| AgentError::StateDir { path: path.into(), source })
+    crate::fsutil::create_private_dir(path).map_err(|source| AgentError::StateDir { path: path.into(), source })
 }
 
 #[derive(Debug)]

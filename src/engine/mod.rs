@@ -87,7 +87,7 @@ pub fn start(
 ) -> Result<StartedEngine, EngineError> {
     let root = task.mounts.first().map(|m| m.mount_path.clone()).ok_or(EngineError::NoRoot)?;
     let files = EngineFiles::under(state_dir);
-    create_private_dir(&files.dir).map_err(|source| EngineError::Write { path: files.dir.clone(), source })?;
+    crate::fsutil::create_private_dir(&files.dir).map_err(|source| EngineError::Write { path: files.dir.clone(), source })?;
 
     let checked = tls::check(&task.tls, std::time::SystemTime::now())?;
     let tls_paths = tls::write(&files.tls_dir, &checked)?;
@@ -139,11 +139,6 @@ pub fn start(
     };
     let supervisor = Supervisor::start(spec, events, config.stop_grace)?;
     Ok(StartedEngine { supervisor, cgroup, config_path: files.config })
-}
-
-fn create_private_dir(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
 }
 
 /// MemTotal from /proc/meminfo, in bytes.

@@ -186,7 +186,7 @@ impl Supervisor {
     pub fn start(spec: EngineSpec, events: mpsc::Sender<EngineEvent>, orphan_grace: Duration) -> Result<Self, SuperviseError> {
         let lock = lock_root(&spec.root)?;
         if let Some(parent) = spec.socket.parent() {
-            super::create_private_dir(parent).map_err(|source| SuperviseError::SocketDir { path: parent.into(), source })?;
+            crate::fsutil::create_private_dir(parent).map_err(|source| SuperviseError::SocketDir { path: parent.into(), source })?;
         }
         let (stop_tx, stop_rx) = mpsc::channel(1);
         tokio::spawn(async move {

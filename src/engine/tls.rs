@@ -313,9 +313,9 @@ pub fn write(dir: &Path, checked: &CheckedTls) -> Result<TlsPaths, TlsError> {
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), TlsError> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let create = |source| TlsError::CreateDir { path: dir.to_path_buf(), source };
-    std::fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir).map_err(create)?;
+    crate::fsutil::create_private_dir(dir).map_err(create)?;
     // A symlink here could send the key elsewhere: only a real directory will do.
     let meta = std::fs::symlink_metadata(dir).map_err(create)?;
     if !meta.is_dir() {
