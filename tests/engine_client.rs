@@ -9,108 +9,29 @@
 
 use machine_agent::engine::client::{self, CacheRecord, ClientError, EngineClient};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 use tokio::time::Instant;
 
-const BUILDKITD: &str = "/usr/local/bin/buildkitd";
-const BUILDCTL: &str = "/usr/local/bin/buildctl";
-/// A fresh buildkitd listens within tens of milliseconds; this is for a loaded CI machine.
-const READY: Duration = Duration::from_secs(30);
-/// A one-file scratch build takes about a second.
-const BUILD: Duration = Duration::from_secs(120);
+mod support;
 
-/// A buildkitd of this test's own: root and socket under a fresh /tmp/mab-*
-/// directory (unix socket paths must stay under 108 bytes). Dropping it kills
-/// and reaps the engine, then removes the directory.
-struct Engine {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-    dir: tempfile::TempDir,
-}
+use support::bare_engine::BareEngine;
+use support::BUILDKITD;
 
-impl Engine {
-    fn start() -> Self {
-        let dir = tempfile::Builder::new().prefix("mab-").tempdir_in("/tmp").unwrap();
-        let socket = dir.path().join("s.sock");
-        let log = dir.path().join("buildkitd.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BUILDKITD)
-            .arg("--root")
-            .arg(dir.path().join("root"))
-            .arg("--addr")
-            .arg(format!("unix://{}", socket.display()))
-            // Not under --root by default (/run/buildkit/otel-grpc.sock): two
-            // engines started at once would collide on it and one would exit.
-            .arg("--otel-socket-path")
-            .arg(dir.path().join("otel.sock"))
-            .args(["--oci-worker=true", "--containerd-worker=false"])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BUILDKITD} (run scripts/install-buildkit.sh): {e}"));
-        Self { child, socket, log, dir }
+/// `buildctl build` of a scratch image with one COPY layer per file, each
+/// file `bytes` random bytes, in the order given.
+async fn build_layers(engine: &BareEngine, files: &[&str], bytes: usize) {
+    let context = engine.dir.path().join("context");
+    std::fs::create_dir_all(&context).unwrap();
+    let mut dockerfile = String::from("FROM scratch\n");
+    for name in files {
+        dockerfile.push_str(&format!("COPY {name} /{name}\n"));
+        let data: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
+        std::fs::write(context.join(name), data).unwrap();
     }
-
-    /// Waits for the engine as the supervisor does; an engine that exits
-    /// first fails the test at once, with its log.
-    async fn ready(&mut self) -> client::ReadyInfo {
-        let wait = client::wait_ready(&self.socket, READY);
-        tokio::pin!(wait);
-        let mut exit_check = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                ready = &mut wait => match ready {
-                    Ok(ready) => return ready,
-                    Err(e) => panic!("{e}\nbuildkitd log:\n{}", self.log_text()),
-                },
-                _ = exit_check.tick() => {
-                    if let Some(status) = self.child.try_wait().unwrap() {
-                        panic!("buildkitd exited ({status}) before it was ready\nbuildkitd log:\n{}", self.log_text());
-                    }
-                }
-            }
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `buildctl build` of a scratch image with one COPY layer per file, each
-    /// file `bytes` random bytes, in the order given.
-    async fn build_layers(&self, files: &[&str], bytes: usize) {
-        let context = self.dir.path().join("context");
-        std::fs::create_dir_all(&context).unwrap();
-        let mut dockerfile = String::from("FROM scratch\n");
-        for name in files {
-            dockerfile.push_str(&format!("COPY {name} /{name}\n"));
-            let data: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
-            std::fs::write(context.join(name), data).unwrap();
-        }
-        std::fs::write(context.join("Dockerfile"), dockerfile).unwrap();
-        let mut build = tokio::process::Command::new(BUILDCTL);
-        build
-            .arg("--addr")
-            .arg(format!("unix://{}", self.socket.display()))
-            .args(["build", "--frontend", "dockerfile.v0", "--progress", "plain"])
-            .arg(format!("--local=context={}", context.display()))
-            .arg(format!("--local=dockerfile={}", context.display()))
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        let output = tokio::time::timeout(BUILD, build.output()).await.expect("buildctl build did not finish").unwrap();
-        assert!(output.status.success(), "buildctl build failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    std::fs::write(context.join("Dockerfile"), dockerfile).unwrap();
+    engine.build(&context).await;
 }
 
 fn ids(records: &[CacheRecord]) -> HashSet<String> {
@@ -131,7 +52,7 @@ fn installed_version() -> String {
 
 #[tokio::test]
 async fn a_starting_engine_becomes_ready_with_a_worker_and_its_version() {
-    let mut engine = Engine::start();
+    let mut engine = BareEngine::start(&[]);
     // The socket does not exist yet: this is the wait the supervisor does.
     let ready = engine.ready().await;
     assert!(ready.workers >= 1);
@@ -150,7 +71,7 @@ async fn a_starting_engine_becomes_ready_with_a_worker_and_its_version() {
 
 #[tokio::test]
 async fn a_fresh_engine_has_no_cache_records() {
-    let mut engine = Engine::start();
+    let mut engine = BareEngine::start(&[]);
     let client = engine.ready().await.client;
     assert_eq!(client.disk_usage().await.unwrap(), vec![]);
 }
@@ -158,9 +79,9 @@ async fn a_fresh_engine_has_no_cache_records() {
 #[tokio::test]
 async fn a_build_leaves_records_and_pruning_a_leaf_frees_exactly_that_record() {
     const FILE_BYTES: usize = 1 << 20;
-    let mut engine = Engine::start();
+    let mut engine = BareEngine::start(&[]);
     let client = engine.ready().await.client;
-    engine.build_layers(&["a", "b"], FILE_BYTES).await;
+    build_layers(&engine, &["a", "b"], FILE_BYTES).await;
 
     let before = client.disk_usage().await.unwrap();
     let layer = |records: &[CacheRecord], step: &str| records.iter().find(|r| r.description.ends_with(step)).cloned();
@@ -216,7 +137,7 @@ async fn waiting_on_a_socket_nobody_serves_times_out_at_the_deadline() {
 
 #[tokio::test]
 async fn a_stopped_engine_fails_calls_with_the_socket_named() {
-    let mut engine = Engine::start();
+    let mut engine = BareEngine::start(&[]);
     let client: EngineClient = engine.ready().await.client.with_call_timeout(Duration::from_secs(2));
     engine.child.kill().unwrap();
     engine.child.wait().unwrap();

@@ -11,122 +11,46 @@
 //! tests are about records.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly on the first surprise
 
-use machine_agent::engine::client::{self, CacheRecord, EngineClient};
+use machine_agent::engine::client::{CacheRecord, EngineClient};
 use machine_agent::gc::executor::{run_gc, GcError, GcRun, Trigger};
 use machine_agent::gc::planner::{Policy, Reason};
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-const BUILDKITD: &str = "/usr/local/bin/buildkitd";
-const BUILDCTL: &str = "/usr/local/bin/buildctl";
-/// A fresh buildkitd listens within tens of milliseconds; this is for a loaded CI machine.
-const READY: Duration = Duration::from_secs(30);
-/// A one-file scratch build takes about a second.
-const BUILD: Duration = Duration::from_secs(120);
+mod support;
+
+use support::bare_engine::BareEngine;
+
 /// Each image's payload.
 const PAYLOAD_BYTES: usize = 2 << 20;
 
-/// A buildkitd of this test's own, as in tests/engine_client.rs.
-struct Engine {
-    child: Child,
-    socket: PathBuf,
-    log: PathBuf,
-    dir: tempfile::TempDir,
+/// A buildkitd of this test's own, its GC off: the engine's own GC would
+/// prune behind the test's back.
+fn start_engine() -> BareEngine {
+    BareEngine::start(&["--oci-worker-gc=false"])
 }
 
-impl Engine {
-    fn start() -> Self {
-        let dir = tempfile::Builder::new().prefix("mag-").tempdir_in("/tmp").unwrap();
-        let socket = dir.path().join("s.sock");
-        let log = dir.path().join("buildkitd.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BUILDKITD)
-            .arg("--root")
-            .arg(dir.path().join("root"))
-            .arg("--addr")
-            .arg(format!("unix://{}", socket.display()))
-            // Not under --root by default (/run/buildkit/otel-grpc.sock): two
-            // engines started at once would collide on it and one would exit.
-            .arg("--otel-socket-path")
-            .arg(dir.path().join("otel.sock"))
-            // The engine's own GC would prune behind the test's back.
-            .args(["--oci-worker=true", "--containerd-worker=false", "--oci-worker-gc=false"])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BUILDKITD} (run scripts/install-buildkit.sh): {e}"));
-        Self { child, socket, log, dir }
-    }
-
-    fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
-    }
-
-    async fn ready(&mut self) -> EngineClient {
-        let wait = client::wait_ready(&self.socket, READY);
-        tokio::pin!(wait);
-        let mut exit_check = tokio::time::interval(Duration::from_millis(100));
-        loop {
-            tokio::select! {
-                ready = &mut wait => match ready {
-                    Ok(ready) => return ready.client,
-                    Err(e) => panic!("{e}\nbuildkitd log:\n{}", self.log_text()),
-                },
-                _ = exit_check.tick() => {
-                    if let Some(status) = self.child.try_wait().unwrap() {
-                        panic!("buildkitd exited ({status}) before it was ready\nbuildkitd log:\n{}", self.log_text());
-                    }
-                }
-            }
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// `buildctl build` of `FROM scratch`, `COPY <name> /<name>` (random
-    /// payload) and a small `COPY <name>.tag` on top, from its own context.
-    async fn build_image(&self, name: &str) {
-        let context = self.dir.path().join(format!("context-{name}"));
-        std::fs::create_dir_all(&context).unwrap();
-        let data: Vec<u8> = (0..PAYLOAD_BYTES).map(|_| rand::random::<u8>()).collect();
-        std::fs::write(context.join(name), data).unwrap();
-        std::fs::write(context.join(format!("{name}.tag")), name).unwrap();
-        std::fs::write(context.join("Dockerfile"), format!("FROM scratch\nCOPY {name} /{name}\nCOPY {name}.tag /{name}.tag\n"))
-            .unwrap();
-        let mut build = tokio::process::Command::new(BUILDCTL);
-        build
-            .arg("--addr")
-            .arg(format!("unix://{}", self.socket.display()))
-            .args(["build", "--frontend", "dockerfile.v0", "--progress", "plain"])
-            .arg(format!("--local=context={}", context.display()))
-            .arg(format!("--local=dockerfile={}", context.display()))
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        let output = tokio::time::timeout(BUILD, build.output()).await.expect("buildctl build did not finish").unwrap();
-        assert!(output.status.success(), "buildctl build failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-
-    /// Builds images `names` one after the other, `gap` apart, so their
-    /// records' last-use times are distinct.
-    async fn build_images(&self, names: &[&str], gap: Duration) {
-        for (i, name) in names.iter().enumerate() {
-            if i > 0 {
-                tokio::time::sleep(gap).await;
-            }
-            self.build_image(name).await;
-        }
-    }
+/// `buildctl build` of `FROM scratch`, `COPY <name> /<name>` (random
+/// payload) and a small `COPY <name>.tag` on top, from its own context.
+async fn build_image(engine: &BareEngine, name: &str) {
+    let context = engine.dir.path().join(format!("context-{name}"));
+    std::fs::create_dir_all(&context).unwrap();
+    let data: Vec<u8> = (0..PAYLOAD_BYTES).map(|_| rand::random::<u8>()).collect();
+    std::fs::write(context.join(name), data).unwrap();
+    std::fs::write(context.join(format!("{name}.tag")), name).unwrap();
+    std::fs::write(context.join("Dockerfile"), format!("FROM scratch\nCOPY {name} /{name}\nCOPY {name}.tag /{name}.tag\n"))
+        .unwrap();
+    engine.build(&context).await;
 }
 
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Builds images `names` one after the other, `gap` apart, so their
+/// records' last-use times are distinct.
+async fn build_images(engine: &BareEngine, names: &[&str], gap: Duration) {
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(gap).await;
+        }
+        build_image(engine, name).await;
     }
 }
 
@@ -160,12 +84,12 @@ fn regular(records: &[CacheRecord]) -> HashSet<String> {
 #[tokio::test]
 async fn records_past_retention_are_pruned_and_reported() {
     const RETENTION: Duration = Duration::from_secs(2);
-    let mut engine = Engine::start();
-    let client = engine.ready().await;
-    engine.build_images(&["a", "b"], Duration::from_millis(200)).await;
+    let mut engine = start_engine();
+    let client = engine.ready().await.client;
+    build_images(&engine, &["a", "b"], Duration::from_millis(200)).await;
     // Past the retention for a and b, with a margin for clock granularity.
     tokio::time::sleep(RETENTION + Duration::from_millis(500)).await;
-    engine.build_image("c").await;
+    build_image(&engine, "c").await;
 
     let before = client.disk_usage().await.unwrap();
     let (a, b, c) = (layer(&before, "a").clone(), layer(&before, "b").clone(), layer(&before, "c").clone());
@@ -190,9 +114,9 @@ async fn records_past_retention_are_pruned_and_reported() {
 
 #[tokio::test]
 async fn keep_bytes_prunes_least_recently_used_first_and_keeps_the_newest_image() {
-    let mut engine = Engine::start();
-    let client = engine.ready().await;
-    engine.build_images(&["a", "b", "c"], Duration::from_millis(300)).await;
+    let mut engine = start_engine();
+    let client = engine.ready().await.client;
+    build_images(&engine, &["a", "b", "c"], Duration::from_millis(300)).await;
 
     let before = client.disk_usage().await.unwrap();
     let private: u64 = before.iter().filter(|r| !r.shared).map(|r| r.size_bytes).sum();
@@ -232,9 +156,9 @@ async fn keep_bytes_prunes_least_recently_used_first_and_keeps_the_newest_image(
 
 #[tokio::test]
 async fn a_dry_run_prunes_nothing_and_plans_what_a_real_run_prunes() {
-    let mut engine = Engine::start();
-    let client = engine.ready().await;
-    engine.build_images(&["a", "b", "c"], Duration::from_millis(300)).await;
+    let mut engine = start_engine();
+    let client = engine.ready().await.client;
+    build_images(&engine, &["a", "b", "c"], Duration::from_millis(300)).await;
 
     let before = client.disk_usage().await.unwrap();
     let private: u64 = before.iter().filter(|r| !r.shared).map(|r| r.size_bytes).sum();
@@ -259,8 +183,8 @@ async fn a_dry_run_prunes_nothing_and_plans_what_a_real_run_prunes() {
 
 #[tokio::test]
 async fn an_engine_that_cannot_be_reached_defers_the_run() {
-    let mut engine = Engine::start();
-    let client = engine.ready().await.with_call_timeout(Duration::from_secs(2));
+    let mut engine = start_engine();
+    let client = engine.ready().await.client.with_call_timeout(Duration::from_secs(2));
     engine.child.kill().unwrap();
     engine.child.wait().unwrap();
 
@@ -276,9 +200,9 @@ async fn an_engine_that_cannot_be_reached_defers_the_run() {
 
 #[tokio::test]
 async fn an_unreachable_free_space_target_frees_what_it_can_and_reports_the_shortfall() {
-    let mut engine = Engine::start();
-    let client = engine.ready().await;
-    engine.build_images(&["a", "b"], Duration::from_millis(200)).await;
+    let mut engine = start_engine();
+    let client = engine.ready().await.client;
+    build_images(&engine, &["a", "b"], Duration::from_millis(200)).await;
     let before = client.disk_usage().await.unwrap();
 
     // 100% free: no volume gets there, so every record the rules allow goes

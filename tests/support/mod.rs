@@ -3,6 +3,7 @@
 //! and a launcher for the real `machine-agent` binary that captures its logs.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod bare_engine;
 pub mod control_plane;
 pub mod engine;
 pub mod loopdev;
