@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 use support::control_plane::control_plane;
 use support::engine::{build_context, buildctl_build, readyz, unix_addr, wait_ready, write_task, World};
-use support::{agent, engine_pid, engine_socket, eventually, http_get, metric_value, process_alive, test_memory_cgroup, write_private, TestPki, WAIT};
+use support::{agent, engine_pid, engine_socket, eventually, http_get, metric_value, process_alive, test_memory_cgroup, TestPki, WAIT};
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -113,21 +113,7 @@ async fn an_engine_that_exits_at_once_is_a_crash_loop_reported_as_degraded_with_
     let w = World::with_engine(fake.to_str().unwrap());
 
     let cp = control_plane().start();
-    let token = w.root.join("token");
-    write_private(&token, "bootstrap");
-    let ca = w.root.join("cp-ca.pem");
-    std::fs::write(&ca, &cp.pki.ca_pem).unwrap();
-    let text = std::fs::read_to_string(&w.config).unwrap();
-    std::fs::write(
-        &w.config,
-        format!(
-            "{text}\n[control_plane]\nurl = \"{}\"\nca_bundle = \"{}\"\n[identity]\nmode = \"static_token\"\ntoken_file = \"{}\"\n",
-            cp.url(),
-            ca.display(),
-            token.display()
-        ),
-    )
-    .unwrap();
+    w.use_control_plane(&cp);
     let agent = agent(&w.config)
         .env("MACHINE_AGENT__ENGINE__RESTART_INITIAL_MS", "50")
         .env("MACHINE_AGENT__ENGINE__RESTART_MAX_MS", "400")

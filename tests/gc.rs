@@ -164,21 +164,7 @@ async fn gc_dry_run_prints_what_the_next_real_run_prunes_and_prunes_nothing() {
 async fn the_usage_report_carries_the_cache_records_and_each_gc_run_once() {
     let w = World::new();
     let cp = support::control_plane::control_plane().start();
-    let token = w.root.join("token");
-    support::write_private(&token, "bootstrap");
-    let ca = w.root.join("cp-ca.pem");
-    std::fs::write(&ca, &cp.pki.ca_pem).unwrap();
-    let text = std::fs::read_to_string(&w.config).unwrap();
-    std::fs::write(
-        &w.config,
-        format!(
-            "{text}\n[control_plane]\nurl = \"{}\"\nca_bundle = \"{}\"\n[identity]\nmode = \"static_token\"\ntoken_file = \"{}\"\n",
-            cp.url(),
-            ca.display(),
-            token.display()
-        ),
-    )
-    .unwrap();
+    w.use_control_plane(&cp);
     let agent = agent(&w.config).env("MACHINE_AGENT__GC__INTERVAL_SECS", "1").start();
     cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
     cp.push(support::control_plane::buildkit_task("usage", &w.root.join("mnt")));

@@ -33,6 +33,22 @@ impl World {
         Self { _dir: dir, root, pki, port, config, task }
     }
 
+    /// Points the config at `cp` (trusting its CA) with a static-token identity.
+    pub fn use_control_plane(&self, cp: &super::control_plane::ControlPlaneDouble) {
+        let token = self.root.join("token");
+        write_private(&token, "bootstrap");
+        let ca = self.root.join("cp-ca.pem");
+        std::fs::write(&ca, &cp.pki.ca_pem).unwrap();
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let section = format!(
+            "[control_plane]\nurl = \"{}\"\nca_bundle = \"{}\"\n[identity]\nmode = \"static_token\"\ntoken_file = \"{}\"\n",
+            cp.url(),
+            ca.display(),
+            token.display()
+        );
+        std::fs::write(&self.config, format!("{text}\n{section}")).unwrap();
+    }
+
     pub fn cache(&self) -> PathBuf {
         self.root.join("mnt/cache")
     }
