@@ -54,6 +54,16 @@ pub fn join_cgroup_before_exec(command: &mut tokio::process::Command, procs: std
     }
 }
 
+/// Registers `fd` with tokio's reactor, for non-blocking reads that wait in
+/// epoll (the kernel log). tokio made this `unsafe` because a raw descriptor
+/// could be closed and reused behind the reactor's back; an `OwnedFd` moved in
+/// cannot be.
+pub fn async_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    // SAFETY: the AsyncFd owns `fd`: it stays open exactly as long as the
+    // registration, and is deregistered before it is closed (AsyncFd's Drop).
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(std::io::Error::from)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,7 @@ use crate::volume::manager::{prepare_mount, release_mount, PreparedMount};
 use crate::observe::http::HttpError;
 use crate::observe::liveness::Liveness;
 use crate::observe::metrics::Metrics;
+use crate::observe::oom_watch::{OomKill, OomWatch};
 use crate::proto::v1 as pb;
 use crate::signal::ShutdownSignals;
 use crate::systemd::Notifier;
@@ -43,6 +44,11 @@ const MAX_SILENCE: Duration = Duration::from_secs(10);
 const SHUTDOWN_REPORT_RESERVE: Duration = Duration::from_secs(2);
 /// GC runs kept for the usage report (one a minute, a run a minute: plenty).
 pub const RECENT_GC_RUNS: usize = 16;
+/// OOM kills kept for /readyz and for health streams that were down when they
+/// happened; a storm beyond this is still counted in the total and the metric.
+pub const RECENT_OOM_KILLS: usize = 32;
+/// How often the OOM watcher checks the kernel's counters against the lines it read.
+const OOM_RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Where tasks come from.
 #[derive(Debug)]
@@ -70,12 +76,48 @@ pub struct Status {
     pub recent_gc: std::collections::VecDeque<pb::GcRunReport>,
     /// GC runs since the agent started: the number of the newest in `recent_gc`.
     pub gc_runs: u64,
+    /// The last OOM kills on this host (at most RECENT_OOM_KILLS), oldest first.
+    pub recent_ooms: std::collections::VecDeque<OomKill>,
+    /// Entries ever added to `recent_ooms`: the number of the newest.
+    pub oom_entries: u64,
+    /// Kills those entries stand for (an unattributed entry may be several).
+    pub oom_kills_total: u64,
     pub task_id: Option<String>,
     /// Filesystems whose figures the health stream carries.
     pub watched_paths: Vec<PathBuf>,
     /// The cache volume's mount point, once a task names it.
     pub cache_mount: Option<PathBuf>,
     pub since: Instant,
+}
+
+impl Status {
+    /// Starting, nothing known yet; the state dir is the first filesystem watched.
+    pub fn initial(state_dir: &std::path::Path) -> Self {
+        Self {
+            state: State::Starting,
+            reason: String::new(),
+            engine: EngineState::NotStarted,
+            engine_pid: None,
+            engine_restarts: 0,
+            engine_last_exit: None,
+            recent_gc: std::collections::VecDeque::new(),
+            gc_runs: 0,
+            recent_ooms: std::collections::VecDeque::new(),
+            oom_entries: 0,
+            oom_kills_total: 0,
+            task_id: None,
+            watched_paths: vec![state_dir.to_path_buf()],
+            cache_mount: None,
+            since: Instant::now(),
+        }
+    }
+
+    /// The kills recorded after the first `sent` entries, oldest first; those
+    /// pushed out of `recent_ooms` meanwhile are gone (and counted in the total).
+    pub fn oom_kills_after(&self, sent: u64) -> impl Iterator<Item = &OomKill> {
+        let unsent = usize::try_from(self.oom_entries.saturating_sub(sent)).unwrap_or(usize::MAX);
+        self.recent_ooms.iter().skip(self.recent_ooms.len().saturating_sub(unsent))
+    }
 }
 
 /// Everything that can happen to the agent, from any of its loops.
@@ -91,6 +133,8 @@ pub enum Input {
     Engine(EngineEvent),
     /// A GC run finished (or was deferred).
     GcRun(pb::GcRunReport),
+    /// The kernel's OOM killer killed a process (or a counter says it did).
+    Oom(OomKill),
     /// The volume manager finished preparing the task's mounts: those it
     /// prepared (to release at drain), and the error that stopped it, if any.
     VolumesPrepared { prepared: Vec<PreparedMount>, error: Option<String> },
@@ -121,20 +165,7 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
 
     let metrics = Metrics::new();
     let liveness = Liveness::default();
-    let (status_tx, status_rx) = watch::channel(Status {
-        state: State::Starting,
-        reason: String::new(),
-        engine: EngineState::NotStarted,
-        engine_pid: None,
-        engine_restarts: 0,
-        engine_last_exit: None,
-        recent_gc: std::collections::VecDeque::new(),
-        gc_runs: 0,
-        task_id: None,
-        watched_paths: vec![config.state_dir.clone()],
-        cache_mount: None,
-        since: Instant::now(),
-    });
+    let (status_tx, status_rx) = watch::channel(Status::initial(&config.state_dir));
 
     let (addr, serve) = crate::observe::http::bind(config.listen, status_rx.clone(), metrics.clone(), liveness.clone()).await?;
     tokio::spawn(serve.instrument(tracing::info_span!("endpoints", listen = %addr)));
@@ -157,6 +188,7 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
         status: status_tx,
         engine: None,
         engine_cgroup: None,
+        engine_cgroup_watch: watch::Sender::new(None),
         gc: None,
         task: None,
         mounts: vec![],
@@ -170,6 +202,7 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
     let initial = agent.state();
     agent.publish_state(initial, String::new());
 
+    agent.start_oom_watch(&status_rx, &liveness);
     match mode {
         Mode::Standalone(task) => {
             info!(task_id = %task.id, "standalone mode: serving the task file, no control plane");
@@ -237,6 +270,8 @@ struct Agent {
     engine: Option<Supervisor>,
     /// Removed at drain, once the engine is gone.
     engine_cgroup: Option<EngineCgroup>,
+    /// The same, for the OOM watcher (its daemon counter).
+    engine_cgroup_watch: watch::Sender<Option<EngineCgroup>>,
     /// The GC loop, started when the engine is first ready; aborted at drain.
     gc: Option<tokio::task::JoinHandle<()>>,
     task: Option<BuildkitTask>,
@@ -308,6 +343,7 @@ impl Agent {
             inputs: self.inputs.clone(),
             interval: self.config.health_interval,
             heartbeat: liveness.register("health", MAX_SILENCE.max(self.config.health_interval * 3)),
+            oom_delivered: 0,
         };
         tokio::spawn(health.run().instrument(tracing::info_span!("health")));
         let usage = UsageReporter {
@@ -318,6 +354,33 @@ impl Agent {
             engine_socket: self.config.engine.socket.clone(),
         };
         tokio::spawn(usage.run().instrument(tracing::info_span!("usage")));
+    }
+
+    /// The OOM watcher runs from start to exit: a kill on this host is news
+    /// whether or not an engine runs.
+    fn start_oom_watch(&self, status: &watch::Receiver<Status>, liveness: &Liveness) {
+        let (kills_tx, mut kills_rx) = mpsc::channel(16);
+        let name = self.config.engine.cgroup.as_deref().unwrap_or_default().trim_matches('/');
+        let watch = OomWatch {
+            kmsg_path: "/dev/kmsg".into(),
+            vmstat_path: "/proc/vmstat".into(),
+            engine_cgroup_path: if name.is_empty() { String::new() } else { format!("/{name}") },
+            engine_cgroup: self.engine_cgroup_watch.subscribe(),
+            status: status.clone(),
+            reconcile_interval: OOM_RECONCILE_INTERVAL,
+            kills: kills_tx,
+            metrics: self.metrics.clone(),
+            heartbeat: liveness.register("oom", MAX_SILENCE.max(OOM_RECONCILE_INTERVAL * 3)),
+        };
+        tokio::spawn(watch.run().instrument(tracing::info_span!("oom")));
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            while let Some(kill) = kills_rx.recv().await {
+                if inputs.send(Input::Oom(kill)).await.is_err() {
+                    return;
+                }
+            }
+        });
     }
 
     fn task_limits(&self) -> TaskLimits {
@@ -371,6 +434,23 @@ impl Agent {
             }
             Input::Engine(event) => {
                 self.on_engine_event(event);
+                None
+            }
+            Input::Oom(kill) => {
+                warn!(
+                    attribution = kill.attribution, pid = ?kill.pid, process = ?kill.process_name, container_id = ?kill.container_id,
+                    scope = ?kill.scope, task_memcg = ?kill.task_memcg, anon_rss_bytes = ?kill.anon_rss_bytes, count = kill.count,
+                    "OOM kill: {}", kill.summary()
+                );
+                self.metrics.oom_kills.with_label_values(&[kill.attribution]).inc_by(kill.count);
+                self.status.send_modify(|s| {
+                    s.oom_entries += 1;
+                    s.oom_kills_total += kill.count;
+                    s.recent_ooms.push_back(kill);
+                    while s.recent_ooms.len() > RECENT_OOM_KILLS {
+                        s.recent_ooms.pop_front();
+                    }
+                });
                 None
             }
             Input::GcRun(report) => {
@@ -552,6 +632,7 @@ impl Agent {
                     }
                 });
                 self.engine = Some(started.supervisor);
+                self.engine_cgroup_watch.send_replace(started.cgroup.clone());
                 self.engine_cgroup = started.cgroup;
             }
             Err(error) => {

@@ -28,6 +28,10 @@ pub struct HealthStream {
     pub inputs: mpsc::Sender<Input>,
     pub interval: Duration,
     pub heartbeat: Heartbeat,
+    /// OOM kills (counted as in `Status::oom_entries`) sent on a stream that
+    /// then ended normally. A stream that fails sends its kills again on the
+    /// next one: at least once, deduplicated by id on the other side.
+    pub oom_delivered: u64,
 }
 
 impl HealthStream {
@@ -85,11 +89,13 @@ impl HealthStream {
         let call = client.report_health(req);
         tokio::pin!(call);
         debug!(machine_id = %session.machine_id, "health stream opened");
+        let mut oom_sent = self.oom_delivered;
         loop {
             tokio::select! {
                 result = &mut call => {
                     return match result {
                         Ok(resp) => {
+                            self.oom_delivered = oom_sent;
                             let should_terminate = resp.into_inner().should_terminate;
                             if !should_terminate {
                                 warn!("control plane ended the health stream without should_terminate; reopening");
@@ -107,9 +113,15 @@ impl HealthStream {
                     self.heartbeat.beat();
                     // The newest session (a re-registration may have renewed it) names the machine.
                     let machine_id = self.session.borrow().as_ref().map_or_else(|| session.machine_id.clone(), |s| s.machine_id.clone());
-                    let report = build_report(&self.status.borrow(), &machine_id);
+                    let (report, oom_through) = {
+                        let status = self.status.borrow();
+                        (build_report(&status, &machine_id, oom_sent), status.oom_entries)
+                    };
                     match tx.try_send(report) {
-                        Ok(()) => self.control.metrics.health_reports_sent.inc(),
+                        Ok(()) => {
+                            self.control.metrics.health_reports_sent.inc();
+                            oom_sent = oom_through;
+                        }
                         Err(mpsc::error::TrySendError::Full(_)) => debug!("health stream is backed up; dropping this report"),
                         Err(mpsc::error::TrySendError::Closed(_)) => {}
                     }
@@ -119,9 +131,14 @@ impl HealthStream {
     }
 }
 
-/// A report of the agent's status now, with fresh filesystem figures.
-pub fn build_report(status: &Status, machine_id: &str) -> pb::HealthReport {
+/// A report of the agent's status now, with fresh filesystem figures and the
+/// OOM kills after the first `oom_sent` the agent recorded.
+pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64) -> pb::HealthReport {
     pb::HealthReport {
+        oom_kills: status.oom_kills_after(oom_sent).map(crate::observe::oom_watch::OomKill::to_proto).collect(),
+        oom_kills_total: status.oom_kills_total,
+        host: None,
+        engine_resources: None,
         machine_id: machine_id.into(),
         unix_time_ms: unix_time_ms(),
         agent_state: status.state.to_proto() as i32,

@@ -72,6 +72,9 @@ struct Readiness {
     engine_restarts: u64,
     engine_last_exit: Option<String>,
     last_gc: Option<String>,
+    /// The newest OOM kill on this host, whole (attribution, pid, memory...).
+    last_oom: Option<crate::observe::oom_watch::OomKill>,
+    oom_kills_total: u64,
     task_id: Option<String>,
     control_plane_connected: bool,
     state_age_secs: u64,
@@ -89,6 +92,8 @@ async fn readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
         engine_restarts: st.engine_restarts,
         engine_last_exit: st.engine_last_exit,
         last_gc: st.recent_gc.back().map(|r| r.summary.clone()),
+        last_oom: st.recent_ooms.back().cloned(),
+        oom_kills_total: st.oom_kills_total,
         task_id: st.task_id,
         control_plane_connected: s.metrics.control_plane_connected.get() == 1,
         state_age_secs: st.since.elapsed().as_secs(),

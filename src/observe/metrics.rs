@@ -2,7 +2,7 @@
 //! `machine_agent_` names, base units and HELP text.
 
 use crate::agent::state::State;
-use prometheus::{Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// Handles to every metric; cheap to clone (each is an `Arc` inside).
 #[derive(Clone, Debug)]
@@ -22,6 +22,12 @@ pub struct Metrics {
     pub gc_last_run_freed_bytes: IntGauge,
     pub gc_last_run_duration_seconds: Gauge,
     pub gc_last_run_timestamp_seconds: Gauge,
+    pub oom_kills: IntCounterVec,
+    pub kmsg_overruns: IntCounter,
+    pub volume_size_bytes: GaugeVec,
+    pub volume_free_bytes: GaugeVec,
+    pub volume_inodes: GaugeVec,
+    pub volume_free_inodes: GaugeVec,
 }
 
 /// Registering a metric fails only on a duplicate name or bad label set, which
@@ -131,7 +137,52 @@ impl Metrics {
                 &registry,
                 Gauge::new("gc_last_run_timestamp_seconds", "Unix time of the last completed GC run.").expect("valid"),
             ),
+            oom_kills: {
+                let kills = register(
+                    &registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "oom_kills_total",
+                            "Processes the kernel's OOM killer killed on this host, by whom it hit: engine (buildkitd), build_step, other, unknown (no memcg in the kernel's lines), unattributed (counted by /proc/vmstat, lines lost).",
+                        ),
+                        &["attribution"],
+                    )
+                    .expect("valid"),
+                );
+                for attribution in crate::observe::oom::Attribution::LABELS {
+                    kills.with_label_values(&[attribution]);
+                }
+                kills
+            },
+            kmsg_overruns: register(
+                &registry,
+                IntCounter::new("kmsg_overruns_total", "Times the kernel log ring overwrote records before the OOM watcher read them.")
+                    .expect("valid"),
+            ),
+            volume_size_bytes: volume_gauge(&registry, "volume_size_bytes", "Size of the filesystem at each watched mount."),
+            volume_free_bytes: volume_gauge(&registry, "volume_free_bytes", "Bytes available to unprivileged writers on the filesystem at each watched mount."),
+            volume_inodes: volume_gauge(&registry, "volume_inodes", "Inodes of the filesystem at each watched mount (0 where the filesystem has no fixed count)."),
+            volume_free_inodes: volume_gauge(&registry, "volume_free_inodes", "Free inodes of the filesystem at each watched mount."),
             registry,
+        }
+    }
+
+    /// Sets the volume gauges of every mount in one health-report set, and
+    /// drops the series of mounts no longer watched.
+    pub fn record_mounts(&self, mounts: &[crate::proto::v1::MountStats]) {
+        for gauge in [&self.volume_size_bytes, &self.volume_free_bytes, &self.volume_inodes, &self.volume_free_inodes] {
+            gauge.reset();
+        }
+        for m in mounts {
+            let label = [m.path.as_str()];
+            // f64 holds integers exactly up to 2^53 bytes (8 PiB): every real disk.
+            #[allow(clippy::cast_precision_loss)]
+            {
+                self.volume_size_bytes.with_label_values(&label).set(m.total_bytes as f64);
+                self.volume_free_bytes.with_label_values(&label).set(m.free_bytes as f64);
+                self.volume_inodes.with_label_values(&label).set(m.total_inodes as f64);
+                self.volume_free_inodes.with_label_values(&label).set(m.free_inodes as f64);
+            }
         }
     }
 
@@ -151,6 +202,11 @@ impl Metrics {
         }
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+#[allow(clippy::expect_used)] // static, valid names and labels: see `register`
+fn volume_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
+    register(registry, GaugeVec::new(Opts::new(name, help), &["mount"]).expect("valid"))
 }
 
 impl Default for Metrics {

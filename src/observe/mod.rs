@@ -6,6 +6,8 @@ pub mod liveness;
 pub mod metrics;
 /// The OOM watcher's pure core: kmsg OOM lines parsed, assembled into kills and attributed.
 pub mod oom;
+/// The OOM watcher's I/O edge: /dev/kmsg read live, checked against the kernel's counters.
+pub mod oom_watch;
 
 /// Logs to stderr (journald keeps it), filtered by MACHINE_AGENT_LOG
 /// (tracing's env-filter syntax), info by default.

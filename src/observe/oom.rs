@@ -311,6 +311,9 @@ pub enum Attribution {
     Other,
     /// The kernel did not say which memcg the victim was in.
     Unknown,
+    /// A kill the kernel counted (/proc/vmstat `oom_kill`) whose lines were
+    /// never read: lost to a kmsg ring overrun or rate limiting.
+    Unattributed,
 }
 
 impl Attribution {
@@ -321,8 +324,12 @@ impl Attribution {
             Self::BuildStep { .. } => "build_step",
             Self::Other => "other",
             Self::Unknown => "unknown",
+            Self::Unattributed => "unattributed",
         }
     }
+
+    /// Every label, for exporting each series from zero.
+    pub const LABELS: [&'static str; 5] = ["engine", "build_step", "other", "unknown", "unattributed"];
 }
 
 /// Attributes a victim's memcg path to the engine, a build step or neither.
@@ -330,13 +337,25 @@ impl Attribution {
 /// not inside `/machine-agent-engine`. A process in the engine's cgroup but in
 /// neither `daemon/` nor a step's cgroup (the engine root on v1, a bare
 /// `buildkit/`) counts as the engine's: it is no step and it is not outside.
+///
+/// An `engine_cgroup` of "" (the engine runs without a cgroup of its own)
+/// contains nothing: every victim is then another process's.
 pub fn attribute(task_memcg: Option<&str>, engine_cgroup: &str) -> Attribution {
     let Some(task_memcg) = task_memcg else { return Attribution::Unknown };
+    if no_engine_cgroup(engine_cgroup) {
+        return Attribution::Other;
+    }
     match components_below(task_memcg, engine_cgroup).as_deref() {
         None => Attribution::Other,
         Some(["buildkit", id, ..]) => Attribution::BuildStep { container_id: (*id).to_owned() },
         Some(_) => Attribution::Engine,
     }
+}
+
+/// Without components the "engine cgroup" would be the hierarchy's root, which
+/// holds every process: that means the engine has no cgroup.
+fn no_engine_cgroup(engine_cgroup: &str) -> bool {
+    engine_cgroup.split('/').all(str::is_empty)
 }
 
 /// The components of `path` below `base`, or `None` when `path` is not
@@ -355,6 +374,9 @@ fn components_below<'a>(path: &'a str, base: &str) -> Option<Vec<&'a str>> {
 /// pins a step or the daemon, and anything outside the engine; a group at the
 /// engine's root (or `buildkit/`) could hold either, so it says nothing.
 fn attribute_group_member(group: &str, engine_cgroup: &str) -> Attribution {
+    if no_engine_cgroup(engine_cgroup) {
+        return Attribution::Other;
+    }
     match components_below(group, engine_cgroup).as_deref() {
         None => Attribution::Other,
         Some(["buildkit", id, ..]) => Attribution::BuildStep { container_id: (*id).to_owned() },
@@ -614,6 +636,13 @@ mod tests {
     }
 
     // === kmsg records ===
+
+    #[test]
+    fn without_an_engine_cgroup_every_victim_is_another_process() {
+        assert_eq!(attribute(Some("/machine-agent-engine/daemon"), ""), Attribution::Other);
+        assert_eq!(attribute(Some("/"), "/"), Attribution::Other);
+        assert_eq!(attribute(None, ""), Attribution::Unknown);
+    }
 
     #[test]
     fn kmsg_record_with_continuation_lines() {
