@@ -2,6 +2,9 @@
 //! volume: a free-space watermark crossed while Ready is answered by a
 //! pressure run that prunes the least recently used builds first, and an
 //! engine that cannot be read defers the run without hurting the agent.
+//! Retention prunes records unused for too long whatever the free space; a
+//! running build's records survive a full-disk run and the build succeeds; an
+//! ext4 made with few inodes is collected by the inode watermark alone.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly on the first surprise
 
 mod support;
@@ -10,7 +13,7 @@ use machine_agent::engine::client::{CacheRecord, EngineClient};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
-use support::engine::{build_context, buildctl_build, readyz, unix_addr, wait_ready, World};
+use support::engine::{build_context, buildctl_build, preformat_ext4, readyz, small_files_context, unix_addr, wait_ready, World};
 use support::{agent, engine_socket, eventually, http_get, metric_value};
 
 async fn records(socket: &Path) -> Vec<CacheRecord> {
@@ -225,4 +228,229 @@ async fn a_volume_over_the_watermark_at_start_is_collected_before_the_agent_turn
     assert!(free_at_ready >= stop_bytes, "free {free_at_ready} >= stop watermark {stop_bytes}");
     let left: BTreeSet<String> = records(&engine_socket(&w.root)).await.into_iter().map(|r| r.id).collect();
     assert!(own_layers(&newest).iter().all(|id| left.contains(id)), "the newest build survives");
+}
+
+/// How many records a run freed for `reason` (`retention`, `keep-bytes`,
+/// `free-bytes`, `free-inodes`), read from its summary line.
+fn freed_for(summary: &str, reason: &str) -> u64 {
+    let tail = &summary[summary.find("; retention ").unwrap_or_else(|| panic!("no reasons in {summary:?}")) + 2..];
+    let words: Vec<&str> = tail.split([' ', ';']).filter(|w| !w.is_empty()).collect();
+    let at = words.iter().position(|w| *w == reason).unwrap_or_else(|| panic!("no {reason} in {summary:?}"));
+    words[at + 1].parse().unwrap_or_else(|_| panic!("{reason} count in {summary:?}"))
+}
+
+fn free_inodes(path: &Path) -> (u64, u64) {
+    let s = nix::sys::statvfs::statvfs(path).unwrap();
+    (s.files_available(), s.files())
+}
+
+#[test]
+fn freed_for_reads_each_reason_from_a_summary() {
+    let line = "gc interval: planned 2 records 10 bytes; freed 2 records 10 bytes, 3 inodes; free bytes 1 -> 2, free inodes 3 -> 4; \
+                retention 2 keep-bytes 0 free-bytes 5 free-inodes 7; took 3ms";
+    assert_eq!(
+        [freed_for(line, "retention"), freed_for(line, "keep-bytes"), freed_for(line, "free-bytes"), freed_for(line, "free-inodes")],
+        [2, 0, 5, 7]
+    );
+}
+
+#[tokio::test]
+async fn records_unused_for_longer_than_retention_are_pruned_with_plenty_of_free_space() {
+    let w = World::new();
+    let cp = support::control_plane::control_plane().start();
+    w.use_control_plane(&cp);
+    // Retention from the agent's [gc] config; the interval from the task's gc block.
+    let retention = Duration::from_secs(15);
+    let agent = agent(&w.config)
+        .env("MACHINE_AGENT__GC__RETENTION_SECS", &retention.as_secs().to_string())
+        .env("MACHINE_AGENT__GC__MIN_AGE_SECS", "1")
+        .start();
+    cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
+    let mut task = support::control_plane::buildkit_task("retention", &w.root.join("mnt"));
+    if let machine_agent::proto::v1::register_response::Task::Buildkit(t) = &mut task {
+        t.gc = Some(machine_agent::proto::v1::GcPolicy { interval_secs: Some(1), ..Default::default() });
+    }
+    cp.push(task);
+    let base = wait_ready(&agent).await;
+
+    let old = own_layers(&build(&w, "old", 1 << 20).await);
+    // The point of the test is time passing: the second build is used more
+    // than half a retention later, so the run that expires the first finds
+    // the second seconds away from expiring.
+    tokio::time::sleep(retention / 2 + Duration::from_secs(1)).await;
+    let new = own_layers(&build(&w, "new", 1 << 20).await);
+    assert_eq!((old.len(), new.len()), (2, 2), "{old:?} {new:?}");
+
+    let socket = engine_socket(&w.root);
+    let deadline = tokio::time::Instant::now() + retention + Duration::from_secs(30);
+    let left = loop {
+        let left: BTreeSet<String> = records(&socket).await.into_iter().map(|r| r.id).collect();
+        if old.iter().all(|id| !left.contains(id)) {
+            break left;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the old build's layers {old:?} outlived retention {retention:?} by 30 s:\n{}", agent.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(new.iter().all(|id| left.contains(id)), "the build used more recently than retention survives: {new:?} not all in {left:?}");
+
+    let rec = cp
+        .wait_for("a usage report with the run that pruned by retention", |r| {
+            r.usage.iter().flat_map(|u| &u.gc_runs).any(|g| g.freed_records > 0 && freed_for(&g.summary, "retention") > 0)
+        })
+        .await;
+    let run = rec.usage.iter().flat_map(|u| &u.gc_runs).find(|g| g.freed_records > 0).unwrap();
+    assert_eq!((run.trigger.as_str(), run.outcome.as_str()), ("interval", "ok"), "{run:?}");
+    assert!(freed_for(&run.summary, "retention") >= old.len() as u64, "{run:?}");
+    assert_eq!(run.freed_records, freed_for(&run.summary, "retention"), "every record went for retention: {run:?}");
+    let (_, total) = free_bytes(&w.cache());
+    assert!(run.free_bytes_before > total / 2, "free space far above the 10 % watermark: {run:?}");
+    assert!(["keep-bytes", "free-bytes", "free-inodes"].iter().all(|r| freed_for(&run.summary, r) == 0), "{run:?}");
+
+    let (_, scrape) = http_get(&base, "/metrics").await;
+    assert!(metric_value(&scrape, "machine_agent_gc_runs_total{outcome=\"ok\",trigger=\"interval\"}").unwrap() >= 1.0, "{scrape}");
+    assert!(metric_value(&scrape, "machine_agent_gc_freed_records_total").unwrap() >= old.len() as f64, "{scrape}");
+    let (_, json) = readyz(&base).await;
+    assert!(json["last_gc"].as_str().unwrap().starts_with("gc interval"), "{json}");
+}
+
+/// A TCP listener the RUN step of a build dials: the accepted connection says
+/// the step is running, and the step runs until the test writes "go".
+struct StepGate {
+    listener: tokio::net::TcpListener,
+}
+
+impl StepGate {
+    async fn bind() -> Self {
+        Self { listener: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap() }
+    }
+
+    /// The step's script: wait for the gate (steps share the host's network
+    /// here: no CNI is configured), then fail unless it said "go".
+    fn script(&self) -> String {
+        let port = self.listener.local_addr().unwrap().port();
+        format!("/bin/busybox nc 127.0.0.1 {port} </dev/null >/go; /bin/busybox grep -q go /go")
+    }
+
+    async fn step_started(&self, within: Duration) -> tokio::net::TcpStream {
+        let accepted = tokio::time::timeout(within, self.listener.accept()).await;
+        accepted.unwrap_or_else(|_| panic!("the build's RUN step did not dial the gate within {within:?}")).unwrap().0
+    }
+}
+
+#[tokio::test]
+async fn a_running_builds_records_survive_a_full_disk_gc_and_the_build_succeeds() {
+    use tokio::io::AsyncWriteExt;
+    let w = World::new();
+    let (start_below, stop_at) = (59, 60);
+    let agent = agent(&w.config)
+        .standalone(&w.task)
+        .env("MACHINE_AGENT__GC__MIN_AGE_SECS", "0")
+        .env("MACHINE_AGENT__GC__INTERVAL_SECS", "3600")
+        .env("MACHINE_AGENT__GC__PRESSURE_CHECK_SECS", "1")
+        .env("MACHINE_AGENT__GC__FREE_BYTES_START_BELOW_PERCENT", &start_below.to_string())
+        .env("MACHINE_AGENT__GC__FREE_BYTES_STOP_AT_PERCENT", &stop_at.to_string())
+        .env("MACHINE_AGENT__GC__FREE_INODES_START_BELOW_PERCENT", "0")
+        .start();
+    wait_ready(&agent).await;
+    agent.wait_for_log("gc run trigger=startup").await;
+    let socket = engine_socket(&w.root);
+    let finished = own_layers(&build(&w, "finished", 48 << 20).await);
+    let before: BTreeSet<String> = records(&socket).await.into_iter().map(|r| r.id).collect();
+
+    let gate = StepGate::bind().await;
+    let ctx = build_context(&w.root, &gate.script(), 48 << 20);
+    let (addr, out) = (unix_addr(&w), w.root.join("out-running"));
+    let running = tokio::task::spawn_blocking(move || buildctl_build(&addr, &ctx, &out));
+    let mut step = gate.step_started(Duration::from_secs(120)).await;
+    let in_flight: Vec<CacheRecord> = records(&socket).await.into_iter().filter(|r| !before.contains(&r.id)).collect();
+    let payload = in_flight.iter().find(|r| r.description.contains("COPY payload")).unwrap_or_else(|| panic!("{in_flight:?}"));
+    assert!(payload.size_bytes >= 48 << 20 && payload.in_use, "the running step holds its payload layer: {payload:?}");
+    let in_flight: BTreeSet<String> = in_flight.iter().map(|r| r.id.clone()).collect();
+
+    // Past the start watermark, and further from the stop watermark than
+    // everything GC may prune: it frees the finished build and falls short.
+    let cache = w.cache();
+    let (free, total) = free_bytes(&cache);
+    let want_free = total / 100 * stop_at - 3 * payload.size_bytes;
+    std::fs::write(cache.join("filler"), vec![0x5a_u8; usize::try_from(free - want_free).unwrap()]).unwrap();
+    nix::unistd::sync();
+
+    let line = agent.wait_for_log("gc run trigger=pressure").await;
+    assert!(!running.is_finished(), "the run happened while the build was running: {line}");
+    assert!(line.contains("SHORT by"), "it freed what it could and says how far short it fell: {line}");
+    let left: BTreeSet<String> = records(&socket).await.into_iter().map(|r| r.id).collect();
+    assert!(finished.iter().all(|id| !left.contains(id)), "the finished build was pruned: {line}");
+    let missing: Vec<&String> = in_flight.iter().filter(|id| !left.contains(*id)).collect();
+    assert!(missing.is_empty(), "the running build's records {missing:?} were pruned: {line}");
+
+    step.write_all(b"go\n").await.unwrap();
+    drop(step);
+    let out = tokio::time::timeout(Duration::from_secs(120), running).await.expect("the build did not finish within 120 s").unwrap();
+    assert!(out.status.success(), "the build survived GC: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(w.root.join("out-running/go").exists(), "its result was exported");
+    let runs = agent.logs().lines().filter(|l| l.contains("gc run trigger=pressure")).count();
+    eprintln!("{runs} pressure runs while the build ran and since");
+}
+
+#[tokio::test]
+async fn an_ext4_with_few_inodes_is_collected_by_the_inode_watermark_alone() {
+    let w = World::new();
+    // 16384 inodes on 2 GiB (the default would be 131072): three builds of
+    // 3000 files exhaust them long before the bytes.
+    preformat_ext4(&w.root.join("cache.img"), 2 << 30, 16384);
+    let agent = agent(&w.config)
+        .standalone(&w.task)
+        .env("MACHINE_AGENT__GC__MIN_AGE_SECS", "0")
+        .env("MACHINE_AGENT__GC__INTERVAL_SECS", "3600")
+        .env("MACHINE_AGENT__GC__PRESSURE_CHECK_SECS", "1")
+        .env("MACHINE_AGENT__GC__BATCH", "1") // statvfs after every record: the run stops as soon as the inodes are back
+        .start();
+    wait_ready(&agent).await;
+    agent.wait_for_log("gc run trigger=startup").await;
+    let cache = w.cache();
+    let (_, total_inodes) = free_inodes(&cache);
+    assert!((16384..20000).contains(&total_inodes), "mkfs -N gave {total_inodes} inodes");
+
+    let files = 3000;
+    let socket = engine_socket(&w.root);
+    let mut layers = vec![];
+    for name in ["oldest", "newest"] {
+        let before: BTreeSet<String> = records(&socket).await.into_iter().map(|r| r.id).collect();
+        let ctx = small_files_context(&w.root, &format!("/bin/busybox echo {name} > /name"), files);
+        let out = support::engine::buildctl_build_cache_only(&unix_addr(&w), &ctx);
+        assert!(out.status.success(), "build {name}: {}", String::from_utf8_lossy(&out.stderr));
+        let added: Vec<CacheRecord> = records(&socket).await.into_iter().filter(|r| !before.contains(&r.id)).collect();
+        let own: Vec<String> =
+            added.iter().filter(|r| r.description.contains("COPY files") || r.description.contains("from exec")).map(|r| r.id.clone()).collect();
+        assert_eq!(own.len(), 2, "{name}: {added:?}");
+        layers.push(own);
+    }
+    let (oldest, newest) = (&layers[0], &layers[1]);
+
+    // Default watermarks: start below 10 %, stop at 20 % free inodes. Empty
+    // files (which GC cannot touch) take free inodes below the start
+    // watermark, to where freeing the oldest build's files reaches the stop
+    // watermark and nothing newer needs to go.
+    let (free_i, total_i) = free_inodes(&cache);
+    let (start_i, stop_i) = (total_i / 10, total_i / 5);
+    let want_free = stop_i - files as u64 * 2 / 3;
+    assert!(want_free + 200 < start_i && want_free + files as u64 > stop_i + 500, "{want_free} of {total_i}");
+    let fill = cache.join("inode-filler");
+    std::fs::create_dir(&fill).unwrap();
+    for i in 0..free_i - want_free {
+        std::fs::File::create(fill.join(i.to_string())).unwrap();
+    }
+    nix::unistd::sync();
+    let (free_b, total_b) = free_bytes(&cache);
+    assert!(free_b > total_b / 2, "bytes stay plenty: {free_b} of {total_b}");
+
+    let line = agent.wait_for_log("gc run trigger=pressure").await;
+    assert!(freed_for(&line, "free-inodes") >= 1, "{line}");
+    assert_eq!([freed_for(&line, "free-bytes"), freed_for(&line, "keep-bytes"), freed_for(&line, "retention")], [0, 0, 0], "inodes alone: {line}");
+    assert!(!line.contains("SHORT"), "{line}");
+    let (free_after, _) = free_inodes(&cache);
+    assert!(free_after >= stop_i, "free inodes {free_after} back at the stop watermark {stop_i}: {line}");
+    let left: BTreeSet<String> = records(&socket).await.into_iter().map(|r| r.id).collect();
+    assert!(oldest.iter().all(|id| !left.contains(id)), "the least recently used build's files went: {line}");
+    assert!(newest.iter().all(|id| left.contains(id)), "the newest build survives: {line}");
 }

@@ -158,3 +158,51 @@ pub async fn readyz(base: &str) -> (u16, serde_json::Value) {
     (code, serde_json::from_str(&body).unwrap())
 }
 
+/// Makes `image` an ext4 filesystem of `size_bytes` with about `inodes`
+/// inodes (mkfs rounds up to whole groups), as an operator's image would
+/// bring it: the agent mounts an existing filesystem as it is, so a task
+/// naming this file gets a volume that runs out of inodes long before bytes.
+pub fn preformat_ext4(image: &Path, size_bytes: u64, inodes: u64) {
+    let file = std::fs::File::create(image).unwrap();
+    file.set_len(size_bytes).unwrap();
+    drop(file);
+    let out = Command::new("/usr/sbin/mkfs.ext4")
+        .args(["-q", "-F", "-m", "0", "-N", &inodes.to_string(), "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mkfs.ext4 -N {inodes} {}: {}", image.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+/// A build context whose Dockerfile copies `files` small files (one block
+/// each) into a scratch image and runs `script` with busybox: a build that
+/// costs the cache many inodes and few bytes. The files' contents name the
+/// context, so two contexts never share a layer.
+pub fn small_files_context(dir: &Path, script: &str, files: usize) -> PathBuf {
+    let ctx = dir.join(format!("ctx-{}", rand_suffix()));
+    let tree = ctx.join("files");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::copy("/bin/busybox", ctx.join("busybox")).unwrap();
+    let tag = rand_suffix();
+    for i in 0..files {
+        std::fs::write(tree.join(format!("f{i}")), format!("{tag} {i}\n")).unwrap();
+    }
+    let dockerfile = format!(
+        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY files /files\nRUN [\"/bin/busybox\", \"sh\", \"-c\", {}]\n",
+        serde_json::to_string(script).unwrap()
+    );
+    std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
+    ctx
+}
+
+/// `buildctl build` of `ctx` into the cache only (no export): how builds fill
+/// a cache fastest. Bounded by buildctl itself only; callers bound the wait.
+pub fn buildctl_build_cache_only(addr_args: &[String], ctx: &Path) -> std::process::Output {
+    Command::new(BUILDCTL)
+        .args(addr_args)
+        .args(["build", "--frontend", "dockerfile.v0", "--progress", "plain"])
+        .arg(format!("--local=context={}", ctx.display()))
+        .arg(format!("--local=dockerfile={}", ctx.display()))
+        .output()
+        .unwrap()
+}
