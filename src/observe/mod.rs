@@ -8,6 +8,8 @@ pub mod metrics;
 pub mod oom;
 /// The OOM watcher's I/O edge: /dev/kmsg read live, checked against the kernel's counters.
 pub mod oom_watch;
+/// Host and engine-tree CPU and memory, one cheap tick at a time.
+pub mod sampler;
 
 /// Logs to stderr (journald keeps it), filtered by MACHINE_AGENT_LOG
 /// (tracing's env-filter syntax), info by default.
