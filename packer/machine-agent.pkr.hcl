@@ -177,7 +177,7 @@ build {
   }
 
   post-processor "manifest" {
-    output     = "${path.root}/manifest.json"
+    output     = "${local.repo}/target/packer-manifest.json"
     strip_path = true
   }
 }

@@ -20,7 +20,7 @@ fail() {
     echo "test-provision: FAIL: $*" >&2
     exit 1
 }
-log() { echo "test-provision: $*" >&2; }
+log() { echo "test-provision: $*"; }
 
 [[ $EUID -eq 0 ]] || fail "run as root"
 command -v systemctl >/dev/null || fail "systemctl not found (apt-get install systemd)"
