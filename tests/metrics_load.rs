@@ -1,0 +1,217 @@
+//! The endpoints of an agent that is Ready with the real buildkitd, registered
+//! with the control-plane double (health stream, GC and engine loops all
+//! running): a scrape that `promtool check metrics` passes with the engine and
+//! GC series in it, and 10 s of `wrk` on /metrics (then bursts on /readyz and
+//! /healthz) over loopback with no socket error, no non-2xx answer, and the
+//! agent's own loops still ticking.
+//!
+//! Needs root, the real BuildKit (scripts/install-buildkit.sh), promtool
+//! (Debian `prometheus`) and wrk (Debian `wrk`); `.ci/run` installs them.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly on the first surprise
+
+mod support;
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::Duration;
+use support::control_plane::{buildkit_task, control_plane};
+use support::engine::{wait_ready, World};
+use support::{agent, http_get, metric_value, process_alive, trace_init};
+
+/// What `wrk --latency` reported, from its text output.
+#[derive(Debug, Default, PartialEq)]
+struct WrkReport {
+    requests: u64,
+    connect_errors: u64,
+    read_errors: u64,
+    write_errors: u64,
+    timeouts: u64,
+    non_2xx_3xx: u64,
+    /// The "Latency Distribution" block and the summary lines, for the test output.
+    latency_lines: Vec<String>,
+}
+
+/// Parses wrk 4's report. The "Socket errors" and "Non-2xx or 3xx responses"
+/// lines are printed only when their counts are not zero; a report without
+/// the "N requests in" line is not a report and fails the parse.
+fn parse_wrk(out: &str) -> Option<WrkReport> {
+    let mut r = WrkReport::default();
+    let mut saw_requests = false;
+    let mut in_distribution = false;
+    for line in out.lines() {
+        let t = line.trim();
+        if t == "Latency Distribution" {
+            in_distribution = true;
+            r.latency_lines.push(line.to_string());
+            continue;
+        }
+        if in_distribution {
+            if t.ends_with('%') || t.split_whitespace().next().is_some_and(|p| p.ends_with('%')) {
+                r.latency_lines.push(line.to_string());
+                continue;
+            }
+            in_distribution = false;
+        }
+        if t.starts_with("Latency ") || t.starts_with("Requests/sec:") || t.starts_with("Transfer/sec:") {
+            r.latency_lines.push(line.to_string());
+        }
+        if let Some((n, _)) = t.split_once(" requests in ") {
+            r.requests = n.trim().parse().ok()?;
+            saw_requests = true;
+            r.latency_lines.push(line.to_string());
+        } else if let Some(rest) = t.strip_prefix("Socket errors:") {
+            for part in rest.split(',') {
+                let mut kv = part.split_whitespace();
+                let (key, value) = (kv.next()?, kv.next()?.parse().ok()?);
+                match key {
+                    "connect" => r.connect_errors = value,
+                    "read" => r.read_errors = value,
+                    "write" => r.write_errors = value,
+                    "timeout" => r.timeouts = value,
+                    _ => return None,
+                }
+            }
+        } else if let Some(rest) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            r.non_2xx_3xx = rest.trim().parse().ok()?;
+        }
+    }
+    saw_requests.then_some(r)
+}
+
+/// Runs `wrk` against `url` for `secs`, killed if it outlives its own duration
+/// by 15 s; returns its report and its whole output.
+async fn wrk(url: &str, threads: u32, connections: u32, secs: u64) -> (WrkReport, String) {
+    let child = tokio::process::Command::new("wrk")
+        .args([
+            format!("-t{threads}"),
+            format!("-c{connections}"),
+            format!("-d{secs}s"),
+            "--timeout".into(),
+            "2s".into(),
+            "--latency".into(),
+            url.into(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("wrk not found: install Debian's `wrk` package (bash .ci/run does)");
+    let bound = Duration::from_secs(secs + 15);
+    let out = tokio::time::timeout(bound, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("wrk against {url} did not finish within {bound:?}"))
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "wrk against {url} failed ({}):\n{text}", out.status);
+    let report = parse_wrk(&text).unwrap_or_else(|| panic!("cannot parse wrk's report:\n{text}"));
+    (report, text)
+}
+
+fn assert_clean(what: &str, r: &WrkReport, text: &str) {
+    println!("wrk {what}:");
+    for line in &r.latency_lines {
+        println!("  {}", line.trim());
+    }
+    assert!(r.requests > 0, "wrk {what}: no request completed:\n{text}");
+    assert_eq!(
+        (r.connect_errors, r.read_errors, r.write_errors, r.timeouts),
+        (0, 0, 0, 0),
+        "wrk {what}: socket errors (connect, read, write, timeout):\n{text}"
+    );
+    assert_eq!(r.non_2xx_3xx, 0, "wrk {what}: answers other than 2xx:\n{text}");
+}
+
+/// Runs `promtool check metrics` on a scrape: exit 0 and nothing said.
+fn promtool_check(scrape: &str) {
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool not found: install Debian's `prometheus` package (bash .ci/run does)");
+    child.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics found problems ({}):\n{}{}\nscrape:\n{scrape}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn wrk_report_parsing() {
+    let clean = "Running 10s test @ http://127.0.0.1:1/metrics\n  2 threads and 16 connections\n  Thread Stats   Avg      Stdev     Max   +/- Stdev\n    Latency   452.10us  300.00us   9.80ms   90.00%\n    Req/Sec    17.00k     1.00k   19.00k    70.00%\n  Latency Distribution\n     50%  400.00us\n     75%  500.00us\n     90%  700.00us\n     99%    1.50ms\n  338000 requests in 10.00s, 1.20GB read\nRequests/sec:  33800.00\nTransfer/sec:    123.00MB\n";
+    let r = parse_wrk(clean).unwrap();
+    assert_eq!((r.requests, r.connect_errors, r.read_errors, r.write_errors, r.timeouts, r.non_2xx_3xx), (338_000, 0, 0, 0, 0, 0));
+    assert_eq!(r.latency_lines.iter().filter(|l| l.trim().ends_with("s") && l.contains('%')).count(), 4, "{r:?}");
+
+    let dirty =
+        "  100 requests in 1.00s, 1.00KB read\n  Socket errors: connect 1, read 2, write 3, timeout 4\n  Non-2xx or 3xx responses: 5\n";
+    let r = parse_wrk(dirty).unwrap();
+    assert_eq!((r.requests, r.connect_errors, r.read_errors, r.write_errors, r.timeouts, r.non_2xx_3xx), (100, 1, 2, 3, 4, 5));
+
+    assert_eq!(parse_wrk("unable to connect to 127.0.0.1:1 Connection refused\n"), None);
+    assert_eq!(parse_wrk("  100 requests in 1.00s\n  Socket errors: connect x\n"), None);
+}
+
+#[tokio::test]
+async fn a_ready_agent_with_a_real_engine_serves_a_promtool_clean_scrape_and_ten_seconds_of_wrk_without_errors() {
+    trace_init();
+    let w = World::new();
+    let cp = control_plane().start();
+    w.use_control_plane(&cp);
+    // Info, not debug: the measurement is the endpoints, not the log.
+    let agent = agent(&w.config).env("MACHINE_AGENT_LOG", "info").start();
+    cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
+    cp.push(buildkit_task("metrics-load", &w.root.join("mnt")));
+    let base = wait_ready(&agent).await;
+    agent.wait_for_log("gc run trigger=startup").await;
+    cp.wait_for("a health report", |r| !r.health.is_empty()).await;
+
+    // (a) A scrape of the whole agent: lifecycle, control plane, engine and GC series.
+    let (code, scrape) = http_get(&base, "/metrics").await;
+    assert_eq!(code, 200);
+    assert_eq!(metric_value(&scrape, "machine_agent_state{state=\"ready\"}"), Some(1.0), "{scrape}");
+    assert_eq!(metric_value(&scrape, "machine_agent_engine_up"), Some(1.0), "{scrape}");
+    assert_eq!(metric_value(&scrape, "machine_agent_control_plane_connected"), Some(1.0), "{scrape}");
+    assert!(metric_value(&scrape, "machine_agent_health_reports_sent_total").is_some_and(|n| n >= 1.0), "{scrape}");
+    assert_eq!(metric_value(&scrape, "machine_agent_gc_runs_total{outcome=\"ok\",trigger=\"startup\"}"), Some(1.0), "{scrape}");
+    assert!(metric_value(&scrape, "machine_agent_gc_last_run_timestamp_seconds").is_some_and(|t| t > 0.0), "{scrape}");
+    assert_eq!(metric_value(&scrape, "machine_agent_engine_restarts_total{reason=\"signal\"}"), Some(0.0), "{scrape}");
+    let families = scrape.lines().filter(|l| l.starts_with("# TYPE ")).count();
+    println!(
+        "scrape: {} bytes, {families} metric families, {} samples",
+        scrape.len(),
+        scrape.lines().filter(|l| !l.starts_with('#')).count()
+    );
+    promtool_check(&scrape);
+
+    // (b) 10 s of wrk on /metrics, closed loop, 16 connections.
+    let health_before = cp.recorded().health.len();
+    let (report, text) = wrk(&format!("{base}/metrics"), 2, 16, 10).await;
+    let health_during = cp.recorded().health.len() - health_before;
+    assert_clean("/metrics, 2 threads, 16 connections, 10 s", &report, &text);
+    println!("health reports received during the load: {health_during}");
+    // One report a second; the load must not starve the agent's own loops.
+    assert!(health_during >= 5, "only {health_during} health reports in 10 s of load on /metrics: the health loop was starved");
+
+    // Short bursts on the other two endpoints; /readyz answers 200 in Ready, so
+    // a non-2xx here would also mean the agent left Ready under load.
+    for path in ["/readyz", "/healthz"] {
+        let (report, text) = wrk(&format!("{base}{path}"), 1, 4, 2).await;
+        assert_clean(&format!("{path}, 1 thread, 4 connections, 2 s"), &report, &text);
+    }
+
+    assert!(process_alive(agent.pid), "the agent died under load; log:\n{}", agent.logs());
+    let (code, body) = http_get(&base, "/healthz").await;
+    assert_eq!((code, body.as_str()), (200, "ok\n"), "the agent's loops after the load");
+    let (code, body) = http_get(&base, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let (_, after) = http_get(&base, "/metrics").await;
+    assert_eq!(metric_value(&after, "machine_agent_engine_restarts_total{reason=\"unresponsive\"}"), Some(0.0), "{after}");
+    promtool_check(&after);
+}
