@@ -129,7 +129,12 @@ build {
 
   # --- stage: the files provision.sh expects in MA_STAGE_DIR ---------------------------
   provisioner "shell" {
-    inline = ["mkdir -p ${local.stage_dir}"]
+    inline = [
+      # First boot: cloud-init may still be configuring apt and the network.
+      # Its exit status says "degraded" for harmless warnings; only waiting matters.
+      "cloud-init status --wait >/dev/null || true",
+      "mkdir -p ${local.stage_dir}",
+    ]
   }
 
   provisioner "file" {

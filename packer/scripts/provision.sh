@@ -72,9 +72,6 @@ target() { printf '%s%s' "${MA_ROOT%/}" "$1"; }
 
 sha256_of() { sha256sum "$1" | awk '{print $1}'; }
 
-# mode_of FILE: the octal permission bits, e.g. 755.
-mode_of() { stat -c '%a' "$1"; }
-
 # install_file SRC DEST MODE: DEST is a target path (without MA_ROOT). Leaves a
 # file with the same content alone (fixing only its mode), else writes a
 # temporary file next to DEST and renames it, so a reader never sees half a
@@ -84,9 +81,10 @@ install_file() {
     dest=$(target "$2")
     mkdir -p "$(dirname "$dest")"
     if [[ -f $dest && ! -L $dest && $(sha256_of "$src") == "$(sha256_of "$dest")" ]]; then
-        if [[ $(mode_of "$dest") != "${mode#0}" ]]; then
+        if [[ $(stat -c '%a %u:%g' "$dest") != "${mode#0} 0:0" ]]; then
+            chown 0:0 "$dest"
             chmod "$mode" "$dest"
-            log "mode of $2 set to $mode"
+            log "owner and mode of $2 set to root, $mode"
         else
             log "unchanged: $2"
         fi
@@ -95,7 +93,7 @@ install_file() {
     local tmp
     tmp=$(mktemp "$dest.provision.XXXXXX")
     # Remove the temporary file if the copy fails half way.
-    if ! install -m "$mode" "$src" "$tmp"; then
+    if ! install -o 0 -g 0 -m "$mode" "$src" "$tmp"; then
         rm -f "$tmp"
         die "cannot copy $src to $tmp"
     fi
@@ -108,6 +106,7 @@ private_dir() {
     local dir
     dir=$(target "$1")
     mkdir -p "$dir"
+    chown 0:0 "$dir"
     chmod 0700 "$dir"
 }
 
@@ -173,8 +172,10 @@ else
         fi
         log "installing ${missing[*]}"
         export DEBIAN_FRONTEND=noninteractive
-        apt-get update -q
-        apt-get install -y -q --no-install-recommends "${missing[@]}"
+        # On a fresh cloud instance unattended-upgrades or cloud-init may hold
+        # the dpkg lock for a while: wait for it instead of failing.
+        apt-get -o DPkg::Lock::Timeout=300 update -q
+        apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends "${missing[@]}"
     else
         log "runtime packages present: ${RUNTIME_PACKAGES[*]}"
     fi
@@ -240,6 +241,7 @@ if [[ -f $MA_STAGE_DIR/config.toml ]]; then
 elif [[ -f $(target /etc/machine-agent/config.toml) ]]; then
     # An image rebuilt without a staged config keeps the one it has.
     log "no staged config.toml; keeping the installed /etc/machine-agent/config.toml"
+    chown 0:0 "$(target /etc/machine-agent/config.toml)"
     chmod 0600 "$(target /etc/machine-agent/config.toml)"
 elif [[ -f $MA_STAGE_DIR/config.example.toml ]]; then
     log "WARNING: no staged config.toml: installing config.example.toml as /etc/machine-agent/config.toml; edit it (control_plane.url, identity) before the agent can register"

@@ -48,15 +48,15 @@ provision() {
     }
 }
 
-# manifest DIR: one line per entry under DIR, sorted: path, type, mode, and the
+# manifest DIR: one line per entry under DIR, sorted: path, type, mode, owner, and the
 # sha256 of a file or the target of a symlink. Timestamps are left out: a
 # rerun may touch them, and they are not what a builder depends on.
 manifest() {
-    (cd "$1" && find . -mindepth 1 -printf '%p %y %m\n' | sort | while read -r path type mode; do
+    (cd "$1" && find . -mindepth 1 -printf '%p %y %m %U:%G\n' | sort | while read -r path type mode owner; do
         case $type in
-            f) echo "$path f $mode $(sha256sum "$path" | awk '{print $1}')" ;;
-            l) echo "$path l $mode -> $(readlink "$path")" ;;
-            *) echo "$path $type $mode" ;;
+            f) echo "$path f $mode $owner $(sha256sum "$path" | awk '{print $1}')" ;;
+            l) echo "$path l $mode $owner -> $(readlink "$path")" ;;
+            *) echo "$path $type $mode $owner" ;;
         esac
     done)
 }
@@ -66,10 +66,10 @@ log "run 1"
 provision run1
 manifest "$root" >"$tmp/manifest1"
 
-expect() { # path type mode
+expect() { # path type mode; every installed entry is owned by root
     local line
     line=$(grep -E "^\./${1#/} " "$tmp/manifest1") || fail "$1 was not installed"
-    [[ $(awk '{print $2, $3}' <<<"$line") == "$2 $3" ]] || fail "$1: expected type $2 mode $3, got: $line"
+    [[ $(awk '{print $2, $3, $4}' <<<"$line") == "$2 $3 0:0" ]] || fail "$1: expected type $2 mode $3 owner 0:0, got: $line"
 }
 expect /usr/local/bin/machine-agent f 755
 expect /usr/local/bin/buildkitd f 755
@@ -98,8 +98,9 @@ manifest "$root" >"$tmp/manifest2"
 diff -u "$tmp/manifest1" "$tmp/manifest2" || fail "run 2 changed the tree (diff above)"
 grep -q '^provision: installed' "$tmp/run2.log" && fail "run 2 rewrote files: $(grep '^provision: installed' "$tmp/run2.log")"
 
-# A changed mode is repaired, a changed binary replaced.
+# A changed mode or owner is repaired, a changed binary replaced.
 chmod 0644 "$root/etc/machine-agent/config.toml"
+chown 1:1 "$root/usr/local/bin/buildctl"
 echo '#changed' >>"$root/usr/local/bin/runc"
 provision run3
 manifest "$root" >"$tmp/manifest3"
