@@ -309,8 +309,11 @@ async fn records_unused_for_longer_than_retention_are_pruned_with_plenty_of_free
     let (_, scrape) = http_get(&base, "/metrics").await;
     assert!(metric_value(&scrape, "machine_agent_gc_runs_total{outcome=\"ok\",trigger=\"interval\"}").unwrap() >= 1.0, "{scrape}");
     assert!(metric_value(&scrape, "machine_agent_gc_freed_records_total").unwrap() >= old.len() as f64, "{scrape}");
+    // The latest run, a second old at most: an interval run (on a loaded
+    // machine it may have been deferred: a DiskUsage past its timeout).
     let (_, json) = readyz(&base).await;
-    assert!(json["last_gc"].as_str().unwrap().starts_with("gc interval"), "{json}");
+    let last = json["last_gc"].as_str().unwrap_or_else(|| panic!("no last_gc in {json}"));
+    assert!(last.starts_with("gc interval") || last.starts_with("deferred (interval)"), "{json}");
 }
 
 /// A TCP listener the RUN step of a build dials: the accepted connection says
