@@ -40,6 +40,9 @@ const DEFAULT_BACKOFF_MAX_SECS: u64 = crate::backoff::DEFAULT_MAX.as_secs();
 const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 60;
 /// The protocol promises one health report a second.
 const DEFAULT_HEALTH_INTERVAL_MS: u64 = 1000;
+/// A sample costs well under a millisecond; every 5 s is fine-grained enough
+/// for a memory climb that ends in an OOM kill, and cheap on an idle VM.
+const DEFAULT_SAMPLE_INTERVAL_MS: u64 = 5000;
 /// The protocol promises a usage report a minute.
 const DEFAULT_USAGE_INTERVAL_SECS: u64 = 60;
 /// An EBS attach usually lands within seconds; two minutes covers a slow API
@@ -174,6 +177,8 @@ struct RawAgent {
     drain_timeout_secs: u64,
     #[serde(default = "default_health_interval_ms")]
     health_interval_ms: u64,
+    #[serde(default = "default_sample_interval_ms")]
+    sample_interval_ms: u64,
     #[serde(default = "default_usage_interval_secs")]
     usage_interval_secs: u64,
     #[serde(default = "default_state_dir")]
@@ -224,6 +229,7 @@ fn default_drain_timeout_secs() -> u64 { DEFAULT_DRAIN_TIMEOUT_SECS }
 fn default_device_wait_secs() -> u64 { DEFAULT_DEVICE_WAIT_SECS }
 fn default_unmount_timeout_secs() -> u64 { DEFAULT_UNMOUNT_TIMEOUT_SECS }
 fn default_health_interval_ms() -> u64 { DEFAULT_HEALTH_INTERVAL_MS }
+fn default_sample_interval_ms() -> u64 { DEFAULT_SAMPLE_INTERVAL_MS }
 fn default_usage_interval_secs() -> u64 { DEFAULT_USAGE_INTERVAL_SECS }
 fn default_state_dir() -> PathBuf { DEFAULT_STATE_DIR.into() }
 fn default_engine_binary() -> PathBuf { DEFAULT_ENGINE_BINARY.into() }
@@ -249,6 +255,7 @@ impl Default for RawAgent {
         Self {
             drain_timeout_secs: default_drain_timeout_secs(),
             health_interval_ms: default_health_interval_ms(),
+            sample_interval_ms: default_sample_interval_ms(),
             usage_interval_secs: default_usage_interval_secs(),
             state_dir: default_state_dir(),
         }
@@ -289,6 +296,8 @@ pub struct Config {
     pub volume: crate::volume::manager::VolumeSettings,
     pub drain_timeout: Duration,
     pub health_interval: Duration,
+    /// How often the host and the engine's process tree are sampled.
+    pub sample_interval: Duration,
     pub usage_interval: Duration,
     pub state_dir: PathBuf,
     pub engine: EngineConfig,
@@ -563,6 +572,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
     let a = &raw.agent;
     check_range(&mut bad, "agent.drain_timeout_secs", a.drain_timeout_secs, 1, 3600);
     check_range(&mut bad, "agent.health_interval_ms", a.health_interval_ms, 100, 60_000);
+    check_range(&mut bad, "agent.sample_interval_ms", a.sample_interval_ms, 200, 60_000);
     check_range(&mut bad, "agent.usage_interval_secs", a.usage_interval_secs, 1, 3600);
     if let Err(problem) = check_clean_absolute(&a.state_dir) {
         bad("agent.state_dir", problem);
@@ -633,6 +643,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
         allowed_mount_prefixes: raw.volume.allowed_mount_prefixes,
         drain_timeout: Duration::from_secs(a.drain_timeout_secs),
         health_interval: Duration::from_millis(a.health_interval_ms),
+        sample_interval: Duration::from_millis(a.sample_interval_ms),
         usage_interval: Duration::from_secs(a.usage_interval_secs),
         state_dir: raw.agent.state_dir,
         engine: EngineConfig {

@@ -23,6 +23,7 @@ use crate::observe::http::HttpError;
 use crate::observe::liveness::Liveness;
 use crate::observe::metrics::Metrics;
 use crate::observe::oom_watch::{OomKill, OomWatch};
+use crate::observe::sampler::{EngineTarget, Sample, Sampler};
 use crate::proto::v1 as pb;
 use crate::signal::ShutdownSignals;
 use crate::systemd::Notifier;
@@ -82,6 +83,8 @@ pub struct Status {
     pub oom_entries: u64,
     /// Kills those entries stand for (an unattributed entry may be several).
     pub oom_kills_total: u64,
+    /// The newest sample of the host and the engine's process tree.
+    pub resources: Option<Sample>,
     pub task_id: Option<String>,
     /// Filesystems whose figures the health stream carries.
     pub watched_paths: Vec<PathBuf>,
@@ -105,6 +108,7 @@ impl Status {
             recent_ooms: std::collections::VecDeque::new(),
             oom_entries: 0,
             oom_kills_total: 0,
+            resources: None,
             task_id: None,
             watched_paths: vec![state_dir.to_path_buf()],
             cache_mount: None,
@@ -135,6 +139,8 @@ pub enum Input {
     GcRun(pb::GcRunReport),
     /// The kernel's OOM killer killed a process (or a counter says it did).
     Oom(OomKill),
+    /// A sample of the host and the engine's process tree.
+    Sampled(Sample),
     /// The volume manager finished preparing the task's mounts: those it
     /// prepared (to release at drain), and the error that stopped it, if any.
     VolumesPrepared { prepared: Vec<PreparedMount>, error: Option<String> },
@@ -203,6 +209,7 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
     agent.publish_state(initial, String::new());
 
     agent.start_oom_watch(&status_rx, &liveness);
+    agent.start_sampler(&status_rx, &liveness);
     match mode {
         Mode::Standalone(task) => {
             info!(task_id = %task.id, "standalone mode: serving the task file, no control plane");
@@ -383,6 +390,41 @@ impl Agent {
         });
     }
 
+    /// Samples the host and the engine's tree every `sample_interval`, and
+    /// refreshes the gauges that come from a sample: resources and volumes.
+    fn start_sampler(&self, status: &watch::Receiver<Status>, liveness: &Liveness) {
+        let interval = self.config.sample_interval;
+        let heartbeat = liveness.register("sampler", MAX_SILENCE.max(interval * 3));
+        let (status, engine_cgroup, metrics, inputs) =
+            (status.clone(), self.engine_cgroup_watch.subscribe(), self.metrics.clone(), self.inputs.clone());
+        let sample_loop = async move {
+            let mut sampler = Sampler::new();
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                heartbeat.beat();
+                let (engine_pid, watched) = {
+                    let s = status.borrow();
+                    (s.engine_pid, s.watched_paths.clone())
+                };
+                let target = engine_pid.map(|pid| EngineTarget {
+                    pid,
+                    cgroup_dirs: engine_cgroup.borrow().iter().map(|c| c.dir.clone()).collect(),
+                });
+                // /proc reads of a few dozen files: short enough for the runtime's thread.
+                let sample = sampler.sample(target.as_ref());
+                // WIRING: metrics.record_sample(&sample); lands with the sampler gauges
+                let mounts: Vec<pb::MountStats> = watched.iter().filter_map(|p| crate::control::mount_stats(p).ok()).collect();
+                metrics.record_mounts(&mounts);
+                if inputs.send(Input::Sampled(sample)).await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::spawn(sample_loop.instrument(tracing::info_span!("sampler")));
+    }
+
     fn task_limits(&self) -> TaskLimits {
         TaskLimits { allowed_mount_prefixes: self.config.allowed_mount_prefixes.clone() }
     }
@@ -434,6 +476,10 @@ impl Agent {
             }
             Input::Engine(event) => {
                 self.on_engine_event(event);
+                None
+            }
+            Input::Sampled(sample) => {
+                self.status.send_modify(|s| s.resources = Some(sample));
                 None
             }
             Input::Oom(kill) => {

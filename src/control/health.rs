@@ -137,8 +137,8 @@ pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64) -> pb::Hea
     pb::HealthReport {
         oom_kills: status.oom_kills_after(oom_sent).map(crate::observe::oom_watch::OomKill::to_proto).collect(),
         oom_kills_total: status.oom_kills_total,
-        host: None,
-        engine_resources: None,
+        host: status.resources.as_ref().map(|r| host_to_proto(&r.host)),
+        engine_resources: status.resources.as_ref().and_then(|r| r.engine.as_ref()).map(engine_to_proto),
         machine_id: machine_id.into(),
         unix_time_ms: unix_time_ms(),
         agent_state: status.state.to_proto() as i32,
@@ -158,5 +158,30 @@ pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64) -> pb::Hea
             })
             .collect(),
         task_id: status.task_id.clone().unwrap_or_default(),
+    }
+}
+
+fn host_to_proto(h: &crate::observe::sampler::HostSample) -> pb::HostResources {
+    pb::HostResources {
+        cpu_utilisation: h.cpu_utilisation,
+        cpus: h.cpus,
+        load_1: h.load_1,
+        load_5: h.load_5,
+        load_15: h.load_15,
+        memory_total_bytes: h.memory_total_bytes,
+        memory_available_bytes: h.memory_available_bytes,
+        memory_used_bytes: h.memory_used_bytes,
+        swap_total_bytes: h.swap_total_bytes,
+        swap_used_bytes: h.swap_used_bytes,
+    }
+}
+
+fn engine_to_proto(e: &crate::observe::sampler::EngineSample) -> pb::EngineResources {
+    pb::EngineResources {
+        pid: e.pid,
+        processes: e.processes,
+        rss_bytes: e.rss_bytes,
+        cpu_seconds_total: e.cpu_seconds_total,
+        cpu_utilisation: e.cpu_utilisation,
     }
 }

@@ -75,9 +75,22 @@ struct Readiness {
     /// The newest OOM kill on this host, whole (attribution, pid, memory...).
     last_oom: Option<crate::observe::oom_watch::OomKill>,
     oom_kills_total: u64,
+    /// Every watched filesystem: the state dir and the task's mounts.
+    volumes: Vec<VolumeReadiness>,
+    /// The newest sample of the host and the engine's process tree.
+    resources: Option<crate::observe::sampler::Sample>,
     task_id: Option<String>,
     control_plane_connected: bool,
     state_age_secs: u64,
+}
+
+#[derive(serde::Serialize)]
+struct VolumeReadiness {
+    path: String,
+    total_bytes: u64,
+    free_bytes: u64,
+    total_inodes: u64,
+    free_inodes: u64,
 }
 
 async fn readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
@@ -94,6 +107,19 @@ async fn readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
         last_gc: st.recent_gc.back().map(|r| r.summary.clone()),
         last_oom: st.recent_ooms.back().cloned(),
         oom_kills_total: st.oom_kills_total,
+        volumes: st
+            .watched_paths
+            .iter()
+            .filter_map(|p| crate::control::mount_stats(p).ok())
+            .map(|m| VolumeReadiness {
+                path: m.path,
+                total_bytes: m.total_bytes,
+                free_bytes: m.free_bytes,
+                total_inodes: m.total_inodes,
+                free_inodes: m.free_inodes,
+            })
+            .collect(),
+        resources: st.resources,
         task_id: st.task_id,
         control_plane_connected: s.metrics.control_plane_connected.get() == 1,
         state_age_secs: st.since.elapsed().as_secs(),
