@@ -670,6 +670,26 @@ mod tests {
         }
     }
 
+    /// Captured from /dev/kmsg on kernel 6.18 (cgroup v1 memcg) while
+    /// tests/oom.rs ran: a build step under the engine's 192 MiB limit.
+    #[test]
+    fn captured_6_18_v1_memcg_step_kill() {
+        let mut assembler = OomAssembler::new("/ma-test-tmplQ7elE");
+        let records = [
+            "4,9001,16223268195,-;busybox invoked oom-killer: gfp_mask=0xcc0(GFP_KERNEL), order=0, oom_score_adj=0",
+            "6,9002,16223268423,-;memory: usage 196608kB, limit 196608kB, failcnt 2749",
+            "6,9003,16223268511,-;Tasks state (memory values in pages):",
+            "6,9004,16223268518,-;oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=mla1hcfsicytxuvvodtv4xn9d,mems_allowed=0,oom_memcg=/ma-test-tmplQ7elE,task_memcg=/ma-test-tmplQ7elE/buildkit/mla1hcfsicytxuvvodtv4xn9d,task=busybox,pid=29840,uid=0",
+            "3,9005,16223268535,-;Memory cgroup out of memory: Killed process 29840 (busybox) total-vm:264412kB, anon-rss:195712kB, file-rss:112kB, shmem-rss:0kB, UID:0 pgtables:420kB oom_score_adj:0",
+        ];
+        let events: Vec<OomEvent> = records.iter().filter_map(|r| assembler.feed_record(&parse_kmsg_record(r).unwrap())).collect();
+        assert_eq!(events.len(), 1, "{events:?}");
+        let e = &events[0];
+        assert_eq!((e.pid, e.name.as_str(), e.seq), (29840, "busybox", 9005));
+        assert_eq!(e.attribution, Attribution::BuildStep { container_id: "mla1hcfsicytxuvvodtv4xn9d".into() });
+        assert_eq!((e.scope, e.anon_rss_bytes, e.invoked_by.as_deref()), (Some(OomScope::Memcg), Some(195_712 << 10), Some("busybox")));
+    }
+
     // === OOM lines, by kernel version ===
 
     #[test]
