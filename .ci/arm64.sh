@@ -47,9 +47,11 @@ step "rustup target add $TARGET"
 if ! rustup target list --installed | grep -qx "$TARGET"; then
     rustup_log=$(mktemp)
     # Bounded: an unreachable server must not hang CI.
-    if ! timeout 120 rustup target add "$TARGET" >"$rustup_log" 2>&1; then
+    rc=0
+    timeout 120 rustup target add "$TARGET" >"$rustup_log" 2>&1 || rc=$?
+    if ((rc != 0)); then
         reason=$(grep -m1 -i 'error' "$rustup_log" || tail -n1 "$rustup_log")
-        [[ -n $reason ]] || reason="rustup target add timed out after 120 s"
+        if ((rc == 124)); then reason="rustup target add timed out after 120 s; its last line: ${reason:-none}"; fi
         rm -f "$rustup_log"
         banner "ARM64 NOT CHECKED: the Rust standard library for $TARGET is not installed" \
             "and cannot be installed here:" \
