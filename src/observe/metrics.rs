@@ -28,6 +28,8 @@ pub struct Metrics {
     pub volume_free_bytes: GaugeVec,
     pub volume_inodes: GaugeVec,
     pub volume_free_inodes: GaugeVec,
+    /// Host and engine-tree CPU and memory, from the sampler.
+    resources: ResourceMetrics,
 }
 
 /// Registering a metric fails only on a duplicate name or bad label set, which
@@ -163,8 +165,15 @@ impl Metrics {
             volume_free_bytes: volume_gauge(&registry, "volume_free_bytes", "Bytes available to unprivileged writers on the filesystem at each watched mount."),
             volume_inodes: volume_gauge(&registry, "volume_inodes", "Inodes of the filesystem at each watched mount (0 where the filesystem has no fixed count)."),
             volume_free_inodes: volume_gauge(&registry, "volume_free_inodes", "Free inodes of the filesystem at each watched mount."),
+            resources: ResourceMetrics::new(&registry),
             registry,
         }
+    }
+
+    /// Sets the host and engine gauges from one sampler tick (engine gauges to
+    /// 0 when no engine runs), and adds the tick's engine CPU to its counter.
+    pub fn record_sample(&self, sample: &crate::observe::sampler::Sample) {
+        self.resources.record(sample);
     }
 
     /// Sets the volume gauges of every mount in one health-report set, and
@@ -209,6 +218,115 @@ fn volume_gauge(registry: &Registry, name: &str, help: &str) -> GaugeVec {
     register(registry, GaugeVec::new(Opts::new(name, help), &["mount"]).expect("valid"))
 }
 
+// === impl ResourceMetrics ===
+
+/// The sampler's metrics. Engine CPU is a counter, not a gauge of cores: a
+/// gauge shows one tick per scrape (a 30 s scrape of a 5 s tick misses five of
+/// six), while `rate()` over the counter covers every tick. It follows the
+/// sampler's `cpu_seconds_accounted`, which never decreases and includes steps
+/// that exited between ticks; the tree's live total would drop at each exit.
+#[derive(Clone, Debug)]
+struct ResourceMetrics {
+    host_cpu_utilisation: Gauge,
+    host_cpus: IntGauge,
+    host_load_average: GaugeVec,
+    host_memory_total_bytes: IntGauge,
+    host_memory_available_bytes: IntGauge,
+    host_memory_used_bytes: IntGauge,
+    host_swap_total_bytes: IntGauge,
+    host_swap_used_bytes: IntGauge,
+    engine_processes: IntGauge,
+    engine_rss_bytes: IntGauge,
+    engine_cpu_seconds: prometheus::Counter,
+    /// The sampler's accounted total at the last record: the counter grows by
+    /// the difference, so recording one sample twice adds nothing, and a new
+    /// sampler (its total back at 0) counts from its own start.
+    last_engine_cpu_seconds_accounted: std::sync::Arc<std::sync::Mutex<f64>>,
+}
+
+#[allow(clippy::expect_used)] // static, valid names and labels: see `register`
+impl ResourceMetrics {
+    fn new(registry: &Registry) -> Self {
+        let int_gauge = |name: &str, help: &str| register(registry, IntGauge::new(name, help).expect("valid"));
+        let host_load_average = register(
+            registry,
+            GaugeVec::new(
+                Opts::new("host_load_average", "Host load average (runnable and uninterruptible tasks) over the window."),
+                &["window"],
+            )
+            .expect("valid"),
+        );
+        for window in LOAD_WINDOWS {
+            host_load_average.with_label_values(&[window]);
+        }
+        Self {
+            host_cpu_utilisation: register(
+                registry,
+                Gauge::new("host_cpu_utilisation_ratio", "Busy share of all host CPUs since the sampler's previous tick (0 to 1).")
+                    .expect("valid"),
+            ),
+            host_cpus: int_gauge("host_cpus", "Online CPUs of the host."),
+            host_load_average,
+            host_memory_total_bytes: int_gauge("host_memory_total_bytes", "Host memory (MemTotal)."),
+            host_memory_available_bytes: int_gauge(
+                "host_memory_available_bytes",
+                "Host memory available without swapping (MemAvailable).",
+            ),
+            host_memory_used_bytes: int_gauge("host_memory_used_bytes", "Host memory in use: total minus available."),
+            host_swap_total_bytes: int_gauge("host_swap_total_bytes", "Host swap space."),
+            host_swap_used_bytes: int_gauge("host_swap_used_bytes", "Host swap space in use."),
+            engine_processes: int_gauge(
+                "engine_processes",
+                "Processes in the engine's tree: buildkitd, runc and build steps (0 without an engine).",
+            ),
+            engine_rss_bytes: int_gauge(
+                "engine_rss_bytes",
+                "Resident memory summed over the engine's processes (0 without an engine).",
+            ),
+            engine_cpu_seconds: register(
+                registry,
+                prometheus::Counter::new(
+                    "engine_cpu_seconds_total",
+                    "CPU time used by the engine's tree, including build steps that exited between samples.",
+                )
+                .expect("valid"),
+            ),
+            last_engine_cpu_seconds_accounted: std::sync::Arc::default(),
+        }
+    }
+
+    fn record(&self, sample: &crate::observe::sampler::Sample) {
+        let bytes = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let host = &sample.host;
+        self.host_cpu_utilisation.set(host.cpu_utilisation);
+        self.host_cpus.set(i64::from(host.cpus));
+        for (window, value) in LOAD_WINDOWS.iter().zip([host.load_1, host.load_5, host.load_15]) {
+            self.host_load_average.with_label_values(&[window]).set(value);
+        }
+        self.host_memory_total_bytes.set(bytes(host.memory_total_bytes));
+        self.host_memory_available_bytes.set(bytes(host.memory_available_bytes));
+        self.host_memory_used_bytes.set(bytes(host.memory_used_bytes));
+        self.host_swap_total_bytes.set(bytes(host.swap_total_bytes));
+        self.host_swap_used_bytes.set(bytes(host.swap_used_bytes));
+        let Some(engine) = &sample.engine else {
+            self.engine_processes.set(0);
+            self.engine_rss_bytes.set(0);
+            return;
+        };
+        self.engine_processes.set(i64::from(engine.processes));
+        self.engine_rss_bytes.set(bytes(engine.rss_bytes));
+        let mut last = self.last_engine_cpu_seconds_accounted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let grown = if engine.cpu_seconds_accounted >= *last { engine.cpu_seconds_accounted - *last } else { engine.cpu_seconds_accounted };
+        if grown > 0.0 {
+            self.engine_cpu_seconds.inc_by(grown);
+        }
+        *last = engine.cpu_seconds_accounted;
+    }
+}
+
+/// The `window` labels of `host_load_average`, in the order of the sample's fields.
+const LOAD_WINDOWS: [&str; 3] = ["1m", "5m", "15m"];
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -235,6 +353,68 @@ mod tests {
             "machine_agent_health_reports_sent_total 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn records_a_sample_and_zeroes_the_engine_when_it_is_gone() {
+        use crate::observe::sampler::{EngineSample, HostSample, Sample};
+        let m = Metrics::new();
+        let text = m.render();
+        for name in ["machine_agent_host_load_average{window=\"15m\"} 0", "machine_agent_engine_cpu_seconds_total 0"] {
+            assert!(text.contains(name), "{name} exported before the first sample:\n{text}");
+        }
+        let host = HostSample {
+            cpu_utilisation: 0.25,
+            cpus: 2,
+            load_1: 1.5,
+            load_5: 0.75,
+            load_15: 0.5,
+            memory_total_bytes: 8 << 30,
+            memory_available_bytes: 6 << 30,
+            memory_used_bytes: 2 << 30,
+            swap_total_bytes: 1 << 30,
+            swap_used_bytes: 1 << 20,
+        };
+        let engine = |accounted: f64| EngineSample {
+            pid: 42,
+            processes: 7,
+            rss_bytes: 300 << 20,
+            cpu_seconds_total: 3.0,
+            cpu_utilisation: 1.5,
+            cpu_seconds_accounted: accounted,
+        };
+        let with_engine = |accounted| Sample { unix_time_ms: 1, host: host.clone(), engine: Some(engine(accounted)) };
+        m.record_sample(&with_engine(10.0));
+        m.record_sample(&with_engine(10.0)); // the same tick twice adds nothing
+        m.record_sample(&with_engine(12.5));
+        let text = m.render();
+        for line in [
+            "machine_agent_host_cpu_utilisation_ratio 0.25",
+            "machine_agent_host_cpus 2",
+            "machine_agent_host_load_average{window=\"1m\"} 1.5",
+            "machine_agent_host_load_average{window=\"5m\"} 0.75",
+            "machine_agent_host_load_average{window=\"15m\"} 0.5",
+            "machine_agent_host_memory_total_bytes 8589934592",
+            "machine_agent_host_memory_available_bytes 6442450944",
+            "machine_agent_host_memory_used_bytes 2147483648",
+            "machine_agent_host_swap_total_bytes 1073741824",
+            "machine_agent_host_swap_used_bytes 1048576",
+            "machine_agent_engine_processes 7",
+            "machine_agent_engine_rss_bytes 314572800",
+            "machine_agent_engine_cpu_seconds_total 12.5",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
+        }
+        // The engine stops; a new sampler later starts its total from 0.
+        m.record_sample(&Sample { unix_time_ms: 2, host: host.clone(), engine: None });
+        m.record_sample(&with_engine(1.0));
+        let text = m.render();
+        assert!(text.lines().any(|l| l == "machine_agent_engine_cpu_seconds_total 13.5"), "{text}");
+        m.record_sample(&Sample { unix_time_ms: 3, host, engine: None });
+        let text = m.render();
+        for line in ["machine_agent_engine_processes 0", "machine_agent_engine_rss_bytes 0", "machine_agent_engine_cpu_seconds_total 13.5"] {
+            assert!(text.lines().any(|l| l == line), "{line} missing from\n{text}");
         }
     }
 }
