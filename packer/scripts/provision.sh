@@ -207,9 +207,12 @@ else
     log "downloading $tarball"
     fetch "https://github.com/moby/buildkit/releases/download/$BUILDKIT_VERSION/$tarball" "$work/$tarball"
     check_sha256 "$work/$tarball" "$BUILDKIT_SHA256" "$tarball"
-    # The release tarball holds bin/<tool>; only the two the agent uses.
-    tar -xzf "$work/$tarball" -C "$work" bin/buildkitd bin/buildctl
-    buildkit_dir=$work/bin
+    # The release tarball holds bin/<tool> (with or without a leading ./);
+    # only the two the agent uses are taken.
+    mkdir "$work/buildkit"
+    tar -xzf "$work/$tarball" -C "$work/buildkit" --wildcards --no-anchored bin/buildkitd bin/buildctl
+    buildkit_dir=$work/buildkit/bin
+    [[ -f $buildkit_dir/buildkitd && -f $buildkit_dir/buildctl ]] || die "$tarball has no bin/buildkitd and bin/buildctl"
 fi
 install_file "$buildkit_dir/buildkitd" /usr/local/bin/buildkitd 0755
 install_file "$buildkit_dir/buildctl" /usr/local/bin/buildctl 0755

@@ -135,4 +135,61 @@ refused "missing packages in MA_ROOT" "packages missing in" MA_SKIP_PACKAGES=0
 manifest "$root" >"$tmp/manifest4"
 diff -u "$tmp/manifest1" "$tmp/manifest4" || fail "a refused run changed the tree"
 
-log "ok: $(wc -l <"$tmp/manifest1") entries installed, identical after a second run, mode and content repaired, 4 refusals"
+# --- the download path, against a fake release server --------------------------------------
+# No bin/ staged: provision.sh downloads the pinned releases. A curl on PATH
+# stands in for github.com: it records each URL and serves the file of the
+# same name from $releases, shaped like the real assets (a tarball holding
+# bin/buildkitd, bin/buildctl and more; a bare runc binary).
+log "download path"
+releases=$tmp/releases
+mkdir -p "$releases/tree/bin" "$tmp/shim" "$tmp/stage-dl"
+for b in buildkitd buildctl buildkit-qemu-aarch64; do
+    printf '#!/bin/sh\necho downloaded-%s\n' "$b" >"$releases/tree/bin/$b"
+    chmod 0755 "$releases/tree/bin/$b"
+done
+tar -czf "$releases/buildkit-v0.34.2.linux-arm64.tar.gz" -C "$releases/tree" bin
+printf '#!/bin/sh\necho downloaded-runc\n' >"$releases/runc.arm64"
+# The shim's own variables are escaped; $tmp and $releases are filled in now.
+cat >"$tmp/shim/curl" <<SHIM
+#!/bin/sh
+# The last argument is the URL, the one after -o the destination.
+while [ \$# -gt 1 ]; do
+    if [ "\$1" = -o ]; then dest=\$2; fi
+    shift
+done
+echo "\$1" >>"$tmp/urls"
+cp "$releases/\${1##*/}" "\$dest"
+SHIM
+chmod 0755 "$tmp/shim/curl"
+cp "$stage/machine-agent" "$stage/machine-agent.service" "$stage/config.toml" "$tmp/stage-dl/"
+dl_root=$tmp/root-dl
+mkdir "$dl_root"
+buildkit_sha=$(sha256sum "$releases/buildkit-v0.34.2.linux-arm64.tar.gz" | awk '{print $1}')
+runc_sha=$(sha256sum "$releases/runc.arm64" | awk '{print $1}')
+download() {
+    env PATH="$tmp/shim:$PATH" MA_ROOT="$dl_root" MA_STAGE_DIR="$tmp/stage-dl" MA_ARCH=arm64 MA_SKIP_PACKAGES=1 \
+        BUILDKIT_SHA256="$buildkit_sha" RUNC_SHA256="$runc_sha" bash "$provision"
+}
+download 2>"$tmp/download.log" || {
+    cat "$tmp/download.log" >&2
+    fail "provisioning with downloads failed"
+}
+expected_urls="https://github.com/moby/buildkit/releases/download/v0.34.2/buildkit-v0.34.2.linux-arm64.tar.gz
+https://github.com/opencontainers/runc/releases/download/v1.3.3/runc.arm64"
+[[ $(cat "$tmp/urls") == "$expected_urls" ]] || fail "downloaded $(cat "$tmp/urls"), expected $expected_urls"
+for b in buildkitd buildctl runc; do
+    [[ $("$dl_root/usr/local/bin/$b") == "downloaded-$b" ]] || fail "/usr/local/bin/$b is not the downloaded one"
+done
+[[ ! -e $dl_root/usr/local/bin/buildkit-qemu-aarch64 ]] || fail "installed more of the tarball than buildkitd and buildctl"
+# A tampered download is refused, and nothing is installed in its place.
+echo tampered >>"$releases/runc.arm64"
+rm -f "$dl_root/usr/local/bin/runc"
+if download 2>"$tmp/download.log"; then fail "a download with the wrong sha256 was installed"; fi
+grep -q "sha256 mismatch" "$tmp/download.log" || {
+    cat "$tmp/download.log" >&2
+    fail "expected a sha256 mismatch"
+}
+[[ ! -e $dl_root/usr/local/bin/runc ]] || fail "the tampered runc was installed"
+log "refused as expected: tampered download"
+
+log "ok: $(wc -l <"$tmp/manifest1") entries installed, identical after a second run, mode, owner and content repaired, 4 refusals; downloads from the pinned URLs verified and extracted, a tampered one refused"
