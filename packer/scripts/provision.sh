@@ -73,7 +73,7 @@ target() { printf '%s%s' "${MA_ROOT%/}" "$1"; }
 sha256_of() { sha256sum "$1" | awk '{print $1}'; }
 
 # install_file SRC DEST MODE: DEST is a target path (without MA_ROOT). Leaves a
-# file with the same content alone (fixing only its mode), else writes a
+# file with the same content alone (fixing only owner and mode), else writes a
 # temporary file next to DEST and renames it, so a reader never sees half a
 # binary and a running binary is replaced, not overwritten.
 install_file() {
@@ -128,10 +128,11 @@ for f in machine-agent "$UNIT"; do
 done
 
 if [[ -z ${MA_ARCH:-} ]]; then
-    if [[ -f $(target /var/lib/dpkg/status) ]] && command -v dpkg >/dev/null; then
-        # The architecture of the dpkg database we install into; for a rootfs of
-        # the host's architecture this is the host's.
-        MA_ARCH=$(dpkg --admindir="$(target /var/lib/dpkg)" --print-architecture)
+    # The target's own architecture: that of the dpkg package in its dpkg
+    # database (an arm64 rootfs prepared on an amd64 host says arm64).
+    if command -v dpkg-query >/dev/null &&
+        MA_ARCH=$(dpkg-query --admindir="$(target /var/lib/dpkg)" -W -f='${Architecture}' dpkg 2>/dev/null) && [[ -n $MA_ARCH ]]; then
+        :
     else
         case $(uname -m) in
             x86_64) MA_ARCH=amd64 ;;
