@@ -114,6 +114,10 @@ async fn health_reports_readyz_and_metrics_carry_host_engine_and_volume_figures(
         Some(inodes),
         "{series} in\n{scrape}"
     );
+    #[allow(clippy::cast_precision_loss)]
+    let host_memory = (mem_total_kib << 10) as f64;
+    assert_eq!(metric_value(&scrape, "machine_agent_host_memory_total_bytes"), Some(host_memory), "{scrape}");
+    assert!(metric_value(&scrape, "machine_agent_engine_rss_bytes").unwrap() > 10_485_760.0, "{scrape}");
     for attribution in ["engine", "build_step", "other", "unknown", "unattributed"] {
         let series = format!("machine_agent_oom_kills_total{{attribution=\"{attribution}\"}}");
         assert!(

@@ -414,7 +414,7 @@ impl Agent {
                 });
                 // /proc reads of a few dozen files: short enough for the runtime's thread.
                 let sample = sampler.sample(target.as_ref());
-                // WIRING: metrics.record_sample(&sample); lands with the sampler gauges
+                metrics.record_sample(&sample);
                 let mounts: Vec<pb::MountStats> = watched.iter().filter_map(|p| crate::control::mount_stats(p).ok()).collect();
                 metrics.record_mounts(&mounts);
                 if inputs.send(Input::Sampled(sample)).await.is_err() {
