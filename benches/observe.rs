@@ -9,9 +9,11 @@
 //!    control-plane double. The client is open loop: a request is sent every
 //!    1/rate whatever the earlier ones are doing, and each latency is measured
 //!    from its scheduled send time, so a stall shows up in every request it
-//!    delays (no coordinated omission);
+//!    delays (no coordinated omission). /healthz at the same rate is the
+//!    baseline: the same listener and HTTP path without the render;
 //! 3. the agent's RSS (VmRSS, VmHWM) after startup and after the load;
-//! 4. the agent's CPU over an idle BENCH_SECS window and during the load.
+//! 4. the agent's CPU over an idle BENCH_SECS window and during each load,
+//!    and its CPU per request above idle.
 //!
 //! `cargo bench --bench observe` as root with the real BuildKit installed
 //! (scripts/install-buildkit.sh). BENCH_RATE sets the request rate.
@@ -421,28 +423,37 @@ async fn bench_agent(secs: u64, rate: u32) {
     let (idle_wall, idle_ticks_ms, idle_sched_ms) = idle.end();
     let health_idle = cp.recorded().health.len() - health_before;
 
-    let loaded = CpuWindow::start(pid);
-    let load = open_loop(&format!("{base}/metrics"), rate, secs).await;
-    let (load_wall, load_ticks_ms, load_sched_ms) = loaded.end();
+    // /metrics, then /healthz as the baseline: the same HTTP path without the render.
+    let idle_ms_per_s = idle_sched_ms / idle_wall;
+    let mut runs = vec![];
+    for path in ["/metrics", "/healthz"] {
+        let window = CpuWindow::start(pid);
+        let load = open_loop(&format!("{base}{path}"), rate, secs).await;
+        let (wall, ticks_ms, sched_ms) = window.end();
+        runs.push((path, load, wall, ticks_ms, sched_ms));
+    }
     let rss_end = (proc_status_kib(pid, "VmRSS:"), proc_status_kib(pid, "VmHWM:"));
     let (code, _) = http_get(&base, "/healthz").await;
     assert_eq!(code, 200, "the agent's loops after the load");
 
-    let l = &load.latencies;
     println!(
-        "2b. GET /metrics over loopback, open loop at {rate}/s for {secs} s (release agent, Ready, real buildkitd, control-plane double; {} bytes a scrape)",
-        load.bytes
+        "2b. GET over loopback, open loop at {rate}/s for {secs} s each (release agent, Ready, real buildkitd, control-plane double); latency from the scheduled send"
     );
     println!(
-        "{:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>14}",
-        "sent", "errors", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "max send lag"
+        "{:<9} {:>7} {:>6} {:>6} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} {:>13}",
+        "path", "bytes", "sent", "errors", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "send lag", "agent CPU/req"
     );
-    if l.is_empty() {
-        println!("{:>8} {:>8}  (no request succeeded)", load.errors.len(), load.errors.len());
-    } else {
+    for (path, load, wall, _, sched_ms) in &runs {
+        let l = &load.latencies;
+        let sent = l.len() + load.errors.len();
+        let cpu_per_req_us = (sched_ms - idle_ms_per_s * wall).max(0.0) * 1000.0 / sent.max(1) as f64;
+        if l.is_empty() {
+            println!("{path:<9} {:>7} {sent:>6} {:>6}  (no request succeeded)", "-", load.errors.len());
+            continue;
+        }
         println!(
-            "{:>8} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>11.3} ms",
-            l.len() + load.errors.len(),
+            "{path:<9} {:>7} {sent:>6} {:>6} {:>8.3} {:>8.3} {:>8.3} {:>9.3} {:>8.3} {:>6.1} ms {:>10.1} us",
+            load.bytes,
             load.errors.len(),
             ms(percentile(l, 0.5)),
             ms(percentile(l, 0.9)),
@@ -450,10 +461,11 @@ async fn bench_agent(secs: u64, rate: u32) {
             ms(percentile(l, 0.999)),
             ms(l[l.len() - 1]),
             ms(load.max_send_lag),
+            cpu_per_req_us,
         );
-    }
-    for e in load.errors.iter().take(5) {
-        println!("   error: {e}");
+        for e in load.errors.iter().take(5) {
+            println!("   error: {e}");
+        }
     }
     println!("3. agent RSS ({threads} threads)");
     println!(
@@ -462,7 +474,7 @@ async fn bench_agent(secs: u64, rate: u32) {
         rss_start.1 as f64 / 1024.0
     );
     println!(
-        "   after the /metrics load:              VmRSS {:.1} MiB, VmHWM {:.1} MiB",
+        "   after the loads:                      VmRSS {:.1} MiB, VmHWM {:.1} MiB",
         rss_end.0 as f64 / 1024.0,
         rss_end.1 as f64 / 1024.0
     );
@@ -470,17 +482,15 @@ async fn bench_agent(secs: u64, rate: u32) {
     println!(
         "   idle {idle_wall:.1} s ({health_idle} health reports sent): {:.2} ms/s by ticks, {:.3} ms/s by schedstat ({:.3} % of one core)",
         idle_ticks_ms / idle_wall,
-        idle_sched_ms / idle_wall,
-        idle_sched_ms / idle_wall / 10.0
+        idle_ms_per_s,
+        idle_ms_per_s / 10.0
     );
-    let sent = (l.len() + load.errors.len()).max(1) as f64;
-    println!(
-        "   under {rate}/s /metrics, {load_wall:.1} s: {:.2} ms/s by ticks, {:.3} ms/s by schedstat; {:.1} us CPU per scrape above idle",
-        load_ticks_ms / load_wall,
-        load_sched_ms / load_wall,
-        (load_sched_ms - idle_sched_ms / idle_wall * load_wall).max(0.0) * 1000.0 / sent
-    );
-    assert!(load.errors.is_empty(), "/metrics failed under {rate}/s: {:?}", &load.errors[..load.errors.len().min(5)]);
+    for (path, _, wall, ticks_ms, sched_ms) in &runs {
+        println!("   under {rate}/s {path:<9} {wall:.1} s: {:.2} ms/s by ticks, {:.3} ms/s by schedstat", ticks_ms / wall, sched_ms / wall);
+    }
+    for (path, load, ..) in &runs {
+        assert!(load.errors.is_empty(), "{path} failed under {rate}/s: {:?}", &load.errors[..load.errors.len().min(5)]);
+    }
 }
 
 fn main() {
