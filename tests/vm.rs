@@ -209,6 +209,7 @@ async fn a_provisioned_vm_registers_builds_over_mtls_and_drains_clean_on_should_
     })
     .await;
     let report_line = vm.console_lines("MA-VM-REPORT").remove(0);
+    eprintln!("vm: guest: {}", report_line.trim());
     let report = fields(&report_line);
     let expect =
         [("ActiveState", "inactive"), ("Result", "success"), ("ExecMainCode", "1"), ("ExecMainStatus", "0"), ("NRestarts", "0"), ("cache_mounted", "no")];
@@ -219,6 +220,7 @@ async fn a_provisioned_vm_registers_builds_over_mtls_and_drains_clean_on_should_
     }
     let stops = vm.console_lines("MA-VM-STOP");
     assert_eq!(stops.len(), 1, "the unit stopped exactly once: {stops:?}");
+    eprintln!("vm: guest: {}", stops[0].trim());
     let status = vm.wait_exit(phase, t.limit(Duration::from_secs(120))).await;
     assert!(status.success(), "qemu's exit after the guest's poweroff: {status}");
     let rec = cp.recorded();
@@ -244,4 +246,5 @@ async fn a_provisioned_vm_registers_builds_over_mtls_and_drains_clean_on_should_
     let listing = String::from_utf8_lossy(&listing.stdout);
     assert!(listing.contains("/runc-overlayfs/"), "the engine's root was on the cache disk; its top level:\n{listing}");
     t.end("fsck.ext4 -fn: clean");
+    eprintln!("vm: guest console: {}", vm.keep_console());
 }

@@ -197,7 +197,12 @@ impl GuestImage {
 
         t.begin("rootfs");
         let cache = std::env::var("MA_VM_CACHE").unwrap_or_else(|_| "/var/cache/machine-agent-vm".into());
-        let out = run("debootstrap rootfs (tests/vm/rootfs.sh)", Command::new("bash").arg(repo().join("tests/vm/rootfs.sh")).arg(&cache));
+        // Bounded: a stalled mirror must fail the phase, not hang the suite.
+        let limit = t.limit(Duration::from_secs(600)).as_secs().max(1).to_string();
+        let out = run(
+            "debootstrap rootfs (tests/vm/rootfs.sh, under timeout)",
+            Command::new("timeout").args(["--kill-after=10", &limit, "bash"]).arg(repo().join("tests/vm/rootfs.sh")).arg(&cache),
+        );
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         eprint!("{stderr}");
         let tarball = PathBuf::from(String::from_utf8_lossy(&out.stdout).lines().last().expect("rootfs.sh prints the tarball path").trim());
@@ -404,6 +409,11 @@ impl Vm {
     pub fn fail(&self, phase: &str, reason: &str) -> ! {
         let kept = keep_console(&self.console_file);
         panic!("VM boot test failed in phase {phase:?}: {reason}\n--- guest console, last 80 lines ({kept}):\n{}\n---", self.console_tail(80));
+    }
+
+    /// Keeps the whole console log past the test (the temporary directory goes); returns where.
+    pub fn keep_console(&self) -> String {
+        keep_console(&self.console_file)
     }
 
     /// qemu's exit status, once it has exited.
