@@ -3,7 +3,8 @@
 //! running): a scrape that `promtool check metrics` passes with the engine and
 //! GC series in it, and 10 s of `wrk` on /metrics (then bursts on /readyz and
 //! /healthz) over loopback with no socket error, no non-2xx answer, and the
-//! agent's own loops still ticking.
+//! agent's own loops still ticking. In process: a scrape racing the sampler's
+//! re-recording of the volume gauges never misses a watched mount.
 //!
 //! Needs root, the real BuildKit (scripts/install-buildkit.sh), promtool
 //! (Debian `prometheus`) and wrk (Debian `wrk`); `.ci/run` installs them.
@@ -172,9 +173,22 @@ async fn a_ready_agent_with_a_real_engine_serves_a_promtool_clean_scrape_and_ten
     agent.wait_for_log("gc run trigger=startup").await;
     cp.wait_for("a health report", |r| !r.health.is_empty()).await;
 
-    // (a) A scrape of the whole agent: lifecycle, control plane, engine and GC series.
-    let (code, scrape) = http_get(&base, "/metrics").await;
-    assert_eq!(code, 200);
+    // (a) A scrape of the whole agent: lifecycle, control plane, engine, GC,
+    // and the sampler's volume and engine series once it has ticked with the engine up.
+    let cache_series = format!("machine_agent_volume_size_bytes{{mount=\"{}\"}}", w.cache().display());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let scrape = loop {
+        let (code, scrape) = http_get(&base, "/metrics").await;
+        assert_eq!(code, 200);
+        let sampled = metric_value(&scrape, &cache_series).is_some_and(|b| b > 0.0)
+            && metric_value(&scrape, "machine_agent_engine_rss_bytes").is_some_and(|b| b > 0.0);
+        if sampled {
+            break scrape;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no sampler tick with the cache mount and the engine within 30 s:\n{scrape}");
+        // Polling a scrape: the sampler ticks every 5 s and nothing announces it.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(metric_value(&scrape, "machine_agent_state{state=\"ready\"}"), Some(1.0), "{scrape}");
     assert_eq!(metric_value(&scrape, "machine_agent_engine_up"), Some(1.0), "{scrape}");
     assert_eq!(metric_value(&scrape, "machine_agent_control_plane_connected"), Some(1.0), "{scrape}");
@@ -214,4 +228,67 @@ async fn a_ready_agent_with_a_real_engine_serves_a_promtool_clean_scrape_and_ten
     let (_, after) = http_get(&base, "/metrics").await;
     assert_eq!(metric_value(&after, "machine_agent_engine_restarts_total{reason=\"unresponsive\"}"), Some(0.0), "{after}");
     promtool_check(&after);
+}
+
+/// A scrape that lands while the sampler re-records the volume gauges still
+/// holds every watched mount: a series that vanishes for one scrape is a gap
+/// (and a staleness marker) in Prometheus.
+#[test]
+fn a_scrape_during_a_sampler_tick_still_has_every_watched_mount() {
+    use machine_agent::observe::metrics::Metrics;
+    use machine_agent::proto::v1::MountStats;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    let metrics = Metrics::new();
+    let mounts = vec![
+        MountStats {
+            path: "/var/lib/machine-agent/cache".into(),
+            total_bytes: 1 << 30,
+            free_bytes: 1 << 29,
+            total_inodes: 65_536,
+            free_inodes: 60_000,
+        },
+        MountStats {
+            path: "/var/lib/machine-agent".into(),
+            total_bytes: 1 << 34,
+            free_bytes: 1 << 33,
+            total_inodes: 1 << 20,
+            free_inodes: 1 << 19,
+        },
+    ];
+    metrics.record_mounts(&mounts);
+    let stop = Arc::new(AtomicBool::new(false));
+    let ticks = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (metrics, mounts, stop, ticks) = (metrics.clone(), mounts.clone(), stop.clone(), ticks.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                metrics.record_mounts(&mounts);
+                ticks.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut incomplete = vec![];
+    for _ in 0..3000 {
+        let scrape = metrics.render();
+        for m in &mounts {
+            for name in ["volume_size_bytes", "volume_free_bytes", "volume_inodes", "volume_free_inodes"] {
+                let series = format!("machine_agent_{name}{{mount=\"{}\"}}", m.path);
+                if metric_value(&scrape, &series).is_none() && incomplete.len() < 5 {
+                    incomplete.push(series);
+                }
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    println!("3000 scrapes during {} sampler re-records", ticks.load(Ordering::Relaxed));
+    assert!(incomplete.is_empty(), "scrapes taken during a sampler tick lost watched mounts, e.g. {incomplete:?}");
+
+    // A mount no longer watched leaves the scrape; the other stays.
+    metrics.record_mounts(&mounts[..1]);
+    let scrape = metrics.render();
+    assert_eq!(metric_value(&scrape, "machine_agent_volume_size_bytes{mount=\"/var/lib/machine-agent/cache\"}"), Some((1u64 << 30) as f64));
+    assert!(!scrape.contains("mount=\"/var/lib/machine-agent\""), "{scrape}");
 }

@@ -179,8 +179,18 @@ impl Metrics {
     /// Sets the volume gauges of every mount in one health-report set, and
     /// drops the series of mounts no longer watched.
     pub fn record_mounts(&self, mounts: &[crate::proto::v1::MountStats]) {
+        // Drop only the mounts no longer watched, never the watched ones: a
+        // reset() before the sets let a scrape in between miss every mount (a
+        // gap and a staleness marker in Prometheus; tests/metrics_load.rs races them).
         for gauge in [&self.volume_size_bytes, &self.volume_free_bytes, &self.volume_inodes, &self.volume_free_inodes] {
-            gauge.reset();
+            for family in prometheus::core::Collector::collect(gauge) {
+                for metric in family.get_metric() {
+                    let Some(path) = metric.get_label().iter().find(|l| l.name() == "mount").map(|l| l.value()) else { continue };
+                    if !mounts.iter().any(|m| m.path == path) {
+                        let _ = gauge.remove_label_values(&[path]);
+                    }
+                }
+            }
         }
         for m in mounts {
             let label = [m.path.as_str()];
