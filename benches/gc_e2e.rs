@@ -5,8 +5,9 @@
 //! volume, at the default watermarks (start below 10 %, stop at 20 %).
 //!
 //! Setup: the agent with `min_age_secs = 0` and a pressure check every second
-//! (its smallest setting; the default is 5 s), so the figure is detection
-//! (at most one check period) plus the GC run itself. Builds put records
+//! (its smallest setting; the default is 5 s; BENCH_PRESSURE_CHECK_SECS to
+//! change it), so the figure is detection (at most one check period) plus
+//! the GC run itself. Builds put records
 //! of 32 MiB each in the cache (a RUN step writing zeros: no context to
 //! send); a file outside the cache takes the rest of the volume, so that
 //! free bytes sit just above the start watermark. Each repetition tops the
@@ -139,13 +140,14 @@ async fn pressure_lines(agent: &support::AgentProcess, at_least: usize) -> Vec<S
 #[tokio::main]
 async fn main() {
     let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let check_secs: u64 = std::env::var("BENCH_PRESSURE_CHECK_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
     let w = World::new();
     let agent = agent(&w.config)
         .standalone(&w.task)
         .env("MACHINE_AGENT_LOG", "info")
         .env("MACHINE_AGENT__GC__MIN_AGE_SECS", "0")
         .env("MACHINE_AGENT__GC__INTERVAL_SECS", "3600") // only pressure triggers a run
-        .env("MACHINE_AGENT__GC__PRESSURE_CHECK_SECS", "1")
+        .env("MACHINE_AGENT__GC__PRESSURE_CHECK_SECS", &check_secs.to_string())
         .start();
     let ready = Instant::now() + Duration::from_secs(60);
     while !agent.logs().contains("to=ready") {
@@ -207,7 +209,7 @@ async fn main() {
 
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
     println!(
-        "gc end to end: 2 GiB ext4 loop volume, real buildkitd, start below 10 % / stop at 20 % free, pressure check 1 s, {RECORD_MIB} MiB records"
+        "gc end to end: 2 GiB ext4 loop volume, real buildkitd, start below 10 % / stop at 20 % free, pressure check {check_secs} s, {RECORD_MIB} MiB records"
     );
     println!("{:>4} {:>12} {:>12} {:>8} {:>10} {:>10} {:>14}", "rep", "needed MiB", "freed MiB", "records", "detect s", "gc run s", "cross->low s");
     for (i, r) in reps.iter().enumerate() {
