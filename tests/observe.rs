@@ -41,17 +41,7 @@ async fn health_reports_readyz_and_metrics_carry_host_engine_and_volume_figures(
         .find(|h| h.engine_resources.is_some())
         .unwrap();
     let host = report.host.as_ref().unwrap();
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let mem_total_kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    assert_eq!(host.memory_total_bytes, mem_total_kib << 10, "{host:?}");
+    assert_eq!(host.memory_total_bytes, support::mem_total_bytes(), "{host:?}");
     assert!(
         host.memory_available_bytes > 0 && host.memory_available_bytes <= host.memory_total_bytes,
         "{host:?}"
@@ -115,7 +105,7 @@ async fn health_reports_readyz_and_metrics_carry_host_engine_and_volume_figures(
         "{series} in\n{scrape}"
     );
     #[allow(clippy::cast_precision_loss)]
-    let host_memory = (mem_total_kib << 10) as f64;
+    let host_memory = support::mem_total_bytes() as f64;
     assert_eq!(metric_value(&scrape, "machine_agent_host_memory_total_bytes"), Some(host_memory), "{scrape}");
     assert!(metric_value(&scrape, "machine_agent_engine_rss_bytes").unwrap() > 10_485_760.0, "{scrape}");
     for attribution in ["engine", "build_step", "other", "unknown", "unattributed"] {

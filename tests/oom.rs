@@ -30,20 +30,6 @@ const ENGINE_LIMIT_BYTES: u64 = 192 << 20;
 const ALLOCATE_BEYOND_THE_LIMIT: &str =
     "/bin/busybox sleep 1; exec /bin/busybox dd if=/dev/zero of=/dev/null bs=256M count=1";
 
-fn mem_total_bytes() -> u64 {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let kib: u64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .unwrap()
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .unwrap();
-    kib << 10
-}
-
 /// Every (step container id, pid) seen in the engine's `buildkit/` cgroups
 /// while it runs: the truth the agent's report is checked against.
 struct StepWatcher {
@@ -135,7 +121,7 @@ async fn limited_engine_agent(
     task_id: &str,
 ) -> (support::AgentProcess, String) {
     w.use_control_plane(cp);
-    let reserve = mem_total_bytes() - ENGINE_LIMIT_BYTES;
+    let reserve = support::mem_total_bytes() - ENGINE_LIMIT_BYTES;
     let agent = agent(&w.config)
         .env(
             "MACHINE_AGENT__ENGINE__MEMORY_RESERVE_BYTES",

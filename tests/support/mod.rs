@@ -407,7 +407,9 @@ pub fn cleanup_volumes_under(dir: &Path) {
         if !name.starts_with("loop") {
             continue;
         }
-        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else { continue };
+        let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
+            continue;
+        };
         if Path::new(backing.trim()).starts_with(&dir) {
             let out = Command::new("losetup").args(["-d", &format!("/dev/{name}")]).output();
             if !out.as_ref().is_ok_and(|o| o.status.success()) {
@@ -446,4 +448,9 @@ pub async fn http_get(base: &str, path: &str) -> (u16, String) {
 /// The value of one sample line in a Prometheus scrape, e.g. `machine_agent_state{state="ready"}`.
 pub fn metric_value(scrape: &str, series: &str) -> Option<f64> {
     scrape.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' ')).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// MemTotal of this machine, bytes.
+pub fn mem_total_bytes() -> u64 {
+    machine_agent::engine::parse_mem_total(&std::fs::read_to_string("/proc/meminfo").unwrap()).unwrap()
 }
