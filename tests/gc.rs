@@ -80,9 +80,12 @@ async fn crossing_the_free_space_watermark_prunes_the_least_recently_used_builds
     let stop_bytes = total / 100 * stop_at;
     let want_free = stop_bytes - payload * 3 / 2;
     assert!(want_free < total / 100 * start_below, "the fill must cross the start watermark");
-    let filler = vec![0x5a_u8; usize::try_from(free - want_free).unwrap()];
-    std::fs::write(cache.join("filler"), &filler).unwrap();
-    nix::unistd::sync();
+    // fallocate: the whole filler lands at once, so no pressure check can see
+    // a partly written one and stop short of what this test expects.
+    let filler = std::fs::File::create(cache.join("filler")).unwrap();
+    let filler_len = i64::try_from(free - want_free).unwrap();
+    nix::fcntl::fallocate(std::os::fd::AsRawFd::as_raw_fd(&filler), nix::fcntl::FallocateFlags::empty(), 0, filler_len).unwrap();
+    drop(filler);
 
     let line = agent.wait_for_log("gc run trigger=pressure").await;
     assert!(line.contains("freed"), "{line}");
