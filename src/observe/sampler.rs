@@ -138,7 +138,7 @@ pub struct Sampler {
     last_engine_cpu_utilisation: f64,
     engine_cpu_ticks_accounted: u64,
     last_engine_pids: Vec<u32>,
-    stat_buf: String,
+    stat_buf: Vec<u8>,
 }
 
 impl Default for Sampler {
@@ -165,7 +165,7 @@ impl Sampler {
             last_engine_cpu_utilisation: 0.0,
             engine_cpu_ticks_accounted: 0,
             last_engine_pids: Vec::new(),
-            stat_buf: String::with_capacity(512),
+            stat_buf: Vec::new(),
         }
     }
 
@@ -358,13 +358,31 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
     })
 }
 
+/// Room for any stat line: 52 numbers and a command name of at most 16 bytes.
+const STAT_READ_BYTES: usize = 2048;
+
 /// `/proc/<pid>/stat`, or None when the process is gone (the normal race
-/// between listing a pid and reading it).
-fn read_stat(proc_root: &Path, pid: u32, buf: &mut String) -> Option<ProcStat> {
-    buf.clear();
-    let path = proc_root.join(pid.to_string()).join("stat");
-    fs::File::open(path).and_then(|mut file| file.read_to_string(buf)).ok()?;
-    parse_stat(buf)
+/// between listing a pid and reading it). One open and one read: this runs
+/// for every process of the tree on every tick, and in a VM each syscall counts.
+pub fn read_stat(proc_root: &Path, pid: u32, buf: &mut Vec<u8>) -> Option<ProcStat> {
+    let mut file = fs::File::open(proc_root.join(format!("{pid}/stat"))).ok()?;
+    if buf.len() < STAT_READ_BYTES {
+        buf.resize(STAT_READ_BYTES, 0);
+    }
+    let mut filled = 0;
+    loop {
+        let n = file.read(&mut buf[filled..]).ok()?;
+        filled += n;
+        // procfs hands over the whole line in one read when it fits.
+        if n == 0 || filled < buf.len() {
+            break;
+        }
+        buf.resize(buf.len() * 2, 0);
+    }
+    let line = &buf[..filled];
+    // The command name may not be UTF-8; everything after it is ASCII.
+    let after_command = line.iter().rposition(|&b| b == b')')?;
+    parse_stat(std::str::from_utf8(&line[after_command..]).ok()?)
 }
 
 // === which processes ===
@@ -438,7 +456,7 @@ pub fn read_descendants(proc_root: &Path, pid: u32) -> Option<Vec<u32>> {
 /// `pid` and its descendants with their stats, without a cgroup: the children
 /// files when the kernel has them, else one pass over every `/proc/<pid>/stat`
 /// (the full scan, only when the engine's cgroup is unknown).
-fn read_tree_without_cgroup(proc_root: &Path, pid: u32, buf: &mut String) -> HashMap<u32, ProcStat> {
+fn read_tree_without_cgroup(proc_root: &Path, pid: u32, buf: &mut Vec<u8>) -> HashMap<u32, ProcStat> {
     if let Some(descendants) = read_descendants(proc_root, pid) {
         return std::iter::once(pid)
             .chain(descendants)
@@ -590,6 +608,30 @@ mod tests {
         assert_eq!(own.ppid, nix::unistd::getppid().as_raw() as u32);
         assert!(own.rss_pages > 0, "{text}");
         assert!(matches!(own.state, 'R' | 'S'), "{text}");
+    }
+
+    #[test]
+    fn reads_stat_files_with_any_command_name_and_length() {
+        let proc_root = tempfile::tempdir().unwrap();
+        let mut line = b"7 (\xff\xfe) ".to_vec(); // a command name that is not UTF-8
+        line.extend_from_slice(
+            b"R 1 7 7 0 -1 0 0 0 0 0 11 22 3 4 20 0 1 0 500 0 9 0 0 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n",
+        );
+        fs::create_dir_all(proc_root.path().join("7")).unwrap();
+        fs::write(proc_root.path().join("7/stat"), &line).unwrap();
+        let mut buf = Vec::new();
+        let expected = ProcStat { state: 'R', ppid: 1, own_ticks: 33, reaped_ticks: 7, start_ticks: 500, rss_pages: 9 };
+        assert_eq!(read_stat(proc_root.path(), 7, &mut buf), Some(expected));
+        // Longer than the first read: the buffer grows.
+        let mut long = b"8 (x) ".to_vec();
+        long.extend_from_slice(&line[line.iter().position(|&b| b == b'R').unwrap()..line.len() - 1]);
+        long.extend(b" 0".repeat(STAT_READ_BYTES));
+        fs::create_dir_all(proc_root.path().join("8")).unwrap();
+        fs::write(proc_root.path().join("8/stat"), &long).unwrap();
+        assert_eq!(read_stat(proc_root.path(), 8, &mut buf), Some(expected));
+        assert_eq!(read_stat(proc_root.path(), 9, &mut buf), None, "a gone process");
+        let own = read_stat(Path::new("/proc"), std::process::id(), &mut buf).unwrap();
+        assert!(own.rss_pages > 0);
     }
 
     #[test]
