@@ -14,8 +14,9 @@
 //!   reaped children's time, start time and RSS. sysinfo's per-pid refresh reads
 //!   `status`, `stat` and `statm` for the same RSS and CPU, more for a pid it
 //!   has not seen yet, and exposes neither reaped-children time nor start time;
-//!   `cargo bench --bench sampler` measures both, and this reader is the cheaper
-//!   one (numbers in the bench's doc).
+//!   `cargo bench --bench sampler` measures both: for a 51-process tree, 0.76 ms
+//!   of stat reads here against 2.7 ms for sysinfo's refresh of the same pids
+//!   (numbers in the bench's doc).
 //!
 //! # Engine CPU between two ticks
 //!
