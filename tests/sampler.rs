@@ -36,7 +36,13 @@ struct TreeInCgroup {
 }
 
 impl TreeInCgroup {
+    /// The tree with a busy loop as its CPU load.
     fn start() -> Self {
+        Self::start_with_load("while :; do :; done")
+    }
+
+    /// The tree with `load` (a shell command list) run in a subshell beside the step.
+    fn start_with_load(load: &str) -> Self {
         let name = format!("ma-sampler-test-{}", uuid::Uuid::new_v4().simple());
         let cgroup =
             EngineCgroup::create(&name, 1 << 30).expect("a memory cgroup (v1 or v2) can be created: run as root");
@@ -46,7 +52,7 @@ impl TreeInCgroup {
         // the step moves itself to its own cgroup before exec'ing python.
         let script = r#"
             echo $$ > "$1/cgroup.procs"
-            ( while :; do :; done ) >/dev/null &
+            ( eval "$4" ) >/dev/null &
             echo "$!"
             sh -c 'echo $$ > "$1/cgroup.procs"; exec python3 -c "$2"' step "$2" "$3" >/dev/null &
             echo "$!"
@@ -59,6 +65,7 @@ impl TreeInCgroup {
             .arg(cgroup.daemon_dir())
             .arg(&step_dir)
             .arg(python)
+            .arg(load)
             .process_group(0)
             .stdout(Stdio::piped())
             .spawn()
@@ -203,6 +210,26 @@ async fn a_step_that_exits_neither_goes_negative_nor_spikes() {
         last.cpu_seconds_total < before.cpu_seconds_total,
         "the live tree's own total dropped with the loop: {before:?} {last:?}"
     );
+}
+
+#[tokio::test]
+async fn steps_that_start_and_exit_between_ticks_are_charged() {
+    let _serial = ONE_TREE_AT_A_TIME.lock().await;
+    // `RUN make`: a loop of short compiler-like processes, each gone long
+    // before the next tick; the tree itself never holds a busy process.
+    let tree =
+        TreeInCgroup::start_with_load("while :; do sh -c 'i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done'; done");
+    let target = tree.target();
+    let mut sampler = Sampler::new();
+    let seen = sample_until(&mut sampler, &target, "> 0.5 cores from processes no tick sees twice", |s, _| {
+        s.engine.as_ref().unwrap().cpu_utilisation > 0.5
+    })
+    .await;
+    for sample in &seen {
+        let e = sample.engine.as_ref().unwrap();
+        assert!(e.cpu_utilisation <= cpus() + 0.1, "no spike: {seen:#?}");
+        assert!(e.processes <= 4, "the short processes come and go: {e:?}");
+    }
 }
 
 #[tokio::test]

@@ -237,7 +237,10 @@ impl Sampler {
 
         let mut pids = Vec::new();
         if read_cgroup_pids(&target.cgroup_dirs, &mut pids) {
-            pids.push(target.pid);
+            // buildkitd is in daemon/ already; named in case it was moved out.
+            if let Err(missing) = pids.binary_search(&target.pid) {
+                pids.insert(missing, target.pid);
+            }
             for pid in pids {
                 if let Some(stat) = read_stat(proc_root, pid, &mut self.stat_buf) {
                     now.procs.insert(pid, stat);
