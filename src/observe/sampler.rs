@@ -226,14 +226,10 @@ impl Sampler {
         // Uptime before the listing: anything the listing finds that the
         // previous one did not, and that started after the previous uptime
         // reading, was born inside the interval.
-        let uptime_ticks = match read_uptime_ticks(proc_root, self.clock_ticks_per_second) {
-            Ok(ticks) => ticks,
-            Err(error) => {
-                tracing::debug!(%error, "cannot read the uptime");
-                0
-            }
-        };
-        let mut now = TreeSnapshot { uptime_ticks, procs: HashMap::new() };
+        let uptime_ticks = read_uptime_ticks(proc_root, self.clock_ticks_per_second)
+            .map_err(|error| tracing::debug!(%error, "cannot read the uptime: CPU figures kept from the last tick"))
+            .ok();
+        let mut now = TreeSnapshot { uptime_ticks: uptime_ticks.unwrap_or(0), procs: HashMap::new() };
 
         let mut pids = Vec::new();
         if read_cgroup_pids(&target.cgroup_dirs, &mut pids) {
@@ -274,12 +270,14 @@ impl Sampler {
         sample.processes = u32::try_from(now.procs.len()).unwrap_or(u32::MAX);
         sample.cpu_seconds_total = ticks_to_seconds(own_ticks, hz);
 
-        match &self.baseline {
-            None => {
+        match (&self.baseline, uptime_ticks) {
+            // Without the clock no interval can be measured, nor a birth placed in one.
+            (_, None) => {}
+            (None, Some(_)) => {
                 self.last_engine_cpu_utilisation = 0.0;
                 self.baseline = Some(now.clone());
             }
-            Some(baseline) => {
+            (Some(baseline), Some(_)) => {
                 let elapsed_ticks = now.uptime_ticks.saturating_sub(baseline.uptime_ticks);
                 if elapsed_ticks >= MIN_UTILISATION_INTERVAL_TICKS_AT_100HZ * hz / 100 {
                     let used_ticks = cpu_ticks_between(baseline, &now);
