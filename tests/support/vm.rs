@@ -107,7 +107,9 @@ impl Timeline {
 impl Drop for Timeline {
     fn drop(&mut self) {
         // Printed on success and on failure alike; on failure it says where.
-        eprintln!("{}", self.render());
+        // Written to stderr directly, past the test harness's capture, so CI's
+        // log shows the timeline of a passing run too.
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), format!("{}\n", self.render()).as_bytes());
     }
 }
 
