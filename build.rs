@@ -17,11 +17,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true) // the tests' control-plane double serves this contract
         .compile_protos(&["proto/machineagent/v1/agent.proto"], &["proto"])?;
-    tonic_prost_build::configure()
-        .build_server(false)
-        .compile_protos(
-            &[PathBuf::from("proto/moby/buildkit/v1/control.proto"), PathBuf::from("proto/grpc/health/v1/health.proto")],
-            &[PathBuf::from("proto"), well_known],
-        )?;
+    tonic_prost_build::configure().build_server(false).compile_protos(
+        &[PathBuf::from("proto/moby/buildkit/v1/control.proto"), PathBuf::from("proto/grpc/health/v1/health.proto")],
+        &[PathBuf::from("proto"), well_known],
+    )?;
     Ok(())
 }

@@ -168,10 +168,7 @@ fn main() {
     }
 
     println!("engine readiness, {runs} runs each (fresh buildkitd root per run)");
-    println!(
-        "{:<36} {:>9} {:>9} {:>9} {:>9} {:>15} {:>15} {:>6}",
-        "method", "median", "p95", "min", "max", "after serving", "after serving", "tries"
-    );
+    println!("{:<36} {:>9} {:>9} {:>9} {:>9} {:>15} {:>15} {:>6}", "method", "median", "p95", "min", "max", "after serving", "after serving", "tries");
     println!("{:<36} {:>9} {:>9} {:>9} {:>9} {:>15} {:>15} {:>6}", "(ms after the socket accepts)", "", "", "", "", "median", "p95", "median");
     let mut engine = Samples::default();
     for (name, mut s) in [("wait_ready (native gRPC)", ours), ("buildctl debug workers every 250 ms", reference)] {

@@ -60,8 +60,7 @@ fn build_record(w: &World) {
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::copy("/bin/busybox", ctx.join("busybox")).unwrap();
     let script = format!("/bin/busybox dd if=/dev/zero of=/blob bs=1M count={RECORD_MIB} 2>/dev/null && echo {} > /name", rand_suffix());
-    let dockerfile =
-        format!("FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", {}]\n", serde_json::to_string(&script).unwrap());
+    let dockerfile = format!("FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sh\", \"-c\", {}]\n", serde_json::to_string(&script).unwrap());
     std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
     let out = buildctl_build_cache_only(&unix_addr(w), &ctx);
     assert!(out.status.success(), "build: {}", String::from_utf8_lossy(&out.stderr));

@@ -100,12 +100,7 @@ fn setup(n: usize) -> (Vec<Record>, FsStats, Policy) {
     let records = records(n);
     let cache: u64 = records.iter().map(|r| r.size_bytes).sum();
     let total_bytes = cache / 90 * 100;
-    let fs = FsStats {
-        total_bytes,
-        free_bytes: total_bytes / 20,
-        total_inodes: n as u64 * 300,
-        free_inodes: n as u64 * 300 / 50,
-    };
+    let fs = FsStats { total_bytes, free_bytes: total_bytes / 20, total_inodes: n as u64 * 300, free_inodes: n as u64 * 300 / 50 };
     (records, fs, Policy::new(cache / 100 * 95))
 }
 

@@ -238,14 +238,7 @@ fn bench_kmsg() {
         })
         .collect();
     let per_line = median(times).as_nanos() as f64 / ordinary.len() as f64;
-    println!(
-        "{:<44} {:>7} {:>9} {:>12.0} {:>12}",
-        format!("ordinary kernel lines ({} kinds)", ORDINARY.len()),
-        ordinary.len(),
-        0,
-        per_line,
-        "-"
-    );
+    println!("{:<44} {:>7} {:>9} {:>12.0} {:>12}", format!("ordinary kernel lines ({} kinds)", ORDINARY.len()), ordinary.len(), 0, per_line, "-");
 
     for (name, report) in [
         ("6.1 v1 memcg kill of a build step", MEMCG_REPORT),
@@ -468,16 +461,8 @@ async fn bench_agent(secs: u64, rate: u32) {
         }
     }
     println!("3. agent RSS ({threads} threads)");
-    println!(
-        "   after startup (Ready, first GC done): VmRSS {:.1} MiB, VmHWM {:.1} MiB",
-        rss_start.0 as f64 / 1024.0,
-        rss_start.1 as f64 / 1024.0
-    );
-    println!(
-        "   after the loads:                      VmRSS {:.1} MiB, VmHWM {:.1} MiB",
-        rss_end.0 as f64 / 1024.0,
-        rss_end.1 as f64 / 1024.0
-    );
+    println!("   after startup (Ready, first GC done): VmRSS {:.1} MiB, VmHWM {:.1} MiB", rss_start.0 as f64 / 1024.0, rss_start.1 as f64 / 1024.0);
+    println!("   after the loads:                      VmRSS {:.1} MiB, VmHWM {:.1} MiB", rss_end.0 as f64 / 1024.0, rss_end.1 as f64 / 1024.0);
     println!("4. agent CPU (utime+stime in 10 ms ticks; schedstat of live threads in ns)");
     println!(
         "   idle {idle_wall:.1} s ({health_idle} health reports sent): {:.2} ms/s by ticks, {:.3} ms/s by schedstat ({:.3} % of one core)",

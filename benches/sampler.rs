@@ -69,13 +69,7 @@ impl Tree {
             ));
         }
         script.push_str("wait\n");
-        let shell = Command::new("sh")
-            .args(["-c", &script, "engine"])
-            .arg(&cgroup.dir)
-            .process_group(0)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let shell = Command::new("sh").args(["-c", &script, "engine"]).arg(&cgroup.dir).process_group(0).stdout(Stdio::null()).spawn().unwrap();
         let tree = Self { cgroup, shell };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -148,10 +142,8 @@ fn main() {
     let tree = Tree::start();
     let target = EngineTarget { pid: tree.shell.id(), cgroup_dirs: tree.dirs() };
     let no_cgroup = EngineTarget { pid: tree.shell.id(), cgroup_dirs: vec![] };
-    let host_processes = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok()))
-        .count();
+    let host_processes =
+        std::fs::read_dir("/proc").unwrap().filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())).count();
 
     let started = Instant::now();
     let new_cpu = thread_cpu_ns();
@@ -184,8 +176,7 @@ fn main() {
     let mut pids = Vec::new();
     read_cgroup_pids(&target.cgroup_dirs, &mut pids);
     let mut buf = Vec::new();
-    let (t, n) =
-        time_ticks(ticks, || pids.iter().filter_map(|&pid| read_stat(Path::new("/proc"), pid, &mut buf)).count());
+    let (t, n) = time_ticks(ticks, || pids.iter().filter_map(|&pid| read_stat(Path::new("/proc"), pid, &mut buf)).count());
     rows.push(("  part: /proc/<pid>/stat reads", t, n));
 
     // The same tree through sysinfo: the cgroup listing, then its per-pid
@@ -198,14 +189,9 @@ fn main() {
         system.refresh_cpu_usage();
         system.refresh_memory();
         black_box(System::load_average().ok());
-        system.refresh_processes_specifics(
-            ProcessesToUpdate::Some(&pids),
-            true,
-            ProcessRefreshKind::nothing().without_tasks().with_memory().with_cpu(),
-        );
+        system.refresh_processes_specifics(ProcessesToUpdate::Some(&pids), true, ProcessRefreshKind::nothing().without_tasks().with_memory().with_cpu());
         // Use what was read, as the sampler does.
-        let figures: Vec<u64> =
-            pids.iter().filter_map(|pid| system.process(*pid)).map(|p| p.memory() + p.accumulated_cpu_time()).collect();
+        let figures: Vec<u64> = pids.iter().filter_map(|pid| system.process(*pid)).map(|p| p.memory() + p.accumulated_cpu_time()).collect();
         black_box(&figures).len()
     });
     rows.push(("(c1) sysinfo per-pid refresh of the tree", t, n));
@@ -225,18 +211,10 @@ fn main() {
     rows.push(("(c3) naive: all processes, every attribute", t, n));
     drop(tree);
 
-    println!(
-        "sampler tick cost, {ticks} ticks 250 ms apart, release build; {host_processes} processes on the host, engine tree of {TREE_PROCESSES}"
-    );
+    println!("sampler tick cost, {ticks} ticks 250 ms apart, release build; {host_processes} processes on the host, engine tree of {TREE_PROCESSES}");
     println!("Sampler::new(): {new_cpu_us:.0} us CPU, {new_wall_us:.0} us wall");
-    println!(
-        "{:<44} | {:>9} | {:>13} | {:>10} | {:>10} | {:>14}",
-        "variant", "processes", "median CPU us", "max CPU us", "first CPU us", "median wall us"
-    );
+    println!("{:<44} | {:>9} | {:>13} | {:>10} | {:>10} | {:>14}", "variant", "processes", "median CPU us", "max CPU us", "first CPU us", "median wall us");
     for (name, t, n) in rows {
-        println!(
-            "{:<44} | {:>9} | {:>13.1} | {:>10.1} | {:>10.1} | {:>14.1}",
-            name, n, t.median_cpu_us, t.max_cpu_us, t.first_cpu_us, t.median_wall_us
-        );
+        println!("{:<44} | {:>9} | {:>13.1} | {:>10.1} | {:>10.1} | {:>14.1}", name, n, t.median_cpu_us, t.max_cpu_us, t.first_cpu_us, t.median_wall_us);
     }
 }

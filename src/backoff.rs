@@ -82,10 +82,7 @@ mod tests {
     #[test]
     fn rejects_nonsense() {
         assert_eq!(Backoff::new(Duration::ZERO, Duration::from_secs(1)).unwrap_err(), BackoffError::ZeroInitial);
-        assert!(matches!(
-            Backoff::new(Duration::from_secs(2), Duration::from_secs(1)),
-            Err(BackoffError::InitialAboveMax { .. })
-        ));
+        assert!(matches!(Backoff::new(Duration::from_secs(2), Duration::from_secs(1)), Err(BackoffError::InitialAboveMax { .. })));
     }
 
     #[test]

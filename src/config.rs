@@ -220,35 +220,89 @@ struct RawEngine {
     crash_loop_window_secs: u64,
 }
 
-fn default_connect_timeout_secs() -> u64 { DEFAULT_CONNECT_TIMEOUT_SECS }
-fn default_request_timeout_secs() -> u64 { DEFAULT_REQUEST_TIMEOUT_SECS }
-fn default_backoff_initial_ms() -> u64 { DEFAULT_BACKOFF_INITIAL_MS }
-fn default_backoff_max_secs() -> u64 { DEFAULT_BACKOFF_MAX_SECS }
-fn default_listen() -> String { DEFAULT_LISTEN.into() }
-fn default_drain_timeout_secs() -> u64 { DEFAULT_DRAIN_TIMEOUT_SECS }
-fn default_device_wait_secs() -> u64 { DEFAULT_DEVICE_WAIT_SECS }
-fn default_unmount_timeout_secs() -> u64 { DEFAULT_UNMOUNT_TIMEOUT_SECS }
-fn default_health_interval_ms() -> u64 { DEFAULT_HEALTH_INTERVAL_MS }
-fn default_sample_interval_ms() -> u64 { DEFAULT_SAMPLE_INTERVAL_MS }
-fn default_usage_interval_secs() -> u64 { DEFAULT_USAGE_INTERVAL_SECS }
-fn default_state_dir() -> PathBuf { DEFAULT_STATE_DIR.into() }
-fn default_engine_binary() -> PathBuf { DEFAULT_ENGINE_BINARY.into() }
-fn default_engine_stop_grace_secs() -> u64 { DEFAULT_ENGINE_STOP_GRACE_SECS }
-fn default_engine_socket() -> PathBuf { "/run/machine-agent/buildkitd.sock".into() }
-fn default_engine_cgroup() -> String { "machine-agent-engine".into() }
-fn default_engine_memory_reserve_bytes() -> u64 { 1 << 30 }
-fn default_engine_ready_timeout_secs() -> u64 { 120 }
-fn default_engine_probe_interval_ms() -> u64 { 5_000 }
-fn default_engine_probe_timeout_ms() -> u64 { 3_000 }
-fn default_engine_probe_failures() -> u32 { 3 }
-fn default_engine_restart_initial_ms() -> u64 { 500 }
-fn default_engine_restart_max_ms() -> u64 { 60_000 }
-fn default_engine_restart_stable_secs() -> u64 { 300 }
-fn default_engine_crash_loop_restarts() -> u32 { 5 }
-fn default_engine_crash_loop_window_secs() -> u64 { 600 }
+fn default_connect_timeout_secs() -> u64 {
+    DEFAULT_CONNECT_TIMEOUT_SECS
+}
+fn default_request_timeout_secs() -> u64 {
+    DEFAULT_REQUEST_TIMEOUT_SECS
+}
+fn default_backoff_initial_ms() -> u64 {
+    DEFAULT_BACKOFF_INITIAL_MS
+}
+fn default_backoff_max_secs() -> u64 {
+    DEFAULT_BACKOFF_MAX_SECS
+}
+fn default_listen() -> String {
+    DEFAULT_LISTEN.into()
+}
+fn default_drain_timeout_secs() -> u64 {
+    DEFAULT_DRAIN_TIMEOUT_SECS
+}
+fn default_device_wait_secs() -> u64 {
+    DEFAULT_DEVICE_WAIT_SECS
+}
+fn default_unmount_timeout_secs() -> u64 {
+    DEFAULT_UNMOUNT_TIMEOUT_SECS
+}
+fn default_health_interval_ms() -> u64 {
+    DEFAULT_HEALTH_INTERVAL_MS
+}
+fn default_sample_interval_ms() -> u64 {
+    DEFAULT_SAMPLE_INTERVAL_MS
+}
+fn default_usage_interval_secs() -> u64 {
+    DEFAULT_USAGE_INTERVAL_SECS
+}
+fn default_state_dir() -> PathBuf {
+    DEFAULT_STATE_DIR.into()
+}
+fn default_engine_binary() -> PathBuf {
+    DEFAULT_ENGINE_BINARY.into()
+}
+fn default_engine_stop_grace_secs() -> u64 {
+    DEFAULT_ENGINE_STOP_GRACE_SECS
+}
+fn default_engine_socket() -> PathBuf {
+    "/run/machine-agent/buildkitd.sock".into()
+}
+fn default_engine_cgroup() -> String {
+    "machine-agent-engine".into()
+}
+fn default_engine_memory_reserve_bytes() -> u64 {
+    1 << 30
+}
+fn default_engine_ready_timeout_secs() -> u64 {
+    120
+}
+fn default_engine_probe_interval_ms() -> u64 {
+    5_000
+}
+fn default_engine_probe_timeout_ms() -> u64 {
+    3_000
+}
+fn default_engine_probe_failures() -> u32 {
+    3
+}
+fn default_engine_restart_initial_ms() -> u64 {
+    500
+}
+fn default_engine_restart_max_ms() -> u64 {
+    60_000
+}
+fn default_engine_restart_stable_secs() -> u64 {
+    300
+}
+fn default_engine_crash_loop_restarts() -> u32 {
+    5
+}
+fn default_engine_crash_loop_window_secs() -> u64 {
+    600
+}
 
 impl Default for RawEndpoints {
-    fn default() -> Self { Self { listen: default_listen() } }
+    fn default() -> Self {
+        Self { listen: default_listen() }
+    }
 }
 impl Default for RawAgent {
     fn default() -> Self {
@@ -383,7 +437,11 @@ impl fmt::Display for ConfigProblem {
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum ConfigError {
     /// cannot read config file {path}: {source}
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// invalid config ({0} problem(s)):{1}
     Invalid(usize, ProblemList),
 }
@@ -492,17 +550,11 @@ fn apply_env_overrides(table: &mut toml::Table, env: &dyn EnvSource, problems: &
     for (name, raw_value) in env.overrides() {
         let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(|p| p.to_ascii_lowercase()).collect();
         let [section, key] = path.as_slice() else {
-            problems.push(ConfigProblem {
-                field: name.clone(),
-                problem: format!("expected {ENV_PREFIX}<SECTION>__<KEY>"),
-            });
+            problems.push(ConfigProblem { field: name.clone(), problem: format!("expected {ENV_PREFIX}<SECTION>__<KEY>") });
             continue;
         };
-        let value = format!("v = {raw_value}")
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(raw_value.clone()));
+        let value =
+            format!("v = {raw_value}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| toml::Value::String(raw_value.clone()));
         let entry = table.entry(section.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
         match entry.as_table_mut() {
             Some(section_table) => {
@@ -527,11 +579,10 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
         check_range(&mut bad, "control_plane.request_timeout_secs", cp.request_timeout_secs, 1, 600);
         check_range(&mut bad, "control_plane.backoff_initial_ms", cp.backoff_initial_ms, 1, 60_000);
         check_range(&mut bad, "control_plane.backoff_max_secs", cp.backoff_max_secs, 1, 3600);
-        let backoff = Backoff::new(Duration::from_millis(cp.backoff_initial_ms), Duration::from_secs(cp.backoff_max_secs))
-            .unwrap_or_else(|e| {
-                bad("control_plane.backoff_initial_ms", format!("{e} (control_plane.backoff_max_secs)"));
-                Backoff::default()
-            });
+        let backoff = Backoff::new(Duration::from_millis(cp.backoff_initial_ms), Duration::from_secs(cp.backoff_max_secs)).unwrap_or_else(|e| {
+            bad("control_plane.backoff_initial_ms", format!("{e} (control_plane.backoff_max_secs)"));
+            Backoff::default()
+        });
         ControlPlaneConfig {
             url: cp.url,
             ca_bundle: cp.ca_bundle,
@@ -712,10 +763,8 @@ fn check_url(url: &str, insecure: bool, bad: &mut impl FnMut(&str, String)) {
 /// Reads a PEM CA bundle; it must hold at least one certificate.
 pub fn check_ca_bundle(path: &Path) -> Result<(), String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let count = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?
-        .len();
+    let count =
+        rustls_pemfile::certs(&mut pem.as_slice()).collect::<Result<Vec<_>, _>>().map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?.len();
     if count == 0 {
         return Err(format!("{} holds no PEM certificate", path.display()));
     }
@@ -801,11 +850,7 @@ fn validate_identity(raw: RawIdentity, has_control_plane: bool, bad: &mut impl F
 fn check_token_file(path: &Path) -> Result<(), String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
-        return Err(format!(
-            "{} is readable by group or others (mode {:o}); expected 0600",
-            path.display(),
-            meta.permissions().mode() & 0o777
-        ));
+        return Err(format!("{} is readable by group or others (mode {:o}); expected 0600", path.display(), meta.permissions().mode() & 0o777));
     }
     let content = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if content.trim().is_empty() {
@@ -841,11 +886,7 @@ mod tests {
     fn env_overrides_set_fields_with_types() {
         let c = Config::parse(
             MINIMAL,
-            &env(&[
-                ("MACHINE_AGENT__AGENT__DRAIN_TIMEOUT_SECS", "90"),
-                ("MACHINE_AGENT__ENDPOINTS__LISTEN", "127.0.0.1:1234"),
-                ("UNRELATED", "x"),
-            ]),
+            &env(&[("MACHINE_AGENT__AGENT__DRAIN_TIMEOUT_SECS", "90"), ("MACHINE_AGENT__ENDPOINTS__LISTEN", "127.0.0.1:1234"), ("UNRELATED", "x")]),
         )
         .unwrap();
         assert_eq!(c.drain_timeout, Duration::from_secs(90));

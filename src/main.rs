@@ -5,7 +5,7 @@
 use clap::{Parser, Subcommand};
 use machine_agent::agent::{self, AgentError, Mode};
 use machine_agent::config::{Config, ConfigError, ProcessEnv, DEFAULT_CONFIG_PATH};
-use machine_agent::systemd::{NotifyEnv, Notifier};
+use machine_agent::systemd::{Notifier, NotifyEnv};
 use machine_agent::task::{load_task_file, TaskError, TaskLimits};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -217,10 +217,6 @@ fn gc_dry_run(config_path: &std::path::Path) -> Exit {
 fn exit_code(e: &AgentError) -> Exit {
     match e {
         AgentError::NoControlPlane => Exit::Usage,
-        AgentError::Http(_)
-        | AgentError::Control(_)
-        | AgentError::Signals(_)
-        | AgentError::StateDir { .. }
-        | AgentError::DrainIncomplete(_) => Exit::Runtime,
+        AgentError::Http(_) | AgentError::Control(_) | AgentError::Signals(_) | AgentError::StateDir { .. } | AgentError::DrainIncomplete(_) => Exit::Runtime,
     }
 }

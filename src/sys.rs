@@ -48,9 +48,7 @@ pub fn join_cgroup_before_exec(command: &mut tokio::process::Command, procs: std
     // buffer to a descriptor opened by the parent, and allocates nothing.
     // Writing "0" to cgroup.procs moves the writing process (v1 and v2).
     unsafe {
-        command.pre_exec(move || {
-            nix::unistd::write(&procs, b"0").map(drop).map_err(std::io::Error::from)
-        });
+        command.pre_exec(move || nix::unistd::write(&procs, b"0").map(drop).map_err(std::io::Error::from));
     }
 }
 

@@ -22,11 +22,7 @@ impl NotifyEnv {
     /// Reads the three variables from the process environment.
     pub fn from_process() -> Self {
         let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
-        Self {
-            notify_socket: var("NOTIFY_SOCKET"),
-            watchdog_usec: var("WATCHDOG_USEC"),
-            watchdog_pid: var("WATCHDOG_PID"),
-        }
+        Self { notify_socket: var("NOTIFY_SOCKET"), watchdog_usec: var("WATCHDOG_USEC"), watchdog_pid: var("WATCHDOG_PID") }
     }
 }
 
@@ -122,11 +118,7 @@ mod tests {
     use super::*;
 
     fn env(usec: Option<&str>, pid: Option<&str>) -> NotifyEnv {
-        NotifyEnv {
-            notify_socket: None,
-            watchdog_usec: usec.map(String::from),
-            watchdog_pid: pid.map(String::from),
-        }
+        NotifyEnv { notify_socket: None, watchdog_usec: usec.map(String::from), watchdog_pid: pid.map(String::from) }
     }
 
     #[test]

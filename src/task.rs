@@ -33,8 +33,7 @@ pub const MAX_VOLUME_BYTES: u64 = 64 << 40;
 const MAX_PARALLELISM: u32 = 1024;
 /// Mount options a task may ask for; anything that changes security
 /// (exec/suid/dev) or ownership semantics is the agent's call, not the task's.
-const ALLOWED_MOUNT_OPTIONS: &[&str] =
-    &["noatime", "nodiratime", "relatime", "lazytime", "discard", "nodiscard", "prjquota", "pquota", "nobarrier"];
+const ALLOWED_MOUNT_OPTIONS: &[&str] = &["noatime", "nodiratime", "relatime", "lazytime", "discard", "nodiscard", "prjquota", "pquota", "nobarrier"];
 /// Variables a task must not set for the engine: they change which code runs.
 const FORBIDDEN_ENV: &[&str] = &["PATH", "HOME", "BUILDKIT_HOST", "TMPDIR"];
 
@@ -212,13 +211,8 @@ pub fn validate_buildkit(task: pb::BuildkitTask, limits: &TaskLimits) -> Result<
     if task.mounts.len() > MAX_MOUNTS {
         p.add("buildkit.mounts", format!("expected at most {MAX_MOUNTS} mounts, got {}", task.mounts.len()));
     }
-    let mounts: Vec<VolumeMount> = task
-        .mounts
-        .into_iter()
-        .take(MAX_MOUNTS)
-        .enumerate()
-        .filter_map(|(i, m)| validate_mount(&mut p, &format!("buildkit.mounts[{i}]"), m, limits))
-        .collect();
+    let mounts: Vec<VolumeMount> =
+        task.mounts.into_iter().take(MAX_MOUNTS).enumerate().filter_map(|(i, m)| validate_mount(&mut p, &format!("buildkit.mounts[{i}]"), m, limits)).collect();
     check_mounts_disjoint(&mut p, &mounts);
 
     if task.cache_size_bytes == 0 || task.cache_size_bytes > MAX_VOLUME_BYTES {
@@ -305,8 +299,7 @@ fn check_pem(p: &mut Problems, field: &str, pem: &str, kind: PemKind) {
                 use rustls_pemfile::Item;
                 let matches = matches!(
                     (kind, item),
-                    (PemKind::Certificate, Item::X509Certificate(_))
-                        | (PemKind::PrivateKey, Item::Pkcs1Key(_) | Item::Pkcs8Key(_) | Item::Sec1Key(_))
+                    (PemKind::Certificate, Item::X509Certificate(_)) | (PemKind::PrivateKey, Item::Pkcs1Key(_) | Item::Pkcs8Key(_) | Item::Sec1Key(_))
                 );
                 if matches {
                     found += 1;
@@ -565,8 +558,8 @@ struct TaskFileGc {
 pub fn read_task_file(path: &Path) -> Result<pb::BuildkitTask, TaskError> {
     let one = |field: &str, problem: String| TaskError(vec![FieldError { field: field.into(), problem }]);
     let text = std::fs::read_to_string(path).map_err(|e| one("<file>", format!("cannot read {}: {e}", path.display())))?;
-    let file: TaskFile = serde_path_to_error::deserialize(toml::Deserializer::new(&text))
-        .map_err(|e| one(&e.path().to_string(), e.inner().message().to_string()))?;
+    let file: TaskFile =
+        serde_path_to_error::deserialize(toml::Deserializer::new(&text)).map_err(|e| one(&e.path().to_string(), e.inner().message().to_string()))?;
     let base = path.parent().unwrap_or(Path::new("/"));
     let mut p = Problems::default();
     let mut read_pem = |field: &str, file: &Path| -> String {
@@ -749,12 +742,8 @@ pub(crate) mod tests {
     #[test]
     fn device_must_be_under_dev_and_ebs_id_well_formed() {
         let mut t = good_task();
-        t.mounts[0].source =
-            Some(pb::volume_mount::Source::Device(pb::BlockDevice { path: "/home/disk".into(), ebs_volume_id: "vol-XYZ".into() }));
-        assert_eq!(
-            fields(validate_buildkit(t, &limits()).unwrap_err()),
-            vec!["buildkit.mounts[0].device.path", "buildkit.mounts[0].device.ebs_volume_id"]
-        );
+        t.mounts[0].source = Some(pb::volume_mount::Source::Device(pb::BlockDevice { path: "/home/disk".into(), ebs_volume_id: "vol-XYZ".into() }));
+        assert_eq!(fields(validate_buildkit(t, &limits()).unwrap_err()), vec!["buildkit.mounts[0].device.path", "buildkit.mounts[0].device.ebs_volume_id"]);
     }
 
     #[test]

@@ -9,11 +9,7 @@ use std::process::{Command, Output};
 use support::{base_config, write_private, write_task_file};
 
 fn agent_cmd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_machine-agent"))
-        .args(args)
-        .env_remove("MACHINE_AGENT_CONFIG")
-        .output()
-        .expect("run machine-agent")
+    Command::new(env!("CARGO_BIN_EXE_machine-agent")).args(args).env_remove("MACHINE_AGENT_CONFIG").output().expect("run machine-agent")
 }
 
 fn stderr(o: &Output) -> String {

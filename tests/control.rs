@@ -116,11 +116,7 @@ async fn registers_with_aws_imdsv2_identity() {
     let requests = imds.log.lock().unwrap().requests.clone();
     assert_eq!(
         requests,
-        vec![
-            "PUT /latest/api/token 200",
-            "GET /latest/dynamic/instance-identity/document 200",
-            "GET /latest/dynamic/instance-identity/pkcs7 200"
-        ]
+        vec!["PUT /latest/api/token 200", "GET /latest/dynamic/instance-identity/document 200", "GET /latest/dynamic/instance-identity/pkcs7 200"]
     );
     assert_no_secrets(&agent.logs());
 }
@@ -131,11 +127,9 @@ async fn registers_with_a_fly_oidc_token() {
     let cp = control_plane().start();
     let sock_dir = tempfile::tempdir().unwrap();
     let fly = support::metadata::fly_api(sock_dir.path()).await;
-    let s = setup(
-        &cp.url(),
-        &cp.pki.ca_pem,
-        |_| format!("mode = \"fly\"\nfly_api_socket = \"{}\"\nfly_oidc_audience = \"builders.example\"", fly.socket.display()),
-    );
+    let s = setup(&cp.url(), &cp.pki.ca_pem, |_| {
+        format!("mode = \"fly\"\nfly_api_socket = \"{}\"\nfly_oidc_audience = \"builders.example\"", fly.socket.display())
+    });
     let _agent = agent(&s.config).start();
 
     let rec = cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
@@ -160,9 +154,7 @@ async fn pending_then_a_task_moves_the_agent_to_ready_and_the_engine_gets_the_ta
     assert!(body.contains("\"state\":\"pending\""), "{body}");
 
     cp.push(buildkit_task("task-42", &s.dir.path().join("mnt")));
-    let rec = cp
-        .wait_for("a ready health report", |r| r.health.iter().any(|h| h.agent_state == pb::AgentState::Ready as i32))
-        .await;
+    let rec = cp.wait_for("a ready health report", |r| r.health.iter().any(|h| h.agent_state == pb::AgentState::Ready as i32)).await;
     let ready = rec.health.iter().find(|h| h.agent_state == pb::AgentState::Ready as i32).unwrap();
     assert_eq!(ready.task_id, "task-42");
     assert_eq!(ready.engine_state, pb::EngineState::Running as i32);

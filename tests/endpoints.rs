@@ -72,8 +72,7 @@ async fn an_engine_that_cannot_start_leaves_the_agent_degraded_with_the_reason()
     let dir = tempfile::tempdir().unwrap();
     // Each failed spawn is retried; the third within the window is a crash loop.
     let (agent, base) = standalone(&dir, |c| {
-        c.replace(support::BUILDKITD, "/nonexistent/buildkitd")
-            .replace("[engine]", "[engine]\nrestart_initial_ms = 20\ncrash_loop_restarts = 3")
+        c.replace(support::BUILDKITD, "/nonexistent/buildkitd").replace("[engine]", "[engine]\nrestart_initial_ms = 20\ncrash_loop_restarts = 3")
     })
     .await;
     agent.wait_for_log("to=degraded").await;

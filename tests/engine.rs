@@ -32,9 +32,8 @@ async fn a_task_ends_in_a_ready_engine_that_serves_mtls_builds_and_refuses_clien
     let engine_dir = w.root.join("state/engine");
     assert_eq!(mode(&engine_dir), 0o700);
     assert_eq!(mode(&engine_dir.join("tls")), 0o700);
-    let key = std::fs::read_dir(engine_dir.join("tls")).unwrap().map(|e| e.unwrap().path()).find(|p| {
-        std::fs::read_to_string(p).unwrap().contains("PRIVATE KEY")
-    });
+    let key =
+        std::fs::read_dir(engine_dir.join("tls")).unwrap().map(|e| e.unwrap().path()).find(|p| std::fs::read_to_string(p).unwrap().contains("PRIVATE KEY"));
     assert_eq!(mode(&key.expect("a key file in the TLS dir")), 0o600);
     let config = std::fs::read_to_string(engine_dir.join("buildkitd.toml")).unwrap();
     assert!(config.contains(&format!("root = \"{}\"", w.cache().display())), "BuildKit's root is the cache volume:\n{config}");
@@ -88,10 +87,7 @@ async fn a_killed_engine_is_restarted_and_counted() {
     kill(Pid::from_raw(first as i32), Signal::SIGKILL).unwrap();
     eventually("a new engine pid", WAIT, || engine_pid(&w.root).is_some_and(|p| p != first)).await;
     agent.wait_for_log("engine exited").await;
-    eventually("the restarted engine to be ready", WAIT, || {
-        agent.logs().lines().filter(|l| l.contains("engine ready")).count() >= 2
-    })
-    .await;
+    eventually("the restarted engine to be ready", WAIT, || agent.logs().lines().filter(|l| l.contains("engine ready")).count() >= 2).await;
     let (code, json) = readyz(&base).await;
     assert_eq!(code, 200, "{json}");
     assert_eq!(json["engine_restarts"], 1);
@@ -123,9 +119,7 @@ async fn an_engine_that_exits_at_once_is_a_crash_loop_reported_as_degraded_with_
     cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
     cp.push(support::control_plane::buildkit_task("crashy", &w.root.join("mnt")));
 
-    let rec = cp
-        .wait_for("a degraded health report", |r| r.health.iter().any(|h| h.agent_state == pb::AgentState::Degraded as i32))
-        .await;
+    let rec = cp.wait_for("a degraded health report", |r| r.health.iter().any(|h| h.agent_state == pb::AgentState::Degraded as i32)).await;
     let degraded = rec.health.iter().find(|h| h.agent_state == pb::AgentState::Degraded as i32).unwrap();
     assert!(degraded.state_reason.contains("crash loop"), "{}", degraded.state_reason);
     assert_eq!(degraded.engine_last_exit, "exited with code 3");

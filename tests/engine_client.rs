@@ -85,9 +85,7 @@ async fn a_build_leaves_records_and_pruning_a_leaf_frees_exactly_that_record() {
 
     let before = client.disk_usage().await.unwrap();
     let layer = |records: &[CacheRecord], step: &str| records.iter().find(|r| r.description.ends_with(step)).cloned();
-    let (Some(a), Some(b)) = (layer(&before, "COPY a /a"), layer(&before, "COPY b /b")) else {
-        panic!("no record per COPY layer in {before:#?}")
-    };
+    let (Some(a), Some(b)) = (layer(&before, "COPY a /a"), layer(&before, "COPY b /b")) else { panic!("no record per COPY layer in {before:#?}") };
     for r in [&a, &b] {
         // A layer's size is its own diff: the file, plus filesystem overhead.
         assert!(r.size_bytes >= FILE_BYTES as u64 && r.record_type == "regular" && r.created_at.is_some(), "{r:#?}");
@@ -108,9 +106,7 @@ async fn a_build_leaves_records_and_pruning_a_leaf_frees_exactly_that_record() {
     assert_eq!(freed[0].size_bytes, b.size_bytes);
 
     let after = client.disk_usage().await.unwrap();
-    let regular = |records: &[CacheRecord]| -> HashSet<String> {
-        records.iter().filter(|r| r.record_type == "regular").map(|r| r.id.clone()).collect()
-    };
+    let regular = |records: &[CacheRecord]| -> HashSet<String> { records.iter().filter(|r| r.record_type == "regular").map(|r| r.id.clone()).collect() };
     let mut expected = regular(&before);
     expected.remove(&b.id);
     // Layers only: once in some seventy runs, buildkitd was seen to replace

@@ -34,11 +34,7 @@ async fn build(w: &World, name: &str, payload_bytes: usize) -> Vec<CacheRecord> 
 
 /// The build's own layers: its payload COPY and its RUN step.
 fn own_layers(added: &[CacheRecord]) -> Vec<String> {
-    added
-        .iter()
-        .filter(|r| r.description.contains("COPY payload") || r.description.contains("from exec"))
-        .map(|r| r.id.clone())
-        .collect()
+    added.iter().filter(|r| r.description.contains("COPY payload") || r.description.contains("from exec")).map(|r| r.id.clone()).collect()
 }
 
 fn free_bytes(path: &Path) -> (u64, u64) {
@@ -146,15 +142,12 @@ async fn gc_dry_run_prints_what_the_next_real_run_prunes_and_prunes_nothing() {
     // Past the retention (2 s), well before the next interval run (15 s after startup).
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_machine-agent"))
-        .args(["gc", "--dry-run", "--config", w.config.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_machine-agent")).args(["gc", "--dry-run", "--config", w.config.to_str().unwrap()]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.starts_with("gc manual (dry run)"), "{stdout}");
-    let planned: BTreeSet<String> =
-        stdout.lines().filter_map(|l| l.split_whitespace().next()).filter(|id| all.contains(*id)).map(str::to_string).collect();
+    let planned: BTreeSet<String> = stdout.lines().filter_map(|l| l.split_whitespace().next()).filter(|id| all.contains(*id)).map(str::to_string).collect();
     assert!(own_layers(&built).iter().all(|id| planned.contains(id)), "expired layers are planned:\n{stdout}");
     assert!(stdout.lines().filter(|l| planned.iter().any(|id| l.starts_with(id.as_str()))).all(|l| l.contains("retention")), "{stdout}");
     let after_dry_run: BTreeSet<String> = records(&socket).await.into_iter().map(|r| r.id).collect();
@@ -177,9 +170,7 @@ async fn the_usage_report_carries_the_cache_records_and_each_gc_run_once() {
     wait_ready(&agent).await;
     build(&w, "reported", 4 << 20).await;
 
-    let rec = cp
-        .wait_for("a usage report with cache records", |r| r.usage.iter().any(|u| u.cache_used_bytes >= 4 << 20))
-        .await;
+    let rec = cp.wait_for("a usage report with cache records", |r| r.usage.iter().any(|u| u.cache_used_bytes >= 4 << 20)).await;
     let with_records = rec.usage.iter().find(|u| u.cache_used_bytes >= 4 << 20).unwrap();
     assert!(with_records.cache_records >= 2, "{with_records:?}");
     assert!(with_records.cache_reclaimable_bytes <= with_records.cache_used_bytes);
@@ -251,10 +242,7 @@ fn free_inodes(path: &Path) -> (u64, u64) {
 fn freed_for_reads_each_reason_from_a_summary() {
     let line = "gc interval: planned 2 records 10 bytes; freed 2 records 10 bytes, 3 inodes; free bytes 1 -> 2, free inodes 3 -> 4; \
                 retention 2 keep-bytes 0 free-bytes 5 free-inodes 7; took 3ms";
-    assert_eq!(
-        [freed_for(line, "retention"), freed_for(line, "keep-bytes"), freed_for(line, "free-bytes"), freed_for(line, "free-inodes")],
-        [2, 0, 5, 7]
-    );
+    assert_eq!([freed_for(line, "retention"), freed_for(line, "keep-bytes"), freed_for(line, "free-bytes"), freed_for(line, "free-inodes")], [2, 0, 5, 7]);
 }
 
 #[tokio::test]
@@ -264,10 +252,7 @@ async fn records_unused_for_longer_than_retention_are_pruned_with_plenty_of_free
     w.use_control_plane(&cp);
     // Retention from the agent's [gc] config; the interval from the task's gc block.
     let retention = Duration::from_secs(15);
-    let agent = agent(&w.config)
-        .env("MACHINE_AGENT__GC__RETENTION_SECS", &retention.as_secs().to_string())
-        .env("MACHINE_AGENT__GC__MIN_AGE_SECS", "1")
-        .start();
+    let agent = agent(&w.config).env("MACHINE_AGENT__GC__RETENTION_SECS", &retention.as_secs().to_string()).env("MACHINE_AGENT__GC__MIN_AGE_SECS", "1").start();
     cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
     let mut task = support::control_plane::buildkit_task("retention", &w.root.join("mnt"));
     if let machine_agent::proto::v1::register_response::Task::Buildkit(t) = &mut task {

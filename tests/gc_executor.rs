@@ -38,8 +38,7 @@ async fn build_image(engine: &BareEngine, name: &str) {
     let data: Vec<u8> = (0..PAYLOAD_BYTES).map(|_| rand::random::<u8>()).collect();
     std::fs::write(context.join(name), data).unwrap();
     std::fs::write(context.join(format!("{name}.tag")), name).unwrap();
-    std::fs::write(context.join("Dockerfile"), format!("FROM scratch\nCOPY {name} /{name}\nCOPY {name}.tag /{name}.tag\n"))
-        .unwrap();
+    std::fs::write(context.join("Dockerfile"), format!("FROM scratch\nCOPY {name} /{name}\nCOPY {name}.tag /{name}.tag\n")).unwrap();
     engine.build(&context).await;
 }
 

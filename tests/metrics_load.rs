@@ -83,15 +83,7 @@ fn parse_wrk(out: &str) -> Option<WrkReport> {
 /// by 15 s; returns its report and its whole output.
 async fn wrk(url: &str, threads: u32, connections: u32, secs: u64) -> (WrkReport, String) {
     let child = tokio::process::Command::new("wrk")
-        .args([
-            format!("-t{threads}"),
-            format!("-c{connections}"),
-            format!("-d{secs}s"),
-            "--timeout".into(),
-            "2s".into(),
-            "--latency".into(),
-            url.into(),
-        ])
+        .args([format!("-t{threads}"), format!("-c{connections}"), format!("-d{secs}s"), "--timeout".into(), "2s".into(), "--latency".into(), url.into()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -99,10 +91,8 @@ async fn wrk(url: &str, threads: u32, connections: u32, secs: u64) -> (WrkReport
         .spawn()
         .expect("wrk not found: install Debian's `wrk` package (bash .ci/run does)");
     let bound = Duration::from_secs(secs + 15);
-    let out = tokio::time::timeout(bound, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("wrk against {url} did not finish within {bound:?}"))
-        .unwrap();
+    let out =
+        tokio::time::timeout(bound, child.wait_with_output()).await.unwrap_or_else(|_| panic!("wrk against {url} did not finish within {bound:?}")).unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "wrk against {url} failed ({}):\n{text}", out.status);
     let report = parse_wrk(&text).unwrap_or_else(|| panic!("cannot parse wrk's report:\n{text}"));
@@ -150,8 +140,7 @@ fn wrk_report_parsing() {
     assert_eq!((r.requests, r.connect_errors, r.read_errors, r.write_errors, r.timeouts, r.non_2xx_3xx), (338_000, 0, 0, 0, 0, 0));
     assert_eq!(r.latency_lines.iter().filter(|l| l.trim().ends_with("s") && l.contains('%')).count(), 4, "{r:?}");
 
-    let dirty =
-        "  100 requests in 1.00s, 1.00KB read\n  Socket errors: connect 1, read 2, write 3, timeout 4\n  Non-2xx or 3xx responses: 5\n";
+    let dirty = "  100 requests in 1.00s, 1.00KB read\n  Socket errors: connect 1, read 2, write 3, timeout 4\n  Non-2xx or 3xx responses: 5\n";
     let r = parse_wrk(dirty).unwrap();
     assert_eq!((r.requests, r.connect_errors, r.read_errors, r.write_errors, r.timeouts, r.non_2xx_3xx), (100, 1, 2, 3, 4, 5));
 
@@ -180,8 +169,8 @@ async fn a_ready_agent_with_a_real_engine_serves_a_promtool_clean_scrape_and_ten
     let scrape = loop {
         let (code, scrape) = http_get(&base, "/metrics").await;
         assert_eq!(code, 200);
-        let sampled = metric_value(&scrape, &cache_series).is_some_and(|b| b > 0.0)
-            && metric_value(&scrape, "machine_agent_engine_rss_bytes").is_some_and(|b| b > 0.0);
+        let sampled =
+            metric_value(&scrape, &cache_series).is_some_and(|b| b > 0.0) && metric_value(&scrape, "machine_agent_engine_rss_bytes").is_some_and(|b| b > 0.0);
         if sampled {
             break scrape;
         }
@@ -197,11 +186,7 @@ async fn a_ready_agent_with_a_real_engine_serves_a_promtool_clean_scrape_and_ten
     assert!(metric_value(&scrape, "machine_agent_gc_last_run_timestamp_seconds").is_some_and(|t| t > 0.0), "{scrape}");
     assert_eq!(metric_value(&scrape, "machine_agent_engine_restarts_total{reason=\"signal\"}"), Some(0.0), "{scrape}");
     let families = scrape.lines().filter(|l| l.starts_with("# TYPE ")).count();
-    println!(
-        "scrape: {} bytes, {families} metric families, {} samples",
-        scrape.len(),
-        scrape.lines().filter(|l| !l.starts_with('#')).count()
-    );
+    println!("scrape: {} bytes, {families} metric families, {} samples", scrape.len(), scrape.lines().filter(|l| !l.starts_with('#')).count());
     promtool_check(&scrape);
 
     // (b) 10 s of wrk on /metrics, closed loop, 16 connections.
@@ -242,20 +227,8 @@ fn a_scrape_during_a_sampler_tick_still_has_every_watched_mount() {
 
     let metrics = Metrics::new();
     let mounts = vec![
-        MountStats {
-            path: "/var/lib/machine-agent/cache".into(),
-            total_bytes: 1 << 30,
-            free_bytes: 1 << 29,
-            total_inodes: 65_536,
-            free_inodes: 60_000,
-        },
-        MountStats {
-            path: "/var/lib/machine-agent".into(),
-            total_bytes: 1 << 34,
-            free_bytes: 1 << 33,
-            total_inodes: 1 << 20,
-            free_inodes: 1 << 19,
-        },
+        MountStats { path: "/var/lib/machine-agent/cache".into(), total_bytes: 1 << 30, free_bytes: 1 << 29, total_inodes: 65_536, free_inodes: 60_000 },
+        MountStats { path: "/var/lib/machine-agent".into(), total_bytes: 1 << 34, free_bytes: 1 << 33, total_inodes: 1 << 20, free_inodes: 1 << 19 },
     ];
     metrics.record_mounts(&mounts);
     let stop = Arc::new(AtomicBool::new(false));

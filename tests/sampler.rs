@@ -44,8 +44,7 @@ impl TreeInCgroup {
     /// The tree with `load` (a shell command list) run in a subshell beside the step.
     fn start_with_load(load: &str) -> Self {
         let name = format!("ma-sampler-test-{}", uuid::Uuid::new_v4().simple());
-        let cgroup =
-            EngineCgroup::create(&name, 1 << 30).expect("a memory cgroup (v1 or v2) can be created: run as root");
+        let cgroup = EngineCgroup::create(&name, 1 << 30).expect("a memory cgroup (v1 or v2) can be created: run as root");
         let step_dir = cgroup.dir.join("buildkit/step");
         std::fs::create_dir_all(&step_dir).unwrap();
         // The shell joins daemon/ before forking, so its children start there;
@@ -58,8 +57,7 @@ impl TreeInCgroup {
             echo "$!"
             wait
         "#;
-        let python =
-            "import time\nb = bytearray(64 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\ntime.sleep(600)\n";
+        let python = "import time\nb = bytearray(64 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\ntime.sleep(600)\n";
         let mut shell = Command::new("sh")
             .args(["-c", script, "engine"])
             .arg(cgroup.daemon_dir())
@@ -79,13 +77,7 @@ impl TreeInCgroup {
                 }
             }
         });
-        let pid = || -> u32 {
-            rx.recv_timeout(Duration::from_secs(10))
-                .expect("the shell prints its children's pids")
-                .trim()
-                .parse()
-                .unwrap()
-        };
+        let pid = || -> u32 { rx.recv_timeout(Duration::from_secs(10)).expect("the shell prints its children's pids").trim().parse().unwrap() };
         let (busy_pid, step_pid) = (pid(), pid());
         Self { cgroup, shell, busy_pid, step_pid }
     }
@@ -121,12 +113,7 @@ impl Drop for TreeInCgroup {
 }
 
 /// Ticks every TICK until `done` holds for a sample, or panics after DEADLINE with every sample seen.
-async fn sample_until(
-    sampler: &mut Sampler,
-    target: &EngineTarget,
-    what: &str,
-    mut done: impl FnMut(&Sample, &[u32]) -> bool,
-) -> Vec<Sample> {
+async fn sample_until(sampler: &mut Sampler, target: &EngineTarget, what: &str, mut done: impl FnMut(&Sample, &[u32]) -> bool) -> Vec<Sample> {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut seen = Vec::new();
     loop {
@@ -136,10 +123,7 @@ async fn sample_until(
         if finished {
             return seen;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {DEADLINE:?} waiting for: {what}; samples: {seen:#?}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {DEADLINE:?} waiting for: {what}; samples: {seen:#?}");
         tokio::time::sleep(TICK).await;
     }
 }
@@ -184,10 +168,8 @@ async fn a_step_that_exits_neither_goes_negative_nor_spikes() {
     let tree = TreeInCgroup::start();
     let target = tree.target();
     let mut sampler = Sampler::new();
-    let busy = sample_until(&mut sampler, &target, "the busy loop at > 0.5 cores for a while", |s, _| {
-        s.engine.as_ref().unwrap().cpu_seconds_accounted > 2.0
-    })
-    .await;
+    let busy =
+        sample_until(&mut sampler, &target, "the busy loop at > 0.5 cores for a while", |s, _| s.engine.as_ref().unwrap().cpu_seconds_accounted > 2.0).await;
     let before = busy.last().unwrap().engine.clone().unwrap();
 
     // The busy loop dies; the shell (waiting on it) reaps it, so its seconds of
@@ -206,10 +188,7 @@ async fn a_step_that_exits_neither_goes_negative_nor_spikes() {
         accounted = e.cpu_seconds_accounted;
     }
     let last = after.last().unwrap().engine.as_ref().unwrap();
-    assert!(
-        last.cpu_seconds_total < before.cpu_seconds_total,
-        "the live tree's own total dropped with the loop: {before:?} {last:?}"
-    );
+    assert!(last.cpu_seconds_total < before.cpu_seconds_total, "the live tree's own total dropped with the loop: {before:?} {last:?}");
 }
 
 #[tokio::test]
@@ -217,14 +196,11 @@ async fn steps_that_start_and_exit_between_ticks_are_charged() {
     let _serial = ONE_TREE_AT_A_TIME.lock().await;
     // `RUN make`: a loop of short compiler-like processes, each gone long
     // before the next tick; the tree itself never holds a busy process.
-    let tree =
-        TreeInCgroup::start_with_load("while :; do sh -c 'i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done'; done");
+    let tree = TreeInCgroup::start_with_load("while :; do sh -c 'i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done'; done");
     let target = tree.target();
     let mut sampler = Sampler::new();
-    let seen = sample_until(&mut sampler, &target, "> 0.5 cores from processes no tick sees twice", |s, _| {
-        s.engine.as_ref().unwrap().cpu_utilisation > 0.5
-    })
-    .await;
+    let seen =
+        sample_until(&mut sampler, &target, "> 0.5 cores from processes no tick sees twice", |s, _| s.engine.as_ref().unwrap().cpu_utilisation > 0.5).await;
     for sample in &seen {
         let e = sample.engine.as_ref().unwrap();
         assert!(e.cpu_utilisation <= cpus() + 0.1, "no spike: {seen:#?}");

@@ -74,8 +74,17 @@ async fn partition_tables_luks_swap_and_unknown_data_are_refused() {
                 run(
                     "cryptsetup",
                     &[
-                        "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
-                        "--key-file", key.to_str().unwrap(), lo.path.to_str().unwrap(),
+                        "luksFormat",
+                        "--batch-mode",
+                        "--type",
+                        "luks2",
+                        "--pbkdf",
+                        "pbkdf2",
+                        "--pbkdf-force-iterations",
+                        "1000",
+                        "--key-file",
+                        key.to_str().unwrap(),
+                        lo.path.to_str().unwrap(),
                     ],
                     None,
                 );

@@ -50,11 +50,7 @@ impl Drop for Prepared {
 
 fn mount_options_of(path: &Path) -> String {
     let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    table
-        .lines()
-        .find(|l| l.split(' ').nth(4) == Some(path.to_str().unwrap()))
-        .map(|l| l.split(' ').nth(5).unwrap().to_string())
-        .unwrap_or_default()
+    table.lines().find(|l| l.split(' ').nth(4) == Some(path.to_str().unwrap())).map(|l| l.split(' ').nth(5).unwrap().to_string()).unwrap_or_default()
 }
 
 fn is_mounted(path: &Path) -> bool {
@@ -237,9 +233,10 @@ async fn file_backed_volume_is_created_attached_and_detached_and_keeps_its_data(
 }
 
 fn loop_backs(file: &Path) -> bool {
-    std::fs::read_dir("/sys/block").unwrap().flatten().any(|e| {
-        std::fs::read_to_string(e.path().join("loop/backing_file")).is_ok_and(|b| Path::new(b.trim()) == file)
-    })
+    std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).is_ok_and(|b| Path::new(b.trim()) == file))
 }
 
 #[tokio::test]

@@ -18,7 +18,6 @@ use crate::control::{ControlError, ControlPlane, Session};
 use crate::engine::cgroup::EngineCgroup;
 use crate::engine::supervise::{EngineEvent, Supervisor};
 use crate::engine::{EngineState, StopOutcome};
-use crate::volume::manager::{prepare_mount, release_mount, PreparedMount};
 use crate::observe::http::HttpError;
 use crate::observe::liveness::Liveness;
 use crate::observe::metrics::Metrics;
@@ -28,6 +27,7 @@ use crate::proto::v1 as pb;
 use crate::signal::ShutdownSignals;
 use crate::systemd::Notifier;
 use crate::task::{BuildkitTask, Task, TaskError, TaskLimits};
+use crate::volume::manager::{prepare_mount, release_mount, PreparedMount};
 use state::{next, Event, State};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -158,7 +158,11 @@ pub enum AgentError {
     /// cannot install signal handlers: {0}
     Signals(#[source] std::io::Error),
     /// cannot create the state directory {path}: {source}
-    StateDir { path: PathBuf, #[source] source: std::io::Error },
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// the drain did not finish cleanly: {0}
     DrainIncomplete(String),
 }
@@ -395,8 +399,7 @@ impl Agent {
     fn start_sampler(&self, status: &watch::Receiver<Status>, liveness: &Liveness) {
         let interval = self.config.sample_interval;
         let heartbeat = liveness.register("sampler", MAX_SILENCE.max(interval * 3));
-        let (status, engine_cgroup, metrics, inputs) =
-            (status.clone(), self.engine_cgroup_watch.subscribe(), self.metrics.clone(), self.inputs.clone());
+        let (status, engine_cgroup, metrics, inputs) = (status.clone(), self.engine_cgroup_watch.subscribe(), self.metrics.clone(), self.inputs.clone());
         let sample_loop = async move {
             let mut sampler = Sampler::new();
             let mut ticker = tokio::time::interval(interval);
@@ -408,10 +411,7 @@ impl Agent {
                     let s = status.borrow();
                     (s.engine_pid, s.watched_paths.clone())
                 };
-                let target = engine_pid.map(|pid| EngineTarget {
-                    pid,
-                    cgroup_dirs: engine_cgroup.borrow().iter().map(|c| c.dir.clone()).collect(),
-                });
+                let target = engine_pid.map(|pid| EngineTarget { pid, cgroup_dirs: engine_cgroup.borrow().iter().map(|c| c.dir.clone()).collect() });
                 // /proc reads of a few dozen files: short enough for the runtime's thread.
                 let sample = sampler.sample(target.as_ref());
                 metrics.record_sample(&sample);
@@ -563,17 +563,21 @@ impl Agent {
         let (policy, interval) = crate::gc::schedule::effective_policy(&self.config.gc, task);
         let pressure = crate::gc::executor::read_stats(&root).is_ok_and(|fs| crate::gc::schedule::under_pressure(&fs, &policy));
         info!(
-            retention_secs = policy.retention.as_secs(), keep_bytes = policy.keep_bytes, min_age_secs = policy.min_age.as_secs(),
-            free_bytes_start_below_percent = policy.free_bytes_start_below_percent, free_bytes_stop_at_percent = policy.free_bytes_stop_at_percent,
-            free_inodes_start_below_percent = policy.free_inodes_start_below_percent, free_inodes_stop_at_percent = policy.free_inodes_stop_at_percent,
-            interval_secs = interval.as_secs(), "gc loop started"
+            retention_secs = policy.retention.as_secs(),
+            keep_bytes = policy.keep_bytes,
+            min_age_secs = policy.min_age.as_secs(),
+            free_bytes_start_below_percent = policy.free_bytes_start_below_percent,
+            free_bytes_stop_at_percent = policy.free_bytes_stop_at_percent,
+            free_inodes_start_below_percent = policy.free_inodes_start_below_percent,
+            free_inodes_stop_at_percent = policy.free_inodes_stop_at_percent,
+            interval_secs = interval.as_secs(),
+            "gc loop started"
         );
         let (reports_tx, mut reports_rx) = mpsc::channel(4);
         let run = crate::gc::executor::GcRun { fs_path: root, policy, batch: self.config.gc.batch, dry_run: false };
         // What `machine-agent gc --dry-run` plans with: exactly this loop's settings.
         let run_file = crate::engine::EngineFiles::under(&self.config.state_dir).gc_run;
-        let written = serde_json::to_vec_pretty(&run).map_err(std::io::Error::other)
-            .and_then(|json| crate::fsutil::write_atomic(&run_file, &json, 0o600));
+        let written = serde_json::to_vec_pretty(&run).map_err(std::io::Error::other).and_then(|json| crate::fsutil::write_atomic(&run_file, &json, 0o600));
         if let Err(error) = written {
             warn!(path = %run_file.display(), %error, "cannot write the GC settings for gc --dry-run");
         }

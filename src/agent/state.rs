@@ -105,10 +105,7 @@ pub fn next(state: State, event: Event) -> Result<State, IllegalTransition> {
         (S::Degraded, E::EngineRestarting) => S::Degraded,
         (S::Preparing | S::StartingEngine | S::Ready | S::Degraded, E::Degraded) => S::Degraded,
         // A drain can start from anywhere before it, and a second request joins the first.
-        (
-            S::Starting | S::Registering | S::Pending | S::Preparing | S::StartingEngine | S::Ready | S::Degraded | S::Draining,
-            E::DrainRequested,
-        ) => S::Draining,
+        (S::Starting | S::Registering | S::Pending | S::Preparing | S::StartingEngine | S::Ready | S::Degraded | S::Draining, E::DrainRequested) => S::Draining,
         (S::Draining, E::Drained) => S::Stopped,
         _ => return Err(IllegalTransition { state, event }),
     };

@@ -29,13 +29,21 @@ pub enum IdentityError {
     /// no identity configured: set identity.mode to register with a control plane
     NotConfigured,
     /// IMDSv2 request {url} failed: {source}
-    Imds { url: String, #[source] source: reqwest::Error },
+    Imds {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
     /// IMDSv2 request {url} returned HTTP {status}
     ImdsStatus { url: String, status: u16 },
     /// Fly OIDC token request over {socket} failed: {reason}
     Fly { socket: PathBuf, reason: String },
     /// cannot read the bootstrap token file {path}: {source}
-    TokenFile { path: PathBuf, #[source] source: std::io::Error },
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// the bootstrap token file {path} is empty
     EmptyToken { path: PathBuf },
     /// identity proof {what} is larger than 64 KiB
@@ -138,9 +146,8 @@ async fn fly_oidc_token(socket: &Path, audience: &str) -> Result<Secret, Identit
     let fail = |reason: String| IdentityError::Fly { socket: socket.into(), reason };
     let fetch = async {
         let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| fail(format!("connect: {e}")))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| fail(format!("handshake: {e}")))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| fail(format!("handshake: {e}")))?;
         tokio::spawn(conn);
         let body = serde_json::json!({ "aud": audience }).to_string();
         let req = hyper::Request::post("http://localhost/v1/tokens/oidc")
@@ -150,11 +157,8 @@ async fn fly_oidc_token(socket: &Path, audience: &str) -> Result<Secret, Identit
             .map_err(|e| fail(format!("request: {e}")))?;
         let resp = sender.send_request(req).await.map_err(|e| fail(format!("request: {e}")))?;
         let status = resp.status();
-        let bytes = http_body_util::Limited::new(resp.into_body(), MAX_PROOF_BYTES)
-            .collect()
-            .await
-            .map_err(|e| fail(format!("reading the token: {e}")))?
-            .to_bytes();
+        let bytes =
+            http_body_util::Limited::new(resp.into_body(), MAX_PROOF_BYTES).collect().await.map_err(|e| fail(format!("reading the token: {e}")))?.to_bytes();
         if !status.is_success() {
             return Err(fail(format!("HTTP {}", status.as_u16())));
         }

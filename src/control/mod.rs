@@ -36,7 +36,11 @@ pub enum ControlError {
     /// invalid control plane URL {url}: {reason}
     Url { url: String, reason: String },
     /// cannot read the CA bundle {path}: {source}
-    CaBundle { path: PathBuf, #[source] source: std::io::Error },
+    CaBundle {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// cannot set up TLS for {url}: {reason}
     Tls { url: String, reason: String },
     /// cannot prove this machine's identity: {0}
@@ -171,10 +175,7 @@ pub fn architecture() -> pb::Architecture {
 
 /// Unix milliseconds now, for report timestamps.
 pub fn unix_time_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or_default()
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or_default()
 }
 
 /// The statvfs figures of `path`, as the protocol carries them.

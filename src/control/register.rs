@@ -50,7 +50,11 @@ impl Registration {
             }
             let delay = backoff.next_delay(&mut rng);
             self.control.metrics.control_plane_reconnects.inc();
-            info!(attempt = backoff.attempts(), delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "reconnecting to the control plane after backoff");
+            info!(
+                attempt = backoff.attempts(),
+                delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                "reconnecting to the control plane after backoff"
+            );
             tokio::time::sleep(delay).await;
         }
     }
@@ -111,4 +115,3 @@ impl Registration {
 fn hostname() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
 }
-

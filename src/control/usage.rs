@@ -23,7 +23,7 @@ impl UsageReporter {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await; // the first tick is immediate; the first report comes one interval in
-        // GC runs up to this number were delivered; later ones go in the next report.
+                             // GC runs up to this number were delivered; later ones go in the next report.
         let mut gc_runs_sent = 0;
         loop {
             ticker.tick().await;

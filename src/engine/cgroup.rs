@@ -55,24 +55,37 @@ pub enum CgroupError {
     /// the memory reserve ({reserve} bytes) leaves nothing for the engine out of {total} bytes of memory
     ReserveTooLarge { total: u64, reserve: u64 },
     /// cannot read {path}: {source}
-    Read { path: PathBuf, #[source] source: io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// cannot write {value:?} to {path}: {source}
-    Write { path: PathBuf, value: String, #[source] source: io::Error },
+    Write {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: io::Error,
+    },
     /// cannot remove {path}: {source}
-    Remove { path: PathBuf, #[source] source: io::Error },
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// cannot create {path}: {source}
-    Create { path: PathBuf, #[source] source: io::Error },
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// Picks the memory hierarchy: v2 when the unified mount offers `memory`
 /// (`v2_controllers` is that mount's cgroup.controllers), else v1's memory mount.
-pub fn choose_hierarchy(
-    mounts: &[crate::volume::mountinfo::MountEntry],
-    v2_controllers: impl Fn(&Path) -> Option<String>,
-) -> Option<MemoryHierarchy> {
-    let v2 = mounts.iter().filter(|m| m.fs_type == "cgroup2").find(|m| {
-        v2_controllers(&m.mount_point).is_some_and(|c| c.split_whitespace().any(|c| c == "memory"))
-    });
+pub fn choose_hierarchy(mounts: &[crate::volume::mountinfo::MountEntry], v2_controllers: impl Fn(&Path) -> Option<String>) -> Option<MemoryHierarchy> {
+    let v2 =
+        mounts.iter().filter(|m| m.fs_type == "cgroup2").find(|m| v2_controllers(&m.mount_point).is_some_and(|c| c.split_whitespace().any(|c| c == "memory")));
     if let Some(m) = v2 {
         return Some(MemoryHierarchy { version: CgroupVersion::V2, mount_point: m.mount_point.clone() });
     }
@@ -105,8 +118,7 @@ impl EngineCgroup {
     /// Finds the memory hierarchy, creates `<name>` and `<name>/daemon`, and sets the limit.
     pub fn create(name: &str, limit_bytes: u64) -> Result<Self, CgroupError> {
         let mounts = crate::volume::mountinfo::read_mountinfo(Path::new("/proc/self/mountinfo"))?;
-        let hierarchy = choose_hierarchy(&mounts, |mount| fs::read_to_string(mount.join("cgroup.controllers")).ok())
-            .ok_or(CgroupError::NoMemoryController)?;
+        let hierarchy = choose_hierarchy(&mounts, |mount| fs::read_to_string(mount.join("cgroup.controllers")).ok()).ok_or(CgroupError::NoMemoryController)?;
         Self::create_in(&hierarchy, name, limit_bytes)
     }
 
@@ -286,11 +298,11 @@ fn make_dir(path: &Path) -> Result<(), CgroupError> {
 
 /// Cgroup files take one write of the whole value; no truncate, no temp file.
 fn write_value(path: &Path, value: &str) -> Result<(), CgroupError> {
-    fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .and_then(|mut f| f.write_all(value.as_bytes()))
-        .map_err(|source| CgroupError::Write { path: path.to_path_buf(), value: value.to_string(), source })
+    fs::OpenOptions::new().write(true).open(path).and_then(|mut f| f.write_all(value.as_bytes())).map_err(|source| CgroupError::Write {
+        path: path.to_path_buf(),
+        value: value.to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -198,9 +198,7 @@ impl EngineClient {
     }
 
     pub async fn workers(&self) -> Result<Vec<Worker>, ClientError> {
-        let response = self
-            .unary("ListWorkers", self.call_timeout, self.control.clone().list_workers(pb::ListWorkersRequest::default()))
-            .await?;
+        let response = self.unary("ListWorkers", self.call_timeout, self.control.clone().list_workers(pb::ListWorkersRequest::default())).await?;
         Ok(response.record.into_iter().map(worker_from_pb).collect())
     }
 
@@ -215,9 +213,7 @@ impl EngineClient {
 
     /// Every cache record the engine holds.
     pub async fn disk_usage(&self) -> Result<Vec<CacheRecord>, ClientError> {
-        let response = self
-            .unary("DiskUsage", self.call_timeout, self.control.clone().disk_usage(pb::DiskUsageRequest::default()))
-            .await?;
+        let response = self.unary("DiskUsage", self.call_timeout, self.control.clone().disk_usage(pb::DiskUsageRequest::default())).await?;
         Ok(response.record.into_iter().map(record_from_pb).collect())
     }
 
@@ -254,12 +250,7 @@ impl EngineClient {
         self.bounded(call, timeout, async { fut.await.map(tonic::Response::into_inner) }).await
     }
 
-    async fn bounded<T>(
-        &self,
-        call: &'static str,
-        timeout: Duration,
-        fut: impl Future<Output = Result<T, tonic::Status>>,
-    ) -> Result<T, ClientError> {
+    async fn bounded<T>(&self, call: &'static str, timeout: Duration, fut: impl Future<Output = Result<T, tonic::Status>>) -> Result<T, ClientError> {
         match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(status)) => Err(ClientError::Call { call, socket: self.socket.clone(), reason: describe_status(&status) }),
@@ -319,9 +310,7 @@ pub async fn wait_ready(socket: &Path, timeout: Duration) -> Result<ReadyInfo, C
 /// left of the caller's deadline. Connected before buildkitd serves, the
 /// health call simply waits (up to the call timeout) for it to start serving.
 async fn ready_attempt(socket: &Path, remaining: Duration) -> Result<ReadyInfo, ClientError> {
-    let client = EngineClient::connect_within(socket, CONNECT_TIMEOUT.min(remaining))
-        .await?
-        .with_call_timeout(DEFAULT_CALL_TIMEOUT.min(remaining));
+    let client = EngineClient::connect_within(socket, CONNECT_TIMEOUT.min(remaining)).await?.with_call_timeout(DEFAULT_CALL_TIMEOUT.min(remaining));
     if !client.health().await? {
         return Err(ClientError::Call { call: "Health.Check", socket: socket.to_path_buf(), reason: "not SERVING".into() });
     }
@@ -336,13 +325,7 @@ async fn ready_attempt(socket: &Path, remaining: Duration) -> Result<ReadyInfo, 
         None => client.info().await?.version,
     };
     let client = client.with_call_timeout(DEFAULT_CALL_TIMEOUT);
-    Ok(ReadyInfo {
-        client,
-        version,
-        workers: workers.len(),
-        worker_ids: workers.into_iter().map(|w| w.id).collect(),
-        attempts: 0,
-    })
+    Ok(ReadyInfo { client, version, workers: workers.len(), worker_ids: workers.into_iter().map(|w| w.id).collect(), attempts: 0 })
 }
 
 /// One containerd-style filter per id, `id==<id>`: BuildKit ORs the entries
@@ -362,11 +345,7 @@ pub fn prune_filters(ids: &[String]) -> Result<Vec<String>, ClientError> {
 }
 
 fn worker_from_pb(w: pb::types::WorkerRecord) -> Worker {
-    Worker {
-        id: w.id,
-        labels: w.labels.into_iter().collect(),
-        version: w.buildkit_version.map(version_from_pb),
-    }
+    Worker { id: w.id, labels: w.labels.into_iter().collect(), version: w.buildkit_version.map(version_from_pb) }
 }
 
 fn version_from_pb(v: pb::types::BuildkitVersion) -> EngineVersion {

@@ -6,10 +6,10 @@
 //! - [`supervise`] spawns, probes, restarts and stops the process;
 //! - [`client`] is the native BuildKit client the probes and the GC use.
 
-/// BuildKit's own gRPC API (Control, health) over the engine's unix socket.
-pub mod client;
 /// The engine's memory cgroup (v2 or v1).
 pub mod cgroup;
+/// BuildKit's own gRPC API (Control, health) over the engine's unix socket.
+pub mod client;
 /// buildkitd.toml from typed structs.
 pub mod render;
 /// Restart policy and the supervision loop.
@@ -35,7 +35,11 @@ pub enum EngineError {
     /// {0}
     Render(#[from] render::RenderError),
     /// cannot write {path}: {source}
-    Write { path: PathBuf, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// cannot read the machine's memory size: {0}
     Memory(String),
     /// engine cgroup: {0}
@@ -66,25 +70,14 @@ pub struct EngineFiles {
 impl EngineFiles {
     pub fn under(state_dir: &Path) -> Self {
         let dir = state_dir.join("engine");
-        Self {
-            config: dir.join("buildkitd.toml"),
-            tls_dir: dir.join("tls"),
-            pidfile: dir.join("buildkitd.pid"),
-            gc_run: dir.join("gc-run.json"),
-            dir,
-        }
+        Self { config: dir.join("buildkitd.toml"), tls_dir: dir.join("tls"), pidfile: dir.join("buildkitd.pid"), gc_run: dir.join("gc-run.json"), dir }
     }
 }
 
 /// Writes the task's TLS material and buildkitd.toml, makes the engine's
 /// cgroup, and starts supervising buildkitd with BuildKit's root on the task's
 /// first mount (already prepared). Events about the engine arrive on `events`.
-pub fn start(
-    config: &EngineConfig,
-    state_dir: &Path,
-    task: &BuildkitTask,
-    events: mpsc::Sender<EngineEvent>,
-) -> Result<StartedEngine, EngineError> {
+pub fn start(config: &EngineConfig, state_dir: &Path, task: &BuildkitTask, events: mpsc::Sender<EngineEvent>) -> Result<StartedEngine, EngineError> {
     let root = task.mounts.first().map(|m| m.mount_path.clone()).ok_or(EngineError::NoRoot)?;
     let files = EngineFiles::under(state_dir);
     crate::fsutil::create_private_dir(&files.dir).map_err(|source| EngineError::Write { path: files.dir.clone(), source })?;
@@ -112,18 +105,12 @@ pub fn start(
         cni: None,
     };
     let text = render::render(task, &layout, &render::backstop_policy(task))?;
-    crate::fsutil::write_atomic(&files.config, text.as_bytes(), 0o600)
-        .map_err(|source| EngineError::Write { path: files.config.clone(), source })?;
+    crate::fsutil::write_atomic(&files.config, text.as_bytes(), 0o600).map_err(|source| EngineError::Write { path: files.config.clone(), source })?;
 
     // buildkitd binds /run/buildkit/otel-grpc.sock whatever its root; keep it
     // next to the agent's socket so it never collides with another engine.
     let otel_socket = config.socket.with_file_name("otel-grpc.sock");
-    let mut args = vec![
-        "--config".to_string(),
-        files.config.display().to_string(),
-        "--otel-socket-path".to_string(),
-        otel_socket.display().to_string(),
-    ];
+    let mut args = vec!["--config".to_string(), files.config.display().to_string(), "--otel-socket-path".to_string(), otel_socket.display().to_string()];
     args.extend(config.args.iter().cloned());
     let spec = EngineSpec {
         binary: config.binary.clone(),

@@ -289,7 +289,9 @@ fn go_duration(d: Duration) -> Option<String> {
 // === the GC backstop ===
 
 /// The agent GC's defaults the backstop is derived from (the planner owns them).
-pub use crate::gc::planner::{DEFAULT_FREE_START_BELOW_PERCENT as AGENT_DEFAULT_FREE_BYTES_HIGH_WATERMARK_PERCENT, DEFAULT_RETENTION as AGENT_DEFAULT_RETENTION};
+pub use crate::gc::planner::{
+    DEFAULT_FREE_START_BELOW_PERCENT as AGENT_DEFAULT_FREE_BYTES_HIGH_WATERMARK_PERCENT, DEFAULT_RETENTION as AGENT_DEFAULT_RETENTION,
+};
 /// The backstop keeps unused records this many times the agent's retention.
 pub const BACKSTOP_RETENTION_FACTOR: u32 = 2;
 /// The backstop lets the cache grow this much past the agent's keep-bytes.
@@ -502,10 +504,7 @@ pub(crate) mod tests {
     fn bad_layouts_are_refused_by_field() {
         let cases: Vec<(EngineLayout, &str)> = vec![
             (EngineLayout { root: "relative/root".into(), ..layout() }, "engine layout: root must be an absolute path, got relative/root"),
-            (
-                EngineLayout { unix_socket: PathBuf::from(format!("/tmp/{}/s.sock", "d".repeat(100))), ..layout() },
-                "engine layout: unix_socket /tmp/dddd",
-            ),
+            (EngineLayout { unix_socket: PathBuf::from(format!("/tmp/{}/s.sock", "d".repeat(100))), ..layout() }, "engine layout: unix_socket /tmp/dddd"),
             (EngineLayout { cgroup_parent: Some("machine-agent".into()), ..layout() }, "engine layout: cgroup_parent must be an absolute cgroup path"),
             (
                 EngineLayout { cni: Some(CniPaths { config: "cni.json".into(), binary_dir: "/usr/lib/cni".into() }), ..layout() },

@@ -130,15 +130,32 @@ pub fn classify_exit(status: ExitStatus, oom_kills_during_run: u64) -> EngineExi
 /// What the supervisor tells the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineEvent {
-    Spawned { pid: u32 },
+    Spawned {
+        pid: u32,
+    },
     /// The engine answers health checks and has a worker.
-    Ready { pid: u32, version: String, workers: usize },
+    Ready {
+        pid: u32,
+        version: String,
+        workers: usize,
+    },
     /// Probes failed this many times in a row; the engine is being killed.
-    Hung { pid: u32, failures: u32 },
+    Hung {
+        pid: u32,
+        failures: u32,
+    },
     /// The engine is gone; the supervisor restarts it after `decision.delay`.
-    Exited { pid: u32, exit: EngineExit, ran_for: Duration, decision: RestartDecision },
+    Exited {
+        pid: u32,
+        exit: EngineExit,
+        ran_for: Duration,
+        decision: RestartDecision,
+    },
     /// It could not even be spawned; retried after `decision.delay`.
-    SpawnFailed { error: String, decision: RestartDecision },
+    SpawnFailed {
+        error: String,
+        decision: RestartDecision,
+    },
 }
 
 /// Everything the supervisor needs to run one engine.
@@ -165,9 +182,17 @@ pub enum SuperviseError {
     /// another machine-agent already runs an engine on {root} (lock {lock} is held)
     RootLocked { root: PathBuf, lock: PathBuf },
     /// cannot open the engine lock {path}: {source}
-    Lock { path: PathBuf, #[source] source: io::Error },
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// cannot create the engine socket directory {path}: {source}
-    SocketDir { path: PathBuf, #[source] source: io::Error },
+    SocketDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The lock file in the engine's root; held by the supervisor for its whole life.
@@ -276,13 +301,7 @@ enum RunEnd {
 
 /// One run of the engine: wait until it is ready, then probe it, until it
 /// exits, hangs, or a stop is requested.
-async fn watch_run(
-    spec: &EngineSpec,
-    child: &mut Child,
-    pid: u32,
-    events: &mpsc::Sender<EngineEvent>,
-    stop_rx: &mut mpsc::Receiver<StopRequest>,
-) -> RunEnd {
+async fn watch_run(spec: &EngineSpec, child: &mut Child, pid: u32, events: &mpsc::Sender<EngineEvent>, stop_rx: &mut mpsc::Receiver<StopRequest>) -> RunEnd {
     let ready = tokio::select! {
         status = child.wait() => return RunEnd::Exited(status.ok()),
         Some((grace, done)) = stop_rx.recv() => return RunEnd::Stop(grace, done),
@@ -291,9 +310,7 @@ async fn watch_run(
     let mut client = match ready {
         Ok(ready) => {
             tracing::info!(pid, version = %ready.version, workers = ready.workers, "engine ready");
-            let _ = events
-                .send(EngineEvent::Ready { pid, version: ready.version.clone(), workers: ready.workers })
-                .await;
+            let _ = events.send(EngineEvent::Ready { pid, version: ready.version.clone(), workers: ready.workers }).await;
             Some(ready.client)
         }
         Err(error) => {

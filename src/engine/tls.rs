@@ -133,11 +133,19 @@ pub enum TlsError {
     /// buildkit.tls.ca_pem: certificate {index} ({subject}) is not a CA certificate (no basicConstraints CA:TRUE)
     NotACa { index: usize, subject: String },
     /// cannot create the TLS directory {path}: {source}
-    CreateDir { path: PathBuf, #[source] source: std::io::Error },
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// {path} exists and is not a directory
     NotADirectory { path: PathBuf },
     /// cannot write {path}: {source}
-    Write { path: PathBuf, #[source] source: std::io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl TlsError {
@@ -404,7 +412,8 @@ mod tests {
         let (_, m) = good();
         let c = check(&m, now()).unwrap();
         assert_eq!(c.leaf_subject(), "CN=engine");
-        assert_eq!(c.leaf_not_after(), UNIX_EPOCH + Duration::from_secs(1_924_992_000)); // 2031-01-01
+        assert_eq!(c.leaf_not_after(), UNIX_EPOCH + Duration::from_secs(1_924_992_000));
+        // 2031-01-01
     }
 
     #[test]
@@ -450,12 +459,18 @@ mod tests {
                 TlsMaterial { cert_pem: "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUZ3Jvb3Q=\n-----END CERTIFICATE-----\n".into(), ..good.clone() },
                 "buildkit.tls.cert_pem: certificate 0 is not valid X.509",
             ),
-            (TlsMaterial { cert_pem: "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n".into(), ..good.clone() }, "buildkit.tls.cert_pem: is not valid PEM"),
+            (
+                TlsMaterial { cert_pem: "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n".into(), ..good.clone() },
+                "buildkit.tls.cert_pem: is not valid PEM",
+            ),
             (TlsMaterial { ca_pem: String::new(), ..good.clone() }, "buildkit.tls.ca_pem: holds no certificate"),
             (TlsMaterial { key_pem: Secret::new(""), ..good.clone() }, "buildkit.tls.key_pem: expected exactly one private key, found 0"),
             (TlsMaterial { key_pem: Secret::new(good.cert_pem.clone()), ..good.clone() }, "buildkit.tls.key_pem: holds a PEM block that is not a private key"),
             (
-                TlsMaterial { key_pem: Secret::new("-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n"), ..good.clone() },
+                TlsMaterial {
+                    key_pem: Secret::new("-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQg\n-----END PRIVATE KEY-----\n"),
+                    ..good.clone()
+                },
                 "buildkit.tls.key_pem: not a usable private key",
             ),
         ];
@@ -478,10 +493,7 @@ mod tests {
         let (_, good) = good();
         let key = good.key_pem.expose().to_string();
         let body: String = key.lines().nth(1).unwrap().to_string();
-        for m in [
-            TlsMaterial { cert_pem: format!("{}{key}", good.cert_pem), ..good.clone() },
-            TlsMaterial { ca_pem: key.clone(), ..good.clone() },
-        ] {
+        for m in [TlsMaterial { cert_pem: format!("{}{key}", good.cert_pem), ..good.clone() }, TlsMaterial { ca_pem: key.clone(), ..good.clone() }] {
             let e = err(&m);
             assert!(matches!(e, TlsError::NotACertificate { .. }), "{e}");
             let text = format!("{e} {e:?}");
@@ -562,11 +574,7 @@ mod tests {
         let inter = ip.signed_by(&inter_key, &root.cert, &root.key).unwrap();
         let key = KeyPair::generate().unwrap();
         let leaf = leaf_params((2030, 1, 1), (2031, 1, 1)).signed_by(&key, &inter, &inter_key).unwrap();
-        let m = TlsMaterial {
-            cert_pem: format!("{}{}", leaf.pem(), inter.pem()),
-            key_pem: Secret::new(key.serialize_pem()),
-            ca_pem: root.cert.pem(),
-        };
+        let m = TlsMaterial { cert_pem: format!("{}{}", leaf.pem(), inter.pem()), key_pem: Secret::new(key.serialize_pem()), ca_pem: root.cert.pem() };
         check(&m, now()).unwrap();
         let other = ca("other");
         let wrong = TlsMaterial { cert_pem: format!("{}{}", leaf.pem(), other.cert.pem()), ..m };

@@ -155,14 +155,7 @@ impl GcRun {
 
 /// One GC run: plan from the engine's records and the volume at `fs_path`,
 /// then (unless `dry_run`) prune in batches of `batch` ids (0 counts as 1).
-pub async fn run_gc(
-    client: &EngineClient,
-    fs_path: &Path,
-    policy: &Policy,
-    trigger: Trigger,
-    batch: usize,
-    dry_run: bool,
-) -> Result<GcReport, GcError> {
+pub async fn run_gc(client: &EngineClient, fs_path: &Path, policy: &Policy, trigger: Trigger, batch: usize, dry_run: bool) -> Result<GcReport, GcError> {
     let started = Instant::now();
     let cache = client.disk_usage().await?;
     let before = read_stats(fs_path)?;
@@ -301,9 +294,7 @@ fn shortfall(targets: &Targets, freed_bytes: u64, before: &FsStats, now: &FsStat
     let s = Shortfall {
         keep_bytes: targets.keep_bytes.map_or(0, |need| need.saturating_sub(freed_bytes)),
         free_bytes: targets.free_bytes.map_or(0, |need| before.free_bytes.saturating_add(need).saturating_sub(now.free_bytes)),
-        free_inodes: targets
-            .free_inodes
-            .map_or(0, |need| before.free_inodes.saturating_add(need).saturating_sub(now.free_inodes)),
+        free_inodes: targets.free_inodes.map_or(0, |need| before.free_inodes.saturating_add(need).saturating_sub(now.free_inodes)),
     };
     (s != Shortfall::default()).then_some(s)
 }
@@ -393,11 +384,7 @@ impl fmt::Display for GcReport {
             f.write_str("; targets met early")?;
         }
         if let Some(s) = &self.shortfall {
-            write!(
-                f,
-                "; SHORT by keep-bytes {} bytes, free-bytes {} bytes, free-inodes {} inodes",
-                s.keep_bytes, s.free_bytes, s.free_inodes
-            )?;
+            write!(f, "; SHORT by keep-bytes {} bytes, free-bytes {} bytes, free-inodes {} inodes", s.keep_bytes, s.free_bytes, s.free_inodes)?;
         }
         if let Some(e) = &self.error {
             write!(f, "; stopped by error: {e}")?;
@@ -500,12 +487,8 @@ mod tests {
     fn once_targets_are_met_only_retention_victims_with_all_children_gone_follow() {
         // "layer" is a space victim; "base" (expired) was unblocked by it;
         // "old" is an unrelated expired record.
-        let victims = [
-            victim("spare", Reason::KeepBytes),
-            victim("layer", Reason::KeepBytes),
-            victim("base", Reason::Retention),
-            victim("old", Reason::Retention),
-        ];
+        let victims =
+            [victim("spare", Reason::KeepBytes), victim("layer", Reason::KeepBytes), victim("base", Reason::Retention), victim("old", Reason::Retention)];
         let children: HashMap<&str, Vec<&str>> = HashMap::from([("base", vec!["layer"])]);
         let mut cursor = Cursor::new(&victims, 1);
         let first = cursor.next_batch(&children, false).unwrap();
@@ -533,10 +516,7 @@ mod tests {
         let targets = Targets { keep_bytes: Some(100), free_bytes: Some(1000), free_inodes: None };
         let before = FsStats { total_bytes: 10_000, free_bytes: 500, total_inodes: 100, free_inodes: 10 };
         let now = FsStats { free_bytes: 1200, ..before };
-        assert_eq!(
-            shortfall(&targets, 40, &before, &now),
-            Some(Shortfall { keep_bytes: 60, free_bytes: 300, free_inodes: 0 })
-        );
+        assert_eq!(shortfall(&targets, 40, &before, &now), Some(Shortfall { keep_bytes: 60, free_bytes: 300, free_inodes: 0 }));
         let now = FsStats { free_bytes: 1500, ..before };
         assert!(targets_met(&targets, 100, &before, &now));
         assert!(targets_met(&Targets::default(), 0, &before, &before));

@@ -309,11 +309,7 @@ impl fmt::Display for Plan {
             write!(f, "; {name} needs {need} {unit}")?;
         }
         if let Some(s) = &self.shortfall {
-            write!(
-                f,
-                "; SHORT by keep-bytes {} bytes, free-bytes {} bytes, free-inodes {} inodes",
-                s.keep_bytes, s.free_bytes, s.free_inodes
-            )?;
+            write!(f, "; SHORT by keep-bytes {} bytes, free-bytes {} bytes, free-inodes {} inodes", s.keep_bytes, s.free_bytes, s.free_inodes)?;
         }
         writeln!(f)?;
         for v in &self.victims {
@@ -346,15 +342,7 @@ pub fn plan_prune(records: &[Record], fs: &FsStats, policy: &Policy, now: System
     let graph = Graph::build(records, policy, now);
     let estimate = InodeEstimate::new(records, fs);
     let targets = targets(records, fs, policy);
-    let mut run = Run {
-        records,
-        graph,
-        estimate,
-        targets,
-        plan: Plan { targets, ..Plan::default() },
-        retention: BinaryHeap::new(),
-        lru: BinaryHeap::new(),
-    };
+    let mut run = Run { records, graph, estimate, targets, plan: Plan { targets, ..Plan::default() }, retention: BinaryHeap::new(), lru: BinaryHeap::new() };
     run.seed();
     run.drain_retention();
     while let Some(reason) = run.unmet() {
@@ -371,18 +359,8 @@ fn targets(records: &[Record], fs: &FsStats, policy: &Policy) -> Targets {
     // to free; in-use ones are, once released, so they count.
     let private_bytes = records.iter().filter(|r| !r.shared).fold(0u64, |sum, r| sum.saturating_add(r.size_bytes));
     let keep_bytes = (private_bytes > policy.keep_bytes).then(|| private_bytes - policy.keep_bytes);
-    let free_bytes = watermark_need(
-        fs.total_bytes,
-        fs.free_bytes,
-        policy.free_bytes_start_below_percent,
-        policy.free_bytes_stop_at_percent,
-    );
-    let free_inodes = watermark_need(
-        fs.total_inodes,
-        fs.free_inodes,
-        policy.free_inodes_start_below_percent,
-        policy.free_inodes_stop_at_percent,
-    );
+    let free_bytes = watermark_need(fs.total_bytes, fs.free_bytes, policy.free_bytes_start_below_percent, policy.free_bytes_stop_at_percent);
+    let free_inodes = watermark_need(fs.total_inodes, fs.free_inodes, policy.free_inodes_start_below_percent, policy.free_inodes_stop_at_percent);
     Targets { keep_bytes, free_bytes, free_inodes }
 }
 
@@ -505,9 +483,7 @@ impl Graph {
             }
         }
         // Least recently used first; ties: fewer uses first, then id (unique among candidates).
-        keys.sort_unstable_by(|a, b| {
-            (a.0, a.1).cmp(&(b.0, b.1)).then_with(|| records[a.2].id.cmp(&records[b.2].id))
-        });
+        keys.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)).then_with(|| records[a.2].id.cmp(&records[b.2].id)));
         let by_rank: Vec<usize> = keys.into_iter().map(|(_, _, i)| i).collect();
         let mut rank = vec![usize::MAX; n];
         for (k, &i) in by_rank.iter().enumerate() {
@@ -577,7 +553,11 @@ impl Run<'_> {
         let (mut retention, mut lru) = (Vec::new(), Vec::new());
         for (rank, &i) in g.by_rank.iter().enumerate() {
             if g.children_left[i] == 0 {
-                if g.expired[i] { retention.push(Reverse(rank)) } else { lru.push(Reverse(rank)) }
+                if g.expired[i] {
+                    retention.push(Reverse(rank))
+                } else {
+                    lru.push(Reverse(rank))
+                }
             }
         }
         // Heapify is linear; pushing one by one would be n log n.
@@ -752,11 +732,7 @@ mod tests {
 
     #[test]
     fn free_inodes_use_known_counts() {
-        let records: Vec<Record> = ["a", "b", "c"]
-            .iter()
-            .zip([5, 4, 3])
-            .map(|(id, days)| Record { inodes: Some(100), ..rec(id, 1, days) })
-            .collect();
+        let records: Vec<Record> = ["a", "b", "c"].iter().zip([5, 4, 3]).map(|(id, days)| Record { inodes: Some(100), ..rec(id, 1, days) }).collect();
         let fs = FsStats { total_inodes: 1000, free_inodes: 50, ..roomy() };
         let plan = plan_prune(&records, &fs, &keep(u64::MAX), now());
         assert_eq!(plan.targets.free_inodes, Some(150));
@@ -768,8 +744,7 @@ mod tests {
     #[test]
     fn unknown_inodes_are_estimated_in_proportion_to_size() {
         // 1000 used inodes, 200 of them known: the other 800 split 300:500 by size.
-        let records =
-            [rec("a", 300, 5), Record { inodes: Some(200), ..rec("b", 100, 4) }, rec("c", 500, 3)];
+        let records = [rec("a", 300, 5), Record { inodes: Some(200), ..rec("b", 100, 4) }, rec("c", 500, 3)];
         let fs = FsStats { total_inodes: 1000, free_inodes: 0, ..roomy() };
         let estimate = InodeEstimate::new(&records, &fs);
         assert_eq!(records.iter().map(|r| estimate.of(r)).collect::<Vec<_>>(), [300, 200, 500]);
@@ -826,23 +801,14 @@ mod tests {
     #[test]
     fn children_are_planned_before_parents() {
         // The base is the least recently used, but two layers sit on it.
-        let records = [
-            rec("base", 10, 9),
-            child(rec("mid", 10, 5), &["base"]),
-            child(rec("leaf", 10, 3), &["mid"]),
-            child(rec("other", 10, 4), &["base"]),
-        ];
+        let records = [rec("base", 10, 9), child(rec("mid", 10, 5), &["base"]), child(rec("leaf", 10, 3), &["mid"]), child(rec("other", 10, 4), &["base"])];
         let plan = plan_prune(&records, &roomy(), &keep(0), now());
         assert_eq!(ids(&plan), ["other", "leaf", "mid", "base"]);
     }
 
     #[test]
     fn parent_with_an_in_use_child_is_never_picked() {
-        let records = [
-            rec("base", 10, 9),
-            child(Record { in_use: true, ..rec("busy", 10, 5) }, &["base"]),
-            child(rec("idle", 10, 4), &["base"]),
-        ];
+        let records = [rec("base", 10, 9), child(Record { in_use: true, ..rec("busy", 10, 5) }, &["base"]), child(rec("idle", 10, 4), &["base"])];
         let plan = plan_prune(&records, &roomy(), &keep(0), now());
         assert_eq!(ids(&plan), ["idle"]);
         assert!(plan.shortfall.is_some());
@@ -865,12 +831,7 @@ mod tests {
 
     #[test]
     fn expired_parent_follows_the_space_victim_that_unblocks_it() {
-        let records = [
-            rec("base", 100, 30),
-            child(rec("layer", 100, 2), &["base"]),
-            rec("expired", 10, 20),
-            rec("spare", 100, 3),
-        ];
+        let records = [rec("base", 100, 30), child(rec("layer", 100, 2), &["base"]), rec("expired", 10, 20), rec("spare", 100, 3)];
         // One byte beyond the retention victim: "spare" (3 days) is less recently
         // used than "layer" (2 days), and the base stays blocked behind "layer".
         let plan = plan_prune(&records, &roomy(), &keep(299), now());
@@ -885,11 +846,8 @@ mod tests {
 
     #[test]
     fn ties_are_broken_by_usage_count_then_id() {
-        let records = [
-            Record { usage_count: 1, ..rec("b", 10, 3) },
-            Record { usage_count: 2, ..rec("a", 10, 3) },
-            Record { usage_count: 1, ..rec("c", 10, 3) },
-        ];
+        let records =
+            [Record { usage_count: 1, ..rec("b", 10, 3) }, Record { usage_count: 2, ..rec("a", 10, 3) }, Record { usage_count: 1, ..rec("c", 10, 3) }];
         let plan = plan_prune(&records, &roomy(), &keep(0), now());
         assert_eq!(ids(&plan), ["b", "c", "a"]);
     }
@@ -907,12 +865,7 @@ mod tests {
 
     #[test]
     fn duplicate_ids_are_never_picked_nor_their_parents() {
-        let records = [
-            rec("base", 10, 9),
-            child(rec("twice", 10, 5), &["base"]),
-            child(rec("twice", 10, 5), &[]),
-            rec("single", 10, 4),
-        ];
+        let records = [rec("base", 10, 9), child(rec("twice", 10, 5), &["base"]), child(rec("twice", 10, 5), &[]), rec("single", 10, 4)];
         let plan = plan_prune(&records, &roomy(), &keep(0), now());
         assert_eq!(ids(&plan), ["single"]);
     }
@@ -948,15 +901,9 @@ mod tests {
     fn policy_validation_names_the_bad_watermark() {
         assert_eq!(Policy::new(1).validate(), Ok(()));
         let bad = Policy { free_inodes_stop_at_percent: 101, ..Policy::new(1) };
-        assert_eq!(
-            bad.validate().map_err(|e| e.to_string()),
-            Err("free_inodes_stop_at_percent is 101%, above 100%".to_owned())
-        );
+        assert_eq!(bad.validate().map_err(|e| e.to_string()), Err("free_inodes_stop_at_percent is 101%, above 100%".to_owned()));
         let inverted = Policy { free_bytes_start_below_percent: 30, ..Policy::new(1) };
-        assert_eq!(
-            inverted.validate().map_err(|e| e.to_string()),
-            Err("free bytes watermarks: start below 30% is above stop at 20%".to_owned())
-        );
+        assert_eq!(inverted.validate().map_err(|e| e.to_string()), Err("free bytes watermarks: start below 30% is above stop at 20%".to_owned()));
     }
 
     #[test]
@@ -1001,8 +948,7 @@ mod tests {
                 .into_iter()
                 .enumerate()
                 .map(|(i, (parents, ghost, size_bytes, used_hours_ago, created_hours_ago, usage_count, in_use, shared, inodes))| {
-                    let mut parents: Vec<String> =
-                        if i == 0 { vec![] } else { parents.iter().map(|p| id_of(p.index(i))).collect() };
+                    let mut parents: Vec<String> = if i == 0 { vec![] } else { parents.iter().map(|p| id_of(p.index(i))).collect() };
                     if ghost {
                         parents.push(id_of(n + 1));
                     }
@@ -1031,14 +977,12 @@ mod tests {
     }
 
     fn arb_fs() -> impl Strategy<Value = FsStats> {
-        (0u64..20_000, any::<prop::sample::Index>(), 0u64..5_000, any::<prop::sample::Index>()).prop_map(
-            |(total_bytes, fb, total_inodes, fi)| FsStats {
-                total_bytes,
-                free_bytes: u64::try_from(fb.index(usize::try_from(total_bytes).unwrap_or(0) + 1)).unwrap_or(0),
-                total_inodes,
-                free_inodes: u64::try_from(fi.index(usize::try_from(total_inodes).unwrap_or(0) + 1)).unwrap_or(0),
-            },
-        )
+        (0u64..20_000, any::<prop::sample::Index>(), 0u64..5_000, any::<prop::sample::Index>()).prop_map(|(total_bytes, fb, total_inodes, fi)| FsStats {
+            total_bytes,
+            free_bytes: u64::try_from(fb.index(usize::try_from(total_bytes).unwrap_or(0) + 1)).unwrap_or(0),
+            total_inodes,
+            free_inodes: u64::try_from(fi.index(usize::try_from(total_inodes).unwrap_or(0) + 1)).unwrap_or(0),
+        })
     }
 
     fn arb_policy() -> impl Strategy<Value = Policy> {
@@ -1069,8 +1013,7 @@ mod tests {
         loop {
             let before = set.len();
             for r in records {
-                let children_gone =
-                    records.iter().filter(|c| c.parents.contains(&r.id)).all(|c| set.contains(&c.id));
+                let children_gone = records.iter().filter(|c| c.parents.contains(&r.id)).all(|c| set.contains(&c.id));
                 if !protected(r, policy) && children_gone {
                     set.insert(r.id.clone());
                 }

@@ -18,9 +18,8 @@ use tokio::time::Instant;
 pub fn effective_policy(config: &GcConfig, task: &BuildkitTask) -> (Policy, Duration) {
     let o = &task.gc;
     let percent = |p: u32| u8::try_from(p.min(100)).unwrap_or(100);
-    let (bytes_start, bytes_stop) = o
-        .free_bytes_watermarks_percent
-        .map_or((config.free_bytes_start_below_percent, config.free_bytes_stop_at_percent), |(h, l)| (percent(h), percent(l)));
+    let (bytes_start, bytes_stop) =
+        o.free_bytes_watermarks_percent.map_or((config.free_bytes_start_below_percent, config.free_bytes_stop_at_percent), |(h, l)| (percent(h), percent(l)));
     let (inodes_start, inodes_stop) = o
         .free_inodes_watermarks_percent
         .map_or((config.free_inodes_start_below_percent, config.free_inodes_stop_at_percent), |(h, l)| (percent(h), percent(l)));
@@ -172,7 +171,10 @@ mod tests {
     fn the_task_overrides_the_config_field_by_field() {
         let mut task = crate::engine::render::tests::task();
         let (p, interval) = effective_policy(&config(), &task);
-        assert_eq!((p.retention, p.min_age, p.keep_bytes, interval), (Duration::from_secs(100), Duration::from_secs(10), task.cache_size_bytes, Duration::from_secs(60)));
+        assert_eq!(
+            (p.retention, p.min_age, p.keep_bytes, interval),
+            (Duration::from_secs(100), Duration::from_secs(10), task.cache_size_bytes, Duration::from_secs(60))
+        );
         assert_eq!((p.free_bytes_start_below_percent, p.free_bytes_stop_at_percent), (10, 20));
         task.gc.retention = Some(Duration::from_secs(7));
         task.gc.keep_bytes = Some(1234);

@@ -27,7 +27,11 @@ struct Shared {
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum HttpError {
     /// cannot listen on {addr}: {source}
-    Bind { addr: SocketAddr, #[source] source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Binds the listener (so a bad address fails the start) and returns the
@@ -40,11 +44,11 @@ pub async fn bind(
 ) -> Result<(SocketAddr, impl std::future::Future<Output = ()>), HttpError> {
     let listener = TcpListener::bind(addr).await.map_err(|source| HttpError::Bind { addr, source })?;
     let local = listener.local_addr().map_err(|source| HttpError::Bind { addr, source })?;
-    let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .with_state(Shared { status, metrics, liveness });
+    let app = Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).route("/metrics", get(metrics_text)).with_state(Shared {
+        status,
+        metrics,
+        liveness,
+    });
     let serve = async move {
         if let Err(error) = axum::serve(listener, app).await {
             tracing::error!(%error, "endpoints server stopped");

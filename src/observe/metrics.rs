@@ -46,17 +46,12 @@ impl Metrics {
         let registry = Registry::new_custom(Some("machine_agent".into()), None).expect("valid prefix");
         let build_info = register(
             &registry,
-            IntGaugeVec::new(
-                Opts::new("build_info", "The agent's version and architecture; always 1."),
-                &["version", "arch"],
-            )
-            .expect("valid"),
+            IntGaugeVec::new(Opts::new("build_info", "The agent's version and architecture; always 1."), &["version", "arch"]).expect("valid"),
         );
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION"), std::env::consts::ARCH]).set(1);
         let state = register(
             &registry,
-            IntGaugeVec::new(Opts::new("state", "1 for the agent's current lifecycle state, 0 for the others."), &["state"])
-                .expect("valid"),
+            IntGaugeVec::new(Opts::new("state", "1 for the agent's current lifecycle state, 0 for the others."), &["state"]).expect("valid"),
         );
         for s in State::ALL {
             state.with_label_values(&[s.as_str()]).set(i64::from(s == State::Starting));
@@ -69,19 +64,12 @@ impl Metrics {
             ),
             control_plane_reconnects: register(
                 &registry,
-                IntCounter::new(
-                    "control_plane_reconnects_total",
-                    "Times the agent dialled the control plane again after losing or failing to open a stream.",
-                )
-                .expect("valid"),
+                IntCounter::new("control_plane_reconnects_total", "Times the agent dialled the control plane again after losing or failing to open a stream.")
+                    .expect("valid"),
             ),
             control_plane_errors: register(
                 &registry,
-                IntCounterVec::new(
-                    Opts::new("control_plane_errors_total", "Failed control-plane calls, by call."),
-                    &["call"],
-                )
-                .expect("valid"),
+                IntCounterVec::new(Opts::new("control_plane_errors_total", "Failed control-plane calls, by call."), &["call"]).expect("valid"),
             ),
             health_reports_sent: register(
                 &registry,
@@ -89,21 +77,14 @@ impl Metrics {
             ),
             tasks_rejected: register(
                 &registry,
-                IntCounter::new("tasks_rejected_total", "Tasks from the control plane or a task file that failed validation.")
-                    .expect("valid"),
+                IntCounter::new("tasks_rejected_total", "Tasks from the control plane or a task file that failed validation.").expect("valid"),
             ),
-            engine_up: register(
-                &registry,
-                IntGauge::new("engine_up", "1 while buildkitd answers health checks and has a worker.").expect("valid"),
-            ),
+            engine_up: register(&registry, IntGauge::new("engine_up", "1 while buildkitd answers health checks and has a worker.").expect("valid")),
             engine_restarts: {
                 let restarts = register(
                     &registry,
-                    IntCounterVec::new(
-                        Opts::new("engine_restarts_total", "Engine exits the supervisor restarted after, by how it ended."),
-                        &["reason"],
-                    )
-                    .expect("valid"),
+                    IntCounterVec::new(Opts::new("engine_restarts_total", "Engine exits the supervisor restarted after, by how it ended."), &["reason"])
+                        .expect("valid"),
                 );
                 // Every reason exported from the start, so a rate() sees the first one.
                 for reason in ["clean_exit", "exit_code", "signal", "oom_killed", "unresponsive", "spawn_failed"] {
@@ -123,14 +104,8 @@ impl Metrics {
                 &registry,
                 IntCounter::new("gc_freed_bytes_total", "Bytes the engine reported freed by the agent's cache GC.").expect("valid"),
             ),
-            gc_freed_records: register(
-                &registry,
-                IntCounter::new("gc_freed_records_total", "Cache records pruned by the agent's cache GC.").expect("valid"),
-            ),
-            gc_last_run_freed_bytes: register(
-                &registry,
-                IntGauge::new("gc_last_run_freed_bytes", "Bytes freed by the last completed GC run.").expect("valid"),
-            ),
+            gc_freed_records: register(&registry, IntCounter::new("gc_freed_records_total", "Cache records pruned by the agent's cache GC.").expect("valid")),
+            gc_last_run_freed_bytes: register(&registry, IntGauge::new("gc_last_run_freed_bytes", "Bytes freed by the last completed GC run.").expect("valid")),
             gc_last_run_duration_seconds: register(
                 &registry,
                 Gauge::new("gc_last_run_duration_seconds", "How long the last completed GC run took.").expect("valid"),
@@ -158,12 +133,15 @@ impl Metrics {
             },
             kmsg_overruns: register(
                 &registry,
-                IntCounter::new("kmsg_overruns_total", "Times the kernel log ring overwrote records before the OOM watcher read them.")
-                    .expect("valid"),
+                IntCounter::new("kmsg_overruns_total", "Times the kernel log ring overwrote records before the OOM watcher read them.").expect("valid"),
             ),
             volume_size_bytes: volume_gauge(&registry, "volume_size_bytes", "Size of the filesystem at each watched mount."),
             volume_free_bytes: volume_gauge(&registry, "volume_free_bytes", "Bytes available to unprivileged writers on the filesystem at each watched mount."),
-            volume_inodes: volume_gauge(&registry, "volume_inodes", "Inodes of the filesystem at each watched mount (0 where the filesystem has no fixed count)."),
+            volume_inodes: volume_gauge(
+                &registry,
+                "volume_inodes",
+                "Inodes of the filesystem at each watched mount (0 where the filesystem has no fixed count).",
+            ),
             volume_free_inodes: volume_gauge(&registry, "volume_free_inodes", "Free inodes of the filesystem at each watched mount."),
             resources: ResourceMetrics::new(&registry),
             registry,
@@ -260,11 +238,8 @@ impl ResourceMetrics {
         let int_gauge = |name: &str, help: &str| register(registry, IntGauge::new(name, help).expect("valid"));
         let host_load_average = register(
             registry,
-            GaugeVec::new(
-                Opts::new("host_load_average", "Host load average (runnable and uninterruptible tasks) over the window."),
-                &["window"],
-            )
-            .expect("valid"),
+            GaugeVec::new(Opts::new("host_load_average", "Host load average (runnable and uninterruptible tasks) over the window."), &["window"])
+                .expect("valid"),
         );
         for window in LOAD_WINDOWS {
             host_load_average.with_label_values(&[window]);
@@ -272,34 +247,21 @@ impl ResourceMetrics {
         Self {
             host_cpu_utilisation: register(
                 registry,
-                Gauge::new("host_cpu_utilisation_ratio", "Busy share of all host CPUs since the sampler's previous tick (0 to 1).")
-                    .expect("valid"),
+                Gauge::new("host_cpu_utilisation_ratio", "Busy share of all host CPUs since the sampler's previous tick (0 to 1).").expect("valid"),
             ),
             host_cpus: int_gauge("host_cpus", "Online CPUs of the host."),
             host_load_average,
             host_memory_total_bytes: int_gauge("host_memory_total_bytes", "Host memory (MemTotal)."),
-            host_memory_available_bytes: int_gauge(
-                "host_memory_available_bytes",
-                "Host memory available without swapping (MemAvailable).",
-            ),
+            host_memory_available_bytes: int_gauge("host_memory_available_bytes", "Host memory available without swapping (MemAvailable)."),
             host_memory_used_bytes: int_gauge("host_memory_used_bytes", "Host memory in use: total minus available."),
             host_swap_total_bytes: int_gauge("host_swap_total_bytes", "Host swap space."),
             host_swap_used_bytes: int_gauge("host_swap_used_bytes", "Host swap space in use."),
-            engine_processes: int_gauge(
-                "engine_processes",
-                "Processes in the engine's tree: buildkitd, runc and build steps (0 without an engine).",
-            ),
-            engine_rss_bytes: int_gauge(
-                "engine_rss_bytes",
-                "Resident memory summed over the engine's processes (0 without an engine).",
-            ),
+            engine_processes: int_gauge("engine_processes", "Processes in the engine's tree: buildkitd, runc and build steps (0 without an engine)."),
+            engine_rss_bytes: int_gauge("engine_rss_bytes", "Resident memory summed over the engine's processes (0 without an engine)."),
             engine_cpu_seconds: register(
                 registry,
-                prometheus::Counter::new(
-                    "engine_cpu_seconds_total",
-                    "CPU time used by the engine's tree, including build steps that exited between samples.",
-                )
-                .expect("valid"),
+                prometheus::Counter::new("engine_cpu_seconds_total", "CPU time used by the engine's tree, including build steps that exited between samples.")
+                    .expect("valid"),
             ),
             last_engine_cpu_seconds_accounted: std::sync::Arc::default(),
         }

@@ -14,15 +14,9 @@ pub mod sampler;
 /// Logs to stderr (journald keeps it), filtered by MACHINE_AGENT_LOG
 /// (tracing's env-filter syntax), info by default.
 pub fn init_tracing(filter: Option<&str>) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info"))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(filter.unwrap_or("info")).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // A second init (tests in one process) keeps the first subscriber.
     // Colour only for a human at a terminal; journald and log parsers get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .with_target(true)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).with_target(true).try_init();
 }

@@ -646,10 +646,8 @@ mod tests {
 
     #[test]
     fn kmsg_record_with_continuation_lines() {
-        let rec = parse_kmsg_record(
-            "3,1234,5678901234,-;oom-kill:constraint=CONSTRAINT_NONE,task=x,pid=1,uid=0\n SUBSYSTEM=memory\n DEVICE=+memory:x\n",
-        )
-        .unwrap();
+        let rec =
+            parse_kmsg_record("3,1234,5678901234,-;oom-kill:constraint=CONSTRAINT_NONE,task=x,pid=1,uid=0\n SUBSYSTEM=memory\n DEVICE=+memory:x\n").unwrap();
         assert_eq!(rec.seq, 1234);
         assert_eq!(rec.timestamp_us, 5_678_901_234);
         assert_eq!(rec.message, "oom-kill:constraint=CONSTRAINT_NONE,task=x,pid=1,uid=0");
@@ -696,21 +694,11 @@ mod tests {
     fn invoked_line_4_14_and_5_x() {
         assert_eq!(
             line("python3 invoked oom-killer: gfp_mask=0x14000c0(GFP_KERNEL), nodemask=(null),  order=0, oom_score_adj=0"),
-            OomLine::Invoked {
-                name: "python3".into(),
-                gfp_mask: Some("0x14000c0(GFP_KERNEL)".into()),
-                order: Some(0),
-                oom_score_adj: Some(0)
-            }
+            OomLine::Invoked { name: "python3".into(), gfp_mask: Some("0x14000c0(GFP_KERNEL)".into()), order: Some(0), oom_score_adj: Some(0) }
         );
         assert_eq!(
             line("cc1plus invoked oom-killer: gfp_mask=0x100cca(GFP_HIGHUSER_MOVABLE), order=0, oom_score_adj=-998"),
-            OomLine::Invoked {
-                name: "cc1plus".into(),
-                gfp_mask: Some("0x100cca(GFP_HIGHUSER_MOVABLE)".into()),
-                order: Some(0),
-                oom_score_adj: Some(-998)
-            }
+            OomLine::Invoked { name: "cc1plus".into(), gfp_mask: Some("0x100cca(GFP_HIGHUSER_MOVABLE)".into()), order: Some(0), oom_score_adj: Some(-998) }
         );
         // A comm with a space.
         assert!(matches!(line("Web Content invoked oom-killer: gfp_mask=0xcc0(GFP_KERNEL), order=0, oom_score_adj=0"),
@@ -719,11 +707,7 @@ mod tests {
 
     #[test]
     fn killed_line_4_14_without_uid() {
-        let OomLine::Killed(k) =
-            line("Killed process 4242 (python3) total-vm:123456kB, anon-rss:65432kB, file-rss:12kB, shmem-rss:0kB")
-        else {
-            panic!()
-        };
+        let OomLine::Killed(k) = line("Killed process 4242 (python3) total-vm:123456kB, anon-rss:65432kB, file-rss:12kB, shmem-rss:0kB") else { panic!() };
         assert_eq!(k.scope, None);
         assert_eq!((k.pid, k.name.as_str(), k.uid), (4242, "python3", None));
         assert_eq!(k.total_vm_bytes, Some(123_456 * 1024));
@@ -735,9 +719,7 @@ mod tests {
 
     #[test]
     fn killed_line_3_x_odd_spacing_and_2_6_vsz() {
-        let OomLine::Killed(k) = line("Killed process 4242  (python3)  total-vm:100kB, anon-rss:50kB, file-rss:1kB") else {
-            panic!()
-        };
+        let OomLine::Killed(k) = line("Killed process 4242  (python3)  total-vm:100kB, anon-rss:50kB, file-rss:1kB") else { panic!() };
         assert_eq!((k.pid, k.name.as_str()), (4242, "python3"));
         assert_eq!((k.total_vm_bytes, k.anon_rss_bytes, k.file_rss_bytes, k.shmem_rss_bytes), (Some(102_400), Some(51_200), Some(1024), None));
         let OomLine::Killed(k) = line("Killed process 77 (java) vsz:2048kB, anon-rss:1024kB, file-rss:0kB") else { panic!() };
@@ -746,9 +728,9 @@ mod tests {
 
     #[test]
     fn killed_line_5_x_memcg_prefix_with_uid() {
-        let OomLine::Killed(k) = line(
-            "Memory cgroup out of memory: Killed process 4242 (python3) total-vm:123456kB, anon-rss:65432kB, file-rss:0kB, shmem-rss:0kB, UID:1000",
-        ) else {
+        let OomLine::Killed(k) =
+            line("Memory cgroup out of memory: Killed process 4242 (python3) total-vm:123456kB, anon-rss:65432kB, file-rss:0kB, shmem-rss:0kB, UID:1000")
+        else {
             panic!()
         };
         assert_eq!((k.scope, k.uid, k.pgtables_bytes), (Some(OomScope::Memcg), Some(1000), None));
@@ -768,9 +750,7 @@ mod tests {
 
     #[test]
     fn killed_line_name_with_parentheses_and_spaces() {
-        let OomLine::Killed(k) = line("Killed process 9 (a (b) c) total-vm:1kB, anon-rss:1kB, file-rss:0kB, shmem-rss:0kB") else {
-            panic!()
-        };
+        let OomLine::Killed(k) = line("Killed process 9 (a (b) c) total-vm:1kB, anon-rss:1kB, file-rss:0kB, shmem-rss:0kB") else { panic!() };
         assert_eq!(k.name, "a (b) c");
     }
 
@@ -788,10 +768,7 @@ mod tests {
             line("Out of memory (oom_kill_allocating_task): Kill process 17 (stress) score 0 or sacrifice child"),
             OomLine::Chosen { scope: Some(OomScope::System), pid: 17, name: "stress".into(), score: Some(0) }
         );
-        assert_eq!(
-            line("Kill process 18 (stress) sharing same memory"),
-            OomLine::Chosen { scope: None, pid: 18, name: "stress".into(), score: None }
-        );
+        assert_eq!(line("Kill process 18 (stress) sharing same memory"), OomLine::Chosen { scope: None, pid: 18, name: "stress".into(), score: None });
     }
 
     #[test]
@@ -833,10 +810,7 @@ mod tests {
     fn task_in_line_v1_memcg_4_14() {
         assert_eq!(
             line("Task in /machine-agent-engine/buildkit/abc123 killed as a result of limit of /machine-agent-engine"),
-            OomLine::TaskIn {
-                task_memcg: "/machine-agent-engine/buildkit/abc123".into(),
-                oom_memcg: "/machine-agent-engine".into()
-            }
+            OomLine::TaskIn { task_memcg: "/machine-agent-engine/buildkit/abc123".into(), oom_memcg: "/machine-agent-engine".into() }
         );
     }
 
@@ -1126,13 +1100,9 @@ mod tests {
         for (group, want) in cases {
             assert_eq!(&attribute_group_member(group, ENGINE), want, "{group}");
         }
-        assert_eq!(
-            line("Tasks in /a b/c are going to be killed due to memory.oom.group set"),
-            OomLine::GroupKill { memcg: "/a b/c".into() }
-        );
+        assert_eq!(line("Tasks in /a b/c are going to be killed due to memory.oom.group set"), OomLine::GroupKill { memcg: "/a b/c".into() });
         assert_eq!(parse_oom_line("Tasks in /a are going to be killed"), None);
     }
-
 
     #[test]
     fn vmstat_oom_kill_counter() {
@@ -1197,7 +1167,11 @@ mod tests {
                 let at = cuts[cut % cuts.len()];
                 format!("{}{junk}{}", &s[..at], &s[at..])
             }),
-            (0u64..20, 0u64..100_000_000, "(oom-kill:|Killed process |Kill process |Task in |Tasks in |x invoked oom-killer:|Out of memory: Killed process )[ -~]{0,60}")
+            (
+                0u64..20,
+                0u64..100_000_000,
+                "(oom-kill:|Killed process |Kill process |Task in |Tasks in |x invoked oom-killer:|Out of memory: Killed process )[ -~]{0,60}"
+            )
                 .prop_map(|(seq, ts, msg)| format!("3,{seq},{ts},-;{msg}")),
         ]
     }

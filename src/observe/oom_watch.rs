@@ -21,10 +21,7 @@
 
 use super::liveness::Heartbeat;
 use super::metrics::Metrics;
-use super::oom::{
-    parse_kmsg_record, parse_vmstat_oom_kill, Attribution, OomAssembler, OomEvent, OomScope,
-    Reconciler,
-};
+use super::oom::{parse_kmsg_record, parse_vmstat_oom_kill, Attribution, OomAssembler, OomEvent, OomScope, Reconciler};
 use crate::engine::cgroup::EngineCgroup;
 use serde::Serialize;
 use std::io;
@@ -152,15 +149,8 @@ impl OomKill {
             (Some(name), Some(pid)) => format!("{name} (pid {pid})"),
             _ => format!("{} kill(s) without kernel lines", self.count),
         };
-        let step = self
-            .container_id
-            .as_deref()
-            .map(|id| format!(" in step {id}"))
-            .unwrap_or_default();
-        let rss = self
-            .anon_rss_bytes
-            .map(|b| format!(", anon-rss {} MiB", b >> 20))
-            .unwrap_or_default();
+        let step = self.container_id.as_deref().map(|id| format!(" in step {id}")).unwrap_or_default();
+        let rss = self.anon_rss_bytes.map(|b| format!(", anon-rss {} MiB", b >> 20)).unwrap_or_default();
         format!("{who}: {}{step}{rss}", self.attribution)
     }
 }
@@ -178,14 +168,11 @@ impl ClockOffset {
             .map(|t| i128::from(t.tv_sec()) * 1_000_000 + i128::from(t.tv_nsec()) / 1_000)
             .unwrap_or_default();
         let unix_us = i128::from(crate::control::unix_time_ms()) * 1_000;
-        Self {
-            unix_minus_monotonic_us: unix_us - monotonic_us,
-        }
+        Self { unix_minus_monotonic_us: unix_us - monotonic_us }
     }
 
     pub fn unix_ms(&self, monotonic_us: u64) -> i64 {
-        i64::try_from((i128::from(monotonic_us) + self.unix_minus_monotonic_us) / 1_000)
-            .unwrap_or_default()
+        i64::try_from((i128::from(monotonic_us) + self.unix_minus_monotonic_us) / 1_000).unwrap_or_default()
     }
 }
 
@@ -213,19 +200,12 @@ impl KmsgReader {
     /// which is then read from wherever its writer is.
     pub fn open_at_end(path: &Path) -> io::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NONBLOCK)
-            .open(path)?;
+        let file = std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NONBLOCK).open(path)?;
         match nix::unistd::lseek(file.as_raw_fd(), 0, nix::unistd::Whence::SeekEnd) {
             Ok(_) | Err(nix::errno::Errno::ESPIPE) => {}
             Err(e) => return Err(e.into()),
         }
-        Ok(Self {
-            fd: crate::sys::async_fd(OwnedFd::from(file))?,
-            buf: vec![0; KMSG_READ_BUFFER],
-            pending: Default::default(),
-        })
+        Ok(Self { fd: crate::sys::async_fd(OwnedFd::from(file))?, buf: vec![0; KMSG_READ_BUFFER], pending: Default::default() })
     }
 
     /// The next record; waits until there is one. Ok(None) when the writer of
@@ -237,19 +217,14 @@ impl KmsgReader {
             }
             let mut ready = self.fd.readable().await?;
             let buf = &mut self.buf;
-            match ready.try_io(|fd| nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from))
-            {
+            match ready.try_io(|fd| nix::unistd::read(fd.as_raw_fd(), buf).map_err(io::Error::from)) {
                 Ok(Ok(0)) => return Ok(None),
                 Ok(Ok(n)) => {
                     let text = String::from_utf8_lossy(&self.buf[..n]);
-                    let records = text
-                        .lines()
-                        .filter(|line| !line.is_empty() && !line.starts_with(' '));
+                    let records = text.lines().filter(|line| !line.is_empty() && !line.starts_with(' '));
                     self.pending.extend(records.map(str::to_owned));
                 }
-                Ok(Err(e)) if e.raw_os_error() == Some(nix::errno::Errno::EPIPE as i32) => {
-                    return Ok(Some(KmsgRead::Overrun))
-                }
+                Ok(Err(e)) if e.raw_os_error() == Some(nix::errno::Errno::EPIPE as i32) => return Ok(Some(KmsgRead::Overrun)),
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,
             }
@@ -277,17 +252,7 @@ pub struct OomWatch {
 
 impl OomWatch {
     pub async fn run(self) {
-        let OomWatch {
-            kmsg_path,
-            vmstat_path,
-            engine_cgroup_path,
-            engine_cgroup,
-            status,
-            reconcile_interval,
-            kills,
-            metrics,
-            heartbeat,
-        } = self;
+        let OomWatch { kmsg_path, vmstat_path, engine_cgroup_path, engine_cgroup, status, reconcile_interval, kills, metrics, heartbeat } = self;
         let mut reader = match KmsgReader::open_at_end(&kmsg_path) {
             Ok(reader) => {
                 info!(kmsg = %kmsg_path.display(), engine_cgroup = %engine_cgroup_path, "OOM watcher reading the kernel log");
@@ -302,18 +267,8 @@ impl OomWatch {
         let mut host = Reconciler::new();
         let mut daemon = Reconciler::new();
         // Baselines: kills before the agent started are not ours to report.
-        let read_host = || {
-            std::fs::read_to_string(&vmstat_path)
-                .ok()
-                .as_deref()
-                .and_then(parse_vmstat_oom_kill)
-        };
-        let read_daemon = || {
-            engine_cgroup
-                .borrow()
-                .as_ref()
-                .and_then(|c| c.daemon_oom_kills().ok())
-        };
+        let read_host = || std::fs::read_to_string(&vmstat_path).ok().as_deref().and_then(parse_vmstat_oom_kill);
+        let read_daemon = || engine_cgroup.borrow().as_ref().and_then(|c| c.daemon_oom_kills().ok());
         if let Some(n) = read_host() {
             host.reconcile(n, 0);
         }
@@ -421,17 +376,11 @@ mod tests {
         async fn start(oom_kill_counter: u64) -> Self {
             let dir = tempfile::tempdir().expect("tempdir");
             let kmsg_path = dir.path().join("kmsg");
-            nix::unistd::mkfifo(&kmsg_path, nix::sys::stat::Mode::from_bits_truncate(0o600))
-                .expect("mkfifo");
+            nix::unistd::mkfifo(&kmsg_path, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
             // Read-write: opening never blocks, and the FIFO never reads as ended.
-            let kmsg = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&kmsg_path)
-                .expect("open fifo");
+            let kmsg = std::fs::OpenOptions::new().read(true).write(true).open(&kmsg_path).expect("open fifo");
             let vmstat = dir.path().join("vmstat");
-            std::fs::write(&vmstat, format!("pgfault 1\noom_kill {oom_kill_counter}\n"))
-                .expect("vmstat");
+            std::fs::write(&vmstat, format!("pgfault 1\noom_kill {oom_kill_counter}\n")).expect("vmstat");
             let (kills_tx, kills) = mpsc::channel(16);
             let metrics = Metrics::new();
             let status = crate::agent::Status::initial(Path::new("/"));
@@ -444,29 +393,17 @@ mod tests {
                 reconcile_interval: Duration::from_millis(20),
                 kills: kills_tx,
                 metrics: metrics.clone(),
-                heartbeat: crate::observe::liveness::Liveness::default()
-                    .register("oom", Duration::from_secs(10)),
+                heartbeat: crate::observe::liveness::Liveness::default().register("oom", Duration::from_secs(10)),
             };
             let task = tokio::spawn(watch.run());
             // The test runtime has one thread: yielding runs the watcher up to
             // its first wait, so it has read its counter baselines.
             tokio::task::yield_now().await;
-            Self {
-                _dir: dir,
-                kmsg,
-                vmstat,
-                kills,
-                metrics,
-                task,
-            }
+            Self { _dir: dir, kmsg, vmstat, kills, metrics, task }
         }
 
         fn kernel_counts(&self, oom_kill_counter: u64) {
-            std::fs::write(
-                &self.vmstat,
-                format!("pgfault 1\noom_kill {oom_kill_counter}\n"),
-            )
-            .expect("vmstat");
+            std::fs::write(&self.vmstat, format!("pgfault 1\noom_kill {oom_kill_counter}\n")).expect("vmstat");
         }
 
         fn kernel_prints(&mut self, records: &[&str]) {
@@ -476,10 +413,7 @@ mod tests {
         }
 
         async fn next_kill(&mut self) -> OomKill {
-            tokio::time::timeout(Duration::from_secs(10), self.kills.recv())
-                .await
-                .expect("no OOM kill reported within 10 s")
-                .expect("watcher ended")
+            tokio::time::timeout(Duration::from_secs(10), self.kills.recv()).await.expect("no OOM kill reported within 10 s").expect("watcher ended")
         }
     }
 
@@ -502,24 +436,12 @@ mod tests {
         fx.kernel_prints(&STEP_OOM);
         let kill = fx.next_kill().await;
         assert_eq!(kill.id, 102);
-        assert_eq!(
-            (kill.attribution, kill.container_id.as_deref()),
-            ("build_step", Some("step42"))
-        );
-        assert_eq!(
-            (kill.pid, kill.process_name.as_deref()),
-            (Some(4242), Some("busybox"))
-        );
-        assert_eq!(
-            (kill.scope, kill.anon_rss_bytes, kill.count),
-            (Some("memcg"), Some(256 << 20), 1)
-        );
+        assert_eq!((kill.attribution, kill.container_id.as_deref()), ("build_step", Some("step42")));
+        assert_eq!((kill.pid, kill.process_name.as_deref()), (Some(4242), Some("busybox")));
+        assert_eq!((kill.scope, kill.anon_rss_bytes, kill.count), (Some("memcg"), Some(256 << 20), 1));
         // The counter's bump is explained by the line: several windows later, nothing more.
         let more = tokio::time::timeout(Duration::from_millis(300), fx.kills.recv()).await;
-        assert!(
-            more.is_err(),
-            "a kill the kernel log explained was counted again: {more:?}"
-        );
+        assert!(more.is_err(), "a kill the kernel log explained was counted again: {more:?}");
     }
 
     #[tokio::test]
@@ -527,10 +449,7 @@ mod tests {
         let mut fx = Fixture::start(5).await;
         fx.kernel_counts(7);
         let kill = fx.next_kill().await;
-        assert_eq!(
-            (kill.attribution, kill.count, kill.pid),
-            ("unattributed", 2, None)
-        );
+        assert_eq!((kill.attribution, kill.count, kill.pid), ("unattributed", 2, None));
         assert_ne!(kill.id & COUNTED_ONLY_ID_BIT, 0);
         let _ = fx.metrics; // the agent counts kills as it receives them
     }
@@ -539,10 +458,7 @@ mod tests {
     async fn kills_before_the_watcher_started_are_not_reported() {
         let mut fx = Fixture::start(1_000).await;
         let nothing = tokio::time::timeout(Duration::from_millis(300), fx.kills.recv()).await;
-        assert!(
-            nothing.is_err(),
-            "the counter's starting value was reported: {nothing:?}"
-        );
+        assert!(nothing.is_err(), "the counter's starting value was reported: {nothing:?}");
         fx.kernel_counts(1_001);
         fx.kernel_prints(&STEP_OOM);
         assert_eq!(fx.next_kill().await.pid, Some(4242));
@@ -550,9 +466,7 @@ mod tests {
 
     #[test]
     fn clock_offset_maps_boot_time_to_unix_time() {
-        let clock = ClockOffset {
-            unix_minus_monotonic_us: 1_700_000_000_000_000,
-        };
+        let clock = ClockOffset { unix_minus_monotonic_us: 1_700_000_000_000_000 };
         assert_eq!(clock.unix_ms(5_000_000), 1_700_000_005_000);
     }
 
@@ -574,15 +488,9 @@ mod tests {
             shmem_rss_bytes: None,
             count: 1,
         };
-        assert_eq!(
-            kill.summary(),
-            "busybox (pid 42): build_step in step abc, anon-rss 300 MiB"
-        );
+        assert_eq!(kill.summary(), "busybox (pid 42): build_step in step abc, anon-rss 300 MiB");
         let lost = OomKill::counted_only(1, Attribution::Unattributed, 2, 0);
-        assert_eq!(
-            lost.summary(),
-            "2 kill(s) without kernel lines: unattributed"
-        );
+        assert_eq!(lost.summary(), "2 kill(s) without kernel lines: unattributed");
         assert_ne!(lost.id & COUNTED_ONLY_ID_BIT, 0);
     }
 }

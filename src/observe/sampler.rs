@@ -151,11 +151,8 @@ impl Default for Sampler {
 impl Sampler {
     /// Cheap: reads `/proc/self/auxv` for the page size and clock tick rate, and nothing else.
     pub fn new() -> Self {
-        let system = System::new()
-            .map_err(|error| tracing::warn!(%error, "sysinfo unavailable: host figures will be zero"))
-            .ok();
-        let (page_size_bytes, clock_ticks_per_second) =
-            fs::read(Path::new(PROC).join("self/auxv")).ok().map(|auxv| parse_auxv(&auxv)).unwrap_or((None, None));
+        let system = System::new().map_err(|error| tracing::warn!(%error, "sysinfo unavailable: host figures will be zero")).ok();
+        let (page_size_bytes, clock_ticks_per_second) = fs::read(Path::new(PROC).join("self/auxv")).ok().map(|auxv| parse_auxv(&auxv)).unwrap_or((None, None));
         Self {
             system,
             host_ticks: 0,
@@ -172,9 +169,7 @@ impl Sampler {
 
     /// One tick: the host, and the engine's tree when there is an engine.
     pub fn sample(&mut self, engine: Option<&EngineTarget>) -> Sample {
-        let unix_time_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let unix_time_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
         let host = self.sample_host();
         let engine = match engine {
             Some(target) => Some(self.sample_engine(target)),
@@ -195,9 +190,11 @@ impl Sampler {
     }
 
     fn sample_host(&mut self) -> HostSample {
-        let load = System::load_average()
-            .map_err(|error| tracing::debug!(%error, "cannot read the load average"))
-            .unwrap_or(sysinfo::LoadAvg { one: 0.0, five: 0.0, fifteen: 0.0 });
+        let load = System::load_average().map_err(|error| tracing::debug!(%error, "cannot read the load average")).unwrap_or(sysinfo::LoadAvg {
+            one: 0.0,
+            five: 0.0,
+            fifteen: 0.0,
+        });
         let Some(system) = self.system.as_mut() else {
             return HostSample { load_1: load.one, load_5: load.five, load_15: load.fifteen, ..HostSample::default() };
         };
@@ -205,8 +202,7 @@ impl Sampler {
         system.refresh_memory();
         self.host_ticks += 1;
         // sysinfo's first reading is usage since boot, not since a tick.
-        let cpu_utilisation =
-            if self.host_ticks == 1 { 0.0 } else { (f64::from(system.global_cpu_usage()) / 100.0).clamp(0.0, 1.0) };
+        let cpu_utilisation = if self.host_ticks == 1 { 0.0 } else { (f64::from(system.global_cpu_usage()) / 100.0).clamp(0.0, 1.0) };
         HostSample {
             cpu_utilisation,
             cpus: u32::try_from(system.cpus().len()).unwrap_or(u32::MAX),
@@ -352,9 +348,7 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
         state,
         ppid,
         own_ticks: utime.saturating_add(stime),
-        reaped_ticks: u64::try_from(cutime.max(0))
-            .unwrap_or(0)
-            .saturating_add(u64::try_from(cstime.max(0)).unwrap_or(0)),
+        reaped_ticks: u64::try_from(cutime.max(0)).unwrap_or(0).saturating_add(u64::try_from(cstime.max(0)).unwrap_or(0)),
         start_ticks,
         rss_pages: u64::try_from(rss_pages.max(0)).unwrap_or(0),
     })
@@ -460,10 +454,7 @@ pub fn read_descendants(proc_root: &Path, pid: u32) -> Option<Vec<u32>> {
 /// (the full scan, only when the engine's cgroup is unknown).
 fn read_tree_without_cgroup(proc_root: &Path, pid: u32, buf: &mut Vec<u8>) -> HashMap<u32, ProcStat> {
     if let Some(descendants) = read_descendants(proc_root, pid) {
-        return std::iter::once(pid)
-            .chain(descendants)
-            .filter_map(|p| read_stat(proc_root, p, buf).map(|stat| (p, stat)))
-            .collect();
+        return std::iter::once(pid).chain(descendants).filter_map(|p| read_stat(proc_root, p, buf).map(|stat| (p, stat))).collect();
     }
     let mut all = HashMap::new();
     if let Ok(entries) = fs::read_dir(proc_root) {
@@ -590,17 +581,7 @@ mod tests {
     fn parses_stat_with_a_command_name_holding_spaces_and_parens() {
         let line = "4242 (buildkitd (x) y) S 1 4242 4242 0 -1 4194560 1234 0 5 0 \
                     1500 300 42 8 20 0 17 0 98765 1234567890 2560 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n";
-        assert_eq!(
-            parse_stat(line),
-            Some(ProcStat {
-                state: 'S',
-                ppid: 1,
-                own_ticks: 1800,
-                reaped_ticks: 50,
-                start_ticks: 98765,
-                rss_pages: 2560
-            })
-        );
+        assert_eq!(parse_stat(line), Some(ProcStat { state: 'S', ppid: 1, own_ticks: 1800, reaped_ticks: 50, start_ticks: 98765, rss_pages: 2560 }));
     }
 
     #[test]
@@ -616,9 +597,7 @@ mod tests {
     fn reads_stat_files_with_any_command_name_and_length() {
         let proc_root = tempfile::tempdir().unwrap();
         let mut line = b"7 (\xff\xfe) ".to_vec(); // a command name that is not UTF-8
-        line.extend_from_slice(
-            b"R 1 7 7 0 -1 0 0 0 0 0 11 22 3 4 20 0 1 0 500 0 9 0 0 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n",
-        );
+        line.extend_from_slice(b"R 1 7 7 0 -1 0 0 0 0 0 11 22 3 4 20 0 1 0 500 0 9 0 0 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0\n");
         fs::create_dir_all(proc_root.path().join("7")).unwrap();
         fs::write(proc_root.path().join("7/stat"), &line).unwrap();
         let mut buf = Vec::new();
@@ -741,16 +720,10 @@ mod tests {
 
     #[test]
     fn follows_parent_links_from_the_root_only() {
-        let procs: HashMap<u32, ProcStat> = [
-            (1, stat(0, 0, 0, 0)),
-            (2, stat(0, 0, 0, 0)),
-            (10, stat(1, 0, 0, 0)),
-            (11, stat(10, 0, 0, 0)),
-            (12, stat(11, 0, 0, 0)),
-            (13, stat(1, 0, 0, 0)),
-        ]
-        .into_iter()
-        .collect();
+        let procs: HashMap<u32, ProcStat> =
+            [(1, stat(0, 0, 0, 0)), (2, stat(0, 0, 0, 0)), (10, stat(1, 0, 0, 0)), (11, stat(10, 0, 0, 0)), (12, stat(11, 0, 0, 0)), (13, stat(1, 0, 0, 0))]
+                .into_iter()
+                .collect();
         assert_eq!(descendants_by_parent(&procs, 10), [10, 11, 12]);
         assert_eq!(descendants_by_parent(&procs, 42), [42]);
     }

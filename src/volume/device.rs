@@ -14,13 +14,13 @@
 //! so tests point the lookups at a `TempDir` tree. Those reads go to sysfs and
 //! devtmpfs, which answer from memory, so they run inline on the async runtime.
 
+use super::tool::run_tool;
 use std::fmt;
 use std::fs::FileType;
 use std::io::ErrorKind;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
-use super::tool::run_tool;
 use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -55,17 +55,33 @@ const SECTOR_BYTES: u64 = 512;
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum DeviceError {
     /// cannot resolve the device path {path}: {source}
-    Resolve { path: PathBuf, #[source] source: std::io::Error },
+    Resolve {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// {path} resolves to {resolved}, which is {kind}, not a block device
     NotBlockDevice { path: PathBuf, resolved: PathBuf, kind: &'static str },
     /// cannot read {path}: {source}
-    Sysfs { path: PathBuf, #[source] source: std::io::Error },
+    Sysfs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// no block device at {device}{ebs} after waiting {waited:?}
     Timeout { device: PathBuf, ebs: EbsHint, waited: Duration },
     /// cannot create {path}, the directory of a volume's backing file: {source}
-    CreateDir { path: PathBuf, #[source] source: std::io::Error },
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// cannot create or size the backing file {path}: {source}
-    Backing { path: PathBuf, #[source] source: std::io::Error },
+    Backing {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// the backing file {path} is {kind}, not a regular file
     BackingNotAFile { path: PathBuf, kind: &'static str },
     /// {0}
@@ -106,9 +122,7 @@ pub fn parse_ebs_serial(serial: &str) -> Option<String> {
 /// (`nvme0c0n1`) are not what a volume is mounted from.
 fn is_nvme_namespace(name: &str) -> bool {
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    name.strip_prefix("nvme")
-        .and_then(|rest| rest.split_once('n'))
-        .is_some_and(|(controller, namespace)| digits(controller) && digits(namespace))
+    name.strip_prefix("nvme").and_then(|rest| rest.split_once('n')).is_some_and(|(controller, namespace)| digits(controller) && digits(namespace))
 }
 
 /// The `/dev` node of the NVMe namespace whose controller serial is
@@ -260,8 +274,7 @@ pub async fn attach_file(backing: &Path, size_bytes: u64) -> Result<LoopAttachme
     let args = ["--find".as_ref(), "--show".as_ref(), "--nooverlap".as_ref(), canonical.as_os_str()];
     let out = run_losetup(&args).await?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let device = parse_losetup_show(&stdout)
-        .ok_or_else(|| DeviceError::UnexpectedOutput { command: describe(&args), stdout: stdout.trim().to_owned() })?;
+    let device = parse_losetup_show(&stdout).ok_or_else(|| DeviceError::UnexpectedOutput { command: describe(&args), stdout: stdout.trim().to_owned() })?;
     info!(device = %device.display(), backing = %canonical.display(), "attached the backing file");
     Ok(LoopAttachment { device, backing: canonical })
 }
@@ -325,10 +338,8 @@ async fn prepare_backing_file(backing: &Path, size_bytes: u64) -> Result<(PathBu
 
 /// The loop device sysfs shows backed by `backing` (canonical), lowest number first.
 fn find_loop_by_backing(sys_root: &Path, backing: &Path) -> Result<Option<PathBuf>, DeviceError> {
-    let mut loops: Vec<(u32, String)> = read_dir_names(&sys_root.join("sys/block"))?
-        .into_iter()
-        .filter_map(|name| Some((name.strip_prefix("loop")?.parse().ok()?, name)))
-        .collect();
+    let mut loops: Vec<(u32, String)> =
+        read_dir_names(&sys_root.join("sys/block"))?.into_iter().filter_map(|name| Some((name.strip_prefix("loop")?.parse().ok()?, name))).collect();
     loops.sort();
     let mut found = vec![];
     for (_, name) in loops {
@@ -373,10 +384,8 @@ fn backing_matches(attribute: &[u8], backing: &Path) -> bool {
 fn read_device_bytes(sys_root: &Path, device: &Path) -> Result<u64, DeviceError> {
     let path = sys_root.join("sys/block").join(device.file_name().unwrap_or_default()).join("size");
     let text = std::fs::read_to_string(&path).map_err(|source| DeviceError::Sysfs { path: path.clone(), source })?;
-    parse_sectors(&text).ok_or_else(|| DeviceError::Sysfs {
-        path,
-        source: std::io::Error::new(ErrorKind::InvalidData, format!("{:?} is not a sector count", text.trim())),
-    })
+    parse_sectors(&text)
+        .ok_or_else(|| DeviceError::Sysfs { path, source: std::io::Error::new(ErrorKind::InvalidData, format!("{:?} is not a sector count", text.trim())) })
 }
 
 /// A sysfs `size` attribute (512-byte sectors) in bytes.
@@ -638,11 +647,7 @@ mod tests {
 
     #[test]
     fn errors_name_what_they_are_about() {
-        let timeout = DeviceError::Timeout {
-            device: "/dev/sdf".into(),
-            ebs: EbsHint(Some("vol-0123456789abcdef0".into())),
-            waited: Duration::from_secs(30),
-        };
+        let timeout = DeviceError::Timeout { device: "/dev/sdf".into(), ebs: EbsHint(Some("vol-0123456789abcdef0".into())), waited: Duration::from_secs(30) };
         assert_eq!(timeout.to_string(), "no block device at /dev/sdf (nor an NVMe namespace for EBS volume vol-0123456789abcdef0) after waiting 30s");
         let timeout = DeviceError::Timeout { device: "/dev/sdf".into(), ebs: EbsHint(None), waited: Duration::from_millis(1500) };
         assert_eq!(timeout.to_string(), "no block device at /dev/sdf after waiting 1.5s");

@@ -145,10 +145,7 @@ fn strip_deleted(path: &[u8]) -> &[u8] {
 /// component is never under anything: the kernel writes none, and lexically
 /// it could lead anywhere.
 pub fn is_under(path: &Path, dir: &Path) -> bool {
-    path.is_absolute()
-        && dir.is_absolute()
-        && !path.components().any(|c| c == Component::ParentDir)
-        && path.starts_with(dir)
+    path.is_absolute() && dir.is_absolute() && !path.components().any(|c| c == Component::ParentDir) && path.starts_with(dir)
 }
 
 /// Numeric entries of the proc directory, ascending.
@@ -196,9 +193,7 @@ fn read_uses(dir: &Path, mount_point: &Path) -> Vec<String> {
     }
     let maps = dir.join("maps");
     match std::fs::read(&maps) {
-        Ok(text) => uses.extend(
-            parse_maps_paths(&text).into_iter().filter(|p| is_under(p, mount_point)).map(|p| format!("mmap {}", p.display())),
-        ),
+        Ok(text) => uses.extend(parse_maps_paths(&text).into_iter().filter(|p| is_under(p, mount_point)).map(|p| format!("mmap {}", p.display()))),
         Err(error) => tracing::debug!(path = %maps.display(), %error, "cannot read; skipping"),
     }
     uses
@@ -286,10 +281,7 @@ mod tests {
 ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsyscall]
 ";
         let want: Vec<PathBuf> =
-            ["/usr/bin/sleep", "/usr/lib/locale/locale-archive", "/mnt/x/lib.so", "/mnt/x/my lib.so", "/SYSV00000000"]
-                .iter()
-                .map(PathBuf::from)
-                .collect();
+            ["/usr/bin/sleep", "/usr/lib/locale/locale-archive", "/mnt/x/lib.so", "/mnt/x/my lib.so", "/SYSV00000000"].iter().map(PathBuf::from).collect();
         assert_eq!(parse_maps_paths(text), want);
     }
 
@@ -367,12 +359,7 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         symlink("300", r.join("proc/self")).unwrap();
 
         let found = find_holders(r, Path::new("/mnt/x"));
-        let holder = |pid, name: &str, uses: &[&str], is_self| Holder {
-            pid,
-            name: name.into(),
-            uses: uses.iter().map(|u| u.to_string()).collect(),
-            is_self,
-        };
+        let holder = |pid, name: &str, uses: &[&str], is_self| Holder { pid, name: name.into(), uses: uses.iter().map(|u| u.to_string()).collect(), is_self };
         assert_eq!(
             found,
             vec![

@@ -77,13 +77,27 @@ pub enum VolumeError {
     /// {0}
     Tool(#[from] super::tool::ToolError),
     /// cannot create {path}: {source}
-    CreateDir { path: PathBuf, #[source] source: std::io::Error },
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// cannot mount {device} on {mount_path} as {fs_type}: {source}
-    Mount { device: PathBuf, mount_path: PathBuf, fs_type: String, #[source] source: nix::Error },
+    Mount {
+        device: PathBuf,
+        mount_path: PathBuf,
+        fs_type: String,
+        #[source]
+        source: nix::Error,
+    },
     /// mounted {device} on {mount_path}, but mountinfo does not show it there
     NotVerified { device: PathBuf, mount_path: PathBuf },
     /// cannot stat {path}: {source}
-    Stat { path: PathBuf, #[source] source: std::io::Error },
+    Stat {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A mount the manager prepared and must release at drain.
@@ -152,16 +166,7 @@ pub async fn prepare_mount(settings: &VolumeSettings, m: &VolumeMount, first: bo
         (Some(ephemeral), true) => Some(bind_executor(ephemeral, &m.mount_path)?),
         _ => None,
     };
-    Ok(PreparedMount {
-        mount_path: m.mount_path.clone(),
-        device,
-        fs_type,
-        formatted,
-        grown,
-        skip_trim: m.skip_trim,
-        loop_attachment,
-        executor_bind,
-    })
+    Ok(PreparedMount { mount_path: m.mount_path.clone(), device, fs_type, formatted, grown, skip_trim: m.skip_trim, loop_attachment, executor_bind })
 }
 
 fn block_rdev(device: &Path) -> Result<u64, VolumeError> {

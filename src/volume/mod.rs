@@ -5,8 +5,8 @@
 
 pub mod device;
 pub mod format;
-pub mod manager;
 pub mod holders;
+pub mod manager;
 pub mod mountinfo;
 pub mod signature;
 pub mod stats;

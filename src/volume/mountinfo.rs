@@ -57,7 +57,11 @@ pub struct MountEntry {
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum MountinfoError {
     /// cannot read {path}: {source}
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// malformed {path} line {line}: {problem}: {text:?}
     Malformed {
         /// The file read, or `mountinfo` for text given to [`parse_mountinfo`].
@@ -108,14 +112,7 @@ fn parse_lines(bytes: &[u8], origin: &Path) -> Result<Vec<MountEntry>, Mountinfo
         .split(|&b| b == b'\n')
         .enumerate()
         .filter(|(_, line)| !line.is_empty())
-        .map(|(index, line)| {
-            parse_line(line).map_err(|problem| MountinfoError::Malformed {
-                path: origin.into(),
-                line: index + 1,
-                problem,
-                text: quote(line),
-            })
-        })
+        .map(|(index, line)| parse_line(line).map_err(|problem| MountinfoError::Malformed { path: origin.into(), line: index + 1, problem, text: quote(line) }))
         .collect()
 }
 
@@ -153,7 +150,11 @@ fn parse_line(line: &[u8]) -> Result<MountEntry, LineProblem> {
 }
 
 fn non_empty<'a>(field: &'a [u8], name: &'static str) -> Result<&'a [u8], LineProblem> {
-    if field.is_empty() { Err(LineProblem::Empty(name)) } else { Ok(field) }
+    if field.is_empty() {
+        Err(LineProblem::Empty(name))
+    } else {
+        Ok(field)
+    }
 }
 
 /// A non-empty escaped path, kept byte for byte.
@@ -227,12 +228,8 @@ pub fn find_mount<'a>(entries: &'a [MountEntry], mount_point: &Path) -> Option<&
 /// its path until the covering mount is gone; callers that may meet that case
 /// must check what `umount` actually removed.
 pub fn mounts_beneath<'a>(entries: &'a [MountEntry], path: &Path) -> Vec<&'a MountEntry> {
-    let mut found: Vec<(usize, usize, &MountEntry)> = entries
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| e.mount_point.starts_with(path))
-        .map(|(index, e)| (depth(&e.mount_point), index, e))
-        .collect();
+    let mut found: Vec<(usize, usize, &MountEntry)> =
+        entries.iter().enumerate().filter(|(_, e)| e.mount_point.starts_with(path)).map(|(index, e)| (depth(&e.mount_point), index, e)).collect();
     found.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
     found.into_iter().map(|(_, _, e)| e).collect()
 }

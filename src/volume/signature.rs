@@ -35,7 +35,9 @@ pub enum Signature {
     LvmPhysicalVolume,
     MdRaid,
     /// No known signature, but non-zero bytes at this offset.
-    Data { offset: u64 },
+    Data {
+        offset: u64,
+    },
     /// `blkid -p` found something our own probe did not (its export lines, e.g. "TYPE=zfs_member").
     Blkid(String),
 }
@@ -165,9 +167,17 @@ fn magic_signature(head: &[u8]) -> Option<Signature> {
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum ProbeError {
     /// cannot read {device} to check it is blank: {source}
-    Read { device: PathBuf, #[source] source: std::io::Error },
+    Read {
+        device: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// cannot run /usr/sbin/blkid on {device}: {source}
-    BlkidSpawn { device: PathBuf, #[source] source: std::io::Error },
+    BlkidSpawn {
+        device: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// blkid -p {device} failed ({status}): {stderr}
     BlkidFailed { device: PathBuf, status: String, stderr: String },
 }
@@ -210,10 +220,7 @@ fn parse_blkid_probe(code: Option<i32>, stdout: &str) -> Result<Option<Signature
     match code {
         Some(2) => Ok(None),
         Some(0) => {
-            let found: Vec<&str> = stdout
-                .lines()
-                .filter(|l| l.starts_with("TYPE=") || l.starts_with("PTTYPE=") || l.starts_with("USAGE="))
-                .collect();
+            let found: Vec<&str> = stdout.lines().filter(|l| l.starts_with("TYPE=") || l.starts_with("PTTYPE=") || l.starts_with("USAGE=")).collect();
             Ok(Some(Signature::Blkid(if found.is_empty() { "a signature".into() } else { found.join(" ") })))
         }
         Some(8) => Ok(Some(Signature::Blkid("several signatures (ambivalent probe)".into()))),

@@ -12,7 +12,11 @@ use std::time::Duration;
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum ToolError {
     /// cannot run {command}: {source}
-    Spawn { command: String, #[source] source: std::io::Error },
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// {command} failed ({status}): {stderr}
     Failed { command: String, status: String, stderr: String },
     /// {command} did not finish within {waited:?} and was killed
@@ -21,11 +25,7 @@ pub enum ToolError {
 
 /// The command line as errors quote it.
 pub fn describe<S: AsRef<OsStr>>(program: &Path, args: &[S]) -> String {
-    std::iter::once(program.as_os_str())
-        .chain(args.iter().map(AsRef::as_ref))
-        .map(|a| a.to_string_lossy())
-        .collect::<Vec<_>>()
-        .join(" ")
+    std::iter::once(program.as_os_str()).chain(args.iter().map(AsRef::as_ref)).map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
 }
 
 /// Runs `program` with `args`; Ok only on exit status 0.

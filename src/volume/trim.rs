@@ -15,13 +15,25 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum TrimError {
     /// cannot open {mount_point} to trim it: {source}
-    Open { mount_point: PathBuf, #[source] source: std::io::Error },
+    Open {
+        mount_point: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// the filesystem at {mount_point} or its device does not support discard (FITRIM)
     NotSupported { mount_point: PathBuf },
     /// FITRIM on {mount_point} failed: {source}
-    Trim { mount_point: PathBuf, #[source] source: nix::Error },
+    Trim {
+        mount_point: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
     /// the FITRIM task for {mount_point} did not finish: {source}
-    Task { mount_point: PathBuf, #[source] source: tokio::task::JoinError },
+    Task {
+        mount_point: PathBuf,
+        #[source]
+        source: tokio::task::JoinError,
+    },
 }
 
 /// Trims every unused block of the filesystem mounted at `mount_point`, as
@@ -33,9 +45,7 @@ pub async fn fstrim(mount_point: &Path) -> Result<u64, TrimError> {
     let path = mount_point.to_path_buf();
     // A whole-volume FITRIM walks every free extent and waits for the device:
     // seconds on a large disk, so off the async threads.
-    tokio::task::spawn_blocking(move || trim_blocking(&path))
-        .await
-        .map_err(|source| TrimError::Task { mount_point: mount_point.into(), source })?
+    tokio::task::spawn_blocking(move || trim_blocking(&path)).await.map_err(|source| TrimError::Task { mount_point: mount_point.into(), source })?
 }
 
 fn trim_blocking(mount_point: &Path) -> Result<u64, TrimError> {
@@ -52,9 +62,7 @@ fn trim_blocking(mount_point: &Path) -> Result<u64, TrimError> {
         // EOPNOTSUPP: the filesystem knows FITRIM but the device cannot discard.
         // ENOTTY: the filesystem has no FITRIM at all (tmpfs, overlay). Both
         // mean there is nothing to trim, which is not a failure of the volume.
-        Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOTTY) => {
-            Err(TrimError::NotSupported { mount_point: mount_point.into() })
-        }
+        Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOTTY) => Err(TrimError::NotSupported { mount_point: mount_point.into() }),
         Err(source) => Err(TrimError::Trim { mount_point: mount_point.into(), source }),
     }
 }

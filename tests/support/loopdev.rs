@@ -66,8 +66,7 @@ impl LoopDevice {
         // From here on drop owns the device; a failed check below panics and
         // drop then detaches it (or leaves it alone if it is not ours).
         let lo = LoopDevice { path, backing, _dir: dir };
-        let is_loop = lo.path.parent() == Some(Path::new("/dev"))
-            && lo.path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("loop"));
+        let is_loop = lo.path.parent() == Some(Path::new("/dev")) && lo.path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("loop"));
         assert!(is_loop, "losetup printed {:?}", lo.path);
         assert!(lo.is_ours(), "{} is not backed by {} right after losetup", lo.path.display(), lo.backing.display());
         lo
@@ -138,11 +137,7 @@ impl LoopDevice {
 impl Drop for LoopDevice {
     fn drop(&mut self) {
         if !self.is_ours() {
-            eprintln!(
-                "loopdev: {} is no longer attached to {}; leaving it and its mounts alone",
-                self.path.display(),
-                self.backing.display()
-            );
+            eprintln!("loopdev: {} is no longer attached to {}; leaving it and its mounts alone", self.path.display(), self.backing.display());
             return;
         }
         match self.device_number() {
@@ -172,12 +167,7 @@ impl LoopDevice {
             }
             std::thread::sleep(DETACH_POLL);
         }
-        eprintln!(
-            "loopdev: {} is still attached to {} {:?} after losetup -d",
-            self.path.display(),
-            self.backing.display(),
-            DETACH_POLL * DETACH_POLLS
-        );
+        eprintln!("loopdev: {} is still attached to {} {:?} after losetup -d", self.path.display(), self.backing.display(), DETACH_POLL * DETACH_POLLS);
     }
 }
 

@@ -27,10 +27,8 @@ pub struct ImdsDouble {
 }
 
 async fn token(State(log): State<Arc<Mutex<ImdsLog>>>, headers: HeaderMap) -> (StatusCode, String) {
-    let ttl_ok = headers
-        .get("x-aws-ec2-metadata-token-ttl-seconds")
-        .and_then(|v| v.to_str().ok()?.parse::<u32>().ok())
-        .is_some_and(|ttl| (1..=21600).contains(&ttl));
+    let ttl_ok =
+        headers.get("x-aws-ec2-metadata-token-ttl-seconds").and_then(|v| v.to_str().ok()?.parse::<u32>().ok()).is_some_and(|ttl| (1..=21600).contains(&ttl));
     let status = if ttl_ok { StatusCode::OK } else { StatusCode::BAD_REQUEST };
     log.lock().unwrap().requests.push(format!("PUT /latest/api/token {}", status.as_u16()));
     (status, if ttl_ok { IMDS_SESSION.into() } else { String::new() })
@@ -45,21 +43,22 @@ fn authorized(log: &Mutex<ImdsLog>, headers: &HeaderMap, path: &str, body: &str)
 
 pub async fn imds() -> ImdsDouble {
     let log = Arc::new(Mutex::new(ImdsLog::default()));
-    let app = Router::new()
-        .route("/latest/api/token", put(token))
-        .route(
-            "/latest/dynamic/instance-identity/document",
-            get(|State(log): State<Arc<Mutex<ImdsLog>>>, h: HeaderMap| async move {
-                authorized(&log, &h, "/latest/dynamic/instance-identity/document", IMDS_DOCUMENT)
-            }),
-        )
-        .route(
-            "/latest/dynamic/instance-identity/pkcs7",
-            get(|State(log): State<Arc<Mutex<ImdsLog>>>, h: HeaderMap| async move {
-                authorized(&log, &h, "/latest/dynamic/instance-identity/pkcs7", IMDS_PKCS7)
-            }),
-        )
-        .with_state(log.clone());
+    let app =
+        Router::new()
+            .route("/latest/api/token", put(token))
+            .route(
+                "/latest/dynamic/instance-identity/document",
+                get(|State(log): State<Arc<Mutex<ImdsLog>>>, h: HeaderMap| async move {
+                    authorized(&log, &h, "/latest/dynamic/instance-identity/document", IMDS_DOCUMENT)
+                }),
+            )
+            .route(
+                "/latest/dynamic/instance-identity/pkcs7",
+                get(|State(log): State<Arc<Mutex<ImdsLog>>>, h: HeaderMap| async move {
+                    authorized(&log, &h, "/latest/dynamic/instance-identity/pkcs7", IMDS_PKCS7)
+                }),
+            )
+            .with_state(log.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

@@ -250,11 +250,7 @@ pub struct AgentBuilder {
 /// An agent run with this config; the config's directory is the test's own,
 /// and whatever the agent mounted or attached under it is undone on drop.
 pub fn agent(config: &Path) -> AgentBuilder {
-    AgentBuilder {
-        args: vec!["run".into(), "--config".into(), config.display().to_string()],
-        env: vec![],
-        test_dir: config.parent().map(Path::to_path_buf),
-    }
+    AgentBuilder { args: vec!["run".into(), "--config".into(), config.display().to_string()], env: vec![], test_dir: config.parent().map(Path::to_path_buf) }
 }
 
 impl AgentBuilder {
@@ -389,12 +385,8 @@ impl Drop for AgentProcess {
 pub fn cleanup_volumes_under(dir: &Path) {
     let Ok(dir) = dir.canonicalize() else { return };
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(&dir))
-        .collect();
+    let mut points: Vec<PathBuf> =
+        mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(p.replace("\\040", " "))).filter(|p| p.starts_with(&dir)).collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     for point in points {
         let out = Command::new("umount").arg(&point).output();

@@ -227,10 +227,7 @@ impl GuestImage {
         run("unpack the rootfs", Command::new("tar").args(["--numeric-owner", "-I", "zstd", "-xpf"]).arg(&tarball).arg("-C").arg(&root));
         // Test-only guest files (network, hosts, the end-state reporter) first:
         // the token and CA the config names must exist when provision.sh runs.
-        run(
-            "copy the test overlay",
-            Command::new("cp").args(["-a", "--no-preserve=ownership"]).arg(repo().join("tests/vm/overlay/.")).arg(&root),
-        );
+        run("copy the test overlay", Command::new("cp").args(["-a", "--no-preserve=ownership"]).arg(repo().join("tests/vm/overlay/.")).arg(&root));
         let etc_agent = root.join("etc/machine-agent");
         std::fs::create_dir_all(&etc_agent).unwrap();
         super::write_private(&etc_agent.join("bootstrap-token"), BOOTSTRAP_TOKEN);
@@ -267,11 +264,7 @@ impl GuestImage {
         let mkfs_started = Instant::now();
         run(
             "mkfs.ext4 -d (root image)",
-            Command::new("mkfs.ext4")
-                .args(["-q", "-L", "ma-vm-root", "-d"])
-                .arg(&root)
-                .arg(&root_img)
-                .arg(format!("{}k", ROOT_IMAGE_BYTES >> 10)),
+            Command::new("mkfs.ext4").args(["-q", "-L", "ma-vm-root", "-d"]).arg(&root).arg(&root_img).arg(format!("{}k", ROOT_IMAGE_BYTES >> 10)),
         );
         let mkfs_took = mkfs_started.elapsed();
         // The ~1 GiB tree is not needed any more. Removing it takes half a
@@ -311,8 +304,7 @@ fn stage_dir(work: &Path, config: &str) -> PathBuf {
     std::fs::write(stage.join("config.toml"), config).unwrap();
     std::fs::copy(super::BUILDKITD, stage.join("bin/buildkitd")).unwrap();
     std::fs::copy(super::BUILDCTL, stage.join("bin/buildctl")).unwrap();
-    let runc =
-        first_existing("runc (scripts/install-buildkit.sh installs it)", &["/usr/sbin/runc", "/usr/bin/runc", "/usr/local/sbin/runc"]);
+    let runc = first_existing("runc (scripts/install-buildkit.sh installs it)", &["/usr/sbin/runc", "/usr/bin/runc", "/usr/local/sbin/runc"]);
     std::fs::copy(runc, stage.join("bin/runc")).unwrap();
     stage
 }
@@ -373,37 +365,26 @@ impl Vm {
         let netdev =
             format!("user,id=n0,hostfwd=tcp:127.0.0.1:{endpoints_port}-:{GUEST_ENDPOINTS_PORT},hostfwd=tcp:127.0.0.1:{buildkit_port}-:{GUEST_BUILDKIT_PORT}");
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args([
-            "-name",
-            "machine-agent-vm-test",
-            "-nodefaults",
-            "-no-reboot",
-            "-display",
-            "none",
-            "-monitor",
-            "none",
-            "-serial",
-            "stdio",
-        ])
-        .args(["-accel", accel_arg, "-cpu", cpu, "-smp", &GUEST_CPUS.to_string(), "-m", &GUEST_MEMORY_MIB.to_string()])
-        .arg("-kernel")
-        .arg(&image.kernel)
-        .arg("-initrd")
-        .arg(&image.initrd)
-        .args(["-append", append])
-        // The root disk is a throwaway: ignoring the guest's flushes is
-        // safe and faster. The cache disk keeps the default, so what the
-        // guest flushed is what fsck reads after qemu exits.
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio,cache=unsafe", image.root_img.display()))
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", image.cache_img.display()))
-        .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
-        // Entropy for the guest's TLS from the start of boot.
-        .args(["-device", "virtio-rng-pci"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.args(["-name", "machine-agent-vm-test", "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none", "-serial", "stdio"])
+            .args(["-accel", accel_arg, "-cpu", cpu, "-smp", &GUEST_CPUS.to_string(), "-m", &GUEST_MEMORY_MIB.to_string()])
+            .arg("-kernel")
+            .arg(&image.kernel)
+            .arg("-initrd")
+            .arg(&image.initrd)
+            .args(["-append", append])
+            // The root disk is a throwaway: ignoring the guest's flushes is
+            // safe and faster. The cache disk keeps the default, so what the
+            // guest flushed is what fsck reads after qemu exits.
+            .arg("-drive")
+            .arg(format!("file={},format=raw,if=virtio,cache=unsafe", image.root_img.display()))
+            .arg("-drive")
+            .arg(format!("file={},format=raw,if=virtio", image.cache_img.display()))
+            .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
+            // Entropy for the guest's TLS from the start of boot.
+            .args(["-device", "virtio-rng-pci"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         eprintln!("vm: {cmd:?}");
         let mut child = cmd.spawn().expect("spawn qemu-system-x86_64");
         let console = Arc::new(Mutex::new(String::new()));
@@ -454,10 +435,7 @@ impl Vm {
     /// Fails the test in `phase`: the reason, the guest console's tail and where the whole log is.
     pub fn fail(&self, phase: &str, reason: &str) -> ! {
         let kept = keep_console(&self.console_file);
-        panic!(
-            "VM boot test failed in phase {phase:?}: {reason}\n--- guest console, last 80 lines ({kept}):\n{}\n---",
-            self.console_tail(80)
-        );
+        panic!("VM boot test failed in phase {phase:?}: {reason}\n--- guest console, last 80 lines ({kept}):\n{}\n---", self.console_tail(80));
     }
 
     /// Keeps the whole console log past the test (the temporary directory goes); returns where.
