@@ -283,16 +283,18 @@ async fn records_unused_for_longer_than_retention_are_pruned_with_plenty_of_free
 
     let rec = cp
         .wait_for("a usage report with the run that pruned by retention", |r| {
-            r.usage.iter().flat_map(|u| &u.gc_runs).any(|g| g.freed_records > 0 && freed_for(&g.summary, "retention") > 0)
+            r.usage.iter().flat_map(|u| &u.gc_runs).any(|g| g.freed_records > 0 && g.freed_by_reason.as_ref().is_some_and(|c| c.retention > 0))
         })
         .await;
     let run = rec.usage.iter().flat_map(|u| &u.gc_runs).find(|g| g.freed_records > 0).unwrap();
     assert_eq!((run.trigger.as_str(), run.outcome.as_str()), ("interval", "ok"), "{run:?}");
-    assert!(freed_for(&run.summary, "retention") >= old.len() as u64, "{run:?}");
-    assert_eq!(run.freed_records, freed_for(&run.summary, "retention"), "every record went for retention: {run:?}");
+    let reasons = run.freed_by_reason.clone().unwrap();
+    assert!(reasons.retention >= old.len() as u64, "{run:?}");
+    assert_eq!(run.freed_records, reasons.retention, "every record went for retention: {run:?}");
+    assert_eq!(reasons.retention, freed_for(&run.summary, "retention"), "the summary line says the same: {run:?}");
     let (_, total) = free_bytes(&w.cache());
     assert!(run.free_bytes_before > total / 2, "free space far above the 10 % watermark: {run:?}");
-    assert!(["keep-bytes", "free-bytes", "free-inodes"].iter().all(|r| freed_for(&run.summary, r) == 0), "{run:?}");
+    assert_eq!((reasons.keep_bytes, reasons.free_bytes, reasons.free_inodes), (0, 0, 0), "{run:?}");
 
     let (_, scrape) = http_get(&base, "/metrics").await;
     assert!(metric_value(&scrape, "machine_agent_gc_runs_total{outcome=\"ok\",trigger=\"interval\"}").unwrap() >= 1.0, "{scrape}");

@@ -145,6 +145,19 @@ pub fn to_proto(report: &GcReport, outcome: &str) -> crate::proto::v1::GcRunRepo
         free_bytes_after: report.free_bytes_after,
         error: report.error.clone().unwrap_or_default(),
         summary: report.summary(),
+        freed_by_reason: Some(crate::proto::v1::GcReasonCounts {
+            retention: report.reasons.retention,
+            keep_bytes: report.reasons.keep_bytes,
+            free_bytes: report.reasons.free_bytes,
+            free_inodes: report.reasons.free_inodes,
+        }),
+        free_inodes_before: report.free_inodes_before,
+        free_inodes_after: report.free_inodes_after,
+        shortfall: report.shortfall.as_ref().map(|s| crate::proto::v1::GcShortfall {
+            keep_bytes: s.keep_bytes,
+            free_bytes: s.free_bytes,
+            free_inodes: s.free_inodes,
+        }),
     }
 }
 
