@@ -288,7 +288,7 @@ async fn records_unused_for_longer_than_retention_are_pruned_with_plenty_of_free
         .await;
     let run = rec.usage.iter().flat_map(|u| &u.gc_runs).find(|g| g.freed_records > 0).unwrap();
     assert_eq!((run.trigger.as_str(), run.outcome.as_str()), ("interval", "ok"), "{run:?}");
-    let reasons = run.freed_by_reason.clone().unwrap();
+    let reasons = run.freed_by_reason.unwrap();
     assert!(reasons.retention >= old.len() as u64, "{run:?}");
     assert_eq!(run.freed_records, reasons.retention, "every record went for retention: {run:?}");
     assert_eq!(reasons.retention, freed_for(&run.summary, "retention"), "the summary line says the same: {run:?}");
