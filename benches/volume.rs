@@ -32,6 +32,7 @@ fn main() {
         unmount_timeout: Duration::from_secs(10),
         kill_holders: false,
         ephemeral_dir: None,
+        ext4_bytes_per_inode: None,
         system_paths: default_system_paths(),
     };
     println!("prepare a blank {gib} GiB sparse loop device, median of {runs} runs");
@@ -63,7 +64,7 @@ fn main() {
 
             // The same mkfs and mount by hand.
             let lo = LoopDevice::new(gib << 30);
-            let line = mkfs_command(fs, &lo.path);
+            let line = mkfs_command(fs, &lo.path, None);
             let at = dir.path().canonicalize().unwrap().join("by-hand");
             std::fs::create_dir_all(&at).unwrap();
             let started = std::time::Instant::now();

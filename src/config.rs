@@ -156,6 +156,7 @@ struct RawVolume {
     #[serde(default)]
     kill_holders: bool,
     ephemeral_dir: Option<PathBuf>,
+    ext4_bytes_per_inode: Option<u64>,
 }
 
 impl Default for RawVolume {
@@ -166,6 +167,7 @@ impl Default for RawVolume {
             unmount_timeout_secs: default_unmount_timeout_secs(),
             kill_holders: false,
             ephemeral_dir: None,
+            ext4_bytes_per_inode: None,
         }
     }
 }
@@ -619,6 +621,12 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
             bad("volume.ephemeral_dir", problem);
         }
     }
+    if let Some(ratio) = v.ext4_bytes_per_inode {
+        // mkfs.ext4's own bounds; a power of two keeps it a whole number of blocks per inode.
+        if !(1024..=67_108_864).contains(&ratio) || !ratio.is_power_of_two() {
+            bad("volume.ext4_bytes_per_inode", format!("{ratio} is not a power of two from 1024 to 67108864"));
+        }
+    }
 
     let a = &raw.agent;
     check_range(&mut bad, "agent.drain_timeout_secs", a.drain_timeout_secs, 1, 3600);
@@ -689,6 +697,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
             unmount_timeout: Duration::from_secs(raw.volume.unmount_timeout_secs),
             kill_holders: raw.volume.kill_holders,
             ephemeral_dir: raw.volume.ephemeral_dir.clone(),
+            ext4_bytes_per_inode: raw.volume.ext4_bytes_per_inode,
             system_paths: crate::volume::manager::default_system_paths(),
         },
         allowed_mount_prefixes: raw.volume.allowed_mount_prefixes,
@@ -905,8 +914,10 @@ mod tests {
             listen = "nowhere"
             [volume]
             allowed_mount_prefixes = ["relative", "/a/../b", "/"]
+            ext4_bytes_per_inode = 3000
             [agent]
             drain_timeout_secs = 0
+            sample_interval_ms = 10
         "#;
         let err = Config::parse(text, &env(&[])).unwrap_err();
         let fields: Vec<_> = err.problems().iter().map(|p| p.field.as_str()).collect();
@@ -918,7 +929,9 @@ mod tests {
             "volume.allowed_mount_prefixes[0]",
             "volume.allowed_mount_prefixes[1]",
             "volume.allowed_mount_prefixes[2]",
+            "volume.ext4_bytes_per_inode",
             "agent.drain_timeout_secs",
+            "agent.sample_interval_ms",
         ] {
             assert!(fields.contains(&expected), "{expected} missing from {fields:?}");
         }

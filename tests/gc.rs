@@ -13,7 +13,7 @@ use machine_agent::engine::client::{CacheRecord, EngineClient};
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
-use support::engine::{build_context, buildctl_build, preformat_ext4, readyz, small_files_context, unix_addr, wait_ready, World};
+use support::engine::{build_context, buildctl_build, readyz, small_files_context, unix_addr, wait_ready, World};
 use support::{agent, engine_socket, eventually, http_get, metric_value};
 
 async fn records(socket: &Path) -> Vec<CacheRecord> {
@@ -392,11 +392,12 @@ async fn a_running_builds_records_survive_a_full_disk_gc_and_the_build_succeeds(
 #[tokio::test]
 async fn an_ext4_with_few_inodes_is_collected_by_the_inode_watermark_alone() {
     let w = World::new();
-    // 16384 inodes on 2 GiB (the default would be 131072): three builds of
-    // 3000 files exhaust them long before the bytes.
-    preformat_ext4(&w.root.join("cache.img"), 2 << 30, 16384);
+    // One inode per 128 KiB: 16384 on 2 GiB (mkfs's default would give
+    // 131072), made by the agent's own mkfs. Builds of 3000 files exhaust
+    // them long before the bytes.
     let agent = agent(&w.config)
         .standalone(&w.task)
+        .env("MACHINE_AGENT__VOLUME__EXT4_BYTES_PER_INODE", "131072")
         .env("MACHINE_AGENT__GC__MIN_AGE_SECS", "0")
         .env("MACHINE_AGENT__GC__INTERVAL_SECS", "3600")
         .env("MACHINE_AGENT__GC__PRESSURE_CHECK_SECS", "1")
@@ -406,7 +407,7 @@ async fn an_ext4_with_few_inodes_is_collected_by_the_inode_watermark_alone() {
     agent.wait_for_log("gc run trigger=startup").await;
     let cache = w.cache();
     let (_, total_inodes) = free_inodes(&cache);
-    assert!((16384..20000).contains(&total_inodes), "mkfs -N gave {total_inodes} inodes");
+    assert!((16384..20000).contains(&total_inodes), "mkfs.ext4 -i 131072 gave {total_inodes} inodes");
 
     let files = 3000;
     let socket = engine_socket(&w.root);

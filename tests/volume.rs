@@ -121,7 +121,7 @@ async fn partition_tables_luks_swap_and_unknown_data_are_refused() {
 
 /// Runs a planned mkfs the way the volume manager will: stdin closed, so a tool that asks cannot be answered.
 fn run_mkfs(fs: FsType, device: &std::path::Path) -> std::process::Output {
-    let line = machine_agent::volume::format::mkfs_command(fs, device);
+    let line = machine_agent::volume::format::mkfs_command(fs, device, None);
     Command::new(&line.program).args(&line.args).stdin(Stdio::null()).output().unwrap()
 }
 

@@ -22,6 +22,7 @@ fn settings() -> VolumeSettings {
         unmount_timeout: Duration::from_secs(3),
         kill_holders: false,
         ephemeral_dir: None,
+        ext4_bytes_per_inode: None,
         system_paths: machine_agent::volume::manager::default_system_paths(),
     }
 }

@@ -20,8 +20,10 @@ pub struct CommandLine {
     pub args: Vec<OsString>,
 }
 
-/// The mkfs invocation for a blank device.
-pub fn mkfs_command(fs: FsType, device: &Path) -> CommandLine {
+/// The mkfs invocation for a blank device. `ext4_bytes_per_inode` (mkfs.ext4
+/// `-i`) sets how many inodes an ext4 gets; None keeps mkfs's default (one per
+/// 16 KiB). xfs and btrfs allocate inodes dynamically and ignore it.
+pub fn mkfs_command(fs: FsType, device: &Path, ext4_bytes_per_inode: Option<u64>) -> CommandLine {
     let (program, args): (&str, &[&str]) = match fs {
         // -m 0: no blocks reserved for root, the cache is the only user.
         // Lazy inode table and journal init: a 100 GiB volume is usable in
@@ -34,6 +36,9 @@ pub fn mkfs_command(fs: FsType, device: &Path) -> CommandLine {
         FsType::Btrfs => ("/usr/sbin/mkfs.btrfs", &["-q", "-K"]),
     };
     let mut args: Vec<OsString> = args.iter().map(OsString::from).collect();
+    if let (FsType::Ext4, Some(ratio)) = (fs, ext4_bytes_per_inode) {
+        args.extend(["-i".into(), ratio.to_string().into()]);
+    }
     args.push(device.as_os_str().to_owned());
     CommandLine { program: program.into(), args }
 }
@@ -70,15 +75,25 @@ mod tests {
     #[test]
     fn mkfs_lines_never_force_and_end_with_the_device() {
         for fs in [FsType::Ext4, FsType::Xfs, FsType::Btrfs] {
-            let c = mkfs_command(fs, Path::new("/dev/nvme1n1"));
+            let c = mkfs_command(fs, Path::new("/dev/nvme1n1"), Some(4096));
             assert!(c.program.is_absolute());
             assert!(c.program.ends_with(format!("mkfs.{}", fs.as_str())));
             let a = args(&c);
             assert_eq!(a.last().map(String::as_str), Some("/dev/nvme1n1"));
             assert!(!a.iter().any(|x| x == "-F" || x == "-f" || x == "--force"), "{fs:?}: {a:?}");
         }
-        assert_eq!(args(&mkfs_command(FsType::Ext4, Path::new("/dev/x")))[1..5], ["-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]);
-        assert!(args(&mkfs_command(FsType::Xfs, Path::new("/dev/x"))).contains(&"reflink=0".to_string()));
+        assert_eq!(args(&mkfs_command(FsType::Ext4, Path::new("/dev/x"), None))[1..5], ["-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"]);
+        assert!(args(&mkfs_command(FsType::Xfs, Path::new("/dev/x"), None)).contains(&"reflink=0".to_string()));
+    }
+
+    #[test]
+    fn the_inode_ratio_reaches_mkfs_ext4_only() {
+        let ext4 = args(&mkfs_command(FsType::Ext4, Path::new("/dev/x"), Some(131_072)));
+        assert_eq!(ext4[ext4.len() - 3..], ["-i", "131072", "/dev/x"]);
+        assert!(!args(&mkfs_command(FsType::Ext4, Path::new("/dev/x"), None)).contains(&"-i".to_string()));
+        for fs in [FsType::Xfs, FsType::Btrfs] {
+            assert!(!args(&mkfs_command(fs, Path::new("/dev/x"), Some(131_072))).contains(&"-i".to_string()), "{fs:?}");
+        }
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub struct VolumeSettings {
     pub kill_holders: bool,
     /// If set, the engine's executor dir on the first mount is bound onto this disk.
     pub ephemeral_dir: Option<PathBuf>,
+    /// mkfs.ext4 `-i` for a blank device formatted ext4; None: mkfs's default.
+    pub ext4_bytes_per_inode: Option<u64>,
     /// Mount points whose devices (and the disks they sit on) are never
     /// touched: [`default_system_paths`] in production.
     pub system_paths: Vec<PathBuf>,
@@ -148,7 +150,7 @@ pub async fn prepare_mount(settings: &VolumeSettings, m: &VolumeMount, first: bo
             (fs_type, false)
         }
         None => {
-            let (fs_type, formatted) = format_if_blank(&device, m.fs_type).await?;
+            let (fs_type, formatted) = format_if_blank(&device, m.fs_type, settings.ext4_bytes_per_inode).await?;
             mount_device(&device, &m.mount_path, &fs_type, &m.options)?;
             (fs_type, formatted)
         }
@@ -227,7 +229,7 @@ fn is_device_entry(e: &MountEntry, device: &Path, rdev: u64) -> bool {
     same_number || std::fs::canonicalize(&e.source).is_ok_and(|s| s == device)
 }
 
-async fn format_if_blank(device: &Path, requested: FsType) -> Result<(String, bool), VolumeError> {
+async fn format_if_blank(device: &Path, requested: FsType, ext4_bytes_per_inode: Option<u64>) -> Result<(String, bool), VolumeError> {
     let found = read_device_signature(device).await?;
     match plan_prepare(found.as_ref(), requested) {
         PrepareAction::Refuse(why) => Err(VolumeError::Refused { device: device.into(), why }),
@@ -238,7 +240,7 @@ async fn format_if_blank(device: &Path, requested: FsType) -> Result<(String, bo
             Ok((fs_type.to_string(), false))
         }
         PrepareAction::Format(fs) => {
-            let line = mkfs_command(fs, device);
+            let line = mkfs_command(fs, device, ext4_bytes_per_inode);
             info!(device = %device.display(), fs = fs.as_str(), "formatting blank device");
             run_tool(&line.program, &line.args, MKFS_TIMEOUT).await?;
             Ok((fs.as_str().to_string(), true))

@@ -158,22 +158,6 @@ pub async fn readyz(base: &str) -> (u16, serde_json::Value) {
     (code, serde_json::from_str(&body).unwrap())
 }
 
-/// Makes `image` an ext4 filesystem of `size_bytes` with about `inodes`
-/// inodes (mkfs rounds up to whole groups), as an operator's image would
-/// bring it: the agent mounts an existing filesystem as it is, so a task
-/// naming this file gets a volume that runs out of inodes long before bytes.
-pub fn preformat_ext4(image: &Path, size_bytes: u64, inodes: u64) {
-    let file = std::fs::File::create(image).unwrap();
-    file.set_len(size_bytes).unwrap();
-    drop(file);
-    let out = Command::new("/usr/sbin/mkfs.ext4")
-        .args(["-q", "-F", "-m", "0", "-N", &inodes.to_string(), "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"])
-        .arg(image)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "mkfs.ext4 -N {inodes} {}: {}", image.display(), String::from_utf8_lossy(&out.stderr));
-}
-
 /// A build context whose Dockerfile copies `files` small files (one block
 /// each) into a scratch image and runs `script` with busybox: a build that
 /// costs the cache many inodes and few bytes. The files' contents name the
