@@ -9,6 +9,9 @@ use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, 
 pub struct Metrics {
     registry: Registry,
     state: IntGaugeVec,
+    /// Held while the nine state series change and while a scrape gathers,
+    /// so no scrape sees zero or two states at 1.
+    state_change: std::sync::Arc<std::sync::Mutex<()>>,
     pub control_plane_connected: IntGauge,
     pub control_plane_reconnects: IntCounter,
     pub control_plane_errors: IntCounterVec,
@@ -58,6 +61,7 @@ impl Metrics {
         }
         Self {
             state,
+            state_change: std::sync::Arc::default(),
             control_plane_connected: register(
                 &registry,
                 IntGauge::new("control_plane_connected", "1 while the task stream to the control plane is open.").expect("valid"),
@@ -184,6 +188,7 @@ impl Metrics {
     }
 
     pub fn set_state(&self, current: State) {
+        let _changing = self.state_change.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for s in State::ALL {
             self.state.with_label_values(&[s.as_str()]).set(i64::from(s == current));
         }
@@ -194,7 +199,11 @@ impl Metrics {
         let mut buf = vec![];
         // Encoding into a Vec only fails on a metric family that violates the
         // format, which our registry cannot hold; an empty scrape is the fallback.
-        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+        let families = {
+            let _stable = self.state_change.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.registry.gather()
+        };
+        if let Err(error) = TextEncoder::new().encode(&families, &mut buf) {
             tracing::error!(%error, "cannot encode metrics");
         }
         String::from_utf8(buf).unwrap_or_default()
@@ -308,6 +317,25 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scrape_never_sees_zero_or_two_states() {
+        let m = Metrics::new();
+        let flipper = {
+            let m = m.clone();
+            std::thread::spawn(move || {
+                for i in 0..2000 {
+                    m.set_state(if i % 2 == 0 { State::Ready } else { State::Degraded });
+                }
+            })
+        };
+        for _ in 0..300 {
+            let text = m.render();
+            let on = text.lines().filter(|l| l.starts_with("machine_agent_state{") && l.ends_with(" 1")).count();
+            assert_eq!(on, 1, "{text}");
+        }
+        flipper.join().unwrap();
+    }
 
     #[test]
     fn exposes_every_metric_with_the_prefix() {
