@@ -310,8 +310,9 @@ impl Agent {
         match next(from, event) {
             Ok(to) => {
                 if to != from || self.status.borrow().reason != reason {
+                    // Published first: whoever reads the log line finds /readyz already saying so.
+                    self.publish_state(to, reason.clone());
                     info!(from = %from, to = %to, reason = %reason, "state changed");
-                    self.publish_state(to, reason);
                 }
             }
             Err(illegal) => warn!(%illegal, "ignored"),
