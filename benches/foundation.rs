@@ -12,19 +12,6 @@ use std::time::Duration;
 use support::control_plane::{buildkit_task, control_plane};
 use support::{agent, base_config, write_private};
 
-fn proc_status_kib(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
-}
-
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    // After the comm field: state is [0], utime is [11], stime is [12].
-    fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
 /// Bytes the process handed to write()/send() so far.
 fn written_bytes(pid: u32) -> u64 {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
@@ -61,21 +48,21 @@ fn main() {
 
         // /proc reports CPU time in USER_HZ ticks, which Linux fixes at 100 for user space.
         let ticks_per_sec = 100.0;
-        let cpu_start = cpu_ticks(agent.pid);
+        let cpu_start = support::cpu_ticks(agent.pid);
         let written_start = written_bytes(agent.pid);
         let reports_start = cp.recorded().health.len();
         let mut rss_samples = vec![];
         for _ in 0..secs {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            rss_samples.push(proc_status_kib(agent.pid, "VmRSS:"));
+            rss_samples.push(support::proc_status_kib(agent.pid, "VmRSS:"));
         }
-        let cpu_secs = (cpu_ticks(agent.pid) - cpu_start) as f64 / ticks_per_sec;
+        let cpu_secs = (support::cpu_ticks(agent.pid) - cpu_start) as f64 / ticks_per_sec;
         let written = written_bytes(agent.pid) - written_start;
         let rec = cp.recorded();
         let reports = rec.health.len() - reports_start;
         let sizes = &rec.health_sizes[reports_start..];
         let mean_message = sizes.iter().sum::<usize>() as f64 / sizes.len().max(1) as f64;
-        let peak_kib = proc_status_kib(agent.pid, "VmHWM:");
+        let peak_kib = support::proc_status_kib(agent.pid, "VmHWM:");
         let mut steady = rss_samples[rss_samples.len() / 2..].to_vec();
         steady.sort_unstable();
         let steady_kib = steady[steady.len() / 2];

@@ -268,19 +268,6 @@ fn bench_kmsg() {
 
 // === 2-4. the running agent ===
 
-fn proc_status_kib(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap_or(0)
-}
-
-/// utime + stime of a process, in clock ticks (USER_HZ, 100 a second on Linux).
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
-    // After the comm field: state is [0], utime is [11], stime is [12].
-    fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-}
-
 /// Nanoseconds on CPU summed over the process's live threads (schedstat):
 /// far finer than clock ticks, but a thread that exits takes its time with it.
 fn cpu_ns_threads(pid: u32) -> u64 {
@@ -303,13 +290,13 @@ struct CpuWindow {
 
 impl CpuWindow {
     fn start(pid: u32) -> Self {
-        Self { pid, ticks: cpu_ticks(pid), ns: cpu_ns_threads(pid), at: Instant::now() }
+        Self { pid, ticks: support::cpu_ticks(pid), ns: cpu_ns_threads(pid), at: Instant::now() }
     }
 
     /// (wall seconds, CPU ms from utime+stime, CPU ms from schedstat).
     fn end(&self) -> (f64, f64, f64) {
         let wall = self.at.elapsed().as_secs_f64();
-        let ticks_ms = cpu_ticks(self.pid).saturating_sub(self.ticks) as f64 * 10.0;
+        let ticks_ms = support::cpu_ticks(self.pid).saturating_sub(self.ticks) as f64 * 10.0;
         let sched_ms = cpu_ns_threads(self.pid).saturating_sub(self.ns) as f64 / 1e6;
         (wall, ticks_ms, sched_ms)
     }
@@ -407,8 +394,8 @@ async fn bench_agent(secs: u64, rate: u32) {
     let (_, scrape) = http_get(&base, "/metrics").await;
     assert_eq!(metric_value(&scrape, "machine_agent_state{state=\"ready\"}"), Some(1.0), "{scrape}");
     let pid = agent.pid;
-    let rss_start = (proc_status_kib(pid, "VmRSS:"), proc_status_kib(pid, "VmHWM:"));
-    let threads = proc_status_kib(pid, "Threads:");
+    let rss_start = (support::proc_status_kib(pid, "VmRSS:"), support::proc_status_kib(pid, "VmHWM:"));
+    let threads = support::proc_status_kib(pid, "Threads:");
 
     let health_before = cp.recorded().health.len();
     let idle = CpuWindow::start(pid);
@@ -425,7 +412,7 @@ async fn bench_agent(secs: u64, rate: u32) {
         let (wall, ticks_ms, sched_ms) = window.end();
         runs.push((path, load, wall, ticks_ms, sched_ms));
     }
-    let rss_end = (proc_status_kib(pid, "VmRSS:"), proc_status_kib(pid, "VmHWM:"));
+    let rss_end = (support::proc_status_kib(pid, "VmRSS:"), support::proc_status_kib(pid, "VmHWM:"));
     let (code, _) = http_get(&base, "/healthz").await;
     assert_eq!(code, 200, "the agent's loops after the load");
 

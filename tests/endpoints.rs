@@ -4,8 +4,6 @@
 
 mod support;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use support::{agent, base_config, http_get, metric_value, trace_init, write_task_file};
 
 /// A standalone agent whose base config is changed by `edit`; returns it with its endpoints URL.
@@ -44,26 +42,7 @@ async fn ready_agent_serves_healthz_readyz_and_promtool_clean_metrics() {
     for name in ["machine_agent_control_plane_connected", "machine_agent_control_plane_reconnects_total", "machine_agent_health_reports_sent_total"] {
         assert!(scrape.contains(&format!("# HELP {name} ")), "{name} has HELP");
     }
-    promtool_check(&scrape);
-}
-
-/// Runs `promtool check metrics` on a scrape; promtool comes from Debian's `prometheus` (.ci/run installs it).
-fn promtool_check(scrape: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool not found: install Debian's `prometheus` package (bash .ci/run does)");
-    child.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool check metrics found problems:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::promtool_check(&scrape);
 }
 
 #[tokio::test]

@@ -12,7 +12,6 @@
 
 mod support;
 
-use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 use support::control_plane::{buildkit_task, control_plane};
@@ -113,26 +112,6 @@ fn assert_clean(what: &str, r: &WrkReport, text: &str) {
     assert_eq!(r.non_2xx_3xx, 0, "wrk {what}: answers other than 2xx:\n{text}");
 }
 
-/// Runs `promtool check metrics` on a scrape: exit 0 and nothing said.
-fn promtool_check(scrape: &str) {
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool not found: install Debian's `prometheus` package (bash .ci/run does)");
-    child.stdin.take().unwrap().write_all(scrape.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool check metrics found problems ({}):\n{}{}\nscrape:\n{scrape}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn wrk_report_parsing() {
     let clean = "Running 10s test @ http://127.0.0.1:1/metrics\n  2 threads and 16 connections\n  Thread Stats   Avg      Stdev     Max   +/- Stdev\n    Latency   452.10us  300.00us   9.80ms   90.00%\n    Req/Sec    17.00k     1.00k   19.00k    70.00%\n  Latency Distribution\n     50%  400.00us\n     75%  500.00us\n     90%  700.00us\n     99%    1.50ms\n  338000 requests in 10.00s, 1.20GB read\nRequests/sec:  33800.00\nTransfer/sec:    123.00MB\n";
@@ -187,7 +166,7 @@ async fn a_ready_agent_with_a_real_engine_serves_a_promtool_clean_scrape_and_ten
     assert_eq!(metric_value(&scrape, "machine_agent_engine_restarts_total{reason=\"signal\"}"), Some(0.0), "{scrape}");
     let families = scrape.lines().filter(|l| l.starts_with("# TYPE ")).count();
     println!("scrape: {} bytes, {families} metric families, {} samples", scrape.len(), scrape.lines().filter(|l| !l.starts_with('#')).count());
-    promtool_check(&scrape);
+    support::promtool_check(&scrape);
 
     // (b) 10 s of wrk on /metrics, closed loop, 16 connections.
     let health_before = cp.recorded().health.len();
@@ -212,7 +191,7 @@ async fn a_ready_agent_with_a_real_engine_serves_a_promtool_clean_scrape_and_ten
     assert_eq!(code, 200, "{body}");
     let (_, after) = http_get(&base, "/metrics").await;
     assert_eq!(metric_value(&after, "machine_agent_engine_restarts_total{reason=\"unresponsive\"}"), Some(0.0), "{after}");
-    promtool_check(&after);
+    support::promtool_check(&after);
 }
 
 /// A scrape that lands while the sampler re-records the volume gauges still
