@@ -371,7 +371,7 @@ impl Agent {
     /// The OOM watcher runs from start to exit: a kill on this host is news
     /// whether or not an engine runs.
     fn start_oom_watch(&self, status: &watch::Receiver<Status>, liveness: &Liveness) {
-        let (kills_tx, mut kills_rx) = mpsc::channel(16);
+        let (kills_tx, kills_rx) = mpsc::channel(16);
         let name = self.config.engine.cgroup.as_deref().unwrap_or_default().trim_matches('/');
         let watch = OomWatch {
             kmsg_path: "/dev/kmsg".into(),
@@ -385,14 +385,7 @@ impl Agent {
             heartbeat: liveness.register("oom", MAX_SILENCE.max(OOM_RECONCILE_INTERVAL * 3)),
         };
         tokio::spawn(watch.run().instrument(tracing::info_span!("oom")));
-        let inputs = self.inputs.clone();
-        tokio::spawn(async move {
-            while let Some(kill) = kills_rx.recv().await {
-                if inputs.send(Input::Oom(kill)).await.is_err() {
-                    return;
-                }
-            }
-        });
+        forward(kills_rx, self.inputs.clone(), Input::Oom);
     }
 
     /// Samples the host and the engine's tree every `sample_interval`, and
@@ -574,7 +567,7 @@ impl Agent {
             interval_secs = interval.as_secs(),
             "gc loop started"
         );
-        let (reports_tx, mut reports_rx) = mpsc::channel(4);
+        let (reports_tx, reports_rx) = mpsc::channel(4);
         let run = crate::gc::executor::GcRun { fs_path: root, policy, batch: self.config.gc.batch, dry_run: false };
         // What `machine-agent gc --dry-run` plans with: exactly this loop's settings.
         let run_file = crate::engine::EngineFiles::under(&self.config.state_dir).gc_run;
@@ -590,14 +583,7 @@ impl Agent {
             metrics: self.metrics.clone(),
             reports: reports_tx,
         };
-        let inputs = self.inputs.clone();
-        tokio::spawn(async move {
-            while let Some(report) = reports_rx.recv().await {
-                if inputs.send(Input::GcRun(report)).await.is_err() {
-                    return;
-                }
-            }
-        });
+        forward(reports_rx, self.inputs.clone(), Input::GcRun);
         self.gc = Some(tokio::spawn(schedule.run_forever().instrument(tracing::info_span!("gc"))));
         pressure
     }
@@ -665,7 +651,7 @@ impl Agent {
 
     fn start_engine(&mut self, task: &BuildkitTask) {
         self.set_engine_state(EngineState::Starting);
-        let (events_tx, mut events_rx) = mpsc::channel(16);
+        let (events_tx, events_rx) = mpsc::channel(16);
         match crate::engine::start(&self.config.engine, &self.config.state_dir, task, events_tx) {
             Ok(started) => {
                 info!(
@@ -674,14 +660,7 @@ impl Agent {
                     memory_limit_bytes = ?started.cgroup.as_ref().map(|c| c.limit_bytes),
                     "engine supervisor started"
                 );
-                let inputs = self.inputs.clone();
-                tokio::spawn(async move {
-                    while let Some(event) = events_rx.recv().await {
-                        if inputs.send(Input::Engine(event)).await.is_err() {
-                            return;
-                        }
-                    }
-                });
+                forward(events_rx, self.inputs.clone(), Input::Engine);
                 self.engine = Some(started.supervisor);
                 self.engine_cgroup_watch.send_replace(started.cgroup.clone());
                 self.engine_cgroup = started.cgroup;
@@ -790,6 +769,17 @@ impl Agent {
             Err(AgentError::DrainIncomplete(errors.join("; ")))
         }
     }
+}
+
+/// Hands what a loop reports to the main loop, as an [`Input`], until either side closes.
+fn forward<T: Send + 'static>(mut from: mpsc::Receiver<T>, inputs: mpsc::Sender<Input>, wrap: fn(T) -> Input) {
+    tokio::spawn(async move {
+        while let Some(item) = from.recv().await {
+            if inputs.send(wrap(item)).await.is_err() {
+                return;
+            }
+        }
+    });
 }
 
 /// Whole milliseconds, saturating (a drain never lasts 584 million years).
