@@ -16,55 +16,19 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench fails loudly
 #![allow(clippy::disallowed_types)] // wall-clock timing is the point of a bench; no paused clock here
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-const BUILDKITD: &str = "/usr/local/bin/buildkitd";
-const BUILDCTL: &str = "/usr/local/bin/buildctl";
+use support::bare_engine::BareEngine;
+use support::BUILDCTL;
 /// Far above a healthy start; a run that hits it fails the bench.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The reference loop's period, as in `until buildctl debug workers; do sleep 0.25; done`.
 const BUILDCTL_PERIOD: Duration = Duration::from_millis(250);
-
-/// A buildkitd of the bench's own, killed and reaped on drop.
-struct Engine {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Engine {
-    fn start() -> (Self, Instant) {
-        let dir = tempfile::Builder::new().prefix("mab-").tempdir_in("/tmp").unwrap();
-        let socket = dir.path().join("s.sock");
-        let log = std::fs::File::create(dir.path().join("buildkitd.log")).unwrap();
-        let child = Command::new(BUILDKITD)
-            .arg("--root")
-            .arg(dir.path().join("root"))
-            .arg("--addr")
-            .arg(format!("unix://{}", socket.display()))
-            // Its own, so a concurrent buildkitd (another bench, a test) cannot
-            // collide with it on the default /run/buildkit/otel-grpc.sock.
-            .arg("--otel-socket-path")
-            .arg(dir.path().join("otel.sock"))
-            .args(["--oci-worker=true", "--containerd-worker=false"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BUILDKITD} (run scripts/install-buildkit.sh): {e}"));
-        (Self { child, socket, _dir: dir }, Instant::now())
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// When buildkitd accepts and when it serves gRPC, seen from a thread that
 /// connects without pause until a connect succeeds ("accepting"), then speaks
@@ -133,7 +97,8 @@ struct Samples {
 
 impl Samples {
     fn run(&mut self, rt: &tokio::runtime::Runtime, native_method: bool) {
-        let (engine, spawned) = Engine::start();
+        let engine = BareEngine::start(&[]);
+        let spawned = Instant::now();
         let accepting = detect_accepting(engine.socket.clone());
         let tries = if native_method { rt.block_on(native(&engine.socket)) } else { rt.block_on(buildctl_loop(&engine.socket)) };
         let ready = Instant::now();
