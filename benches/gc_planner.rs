@@ -15,7 +15,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench fails loudly
 #![allow(clippy::disallowed_types)] // wall-clock timing is the point of a bench; no paused clock here
 
-use machine_agent::gc::planner::{plan_prune, FsStats, Plan, Policy, Reason, Record, RecordType};
+use machine_agent::gc::planner::{plan_prune, Plan, Policy, Reason, Record, RecordType};
+use machine_agent::volume::stats::FsStats;
 use std::hint::black_box;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

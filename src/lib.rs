@@ -10,16 +10,22 @@
 pub mod agent;
 /// Exponential backoff with full jitter, shared by every retry loop.
 pub mod backoff;
+/// Wall-clock timestamps for reports.
+pub mod clock;
 /// The agent's TOML config, validated once at start.
 pub mod config;
 /// The control plane: registration, health stream, usage and shutdown reports.
 pub mod control;
+/// One-line descriptions of errors, gRPC statuses and process exits.
+pub mod describe;
 /// The build engine's process.
 pub mod engine;
 /// Atomic file writes.
 pub mod fsutil;
 /// Cache garbage collection: policy, planner, executor.
 pub mod gc;
+/// The lifecycle as data: states, events, legal transitions (pure).
+pub mod lifecycle;
 /// Metrics, loop liveness and the HTTP endpoints.
 pub mod observe;
 /// A string that never reaches a log.

@@ -10,8 +10,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly on the first surprise
 
 use machine_agent::engine::render::{self, CniPaths, DiskSpace, EngineLayout, GcBackstopRule};
-use machine_agent::engine::tls;
 use machine_agent::secret::Secret;
+use machine_agent::task::tls;
 use machine_agent::task::{BuildkitTask, FsType, GcOverrides, TlsMaterial, VolumeMount, VolumeSource};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -168,7 +168,7 @@ impl Engine {
             cgroup_parent: shape.cgroup_parent.then(|| format!("/mar-test-{}", unique())),
             cni,
         };
-        let rules = render::backstop_policy(&task);
+        let rules = machine_agent::gc::backstop::backstop_policy(&task);
         let config = dir.path().join("buildkitd.toml");
         std::fs::write(&config, render::render(&task, &layout, &rules).unwrap()).unwrap();
 

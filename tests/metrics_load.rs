@@ -200,14 +200,21 @@ async fn a_ready_agent_with_a_real_engine_serves_a_promtool_clean_scrape_and_ten
 #[test]
 fn a_scrape_during_a_sampler_tick_still_has_every_watched_mount() {
     use machine_agent::observe::metrics::Metrics;
-    use machine_agent::proto::v1::MountStats;
+    use machine_agent::observe::status::MountFigures;
+    use machine_agent::volume::stats::FsStats;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::Arc;
 
     let metrics = Metrics::new();
     let mounts = vec![
-        MountStats { path: "/var/lib/machine-agent/cache".into(), total_bytes: 1 << 30, free_bytes: 1 << 29, total_inodes: 65_536, free_inodes: 60_000 },
-        MountStats { path: "/var/lib/machine-agent".into(), total_bytes: 1 << 34, free_bytes: 1 << 33, total_inodes: 1 << 20, free_inodes: 1 << 19 },
+        MountFigures {
+            path: "/var/lib/machine-agent/cache".into(),
+            stats: FsStats { total_bytes: 1 << 30, free_bytes: 1 << 29, total_inodes: 65_536, free_inodes: 60_000 },
+        },
+        MountFigures {
+            path: "/var/lib/machine-agent".into(),
+            stats: FsStats { total_bytes: 1 << 34, free_bytes: 1 << 33, total_inodes: 1 << 20, free_inodes: 1 << 19 },
+        },
     ];
     metrics.record_mounts(&mounts);
     let stop = Arc::new(AtomicBool::new(false));
@@ -226,7 +233,7 @@ fn a_scrape_during_a_sampler_tick_still_has_every_watched_mount() {
         let scrape = metrics.render();
         for m in &mounts {
             for name in ["volume_size_bytes", "volume_free_bytes", "volume_inodes", "volume_free_inodes"] {
-                let series = format!("machine_agent_{name}{{mount=\"{}\"}}", m.path);
+                let series = format!("machine_agent_{name}{{mount=\"{}\"}}", m.path.display());
                 if metric_value(&scrape, &series).is_none() && incomplete.len() < 5 {
                     incomplete.push(series);
                 }

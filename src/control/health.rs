@@ -6,9 +6,11 @@
 //! reports that cannot be sent during an outage are dropped, never queued, so
 //! memory stays flat and the first report after a reconnect is current.
 
-use super::{describe_status, mount_stats, unix_time_ms, ControlPlane, Session};
-use crate::agent::{Input, Status};
+use super::{ControlEvent, ControlPlane, Session};
+use crate::clock::unix_time_ms;
+use crate::describe::describe_status;
 use crate::observe::liveness::Heartbeat;
+use crate::observe::status::Status;
 use crate::proto::v1 as pb;
 use rand::SeedableRng;
 use std::time::Duration;
@@ -25,7 +27,7 @@ pub struct HealthStream {
     pub control: ControlPlane,
     pub session: watch::Receiver<Option<Session>>,
     pub status: watch::Receiver<Status>,
-    pub inputs: mpsc::Sender<Input>,
+    pub events: mpsc::Sender<ControlEvent>,
     pub interval: Duration,
     pub heartbeat: Heartbeat,
     /// OOM kills (counted as in `Status::oom_entries`) sent on a stream that
@@ -54,13 +56,13 @@ impl HealthStream {
             match self.stream_once(&session, &mut ticker).await {
                 Some(true) => {
                     info!("control plane asked this machine to terminate");
-                    let _ = self.inputs.send(Input::ShouldTerminate).await;
+                    let _ = self.events.send(ControlEvent::ShouldTerminate).await;
                     return;
                 }
                 Some(false) => backoff.reset(),
                 None => {}
             }
-            if self.inputs.is_closed() {
+            if self.events.is_closed() {
                 return;
             }
             // Wait out the backoff, still ticking so /healthz sees this loop alive.
@@ -131,57 +133,22 @@ impl HealthStream {
     }
 }
 
-/// A report of the agent's status now, with fresh filesystem figures and the
-/// OOM kills after the first `oom_sent` the agent recorded.
+/// A report of the agent's status now: the filesystem figures of the last
+/// sampler tick, and the OOM kills after the first `oom_sent` the agent recorded.
 pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64) -> pb::HealthReport {
     pb::HealthReport {
-        oom_kills: status.oom_kills_after(oom_sent).map(crate::observe::oom_watch::OomKill::to_proto).collect(),
+        oom_kills: status.oom_kills_after(oom_sent).map(pb::OomKill::from).collect(),
         oom_kills_total: status.oom_kills_total,
-        host: status.resources.as_ref().map(|r| host_to_proto(&r.host)),
-        engine_resources: status.resources.as_ref().and_then(|r| r.engine.as_ref()).map(engine_to_proto),
+        host: status.resources.as_ref().map(|r| pb::HostResources::from(&r.host)),
+        engine_resources: status.resources.as_ref().and_then(|r| r.engine.as_ref()).map(pb::EngineResources::from),
         machine_id: machine_id.into(),
         unix_time_ms: unix_time_ms(),
-        agent_state: status.state.to_proto() as i32,
+        agent_state: pb::AgentState::from(status.state) as i32,
         state_reason: status.reason.clone(),
-        engine_state: status.engine.to_proto() as i32,
+        engine_state: pb::EngineState::from(status.engine) as i32,
         engine_restarts: status.engine_restarts,
         engine_last_exit: status.engine_last_exit.clone().unwrap_or_default(),
-        mounts: status
-            .watched_paths
-            .iter()
-            .filter_map(|path| match mount_stats(path) {
-                Ok(stats) => Some(stats),
-                Err(error) => {
-                    debug!(%error, "skipping a mount in the health report");
-                    None
-                }
-            })
-            .collect(),
+        mounts: status.mounts.iter().map(pb::MountStats::from).collect(),
         task_id: status.task_id.clone().unwrap_or_default(),
-    }
-}
-
-fn host_to_proto(h: &crate::observe::sampler::HostSample) -> pb::HostResources {
-    pb::HostResources {
-        cpu_utilisation: h.cpu_utilisation,
-        cpus: h.cpus,
-        load_1: h.load_1,
-        load_5: h.load_5,
-        load_15: h.load_15,
-        memory_total_bytes: h.memory_total_bytes,
-        memory_available_bytes: h.memory_available_bytes,
-        memory_used_bytes: h.memory_used_bytes,
-        swap_total_bytes: h.swap_total_bytes,
-        swap_used_bytes: h.swap_used_bytes,
-    }
-}
-
-fn engine_to_proto(e: &crate::observe::sampler::EngineSample) -> pb::EngineResources {
-    pb::EngineResources {
-        pid: e.pid,
-        processes: e.processes,
-        rss_bytes: e.rss_bytes,
-        cpu_seconds_total: e.cpu_seconds_total,
-        cpu_utilisation: e.cpu_utilisation,
     }
 }

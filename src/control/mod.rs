@@ -7,16 +7,20 @@
 //! The bearer token lives in a [`Secret`] and is only ever put into the
 //! `authorization` header, marked sensitive.
 
+/// The agent's types as protocol messages.
+pub mod convert;
 pub mod health;
 pub mod identity;
 pub mod register;
 pub mod usage;
 
 use crate::config::ControlPlaneConfig;
+use crate::describe::{describe_status, error_chain};
 use crate::observe::metrics::Metrics;
 use crate::proto::v1 as pb;
 use crate::proto::v1::machine_service_client::MachineServiceClient;
 use crate::secret::Secret;
+use crate::task::{Task, TaskError};
 use std::path::PathBuf;
 use std::time::Duration;
 use tonic::metadata::MetadataValue;
@@ -51,6 +55,17 @@ pub enum ControlError {
     Timeout { call: &'static str, timeout: Duration },
     /// the control plane broke the protocol: {0}
     Protocol(String),
+}
+
+/// What the control plane tells the agent, in the order it said it.
+#[derive(Debug)]
+pub enum ControlEvent {
+    /// A validated task from the task stream.
+    Task(Task),
+    /// A task that failed validation: logged, counted, not acted on.
+    TaskRejected(TaskError),
+    /// The control plane answered the health stream with should_terminate.
+    ShouldTerminate,
 }
 
 /// The identity the control plane gave this machine, and the token for later calls.
@@ -140,30 +155,6 @@ impl ControlPlane {
     }
 }
 
-/// A status with its transport cause: "Unavailable: tcp connect error: Connection refused",
-/// "Unavailable: ...: invalid peer certificate: UnknownIssuer".
-pub fn describe_status(status: &tonic::Status) -> String {
-    with_causes(format!("{:?}: {}", status.code(), status.message()), std::error::Error::source(status))
-}
-
-/// An error and all its causes on one line.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    with_causes(err.to_string(), err.source())
-}
-
-/// Appends each cause not already in the text (wrappers often repeat their source).
-fn with_causes(mut text: String, mut source: Option<&dyn std::error::Error>) -> String {
-    while let Some(err) = source {
-        let part = err.to_string();
-        if !text.contains(&part) {
-            text.push_str(": ");
-            text.push_str(&part);
-        }
-        source = err.source();
-    }
-    text
-}
-
 /// This build's architecture, as the protocol names it.
 pub fn architecture() -> pb::Architecture {
     match std::env::consts::ARCH {
@@ -171,21 +162,4 @@ pub fn architecture() -> pb::Architecture {
         "aarch64" => pb::Architecture::Arm64,
         _ => pb::Architecture::Unspecified,
     }
-}
-
-/// Unix milliseconds now, for report timestamps.
-pub fn unix_time_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)).unwrap_or_default()
-}
-
-/// The statvfs figures of `path`, as the protocol carries them.
-pub fn mount_stats(path: &std::path::Path) -> Result<pb::MountStats, crate::volume::stats::StatsError> {
-    let s = crate::volume::stats::read_fs_stats(path)?;
-    Ok(pb::MountStats {
-        path: path.display().to_string(),
-        total_bytes: s.total_bytes,
-        free_bytes: s.free_bytes,
-        total_inodes: s.total_inodes,
-        free_inodes: s.free_inodes,
-    })
 }

@@ -3,8 +3,8 @@
 //! again - for the agent's whole life.
 
 use super::identity::IdentityProvider;
-use super::{describe_status, ControlError, ControlPlane, Session};
-use crate::agent::Input;
+use super::{ControlError, ControlEvent, ControlPlane, Session};
+use crate::describe::describe_status;
 use crate::proto::v1 as pb;
 use crate::secret::Secret;
 use crate::task::{validate_task, TaskLimits};
@@ -26,7 +26,7 @@ pub struct Registration {
     pub identity: IdentityProvider,
     pub limits: TaskLimits,
     pub session: watch::Sender<Option<Session>>,
-    pub inputs: mpsc::Sender<Input>,
+    pub events: mpsc::Sender<ControlEvent>,
 }
 
 impl Registration {
@@ -42,7 +42,7 @@ impl Registration {
                 Ok(()) => warn!("control plane closed the task stream"),
                 Err(error) => warn!(%error, "task stream failed"),
             }
-            if self.inputs.is_closed() {
+            if self.events.is_closed() {
                 return;
             }
             if opened.elapsed() >= STABLE_STREAM {
@@ -98,14 +98,14 @@ impl Registration {
             }
             self.session.send_replace(Some(session));
             metrics.control_plane_connected.set(1);
-            let input = match validate_task(message.task, &self.limits) {
-                Ok(task) => Input::Task(task),
+            let event = match validate_task(message.task, &self.limits) {
+                Ok(task) => ControlEvent::Task(task),
                 Err(error) => {
                     metrics.tasks_rejected.inc();
-                    Input::TaskRejected(error)
+                    ControlEvent::TaskRejected(error)
                 }
             };
-            if self.inputs.send(input).await.is_err() {
+            if self.events.send(event).await.is_err() {
                 return Ok(()); // the agent is gone
             }
         }

@@ -2,8 +2,9 @@
 //! figures (and, once the engine client lands, the engine's cache records).
 //! Best effort: a failed report is logged and counted, and the next one follows.
 
-use super::{mount_stats, unix_time_ms, ControlPlane, Session};
-use crate::agent::Status;
+use super::{ControlPlane, Session};
+use crate::clock::unix_time_ms;
+use crate::observe::status::Status;
 use crate::proto::v1 as pb;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -43,7 +44,7 @@ impl UsageReporter {
 /// The report of `status`, with the GC runs numbered above `gc_runs_sent`.
 fn usage_report(status: &Status, machine_id: &str, gc_runs_sent: u64) -> Option<pb::UsageReport> {
     let task_id = status.task_id.clone()?;
-    let cache_mount = status.cache_mount.as_deref().and_then(|path| mount_stats(path).ok());
+    let cache_mount = status.cache_mount.as_deref().and_then(|path| status.mount(path)).map(pb::MountStats::from);
     let unsent = usize::try_from(status.gc_runs.saturating_sub(gc_runs_sent)).unwrap_or(usize::MAX);
     let skip = status.recent_gc.len().saturating_sub(unsent);
     Some(pb::UsageReport {

@@ -16,7 +16,7 @@
 //! before its gRPC server takes connections, and the wait ends within about a
 //! millisecond of that (benches/engine_ready.rs).
 
-use crate::control::{describe_status, error_chain};
+use crate::describe::{describe_status, error_chain};
 use crate::proto::grpc::health::v1 as health_pb;
 use crate::proto::moby::buildkit::v1 as pb;
 use health_pb::health_check_response::ServingStatus;

@@ -14,8 +14,6 @@ pub mod client;
 pub mod render;
 /// Restart policy and the supervision loop.
 pub mod supervise;
-/// The task's mTLS material: validated, then written atomically.
-pub mod tls;
 
 use crate::config::EngineConfig;
 use crate::task::BuildkitTask;
@@ -31,7 +29,7 @@ pub enum EngineError {
     /// the task has no mount to hold the engine's root
     NoRoot,
     /// {0}
-    Tls(#[from] tls::TlsError),
+    Tls(#[from] crate::task::tls::TlsError),
     /// {0}
     Render(#[from] render::RenderError),
     /// cannot write {path}: {source}
@@ -74,16 +72,23 @@ impl EngineFiles {
     }
 }
 
-/// Writes the task's TLS material and buildkitd.toml, makes the engine's
+/// Writes the task's TLS material and buildkitd.toml (with BuildKit's own GC
+/// rules, `backstop`), makes the engine's
 /// cgroup, and starts supervising buildkitd with BuildKit's root on the task's
 /// first mount (already prepared). Events about the engine arrive on `events`.
-pub fn start(config: &EngineConfig, state_dir: &Path, task: &BuildkitTask, events: mpsc::Sender<EngineEvent>) -> Result<StartedEngine, EngineError> {
+pub fn start(
+    config: &EngineConfig,
+    state_dir: &Path,
+    task: &BuildkitTask,
+    backstop: &[render::GcBackstopRule],
+    events: mpsc::Sender<EngineEvent>,
+) -> Result<StartedEngine, EngineError> {
     let root = task.mounts.first().map(|m| m.mount_path.clone()).ok_or(EngineError::NoRoot)?;
     let files = EngineFiles::under(state_dir);
     crate::fsutil::create_private_dir(&files.dir).map_err(|source| EngineError::Write { path: files.dir.clone(), source })?;
 
-    let checked = tls::check(&task.tls, std::time::SystemTime::now())?;
-    let tls_paths = tls::write(&files.tls_dir, &checked)?;
+    let checked = crate::task::tls::check(&task.tls, std::time::SystemTime::now())?;
+    let tls_paths = crate::task::tls::write(&files.tls_dir, &checked)?;
 
     let cgroup = match &config.cgroup {
         Some(name) => {
@@ -104,7 +109,7 @@ pub fn start(config: &EngineConfig, state_dir: &Path, task: &BuildkitTask, event
         cgroup_parent: cgroup.as_ref().map(|c| c.relative.clone()),
         cni: None,
     };
-    let text = render::render(task, &layout, &render::backstop_policy(task))?;
+    let text = render::render(task, &layout, backstop)?;
     crate::fsutil::write_atomic(&files.config, text.as_bytes(), 0o600).map_err(|source| EngineError::Write { path: files.config.clone(), source })?;
 
     // buildkitd binds /run/buildkit/otel-grpc.sock whatever its root; keep it
@@ -172,25 +177,6 @@ pub enum StopOutcome {
     Clean,
     /// Needed SIGKILL.
     Killed,
-}
-
-/// "exit code 3", "signal 9 (SIGKILL)", "exited cleanly": for logs and errors.
-pub fn describe_exit(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(0), _) => "exited cleanly".into(),
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(sig)) => describe_signal(sig),
-        (None, None) => "unknown exit".into(),
-    }
-}
-
-/// "signal 9 (SIGKILL)".
-pub fn describe_signal(sig: i32) -> String {
-    match nix::sys::signal::Signal::try_from(sig) {
-        Ok(s) => format!("signal {sig} ({s})"),
-        Err(_) => format!("signal {sig}"),
-    }
 }
 
 /// Output lines longer than this are cut: a runaway log line must not grow the agent's memory.
@@ -262,14 +248,5 @@ mod tests {
     fn mem_total_parses_in_bytes() {
         assert_eq!(parse_mem_total("MemTotal:       24684084 kB\nMemFree: 1 kB\n"), Some(24_684_084 * 1024));
         assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
-    }
-
-    #[test]
-    fn exits_are_described() {
-        use std::os::unix::process::ExitStatusExt;
-        use std::process::ExitStatus;
-        assert_eq!(describe_exit(ExitStatus::from_raw(0)), "exited cleanly");
-        assert_eq!(describe_exit(ExitStatus::from_raw(3 << 8)), "exit code 3");
-        assert_eq!(describe_exit(ExitStatus::from_raw(9)), "signal 9 (SIGKILL)");
     }
 }

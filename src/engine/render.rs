@@ -28,8 +28,8 @@
 //! config exists at its default path (/etc/buildkit/cni.json) and host
 //! networking otherwise, so what the engine does would depend on stray files.
 
-use crate::engine::tls::TlsPaths;
-use crate::task::{BuildkitTask, VolumeSource};
+use crate::task::tls::TlsPaths;
+use crate::task::BuildkitTask;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -44,7 +44,7 @@ pub struct EngineLayout {
     pub root: PathBuf,
     /// The agent's own address for the engine (probes, GC).
     pub unix_socket: PathBuf,
-    /// What [`crate::engine::tls::write`] wrote.
+    /// What [`crate::task::tls::write`] wrote.
     pub tls: TlsPaths,
     /// `[worker.oci] defaultCgroupParent`: where build steps' cgroups go, so
     /// they count against the engine's memory limit. None leaves runc's default
@@ -191,7 +191,7 @@ impl Serialize for DiskSpace {
 // === render ===
 
 /// Renders buildkitd.toml for `task` with the agent's `layout` and the GC
-/// backstop `gc` (see [`backstop_policy`]).
+/// backstop `gc` (see [`crate::gc::backstop::backstop_policy`]).
 pub fn render(task: &BuildkitTask, layout: &EngineLayout, gc: &[GcBackstopRule]) -> Result<String, RenderError> {
     let root = path_str("root", &layout.root)?;
     let socket = path_str("unix_socket", &layout.unix_socket)?;
@@ -286,70 +286,11 @@ fn go_duration(d: Duration) -> Option<String> {
     })
 }
 
-// === the GC backstop ===
-
-/// The agent GC's defaults the backstop is derived from (the planner owns them).
-pub use crate::gc::planner::{
-    DEFAULT_FREE_START_BELOW_PERCENT as AGENT_DEFAULT_FREE_BYTES_HIGH_WATERMARK_PERCENT, DEFAULT_RETENTION as AGENT_DEFAULT_RETENTION,
-};
-/// The backstop keeps unused records this many times the agent's retention.
-pub const BACKSTOP_RETENTION_FACTOR: u32 = 2;
-/// The backstop lets the cache grow this much past the agent's keep-bytes.
-pub const BACKSTOP_KEEP_HEADROOM_PERCENT: u64 = 10;
-/// The backstop never prunes below this share of the agent's keep-bytes.
-pub const BACKSTOP_RESERVED_PERCENT_OF_KEEP: u64 = 10;
-
-/// BuildKit's own GC policy for `task`: a backstop behind the agent's GC,
-/// looser than the agent's policy on every axis so the agent normally acts
-/// first and BuildKit prunes only if the agent's GC is stuck or too slow.
-///
-/// With the agent's policy as retention R (task.gc.retention, default 14
-/// days), keep-bytes K (task.gc.keep_bytes, default task.cache_size_bytes)
-/// and free-space high watermark H% (task's, default 10%):
-///
-/// 1. `keepDuration` = 2R: records unused for twice the agent's retention go.
-/// 2. `maxUsedSpace` = K + 10%, `minFreeSpace` = H/2 % of the filesystem
-///    (at least 1%), `reservedSpace` = 10% of K: the size backstop, over
-///    ordinary records (not internal, frontend or shared ones).
-/// 3. The same sizes with `all = true`: the last resort, as in BuildKit's
-///    own default policy, when ordinary records were not enough.
-///
-/// `minFreeSpace` is a percentage for a block device (its size is known only
-/// once mounted). For a file-backed volume the size is in the task, and the
-/// bytes are computed here: BuildKit rounds a percentage up to at least 1 GB
-/// (see [`DiskSpace::Percent`]), which on a small test volume would exceed
-/// the agent's own watermark and make the backstop act first.
-pub fn backstop_policy(task: &BuildkitTask) -> Vec<GcBackstopRule> {
-    let retention = task.gc.retention.unwrap_or(AGENT_DEFAULT_RETENTION);
-    let keep_bytes = task.gc.keep_bytes.unwrap_or(task.cache_size_bytes);
-    let high_watermark = task.gc.free_bytes_watermarks_percent.map_or(u32::from(AGENT_DEFAULT_FREE_BYTES_HIGH_WATERMARK_PERCENT), |(high, _)| high);
-    let min_free_percent = (high_watermark / 2).max(1);
-    let min_free = match task.mounts.first().map(|m| &m.source) {
-        Some(VolumeSource::File { size_bytes, .. }) => DiskSpace::Bytes((size_bytes / 100).saturating_mul(u64::from(min_free_percent)).max(1)),
-        Some(VolumeSource::Device { .. }) | None => DiskSpace::Percent(u8::try_from(min_free_percent).unwrap_or(u8::MAX)),
-    };
-    let max_used = DiskSpace::Bytes(keep_bytes.saturating_add(keep_bytes / 100 * BACKSTOP_KEEP_HEADROOM_PERCENT));
-    let reserved = DiskSpace::Bytes((keep_bytes / 100 * BACKSTOP_RESERVED_PERCENT_OF_KEEP).max(1));
-    let by_size = |all| GcBackstopRule {
-        all,
-        filters: vec![],
-        keep_duration: None,
-        reserved_space: Some(reserved),
-        max_used_space: Some(max_used),
-        min_free_space: Some(min_free),
-    };
-    vec![
-        GcBackstopRule { keep_duration: Some(retention.saturating_mul(BACKSTOP_RETENTION_FACTOR)), ..GcBackstopRule::default() },
-        by_size(false),
-        by_size(true),
-    ]
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::secret::Secret;
-    use crate::task::{FsType, GcOverrides, TlsMaterial, VolumeMount};
+    use crate::task::{FsType, GcOverrides, TlsMaterial, VolumeMount, VolumeSource};
 
     pub fn task() -> BuildkitTask {
         BuildkitTask {
@@ -433,7 +374,7 @@ pub(crate) mod tests {
 
     fn render_variant(name: &str) -> String {
         let (_, t, l) = variants().into_iter().find(|(n, _, _)| *n == name).unwrap();
-        render(&t, &l, &backstop_policy(&t)).unwrap()
+        render(&t, &l, &crate::gc::backstop::backstop_policy(&t)).unwrap()
     }
 
     #[test]
@@ -459,7 +400,7 @@ pub(crate) mod tests {
     #[test]
     fn every_variant_parses_back_with_the_values_given() {
         for (name, t, l) in variants() {
-            let text = render(&t, &l, &backstop_policy(&t)).unwrap();
+            let text = render(&t, &l, &crate::gc::backstop::backstop_policy(&t)).unwrap();
             let v: toml::Value = toml::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(v["root"].as_str(), l.root.to_str(), "{name}");
             assert_eq!(v["debug"].as_bool(), Some(t.debug), "{name}");
@@ -485,7 +426,7 @@ pub(crate) mod tests {
         l.root = PathBuf::from(evil);
         l.cgroup_parent = Some(evil.to_string());
         l.tls.ca = PathBuf::from(format!("{evil}ca"));
-        let mut gc = backstop_policy(&task());
+        let mut gc = crate::gc::backstop::backstop_policy(&task());
         gc[0].filters = vec![evil.to_string()];
         let text = render(&task(), &l, &gc).unwrap();
         let v: toml::Value = toml::from_str(&text).unwrap();
@@ -512,20 +453,20 @@ pub(crate) mod tests {
             ),
         ];
         for (l, expected) in cases {
-            let e = render(&task(), &l, &backstop_policy(&task())).unwrap_err().to_string();
+            let e = render(&task(), &l, &crate::gc::backstop::backstop_policy(&task())).unwrap_err().to_string();
             assert!(e.starts_with(expected), "expected {expected:?}, got {e:?}");
         }
         use std::os::unix::ffi::OsStrExt;
         let l = EngineLayout { root: PathBuf::from(std::ffi::OsStr::from_bytes(b"/root\xff")), ..layout() };
-        assert!(matches!(render(&task(), &l, &backstop_policy(&task())), Err(RenderError::NotUtf8 { field: "root", .. })));
+        assert!(matches!(render(&task(), &l, &crate::gc::backstop::backstop_policy(&task())), Err(RenderError::NotUtf8 { field: "root", .. })));
     }
 
     #[test]
     fn the_longest_socket_path_the_kernel_takes_is_accepted() {
         let ok = EngineLayout { unix_socket: PathBuf::from(format!("/{}", "s".repeat(106))), ..layout() };
-        render(&task(), &ok, &backstop_policy(&task())).unwrap();
+        render(&task(), &ok, &crate::gc::backstop::backstop_policy(&task())).unwrap();
         let long = EngineLayout { unix_socket: PathBuf::from(format!("/{}", "s".repeat(107))), ..layout() };
-        assert!(matches!(render(&task(), &long, &backstop_policy(&task())), Err(RenderError::SocketPathTooLong { len: 108, .. })));
+        assert!(matches!(render(&task(), &long, &crate::gc::backstop::backstop_policy(&task())), Err(RenderError::SocketPathTooLong { len: 108, .. })));
     }
 
     #[test]
@@ -558,32 +499,5 @@ pub(crate) mod tests {
         }
         assert_eq!(go_duration(Duration::from_nanos(i64::MAX as u64)).as_deref(), Some("9223372036854775807ns"));
         assert_eq!(go_duration(Duration::from_nanos(i64::MAX as u64 + 1)), None);
-    }
-
-    #[test]
-    fn the_backstop_is_looser_than_the_agent_policy() {
-        let t = task();
-        let rules = backstop_policy(&t);
-        assert_eq!(rules[0].keep_duration, Some(AGENT_DEFAULT_RETENTION * 2));
-        assert_eq!(rules[1].max_used_space, Some(DiskSpace::Bytes(t.cache_size_bytes + t.cache_size_bytes / 10)));
-        assert_eq!(rules[1].reserved_space, Some(DiskSpace::Bytes(t.cache_size_bytes / 10)));
-        assert_eq!(rules[1].min_free_space, Some(DiskSpace::Percent(5)));
-        assert!(!rules[1].all && rules[2].all);
-        assert_eq!(rules[1].max_used_space, rules[2].max_used_space);
-    }
-
-    #[test]
-    fn the_backstop_follows_task_overrides() {
-        let mut t = task();
-        t.gc.retention = Some(Duration::from_secs(3600));
-        t.gc.keep_bytes = Some(1000 << 20);
-        t.gc.free_bytes_watermarks_percent = Some((1, 2));
-        t.mounts[0].source = VolumeSource::File { path: "/var/lib/machine-agent/cache.img".into(), size_bytes: 1 << 30 };
-        let rules = backstop_policy(&t);
-        assert_eq!(rules[0].keep_duration, Some(Duration::from_secs(7200)));
-        assert_eq!(rules[1].max_used_space, Some(DiskSpace::Bytes(1100 << 20)));
-        assert_eq!(rules[1].reserved_space, Some(DiskSpace::Bytes(100 << 20)));
-        // Half of a 1% watermark rounds to the 1% floor, in bytes of the file.
-        assert_eq!(rules[1].min_free_space, Some(DiskSpace::Bytes((1 << 30) / 100)));
     }
 }

@@ -109,7 +109,7 @@ impl std::fmt::Display for EngineExit {
         match self {
             Self::Clean => f.write_str("exited with code 0"),
             Self::Code(code) => write!(f, "exited with code {code}"),
-            Self::Signal(sig) => write!(f, "killed by {}", super::describe_signal(*sig)),
+            Self::Signal(sig) => write!(f, "killed by {}", crate::describe::describe_signal(*sig)),
             Self::OomKilled => f.write_str("OOM-killed by the kernel"),
             Self::Unresponsive => f.write_str("killed by the agent: not answering"),
         }

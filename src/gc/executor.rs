@@ -31,8 +31,8 @@
 //!   what GC freed: the figures are before/after differences, not attributions.
 
 use crate::engine::client::{prune_filters, CacheRecord, ClientError, EngineClient};
-use crate::gc::planner::{self, FsStats, Plan, Policy, Reason, Record, RecordType, Shortfall, Targets, Victim};
-use crate::volume::stats::{read_fs_stats, StatsError};
+use crate::gc::planner::{self, Plan, Policy, Reason, Record, RecordType, Shortfall, Targets, Victim};
+use crate::volume::stats::{read_fs_stats, FsStats, StatsError};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -158,7 +158,7 @@ impl GcRun {
 pub async fn run_gc(client: &EngineClient, fs_path: &Path, policy: &Policy, trigger: Trigger, batch: usize, dry_run: bool) -> Result<GcReport, GcError> {
     let started = Instant::now();
     let cache = client.disk_usage().await?;
-    let before = read_stats(fs_path)?;
+    let before = read_fs_stats(fs_path)?;
     let now = SystemTime::now();
     let records: Vec<Record> = cache.iter().map(|r| record_for_planner(r, now)).collect();
     let plan = planner::plan_prune(&records, &before, policy, now);
@@ -225,7 +225,7 @@ pub async fn run_gc(client: &EngineClient, fs_path: &Path, policy: &Policy, trig
             tracing::warn!(id = %r.id, "the engine pruned a record GC did not ask for");
             report.note_freed(r);
         }
-        match read_stats(fs_path) {
+        match read_fs_stats(fs_path) {
             Ok(stats) => after = stats,
             Err(error) => {
                 report.error = Some(error.to_string());
@@ -266,11 +266,6 @@ pub fn record_for_planner(r: &CacheRecord, now: SystemTime) -> Record {
         record_type: RecordType::from_buildkit(&r.record_type),
         inodes: None,
     }
-}
-
-pub(crate) fn read_stats(path: &Path) -> Result<FsStats, StatsError> {
-    let s = read_fs_stats(path)?;
-    Ok(FsStats { total_bytes: s.total_bytes, free_bytes: s.free_bytes, total_inodes: s.total_inodes, free_inodes: s.free_inodes })
 }
 
 /// Parent id -> ids of the records that list it.

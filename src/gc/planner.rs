@@ -56,6 +56,7 @@
 //!   (data shared with snapshots outside the cache): expected numbers are
 //!   estimates, and the executor should re-read the stats after pruning.
 
+use crate::volume::stats::FsStats;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fmt;
@@ -126,15 +127,6 @@ pub struct Record {
     pub record_type: RecordType,
     /// Inodes the record holds, when known; otherwise estimated (see the module doc).
     pub inodes: Option<u64>,
-}
-
-/// The cache volume's `statvfs`, in bytes and inodes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct FsStats {
-    pub total_bytes: u64,
-    pub free_bytes: u64,
-    pub total_inodes: u64,
-    pub free_inodes: u64,
 }
 
 /// What the planner aims for. Watermarks are whole percent of the volume.

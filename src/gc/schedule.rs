@@ -9,6 +9,7 @@ use crate::config::GcConfig;
 use crate::engine::client::EngineClient;
 use crate::observe::metrics::Metrics;
 use crate::task::BuildkitTask;
+use crate::volume::stats::{read_fs_stats, FsStats};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
@@ -37,7 +38,7 @@ pub fn effective_policy(config: &GcConfig, task: &BuildkitTask) -> (Policy, Dura
 
 /// True when the volume is below a start watermark: the planner's own test,
 /// asked with no records.
-pub fn under_pressure(fs: &planner::FsStats, policy: &Policy) -> bool {
+pub fn under_pressure(fs: &FsStats, policy: &Policy) -> bool {
     let targets = planner::plan_prune(&[], fs, policy, SystemTime::now()).targets;
     targets.free_bytes.is_some() || targets.free_inodes.is_some()
 }
@@ -68,7 +69,7 @@ impl GcSchedule {
                 biased;
                 () = tokio::time::sleep_until(next_run) => {}
                 _ = pressure_tick.tick() => {
-                    match super::executor::read_stats(&self.run.fs_path) {
+                    match read_fs_stats(&self.run.fs_path) {
                         Ok(fs) if under_pressure(&fs, &self.run.policy) => pending = Trigger::Pressure,
                         Ok(_) => continue,
                         Err(error) => {
@@ -108,7 +109,7 @@ impl GcSchedule {
                 crate::proto::v1::GcRunReport {
                     trigger: trigger.as_str().into(),
                     outcome: "deferred".into(),
-                    unix_time_ms: crate::control::unix_time_ms(),
+                    unix_time_ms: crate::clock::unix_time_ms(),
                     error: error.to_string(),
                     summary: format!("deferred ({trigger}): {error}"),
                     ..Default::default()
@@ -134,7 +135,7 @@ pub fn to_proto(report: &GcReport, outcome: &str) -> crate::proto::v1::GcRunRepo
     crate::proto::v1::GcRunReport {
         trigger: report.trigger.as_str().into(),
         outcome: outcome.into(),
-        unix_time_ms: crate::control::unix_time_ms(),
+        unix_time_ms: crate::clock::unix_time_ms(),
         duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
         planned_records: report.planned_records,
         planned_bytes: report.planned_bytes,
@@ -202,7 +203,7 @@ mod tests {
     #[test]
     fn pressure_is_a_start_watermark_crossed_for_bytes_or_inodes() {
         let policy = Policy { free_bytes_start_below_percent: 10, free_inodes_start_below_percent: 10, ..Policy::new(1 << 30) };
-        let fs = |free_bytes, free_inodes| planner::FsStats { total_bytes: 1000, free_bytes, total_inodes: 1000, free_inodes };
+        let fs = |free_bytes, free_inodes| crate::volume::stats::FsStats { total_bytes: 1000, free_bytes, total_inodes: 1000, free_inodes };
         assert!(!under_pressure(&fs(500, 500), &policy));
         assert!(under_pressure(&fs(50, 500), &policy), "bytes");
         assert!(under_pressure(&fs(500, 50), &policy), "inodes");

@@ -5,8 +5,8 @@
 
 use super::liveness::Liveness;
 use super::metrics::Metrics;
-use crate::agent::state::State;
-use crate::agent::Status;
+use super::status::Status;
+use crate::lifecycle::State;
 use axum::extract::State as AxState;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -112,15 +112,14 @@ async fn readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
         last_oom: st.recent_ooms.back().cloned(),
         oom_kills_total: st.oom_kills_total,
         volumes: st
-            .watched_paths
+            .mounts
             .iter()
-            .filter_map(|p| crate::control::mount_stats(p).ok())
             .map(|m| VolumeReadiness {
-                path: m.path,
-                total_bytes: m.total_bytes,
-                free_bytes: m.free_bytes,
-                total_inodes: m.total_inodes,
-                free_inodes: m.free_inodes,
+                path: m.path.display().to_string(),
+                total_bytes: m.stats.total_bytes,
+                free_bytes: m.stats.free_bytes,
+                total_inodes: m.stats.total_inodes,
+                free_inodes: m.stats.free_inodes,
             })
             .collect(),
         resources: st.resources,

@@ -1,7 +1,7 @@
 //! The agent's Prometheus registry: every metric it exports, in one place, with
 //! `machine_agent_` names, base units and HELP text.
 
-use crate::agent::state::State;
+use crate::lifecycle::State;
 use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// Handles to every metric; cheap to clone (each is an `Arc` inside).
@@ -158,9 +158,9 @@ impl Metrics {
         self.resources.record(sample);
     }
 
-    /// Sets the volume gauges of every mount in one health-report set, and
+    /// Sets the volume gauges of every mount one sampler tick read, and
     /// drops the series of mounts no longer watched.
-    pub fn record_mounts(&self, mounts: &[crate::proto::v1::MountStats]) {
+    pub fn record_mounts(&self, mounts: &[crate::observe::status::MountFigures]) {
         // Drop only the mounts no longer watched, never the watched ones: a
         // reset() before the sets let a scrape in between miss every mount (a
         // gap and a staleness marker in Prometheus; tests/metrics_load.rs races them).
@@ -168,14 +168,16 @@ impl Metrics {
             for family in prometheus::core::Collector::collect(gauge) {
                 for metric in family.get_metric() {
                     let Some(path) = metric.get_label().iter().find(|l| l.name() == "mount").map(|l| l.value()) else { continue };
-                    if !mounts.iter().any(|m| m.path == path) {
+                    if !mounts.iter().any(|m| m.path.as_os_str() == path) {
                         let _ = gauge.remove_label_values(&[path]);
                     }
                 }
             }
         }
         for m in mounts {
-            let label = [m.path.as_str()];
+            let path = m.path.display().to_string();
+            let label = [path.as_str()];
+            let m = &m.stats;
             // f64 holds integers exactly up to 2^53 bytes (8 PiB): every real disk.
             #[allow(clippy::cast_precision_loss)]
             {

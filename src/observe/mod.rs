@@ -1,5 +1,6 @@
-//! What the agent shows the fleet: the Prometheus registry, loop liveness, and
-//! the HTTP endpoints (/healthz, /readyz, /metrics) that serve them.
+//! What the agent knows and shows about itself: the status snapshot, host and
+//! engine samples, OOM kills, the Prometheus registry, loop liveness, and the
+//! HTTP endpoints (/healthz, /readyz, /metrics) that serve them.
 
 pub mod http;
 pub mod liveness;
@@ -8,8 +9,12 @@ pub mod metrics;
 pub mod oom;
 /// The OOM watcher's I/O edge: /dev/kmsg read live, checked against the kernel's counters.
 pub mod oom_watch;
+/// The sampler's loop: a sample and the watched filesystems' figures every interval.
+pub mod sample_loop;
 /// Host and engine-tree CPU and memory, one cheap tick at a time.
 pub mod sampler;
+/// The status snapshot the agent publishes and every reader copies.
+pub mod status;
 
 /// Logs to stderr (journald keeps it), filtered by MACHINE_AGENT_LOG
 /// (tracing's env-filter syntax), info by default.

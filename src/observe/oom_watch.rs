@@ -114,35 +114,6 @@ impl OomKill {
         }
     }
 
-    /// As the health stream carries it.
-    pub fn to_proto(&self) -> crate::proto::v1::OomKill {
-        use crate::proto::v1::OomAttribution as A;
-        let attribution = match self.attribution {
-            "engine" => A::Engine,
-            "build_step" => A::BuildStep,
-            "other" => A::Other,
-            "unknown" => A::Unknown,
-            "unattributed" => A::Unattributed,
-            _ => A::Unspecified,
-        };
-        crate::proto::v1::OomKill {
-            id: self.id,
-            unix_time_ms: self.unix_time_ms,
-            attribution: attribution as i32,
-            container_id: self.container_id.clone().unwrap_or_default(),
-            pid: self.pid.unwrap_or_default(),
-            process_name: self.process_name.clone().unwrap_or_default(),
-            scope: self.scope.unwrap_or_default().into(),
-            task_memcg: self.task_memcg.clone().unwrap_or_default(),
-            oom_memcg: self.oom_memcg.clone().unwrap_or_default(),
-            total_vm_bytes: self.total_vm_bytes.unwrap_or_default(),
-            anon_rss_bytes: self.anon_rss_bytes.unwrap_or_default(),
-            file_rss_bytes: self.file_rss_bytes.unwrap_or_default(),
-            shmem_rss_bytes: self.shmem_rss_bytes.unwrap_or_default(),
-            count: self.count,
-        }
-    }
-
     /// One line for the log and /readyz.
     pub fn summary(&self) -> String {
         let who = match (&self.process_name, self.pid) {
@@ -167,7 +138,7 @@ impl ClockOffset {
         let monotonic_us = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
             .map(|t| i128::from(t.tv_sec()) * 1_000_000 + i128::from(t.tv_nsec()) / 1_000)
             .unwrap_or_default();
-        let unix_us = i128::from(crate::control::unix_time_ms()) * 1_000;
+        let unix_us = i128::from(crate::clock::unix_time_ms()) * 1_000;
         Self { unix_minus_monotonic_us: unix_us - monotonic_us }
     }
 
@@ -243,7 +214,7 @@ pub struct OomWatch {
     /// The engine's cgroup once it exists: its daemon counter is checked.
     pub engine_cgroup: watch::Receiver<Option<EngineCgroup>>,
     /// The agent's status: the engine's pid while one runs.
-    pub status: watch::Receiver<crate::agent::Status>,
+    pub status: watch::Receiver<super::status::Status>,
     pub reconcile_interval: Duration,
     pub kills: mpsc::Sender<OomKill>,
     pub metrics: Metrics,
@@ -320,7 +291,7 @@ impl OomWatch {
                     heartbeat.beat();
                     // The offset drifts only with clock steps; refreshing it keeps the next window right.
                     clock = ClockOffset::now();
-                    let now_ms = crate::control::unix_time_ms();
+                    let now_ms = crate::clock::unix_time_ms();
                     let mut found = vec![];
                     let mut engine_missed = 0;
                     if let Some(n) = read_daemon() {
@@ -383,7 +354,7 @@ mod tests {
             std::fs::write(&vmstat, format!("pgfault 1\noom_kill {oom_kill_counter}\n")).expect("vmstat");
             let (kills_tx, kills) = mpsc::channel(16);
             let metrics = Metrics::new();
-            let status = crate::agent::Status::initial(Path::new("/"));
+            let status = crate::observe::status::Status::initial(Path::new("/"));
             let watch = OomWatch {
                 kmsg_path,
                 vmstat_path: vmstat.clone(),

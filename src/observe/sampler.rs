@@ -50,7 +50,6 @@ use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 use sysinfo::System;
 
 /// What to watch of the engine: buildkitd's pid, and the cgroup directories (one per hierarchy) whose
@@ -169,7 +168,7 @@ impl Sampler {
 
     /// One tick: the host, and the engine's tree when there is an engine.
     pub fn sample(&mut self, engine: Option<&EngineTarget>) -> Sample {
-        let unix_time_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let unix_time_ms = crate::clock::unix_time_ms();
         let host = self.sample_host();
         let engine = match engine {
             Some(target) => Some(self.sample_engine(target)),

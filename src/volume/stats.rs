@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 /// One filesystem's figures.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct FsStats {
     pub total_bytes: u64,
     /// Available to unprivileged writers (f_bavail): what a build step can use.

@@ -47,7 +47,7 @@ pub async fn run_tool<S: AsRef<OsStr>>(program: &Path, args: &[S], timeout: Dura
     if !out.status.success() {
         return Err(ToolError::Failed {
             command,
-            status: crate::engine::describe_exit(out.status),
+            status: crate::describe::describe_exit(out.status),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         });
     }

@@ -3,9 +3,13 @@
 //! here, with every problem named by its field, and nothing downstream ever
 //! sees a raw proto task.
 //!
-//! This module never does I/O beyond reading the files a standalone task names;
-//! the checks against the machine (does the device exist, is it blank) belong
-//! to the volume manager.
+//! This module never does I/O beyond reading the files a standalone task names
+//! and, in [`tls`], writing the checked TLS material (only material that passed
+//! the check can be written, so both halves live together); the checks against
+//! the machine (does the device exist, is it blank) belong to the volume manager.
+
+/// The task's mTLS material: checked, then written atomically where the engine reads it.
+pub mod tls;
 
 use crate::config::check_clean_absolute;
 use crate::proto::v1 as pb;
@@ -197,7 +201,7 @@ pub fn validate_buildkit(task: pb::BuildkitTask, limits: &TaskLimits) -> Result<
             // The deep check (parses, key matches, dates) only once the PEM shapes are right,
             // so each field gets one clear problem; a bad cert never reaches the engine.
             if !p.0.iter().any(|e| e.field.starts_with("buildkit.tls")) {
-                if let Err(error) = crate::engine::tls::check(&material, std::time::SystemTime::now()) {
+                if let Err(error) = tls::check(&material, std::time::SystemTime::now()) {
                     p.add(error.field().to_string(), error.to_string());
                 }
             }

@@ -1,0 +1,141 @@
+//! The one way out: stop GC and the engine, let a prepare in flight finish,
+//! release every mount (sync, fstrim, unmount, detach), report to the control
+//! plane, and end in Stopped - all within the configured deadline.
+
+use super::{Agent, AgentError, Input};
+use crate::engine::{EngineState, StopOutcome};
+use crate::lifecycle::Event;
+use crate::proto::v1 as pb;
+use crate::volume::manager::release_mount;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// Part of the drain deadline kept for the shutdown report, so a slow engine
+/// stop cannot starve the one message that tells the control plane what happened.
+const SHUTDOWN_REPORT_RESERVE: Duration = Duration::from_secs(2);
+
+/// What the drain did, for the shutdown report and the exit code.
+#[derive(Debug, Default)]
+struct Drained {
+    engine_stopped_cleanly: bool,
+    unmounted: bool,
+    trimmed_bytes: u64,
+    /// One line per problem; empty means a clean drain.
+    errors: Vec<String>,
+}
+
+impl Agent {
+    /// Stops the engine, reports shutdown, and ends in Stopped, all within the drain deadline.
+    pub(super) async fn drain(mut self, reason: String, inputs: &mut mpsc::Receiver<Input>) -> Result<(), AgentError> {
+        let started = Instant::now();
+        let deadline = started + self.config.drain_timeout;
+        self.transition(Event::DrainRequested, reason.clone());
+        self.notifier.stopping();
+        info!(reason = %reason, deadline_secs = self.config.drain_timeout.as_secs(), "draining");
+
+        // No GC while the engine stops: a prune cut halfway helps nobody.
+        if let Some(gc) = self.gc.take() {
+            gc.abort();
+        }
+        let mut drained = Drained { engine_stopped_cleanly: true, unmounted: true, ..Drained::default() };
+        self.stop_engine(deadline, &mut drained).await;
+        self.wait_for_prepare(deadline, inputs, &mut drained).await;
+        self.release_mounts(&mut drained).await;
+        self.report_shutdown(&reason, started, deadline, &drained).await;
+
+        let elapsed = started.elapsed();
+        if elapsed > self.config.drain_timeout {
+            warn!(elapsed_ms = millis(elapsed), "drain overran its deadline");
+        }
+        self.transition(Event::Drained, reason);
+        info!(elapsed_ms = millis(elapsed), "stopped");
+        if drained.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(AgentError::DrainIncomplete(drained.errors.join("; ")))
+        }
+    }
+
+    /// SIGTERM, the grace, SIGKILL; the report's reserve is kept out of the budget.
+    async fn stop_engine(&mut self, deadline: Instant, drained: &mut Drained) {
+        if let Some(engine) = self.engine.take() {
+            self.set_engine_state(EngineState::Stopping);
+            let budget = deadline.saturating_duration_since(Instant::now()).saturating_sub(SHUTDOWN_REPORT_RESERVE);
+            let grace = self.config.engine.stop_grace.min(budget);
+            let problem = match tokio::time::timeout(budget.max(grace), engine.stop(grace)).await {
+                Ok(StopOutcome::Clean) => None,
+                Ok(StopOutcome::Killed) => Some(format!("engine needed SIGKILL after {grace:?}")),
+                Err(_) => Some("engine stop did not finish within the drain deadline".to_string()),
+            };
+            if let Some(problem) = problem {
+                drained.engine_stopped_cleanly = false;
+                drained.errors.push(problem);
+            }
+            self.status.send_modify(|s| {
+                s.engine = EngineState::Stopped;
+                s.engine_pid = None;
+            });
+            self.metrics.engine_up.set(0);
+        }
+        if let Some(cgroup) = self.engine_cgroup.take() {
+            if let Err(error) = cgroup.remove() {
+                warn!(%error, "engine cgroup left in place");
+            }
+        }
+    }
+
+    /// A prepare in flight finishes first: killing mkfs or mount halfway helps nobody.
+    async fn wait_for_prepare(&mut self, deadline: Instant, inputs: &mut mpsc::Receiver<Input>, drained: &mut Drained) {
+        while self.preparing {
+            match tokio::time::timeout_at(deadline, inputs.recv()).await {
+                Ok(Some(Input::VolumesPrepared(outcome))) => {
+                    self.preparing = false;
+                    self.mounts = outcome.prepared;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    drained.errors.push("volume preparation did not finish within the drain deadline".to_string());
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Releases in reverse order of preparation.
+    async fn release_mounts(&self, drained: &mut Drained) {
+        for mount in self.mounts.iter().rev() {
+            let report = release_mount(&self.config.volume, mount).await;
+            drained.unmounted &= report.unmounted;
+            drained.trimmed_bytes += report.trimmed_bytes.unwrap_or(0);
+            drained.errors.extend(report.errors.iter().map(ToString::to_string));
+        }
+    }
+
+    /// Tells the control plane what happened, with whatever time the deadline has left.
+    async fn report_shutdown(&self, reason: &str, started: Instant, deadline: Instant, drained: &Drained) {
+        let session = self.session.borrow().clone();
+        let (Some(control), Some(session)) = (&self.control, session) else { return };
+        let report = pb::ShutdownReport {
+            machine_id: session.machine_id.clone(),
+            task_id: self.task.as_ref().map(|t| t.id.clone()).unwrap_or_default(),
+            reason: reason.into(),
+            unmounted: drained.unmounted,
+            errors: drained.errors.clone(),
+            drain_duration_ms: millis(started.elapsed()),
+            engine_stopped_cleanly: drained.engine_stopped_cleanly,
+            trimmed_bytes: drained.trimmed_bytes,
+        };
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(500));
+        match control.report_shutdown(report, &session, left).await {
+            Ok(()) => info!("shutdown reported to the control plane"),
+            Err(error) => warn!(%error, "shutdown report not delivered"),
+        }
+    }
+}
+
+/// Whole milliseconds, saturating (a drain never lasts 584 million years).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

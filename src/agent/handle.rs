@@ -1,0 +1,131 @@
+//! What each input does to the agent: the main loop's one `match`, with a
+//! method per kind of news. Nothing here blocks: long work (a prepare, a GC
+//! run) runs in its own task and comes back as another input.
+
+use super::{Agent, Input};
+use crate::control::ControlEvent;
+use crate::engine::supervise::{EngineEvent, RestartDecision};
+use crate::engine::EngineState;
+use crate::lifecycle::Event;
+use crate::observe::oom_watch::OomKill;
+use crate::proto::v1 as pb;
+use crate::task::Task;
+use tracing::{debug, error, info, warn};
+
+impl Agent {
+    /// Handles one input; Some(reason) ends the main loop and starts the drain.
+    pub(super) fn handle(&mut self, input: Input) -> Option<String> {
+        match input {
+            Input::Control(event) => return self.on_control(event),
+            Input::VolumesPrepared(outcome) => self.on_volumes_prepared(outcome),
+            Input::Engine(event) => self.on_engine_event(event),
+            Input::Sampled(tick) => self.status.send_modify(|s| {
+                s.resources = Some(tick.sample);
+                s.mounts = tick.mounts;
+            }),
+            Input::Oom(kill) => self.on_oom_kill(kill),
+            Input::GcRun(report) => self.on_gc_run(report),
+        }
+        None
+    }
+
+    /// Some(reason) when the control plane asks the agent to drain.
+    fn on_control(&mut self, event: ControlEvent) -> Option<String> {
+        match event {
+            ControlEvent::Task(Task::Pending) => match &self.task {
+                // The engine keeps serving: a control plane that lost track of
+                // us must not cost a build. It can send terminate if it means it.
+                Some(task) => warn!(task_id = %task.id, "control plane sent pending while a task runs; keeping the task"),
+                None => self.transition(Event::TaskPending, "waiting for a task"),
+            },
+            ControlEvent::Task(Task::Buildkit(task)) => match &self.task {
+                Some(current) if current.id == task.id => debug!(task_id = %task.id, "task re-sent after reconnect; nothing to do"),
+                Some(current) => warn!(
+                    running = %current.id, offered = %task.id,
+                    "a different task arrived while one runs; keeping the running task"
+                ),
+                None => self.accept_task(*task),
+            },
+            ControlEvent::Task(Task::Terminate { reason }) => return Some(format!("terminate task: {reason}")),
+            ControlEvent::ShouldTerminate => return Some("should_terminate".into()),
+            ControlEvent::TaskRejected(error) => error!(%error, "task rejected; the agent keeps its current state"),
+        }
+        None
+    }
+
+    fn on_engine_event(&mut self, event: EngineEvent) {
+        match event {
+            EngineEvent::Spawned { pid } => {
+                self.status.send_modify(|s| {
+                    s.engine = EngineState::Starting;
+                    s.engine_pid = Some(pid);
+                });
+            }
+            EngineEvent::Ready { .. } => {
+                self.set_engine_state(EngineState::Running);
+                self.metrics.engine_up.set(1);
+                if self.gc.is_none() && self.start_gc() {
+                    self.gc_before_ready = true;
+                    let reason = "the cache volume is over a GC watermark: collecting before ready";
+                    info!("{reason}");
+                    let state = self.state();
+                    self.publish_state(state, reason.into());
+                    return;
+                }
+                self.transition(Event::EngineReady, "");
+            }
+            EngineEvent::Hung { pid, failures } => {
+                error!(pid, failures, "engine stopped answering its liveness probe; it is being killed");
+            }
+            EngineEvent::Exited { exit, decision, .. } => {
+                self.metrics.engine_restarts.with_label_values(&[exit.label()]).inc();
+                self.engine_went_down(exit.to_string(), decision);
+            }
+            EngineEvent::SpawnFailed { error, decision } => {
+                self.metrics.engine_restarts.with_label_values(&["spawn_failed"]).inc();
+                self.engine_went_down(format!("could not be spawned: {error}"), decision);
+            }
+        }
+    }
+
+    /// The engine is gone and the supervisor will restart it: a single exit is
+    /// a restart (StartingEngine), a crash loop is Degraded.
+    fn engine_went_down(&mut self, how: String, decision: RestartDecision) {
+        // The next ready engine is ready at once: the GC loop runs already.
+        self.gc_before_ready = false;
+        self.metrics.engine_up.set(0);
+        self.status.send_modify(|s| {
+            s.engine = EngineState::Restarting;
+            s.engine_pid = None;
+            s.engine_restarts += 1;
+            s.engine_last_exit = Some(how.clone());
+        });
+        let delay = format!("{:.1}s", decision.delay.as_secs_f64());
+        if decision.crash_loop {
+            self.transition(
+                Event::Degraded,
+                format!("engine crash loop: {} exits in the window, last {how}; next restart in {delay}", decision.recent_crashes),
+            );
+        } else {
+            self.transition(Event::EngineRestarting, format!("engine {how}; restarting in {delay}"));
+        }
+    }
+
+    fn on_oom_kill(&mut self, kill: OomKill) {
+        warn!(
+            attribution = kill.attribution, pid = ?kill.pid, process = ?kill.process_name, container_id = ?kill.container_id,
+            scope = ?kill.scope, task_memcg = ?kill.task_memcg, anon_rss_bytes = ?kill.anon_rss_bytes, count = kill.count,
+            "OOM kill: {}", kill.summary()
+        );
+        self.metrics.oom_kills.with_label_values(&[kill.attribution]).inc_by(kill.count);
+        self.status.send_modify(|s| s.record_oom_kill(kill));
+    }
+
+    fn on_gc_run(&mut self, report: pb::GcRunReport) {
+        if std::mem::take(&mut self.gc_before_ready) {
+            info!(outcome = %report.outcome, "first GC run done; the engine is ready");
+            self.transition(Event::EngineReady, "");
+        }
+        self.status.send_modify(|s| s.record_gc_run(report));
+    }
+}

@@ -1,0 +1,122 @@
+//! What the agent publishes about itself: one snapshot in a watch channel,
+//! written only by the agent's main loop and copied by every reader (/readyz,
+//! the health and usage streams, the OOM watcher, the sampler).
+//!
+//! It lives here, above `engine` and `volume` whose states and figures it
+//! carries and below `control` and `gc` which read it, so no capability has to
+//! reach up into the agent for it.
+
+use super::oom_watch::OomKill;
+use super::sampler::Sample;
+use crate::engine::EngineState;
+use crate::lifecycle::State;
+use crate::proto::v1 as pb;
+use crate::volume::stats::FsStats;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use tokio::time::Instant;
+
+/// GC runs kept for the usage report (one a minute, a run a minute: plenty).
+pub const RECENT_GC_RUNS: usize = 16;
+/// OOM kills kept for /readyz and for health streams that were down when they
+/// happened; a storm beyond this is still counted in the total and the metric.
+pub const RECENT_OOM_KILLS: usize = 32;
+
+/// One watched filesystem's figures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountFigures {
+    pub path: PathBuf,
+    pub stats: FsStats,
+}
+
+/// What the agent publishes about itself; every reader gets a consistent copy.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub state: State,
+    /// Why the agent is in this state (empty when there is nothing to say).
+    pub reason: String,
+    pub engine: EngineState,
+    /// The engine's pid while one runs.
+    pub engine_pid: Option<u32>,
+    /// Engine exits since the task started (each one was followed by a restart).
+    pub engine_restarts: u64,
+    /// How the engine last exited, for /readyz and the health stream.
+    pub engine_last_exit: Option<String>,
+    /// The last GC runs (at most RECENT_GC_RUNS), oldest first.
+    pub recent_gc: VecDeque<pb::GcRunReport>,
+    /// GC runs since the agent started: the number of the newest in `recent_gc`.
+    pub gc_runs: u64,
+    /// The last OOM kills on this host (at most RECENT_OOM_KILLS), oldest first.
+    pub recent_ooms: VecDeque<OomKill>,
+    /// Entries ever added to `recent_ooms`: the number of the newest.
+    pub oom_entries: u64,
+    /// Kills those entries stand for (an unattributed entry may be several).
+    pub oom_kills_total: u64,
+    /// The newest sample of the host and the engine's process tree.
+    pub resources: Option<Sample>,
+    pub task_id: Option<String>,
+    /// Filesystems whose figures the health stream carries.
+    pub watched_paths: Vec<PathBuf>,
+    /// Their figures as the sampler last read them: the one statvfs per tick
+    /// that health reports, usage reports, /readyz and the metrics share.
+    pub mounts: Vec<MountFigures>,
+    /// The cache volume's mount point, once a task names it.
+    pub cache_mount: Option<PathBuf>,
+    pub since: Instant,
+}
+
+impl Status {
+    /// Starting, nothing known yet; the state dir is the first filesystem watched.
+    pub fn initial(state_dir: &Path) -> Self {
+        Self {
+            state: State::Starting,
+            reason: String::new(),
+            engine: EngineState::NotStarted,
+            engine_pid: None,
+            engine_restarts: 0,
+            engine_last_exit: None,
+            recent_gc: VecDeque::new(),
+            gc_runs: 0,
+            recent_ooms: VecDeque::new(),
+            oom_entries: 0,
+            oom_kills_total: 0,
+            resources: None,
+            task_id: None,
+            watched_paths: vec![state_dir.to_path_buf()],
+            mounts: vec![],
+            cache_mount: None,
+            since: Instant::now(),
+        }
+    }
+
+    /// The kills recorded after the first `sent` entries, oldest first; those
+    /// pushed out of `recent_ooms` meanwhile are gone (and counted in the total).
+    pub fn oom_kills_after(&self, sent: u64) -> impl Iterator<Item = &OomKill> {
+        let unsent = usize::try_from(self.oom_entries.saturating_sub(sent)).unwrap_or(usize::MAX);
+        self.recent_ooms.iter().skip(self.recent_ooms.len().saturating_sub(unsent))
+    }
+
+    /// The figures of the filesystem watched at `path`, if the last tick read it.
+    pub fn mount(&self, path: &Path) -> Option<&MountFigures> {
+        self.mounts.iter().find(|m| m.path == path)
+    }
+
+    /// Adds a finished GC run, forgetting the oldest beyond [`RECENT_GC_RUNS`].
+    pub fn record_gc_run(&mut self, report: pb::GcRunReport) {
+        self.gc_runs += 1;
+        self.recent_gc.push_back(report);
+        while self.recent_gc.len() > RECENT_GC_RUNS {
+            self.recent_gc.pop_front();
+        }
+    }
+
+    /// Adds an OOM kill, forgetting the oldest beyond [`RECENT_OOM_KILLS`].
+    pub fn record_oom_kill(&mut self, kill: OomKill) {
+        self.oom_entries += 1;
+        self.oom_kills_total += kill.count;
+        self.recent_ooms.push_back(kill);
+        while self.recent_ooms.len() > RECENT_OOM_KILLS {
+            self.recent_ooms.pop_front();
+        }
+    }
+}
