@@ -1,4 +1,6 @@
-//! Exponential backoff with full jitter: the one retry schedule every loop uses.
+//! Exponential backoff with full jitter: the one retry schedule every loop
+//! that calls something remote uses; and [`PollGaps`] with [`poll_until`], the
+//! one schedule for polling state on this machine.
 //!
 //! Attempt n waits a uniformly random time in `[0, min(max, initial * 2^n)]`
 //! ("full jitter", so a fleet of agents that lost the control plane at the same
@@ -72,6 +74,57 @@ impl Backoff {
     }
 }
 
+/// The gaps between looks at state on this machine (a device node, a socket,
+/// a busy mount): doubling from `min` to `max`, exact. No jitter: the thing
+/// polled is local, so there is no fleet to spread out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollGaps {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl PollGaps {
+    /// `min`, `2 min`, `4 min`... up to `max`.
+    pub const fn doubling(min: Duration, max: Duration) -> Self {
+        Self { min, max, next: min }
+    }
+
+    /// The same gap every time.
+    pub const fn fixed(gap: Duration) -> Self {
+        Self::doubling(gap, gap)
+    }
+
+    /// The gap to wait now; the next is twice as long, up to the cap.
+    pub fn next_gap(&mut self) -> Duration {
+        let gap = self.next;
+        self.next = gap.saturating_mul(2).min(self.max);
+        gap
+    }
+
+    /// Starts over from `min`: what is polled just moved.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// Calls `look` until it finds something (`Ok(Some)`), errs, or `timeout` has
+/// passed, waiting `gaps` between looks; the last look is at the deadline.
+/// `Ok(None)` means the deadline came first.
+pub async fn poll_until<T, E>(mut gaps: PollGaps, timeout: Duration, mut look: impl FnMut() -> Result<Option<T>, E>) -> Result<Option<T>, E> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(found) = look()? {
+            return Ok(Some(found));
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(gaps.next_gap().min(deadline - now)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,5 +167,54 @@ mod tests {
                 prop_assert!(d <= max);
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn polling_backs_off_from_50ms_to_1s_and_stops_at_the_deadline() {
+        let (min, max) = (Duration::from_millis(50), Duration::from_secs(1));
+        let start = tokio::time::Instant::now();
+        let mut looks = vec![];
+        let found = poll_until(PollGaps::doubling(min, max), Duration::from_secs(30), || -> Result<Option<()>, ()> {
+            looks.push(tokio::time::Instant::now() - start);
+            Ok(None)
+        })
+        .await;
+        assert_eq!(found, Ok(None));
+        let ms: Vec<u128> = looks.iter().map(Duration::as_millis).collect();
+        assert_eq!(&ms[..8], &[0, 50, 150, 350, 750, 1550, 2550, 3550]);
+        assert_eq!(ms.last(), Some(&30_000), "the last look is at the deadline");
+        assert_eq!(ms.len(), 35);
+        for pair in looks.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(gap >= min || pair[1] == Duration::from_secs(30), "{gap:?}");
+            assert!(gap <= max, "{gap:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn polling_returns_the_first_find_and_the_first_error() {
+        let gaps = PollGaps::doubling(Duration::from_millis(50), Duration::from_secs(1));
+        let mut n = 0;
+        let found = poll_until(gaps, Duration::from_secs(5), || -> Result<Option<u32>, ()> {
+            n += 1;
+            Ok((n == 4).then_some(n))
+        })
+        .await;
+        assert_eq!(found, Ok(Some(4)));
+        let failed = poll_until(gaps, Duration::from_secs(5), || -> Result<Option<u32>, &str> { Err("boom") }).await;
+        assert_eq!(failed, Err("boom"));
+        let zero = poll_until(gaps, Duration::ZERO, || -> Result<Option<u32>, ()> { Ok(None) }).await;
+        assert_eq!(zero, Ok(None));
+    }
+
+    #[test]
+    fn poll_gaps_double_to_the_cap_and_reset() {
+        let mut gaps = PollGaps::doubling(Duration::from_millis(1), Duration::from_millis(5));
+        let seen: Vec<u128> = (0..5).map(|_| gaps.next_gap().as_millis()).collect();
+        assert_eq!(seen, [1, 2, 4, 5, 5]);
+        gaps.reset();
+        assert_eq!(gaps.next_gap(), Duration::from_millis(1));
+        let mut fixed = PollGaps::fixed(Duration::from_millis(20));
+        assert_eq!((fixed.next_gap(), fixed.next_gap()), (Duration::from_millis(20), Duration::from_millis(20)));
     }
 }

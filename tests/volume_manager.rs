@@ -283,7 +283,7 @@ async fn release_trims_unmounts_children_first_and_names_holders() {
 
     let report = release_mount(&settings(), &p).await;
     assert!(!report.unmounted, "a busy mount is not unmounted lazily");
-    let text = report.errors.join("; ");
+    let text = report.errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
     assert!(text.contains(&holder.id().to_string()) && text.contains("sleep"), "the holder is named: {text}");
     assert!(report.trimmed_bytes.unwrap_or(0) > 0, "fstrim reported trimmed bytes: {report:?}");
     assert!(!is_mounted(&at.join("merged")), "the overlay beneath was unmounted first");

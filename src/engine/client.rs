@@ -16,6 +16,7 @@
 //! before its gRPC server takes connections, and the wait ends within about a
 //! millisecond of that (benches/engine_ready.rs).
 
+use crate::backoff::PollGaps;
 use crate::describe::{describe_status, error_chain};
 use crate::proto::grpc::health::v1 as health_pb;
 use crate::proto::moby::buildkit::v1 as pb;
@@ -272,7 +273,7 @@ pub async fn wait_ready(socket: &Path, timeout: Duration) -> Result<ReadyInfo, C
     // Set up before the first attempt, so a socket created in between is
     // either seen by the attempt or reported by the watch.
     let mut watch = SocketWatch::new(socket);
-    let mut delay = READY_BACKOFF_INITIAL;
+    let mut gaps = PollGaps::doubling(READY_BACKOFF_INITIAL, READY_BACKOFF_MAX);
     let mut attempts = 0u32;
     let mut last = String::from("no attempt finished");
     loop {
@@ -300,8 +301,8 @@ pub async fn wait_ready(socket: &Path, timeout: Duration) -> Result<ReadyInfo, C
             }
         };
         tokio::select! {
-            () = tokio::time::sleep(delay.min(remaining)) => delay = (delay * 2).min(READY_BACKOFF_MAX),
-            () = created => delay = READY_BACKOFF_INITIAL,
+            () = tokio::time::sleep(gaps.next_gap().min(remaining)) => {}
+            () = created => gaps.reset(),
         }
     }
 }

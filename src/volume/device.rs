@@ -15,6 +15,7 @@
 //! devtmpfs, which answer from memory, so they run inline on the async runtime.
 
 use super::tool::run_tool;
+use crate::backoff::{poll_until, PollGaps};
 use std::fmt;
 use std::fs::FileType;
 use std::io::ErrorKind;
@@ -210,32 +211,12 @@ pub async fn wait_for_device(sys_root: &Path, path: &Path, ebs_volume_id: Option
     }
     info!(device = %path.display(), ebs_volume_id, timeout = ?timeout, "waiting for the device to appear");
     let started = Instant::now();
-    match poll_until(timeout, || resolve_device(sys_root, path, ebs_volume_id)).await? {
+    match poll_until(PollGaps::doubling(POLL_MIN, POLL_MAX), timeout, || resolve_device(sys_root, path, ebs_volume_id)).await? {
         Some(device) => {
             info!(device = %device.display(), waited = ?started.elapsed(), "device appeared");
             Ok(device)
         }
         None => Err(DeviceError::Timeout { device: path.into(), ebs: EbsHint(ebs_volume_id.map(str::to_owned)), waited: timeout }),
-    }
-}
-
-/// Calls `look` until it finds something, errs, or `timeout` has passed (the
-/// last look is at the deadline). The gaps double from [`POLL_MIN`] to
-/// [`POLL_MAX`]. This polls local state rather than retrying a remote call, so
-/// there is no fleet to spread out: no jitter, and the schedule is exact.
-async fn poll_until<T, E>(timeout: Duration, mut look: impl FnMut() -> Result<Option<T>, E>) -> Result<Option<T>, E> {
-    let deadline = Instant::now() + timeout;
-    let mut gap = POLL_MIN;
-    loop {
-        if let Some(found) = look()? {
-            return Ok(Some(found));
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Ok(None);
-        }
-        tokio::time::sleep(gap.min(deadline - now)).await;
-        gap = gap.saturating_mul(2).min(POLL_MAX);
     }
 }
 
@@ -289,12 +270,11 @@ pub async fn detach_file(att: &LoopAttachment) -> Result<(), DeviceError> {
         return Ok(());
     }
     run_losetup(&["-d".as_ref(), att.device.as_os_str()]).await?;
-    let deadline = Instant::now() + DETACH_TIMEOUT;
-    while is_attached_to(root, &att.device, &att.backing)? {
-        if Instant::now() >= deadline {
-            return Err(DeviceError::DetachTimeout { device: att.device.clone(), backing: att.backing.clone(), waited: DETACH_TIMEOUT });
-        }
-        tokio::time::sleep(DETACH_POLL).await;
+    let gone =
+        poll_until(PollGaps::fixed(DETACH_POLL), DETACH_TIMEOUT, || is_attached_to(root, &att.device, &att.backing).map(|attached| (!attached).then_some(())))
+            .await?;
+    if gone.is_none() {
+        return Err(DeviceError::DetachTimeout { device: att.device.clone(), backing: att.backing.clone(), waited: DETACH_TIMEOUT });
     }
     info!(device = %att.device.display(), backing = %att.backing.display(), "detached the loop device");
     Ok(())
@@ -657,42 +637,6 @@ mod tests {
             stderr: "No such device".into(),
         });
         assert_eq!(failed.to_string(), "/usr/sbin/losetup -d /dev/loop3 failed (exit code 1): No such device");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn polling_backs_off_from_50ms_to_1s_and_stops_at_the_deadline() {
-        let start = Instant::now();
-        let mut looks = vec![];
-        let found = poll_until(Duration::from_secs(30), || -> Result<Option<()>, ()> {
-            looks.push(Instant::now() - start);
-            Ok(None)
-        })
-        .await;
-        assert_eq!(found, Ok(None));
-        let ms: Vec<u128> = looks.iter().map(Duration::as_millis).collect();
-        assert_eq!(&ms[..8], &[0, 50, 150, 350, 750, 1550, 2550, 3550]);
-        assert_eq!(ms.last(), Some(&30_000), "the last look is at the deadline");
-        assert_eq!(ms.len(), 35);
-        for pair in looks.windows(2) {
-            let gap = pair[1] - pair[0];
-            assert!(gap >= POLL_MIN || pair[1] == Duration::from_secs(30), "{gap:?}");
-            assert!(gap <= POLL_MAX, "{gap:?}");
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn polling_returns_the_first_find_and_the_first_error() {
-        let mut n = 0;
-        let found = poll_until(Duration::from_secs(5), || -> Result<Option<u32>, ()> {
-            n += 1;
-            Ok((n == 4).then_some(n))
-        })
-        .await;
-        assert_eq!(found, Ok(Some(4)));
-        let failed = poll_until(Duration::from_secs(5), || -> Result<Option<u32>, &str> { Err("boom") }).await;
-        assert_eq!(failed, Err("boom"));
-        let zero = poll_until(Duration::ZERO, || -> Result<Option<u32>, ()> { Ok(None) }).await;
-        assert_eq!(zero, Ok(None));
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,6 +20,7 @@ use super::signature::{plan_prepare, read_device_signature, PrepareAction};
 use super::stats::read_fs_stats;
 use super::tool::run_tool;
 use super::trim::{fstrim, TrimError};
+use crate::backoff::PollGaps;
 use crate::task::{FsType, VolumeMount, VolumeSource};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -33,6 +34,10 @@ use tracing::{info, warn};
 const MKFS_TIMEOUT: Duration = Duration::from_secs(600);
 /// Online grow touches metadata only.
 const GROW_TIMEOUT: Duration = Duration::from_secs(300);
+/// A busy mount is tried again soon (a straggler exits in milliseconds), then
+/// every two seconds until the unmount timeout.
+const UNMOUNT_RETRY_MIN: Duration = Duration::from_millis(50);
+const UNMOUNT_RETRY_MAX: Duration = Duration::from_secs(2);
 /// Paths whose devices the agent never touches, whatever the task says.
 const SYSTEM_MOUNTS: &[&str] = &["/", "/boot", "/boot/efi", "/usr", "/var", "/home"];
 
@@ -119,12 +124,29 @@ pub struct PreparedMount {
 }
 
 /// What a release did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct ReleaseReport {
     pub unmounted: bool,
     pub trimmed_bytes: Option<u64>,
-    /// One line per problem, naming the mount and, for EBUSY, the holders.
-    pub errors: Vec<String>,
+    /// Every problem, each naming the mount and, for EBUSY, the holders.
+    pub errors: Vec<ReleaseError>,
+}
+
+/// Why a release left a mount or a loop device behind.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum ReleaseError {
+    /// {0}
+    Mountinfo(#[from] super::mountinfo::MountinfoError),
+    /// {mount_point} is busy after {waited:?}; held by: {held_by}
+    Busy { mount_point: PathBuf, waited: Duration, held_by: String },
+    /// cannot unmount {mount_point}: {source}
+    Unmount {
+        mount_point: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    /// {0}
+    Detach(#[from] super::device::DeviceError),
 }
 
 // === prepare ===
@@ -337,7 +359,7 @@ pub async fn release_mount(settings: &VolumeSettings, p: &PreparedMount) -> Rele
     };
     if let (true, Some(att)) = (report.unmounted, &p.loop_attachment) {
         if let Err(error) = detach_file(att).await {
-            report.errors.push(error.to_string());
+            report.errors.push(error.into());
         }
     }
     report
@@ -345,19 +367,19 @@ pub async fn release_mount(settings: &VolumeSettings, p: &PreparedMount) -> Rele
 
 /// Unmounts every mount at or below `path`, deepest first; each EBUSY is
 /// retried with backoff until the unmount timeout.
-async fn unmount_all_beneath(settings: &VolumeSettings, path: &Path) -> Result<(), String> {
+async fn unmount_all_beneath(settings: &VolumeSettings, path: &Path) -> Result<(), ReleaseError> {
     let deadline = Instant::now() + settings.unmount_timeout;
     let kill_after = Instant::now() + settings.unmount_timeout / 2;
-    let mut delay = Duration::from_millis(50);
+    let mut gaps = PollGaps::doubling(UNMOUNT_RETRY_MIN, UNMOUNT_RETRY_MAX);
     let mut killed = false;
     loop {
-        let table = read_mountinfo(Path::new(PROC_SELF_MOUNTINFO)).map_err(|e| e.to_string())?;
+        let table = read_mountinfo(Path::new(PROC_SELF_MOUNTINFO))?;
         let beneath: Vec<PathBuf> = mounts_beneath(&table, path).into_iter().map(|e| e.mount_point.clone()).collect();
         let Some(next) = beneath.first() else { return Ok(()) };
         match umount2(next.as_path(), MntFlags::empty()) {
             Ok(()) => {
                 info!(mount_point = %next.display(), "unmounted");
-                delay = Duration::from_millis(50);
+                gaps.reset();
             }
             Err(nix::Error::EBUSY) => {
                 let holders = find_holders(Path::new("/"), next);
@@ -368,24 +390,23 @@ async fn unmount_all_beneath(settings: &VolumeSettings, path: &Path) -> Result<(
                     let pids = kill_holders(&holders, std::process::id());
                     warn!(mount_point = %next.display(), killed = ?pids, "killed the processes holding the mount (volume.kill_holders = true)");
                     killed = true;
-                    delay = Duration::from_millis(50);
+                    gaps.reset();
                 } else if now >= deadline {
                     let held_by = if named.is_empty() {
                         "no process found (a mount in another namespace, or a kernel user such as a loop device)".to_string()
                     } else {
                         named.join(", ")
                     };
-                    return Err(format!("{} is busy after {:?}; held by: {held_by}", next.display(), settings.unmount_timeout));
+                    return Err(ReleaseError::Busy { mount_point: next.clone(), waited: settings.unmount_timeout, held_by });
                 }
                 // The last try lands on the deadline itself, and the kill time is not overslept.
-                let mut wake = (now + delay).min(deadline);
+                let mut wake = (now + gaps.next_gap()).min(deadline);
                 if settings.kill_holders && !killed {
                     wake = wake.min(kill_after.max(now));
                 }
                 tokio::time::sleep_until(wake).await;
-                delay = (delay * 2).min(Duration::from_secs(2));
             }
-            Err(e) => return Err(format!("cannot unmount {}: {e}", next.display())),
+            Err(source) => return Err(ReleaseError::Unmount { mount_point: next.clone(), source }),
         }
     }
 }
