@@ -109,11 +109,7 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
     let notifier = Arc::new(notifier);
     notifier.ready();
 
-    let control = match (&mode, &config.control_plane) {
-        (Mode::Standalone(_), _) => None,
-        (Mode::ControlPlane, None) => return Err(AgentError::NoControlPlane),
-        (Mode::ControlPlane, Some(cp)) => Some(ControlPlane::new(cp.clone(), metrics.clone())?),
-    };
+    let control = control_plane(&mode, &config, &metrics)?;
     let (inputs_tx, mut inputs) = mpsc::channel(64);
     let (session_tx, session_rx) = watch::channel(None);
     let mut agent = Agent::new(config, metrics, notifier.clone(), status_tx, control, session_rx, inputs_tx);
@@ -155,6 +151,15 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
             result = &mut drain => return result,
             () = pulse.tick() => {}
         }
+    }
+}
+
+/// The control-plane handle `mode` needs: none standalone, and the config must have one otherwise.
+fn control_plane(mode: &Mode, config: &Config, metrics: &Metrics) -> Result<Option<ControlPlane>, AgentError> {
+    match (mode, &config.control_plane) {
+        (Mode::Standalone(_), _) => Ok(None),
+        (Mode::ControlPlane, None) => Err(AgentError::NoControlPlane),
+        (Mode::ControlPlane, Some(cp)) => Ok(Some(ControlPlane::new(cp.clone(), metrics.clone())?)),
     }
 }
 
