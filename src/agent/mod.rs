@@ -102,7 +102,7 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
 
     let metrics = Metrics::new();
     let liveness = Liveness::default();
-    let (status_tx, status_rx) = watch::channel(Status::initial(&config.state_dir));
+    let (status_tx, status_rx) = watch::channel(initial_status(&config.state_dir));
     let (addr, serve) = crate::observe::http::bind(config.listen, status_rx.clone(), metrics.clone(), liveness.clone()).await?;
     tokio::spawn(serve.instrument(tracing::info_span!("endpoints", listen = %addr)));
     info!(listen = %addr, version = env!("CARGO_PKG_VERSION"), "endpoints serving");
@@ -152,6 +152,13 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
             () = pulse.tick() => {}
         }
     }
+}
+
+/// Starting; the first reports carry the state dir's figures even before the sampler's first tick lands.
+fn initial_status(state_dir: &Path) -> Status {
+    let mut status = Status::initial(state_dir);
+    status.mounts = crate::observe::sample_loop::read_mounts(&status.watched_paths);
+    status
 }
 
 /// The control-plane handle `mode` needs: none standalone, and the config must have one otherwise.

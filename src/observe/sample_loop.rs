@@ -60,7 +60,7 @@ impl SampleLoop {
 }
 
 /// The figures of each path that can be read; one that cannot is left out.
-fn read_mounts(paths: &[std::path::PathBuf]) -> Vec<MountFigures> {
+pub fn read_mounts(paths: &[std::path::PathBuf]) -> Vec<MountFigures> {
     paths
         .iter()
         .filter_map(|path| match read_fs_stats(path) {
