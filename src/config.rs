@@ -7,12 +7,17 @@
 //! parameter ([`EnvSource`]) so tests never touch the real process environment.
 
 use crate::backoff::Backoff;
+use crate::control::identity::Identity;
+use crate::control::ControlPlaneSettings;
+use crate::engine::EngineSettings;
+use crate::fsutil::check_clean_absolute;
+use crate::gc::GcSettings;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Where the config lives unless `--config` says otherwise.
@@ -345,7 +350,7 @@ impl Default for RawEngine {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// None in standalone-only setups: `run --standalone` needs no control plane.
-    pub control_plane: Option<ControlPlaneConfig>,
+    pub control_plane: Option<ControlPlaneSettings>,
     pub identity: Identity,
     pub listen: SocketAddr,
     pub allowed_mount_prefixes: Vec<PathBuf>,
@@ -356,70 +361,8 @@ pub struct Config {
     pub sample_interval: Duration,
     pub usage_interval: Duration,
     pub state_dir: PathBuf,
-    pub engine: EngineConfig,
-    pub gc: GcConfig,
-}
-
-/// The agent's cache GC, before a task's overrides.
-#[derive(Debug, Clone)]
-pub struct GcConfig {
-    pub enabled: bool,
-    pub retention: Duration,
-    pub min_age: Duration,
-    pub interval: Duration,
-    /// How often the free space is checked for pressure between runs.
-    pub pressure_check: Duration,
-    pub free_bytes_start_below_percent: u8,
-    pub free_bytes_stop_at_percent: u8,
-    pub free_inodes_start_below_percent: u8,
-    pub free_inodes_stop_at_percent: u8,
-    pub batch: usize,
-}
-
-#[derive(Debug, Clone)]
-pub struct ControlPlaneConfig {
-    /// The control plane's URL; https unless `insecure`.
-    pub url: String,
-    /// The CA bundle to trust instead of the system roots.
-    pub ca_bundle: Option<PathBuf>,
-    /// Plaintext http: development only, logged loudly at start.
-    pub insecure: bool,
-    pub connect_timeout: Duration,
-    pub request_timeout: Duration,
-    /// The reconnect schedule every control-plane loop starts from.
-    pub backoff: Backoff,
-}
-
-/// How the machine proves who it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Identity {
-    /// Not configured: only valid for standalone runs.
-    None,
-    /// EC2 instance identity from IMDSv2 at this base URL.
-    Aws { imds_url: String },
-    /// Fly OIDC token from the machine API socket, for this audience.
-    Fly { api_socket: PathBuf, audience: String },
-    /// A bootstrap token read from this file (0600) at every registration.
-    StaticToken { token_file: PathBuf },
-}
-
-#[derive(Debug, Clone)]
-pub struct EngineConfig {
-    pub binary: PathBuf,
-    /// Extra arguments after the agent's own `--config <file>`.
-    pub args: Vec<String>,
-    pub stop_grace: Duration,
-    /// The unix socket the agent's BuildKit client dials.
-    pub socket: PathBuf,
-    /// The engine's cgroup name at the memory hierarchy's root; None runs it
-    /// unconfined (development machines without a memory controller only).
-    pub cgroup: Option<String>,
-    /// Memory kept out of the engine's limit for the agent, sshd and the kernel.
-    pub memory_reserve_bytes: u64,
-    /// A started engine that is not ready within this long is killed and restarted.
-    pub ready_timeout: Duration,
-    pub probe: crate::engine::supervise::ProbeSettings,
-    pub restart: crate::engine::supervise::RestartPolicy,
+    pub engine: EngineSettings,
+    pub gc: GcSettings,
 }
 
 /// One invalid field: its dotted name and what was expected.
@@ -585,7 +528,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
             bad("control_plane.backoff_initial_ms", format!("{e} (control_plane.backoff_max_secs)"));
             Backoff::default()
         });
-        ControlPlaneConfig {
+        ControlPlaneSettings {
             url: cp.url,
             ca_bundle: cp.ca_bundle,
             insecure: cp.insecure,
@@ -706,7 +649,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
         sample_interval: Duration::from_millis(a.sample_interval_ms),
         usage_interval: Duration::from_secs(a.usage_interval_secs),
         state_dir: raw.agent.state_dir,
-        engine: EngineConfig {
+        engine: EngineSettings {
             binary: e.binary.clone(),
             args: e.args.clone(),
             stop_grace: Duration::from_secs(e.stop_grace_secs),
@@ -727,7 +670,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
                 crash_limit: e.crash_loop_restarts,
             },
         },
-        gc: GcConfig {
+        gc: GcSettings {
             enabled: g.enabled,
             retention: Duration::from_secs(g.retention_secs),
             min_age: Duration::from_secs(g.min_age_secs),
@@ -776,24 +719,6 @@ pub fn check_ca_bundle(path: &Path) -> Result<(), String> {
         rustls_pemfile::certs(&mut pem.as_slice()).collect::<Result<Vec<_>, _>>().map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?.len();
     if count == 0 {
         return Err(format!("{} holds no PEM certificate", path.display()));
-    }
-    Ok(())
-}
-
-/// An absolute path without `.`, `..` or empty components.
-pub fn check_clean_absolute(path: &Path) -> Result<(), String> {
-    if !path.is_absolute() {
-        return Err(format!("expected an absolute path, got {:?}", path.display().to_string()));
-    }
-    let s = path.as_os_str().as_encoded_bytes();
-    let has_dot_parts = path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir))
-        || s.windows(2).any(|w| w == b"//")
-        || s.split(|&b| b == b'/').any(|part| part == b"." || part == b"..");
-    if has_dot_parts {
-        return Err(format!("expected a normalized path without '.', '..' or '//', got {:?}", path.display().to_string()));
-    }
-    if s.contains(&0) {
-        return Err("path contains a NUL byte".into());
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ pub mod config;
 pub mod control;
 /// The build engine's process.
 pub mod engine;
-/// Atomic file writes.
+/// Atomic file writes and the clean-absolute-path check.
 pub mod fsutil;
 /// Cache garbage collection: policy, planner, executor.
 pub mod gc;

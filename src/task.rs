@@ -7,7 +7,7 @@
 //! the checks against the machine (does the device exist, is it blank) belong
 //! to the volume manager.
 
-use crate::config::check_clean_absolute;
+use crate::fsutil::check_clean_absolute;
 use crate::proto::v1 as pb;
 use crate::secret::Secret;
 use serde::Deserialize;
