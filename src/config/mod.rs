@@ -7,8 +7,10 @@
 //! parameter ([`EnvSource`]) so tests never touch the real process environment.
 //!
 //! Config sits above the capabilities: it knows each one's settings type
-//! ([`ControlPlaneSettings`], [`Identity`], [`VolumeSettings`], [`EngineSettings`],
-//! [`GcSettings`]) and builds it; no capability imports config.
+//! (`control::ControlPlaneSettings`, `control::identity::Identity`,
+//! `volume::manager::VolumeSettings`, `engine::EngineSettings`,
+//! `gc::GcSettings`) and builds it; no capability imports config. Its parts:
+//!
 //! - `schema`: the file's shape and its defaults;
 //! - `env`: the environment overrides, applied before deserializing;
 //! - `validate`: the checks, one function per section or rule.
@@ -141,6 +143,7 @@ impl Config {
     }
 }
 
+/// A parser's multi-line message as one line, so each problem prints on its own line.
 fn one_line(s: &str) -> String {
     s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
 }
