@@ -10,7 +10,7 @@
 pub mod agent;
 /// Exponential backoff with full jitter, shared by every retry loop.
 pub mod backoff;
-/// The agent's TOML config, validated once at start.
+/// The agent's TOML config, validated once at start into each capability's settings.
 pub mod config;
 /// The control plane: registration, health stream, usage and shutdown reports.
 pub mod control;
