@@ -1,8 +1,10 @@
-//! File writes that a crash or power cut never leaves half done.
+//! File writes that a crash or power cut never leaves half done, and the check
+//! that a path from the config or a task is absolute and clean. A leaf module:
+//! it uses nothing else from the crate, so config and task can both use it.
 
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Component, Path};
 
 /// Writes `contents` to `path` with `mode`: a temp file in the same directory,
 /// fsynced, renamed over `path`, then the directory fsynced. A reader sees the
@@ -34,6 +36,24 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
 pub fn create_private_dir(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
+}
+
+/// An absolute path without `.`, `..` or empty components.
+pub fn check_clean_absolute(path: &Path) -> Result<(), String> {
+    if !path.is_absolute() {
+        return Err(format!("expected an absolute path, got {:?}", path.display().to_string()));
+    }
+    let s = path.as_os_str().as_encoded_bytes();
+    let has_dot_parts = path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+        || s.windows(2).any(|w| w == b"//")
+        || s.split(|&b| b == b'/').any(|part| part == b"." || part == b"..");
+    if has_dot_parts {
+        return Err(format!("expected a normalized path without '.', '..' or '//', got {:?}", path.display().to_string()));
+    }
+    if s.contains(&0) {
+        return Err("path contains a NUL byte".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

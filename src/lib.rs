@@ -12,7 +12,7 @@ pub mod agent;
 pub mod backoff;
 /// Wall-clock timestamps for reports.
 pub mod clock;
-/// The agent's TOML config, validated once at start.
+/// The agent's TOML config, validated once at start into each capability's settings.
 pub mod config;
 /// The control plane: registration, health stream, usage and shutdown reports.
 pub mod control;
@@ -20,7 +20,7 @@ pub mod control;
 pub mod describe;
 /// The build engine's process.
 pub mod engine;
-/// Atomic file writes.
+/// Atomic file writes and the clean-absolute-path check.
 pub mod fsutil;
 /// Cache garbage collection: policy, planner, executor.
 pub mod gc;

@@ -38,7 +38,7 @@ pub struct HealthStream {
 
 impl HealthStream {
     pub async fn run(mut self) {
-        let mut backoff = self.control.config.backoff.clone();
+        let mut backoff = self.control.settings.backoff.clone();
         let mut rng = rand::rngs::StdRng::from_os_rng();
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -6,7 +6,6 @@
 //! Every fetch has a timeout. Tokens are wrapped in [`Secret`] the moment they
 //! are read, so they cannot reach a log line.
 
-use crate::config::Identity;
 use crate::proto::v1 as pb;
 use crate::secret::Secret;
 use http_body_util::{BodyExt, Full};
@@ -48,6 +47,19 @@ pub enum IdentityError {
     EmptyToken { path: PathBuf },
     /// identity proof {what} is larger than 64 KiB
     TooLarge { what: &'static str },
+}
+
+/// How the machine proves who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// Not configured: only valid for standalone runs.
+    None,
+    /// EC2 instance identity from IMDSv2 at this base URL.
+    Aws { imds_url: String },
+    /// Fly OIDC token from the machine API socket, for this audience.
+    Fly { api_socket: PathBuf, audience: String },
+    /// A bootstrap token read from this file (0600) at every registration.
+    StaticToken { token_file: PathBuf },
 }
 
 /// Fetches identity proofs for the configured mode.

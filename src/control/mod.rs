@@ -14,7 +14,7 @@ pub mod identity;
 pub mod register;
 pub mod usage;
 
-use crate::config::ControlPlaneConfig;
+use crate::backoff::Backoff;
 use crate::describe::{describe_status, error_chain};
 use crate::observe::metrics::Metrics;
 use crate::proto::v1 as pb;
@@ -75,31 +75,46 @@ pub struct Session {
     pub token: Secret,
 }
 
+/// Where the control plane is and how the agent talks to it.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneSettings {
+    /// The control plane's URL; https unless `insecure`.
+    pub url: String,
+    /// The CA bundle to trust instead of the system roots.
+    pub ca_bundle: Option<PathBuf>,
+    /// Plaintext http: development only, logged loudly at start.
+    pub insecure: bool,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+    /// The reconnect schedule every control-plane loop starts from.
+    pub backoff: Backoff,
+}
+
 /// A handle on the control plane: cheap to clone, shared by every loop.
 #[derive(Debug, Clone)]
 pub struct ControlPlane {
     client: MachineServiceClient<Channel>,
-    pub config: ControlPlaneConfig,
+    pub settings: ControlPlaneSettings,
     pub metrics: Metrics,
 }
 
 impl ControlPlane {
     /// Builds the channel. It connects lazily, and reconnects by itself, on each call.
-    pub fn new(config: ControlPlaneConfig, metrics: Metrics) -> Result<Self, ControlError> {
-        let url = config.url.clone();
+    pub fn new(settings: ControlPlaneSettings, metrics: Metrics) -> Result<Self, ControlError> {
+        let url = settings.url.clone();
         let bad_url = |reason: String| ControlError::Url { url: url.clone(), reason };
         let mut endpoint = Endpoint::from_shared(url.clone())
             .map_err(|e| bad_url(e.to_string()))?
             .user_agent(USER_AGENT)
             .map_err(|e| bad_url(e.to_string()))?
-            .connect_timeout(config.connect_timeout)
+            .connect_timeout(settings.connect_timeout)
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .tcp_nodelay(true);
         if url.starts_with("https://") {
             let mut tls = ClientTlsConfig::new();
-            tls = match &config.ca_bundle {
+            tls = match &settings.ca_bundle {
                 Some(path) => {
                     let pem = std::fs::read(path).map_err(|source| ControlError::CaBundle { path: path.clone(), source })?;
                     tls.ca_certificate(Certificate::from_pem(pem))
@@ -112,7 +127,7 @@ impl ControlPlane {
             tracing::warn!(url = %url, "control plane connection is PLAINTEXT (control_plane.insecure = true): development only");
         }
         let client = MachineServiceClient::new(endpoint.connect_lazy());
-        Ok(Self { client, config, metrics })
+        Ok(Self { client, settings, metrics })
     }
 
     /// A request carrying the session's bearer token.
@@ -128,7 +143,7 @@ impl ControlPlane {
     /// Sends one usage report; bounded by the request timeout.
     pub async fn report_usage(&self, report: pb::UsageReport, session: &Session) -> Result<(), ControlError> {
         let req = self.authorized(report, session)?;
-        self.unary("ReportUsage", self.config.request_timeout, self.client.clone().report_usage(req)).await.map(drop)
+        self.unary("ReportUsage", self.settings.request_timeout, self.client.clone().report_usage(req)).await.map(drop)
     }
 
     /// Sends the shutdown report; bounded by `timeout` (what is left of the drain).

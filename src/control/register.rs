@@ -32,7 +32,7 @@ pub struct Registration {
 impl Registration {
     /// Runs until the agent stops listening (its input channel closes).
     pub async fn run(self) {
-        let mut backoff = self.control.config.backoff.clone();
+        let mut backoff = self.control.settings.backoff.clone();
         let mut rng = rand::rngs::StdRng::from_os_rng();
         loop {
             let opened = Instant::now();
@@ -76,8 +76,8 @@ impl Registration {
             hostname: hostname(),
             identity: Some(proof),
         };
-        info!(connection_id = %request.connection_id, url = %self.control.config.url, "registering with the control plane");
-        let timeout = self.control.config.request_timeout;
+        info!(connection_id = %request.connection_id, url = %self.control.settings.url, "registering with the control plane");
+        let timeout = self.control.settings.request_timeout;
         let mut stream = match tokio::time::timeout(timeout, self.control.client.clone().register_machine(request)).await {
             Ok(Ok(resp)) => resp.into_inner(),
             Ok(Err(status)) => return Err(fail(ControlError::Call { call: "RegisterMachine", reason: describe_status(&status) })),

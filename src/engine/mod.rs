@@ -15,10 +15,10 @@ pub mod render;
 /// Restart policy and the supervision loop.
 pub mod supervise;
 
-use crate::config::EngineConfig;
 use crate::task::BuildkitTask;
 use cgroup::EngineCgroup;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use supervise::{EngineEvent, EngineSpec, Supervisor};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
@@ -44,6 +44,26 @@ pub enum EngineError {
     Cgroup(#[from] cgroup::CgroupError),
     /// {0}
     Supervise(#[from] supervise::SuperviseError),
+}
+
+/// How the agent runs the engine, whatever the task.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub binary: PathBuf,
+    /// Extra arguments after the agent's own `--config <file>`.
+    pub args: Vec<String>,
+    pub stop_grace: Duration,
+    /// The unix socket the agent's BuildKit client dials.
+    pub socket: PathBuf,
+    /// The engine's cgroup name at the memory hierarchy's root; None runs it
+    /// unconfined (development machines without a memory controller only).
+    pub cgroup: Option<String>,
+    /// Memory kept out of the engine's limit for the agent, sshd and the kernel.
+    pub memory_reserve_bytes: u64,
+    /// A started engine that is not ready within this long is killed and restarted.
+    pub ready_timeout: Duration,
+    pub probe: supervise::ProbeSettings,
+    pub restart: supervise::RestartPolicy,
 }
 
 /// A supervised engine and what was made for it.
@@ -77,7 +97,7 @@ impl EngineFiles {
 /// cgroup, and starts supervising buildkitd with BuildKit's root on the task's
 /// first mount (already prepared). Events about the engine arrive on `events`.
 pub fn start(
-    config: &EngineConfig,
+    config: &EngineSettings,
     state_dir: &Path,
     task: &BuildkitTask,
     backstop: &[render::GcBackstopRule],

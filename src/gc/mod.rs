@@ -8,3 +8,21 @@ pub mod executor;
 pub mod planner;
 /// When GC runs: startup, interval, pressure; and what it reports.
 pub mod schedule;
+
+use std::time::Duration;
+
+/// The agent's cache GC, before a task's overrides.
+#[derive(Debug, Clone)]
+pub struct GcSettings {
+    pub enabled: bool,
+    pub retention: Duration,
+    pub min_age: Duration,
+    pub interval: Duration,
+    /// How often the free space is checked for pressure between runs.
+    pub pressure_check: Duration,
+    pub free_bytes_start_below_percent: u8,
+    pub free_bytes_stop_at_percent: u8,
+    pub free_inodes_start_below_percent: u8,
+    pub free_inodes_stop_at_percent: u8,
+    pub batch: usize,
+}

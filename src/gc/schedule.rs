@@ -5,7 +5,7 @@
 
 use super::executor::{GcReport, GcRun, Trigger};
 use super::planner::{self, Policy};
-use crate::config::GcConfig;
+use super::GcSettings;
 use crate::engine::client::EngineClient;
 use crate::observe::metrics::Metrics;
 use crate::task::BuildkitTask;
@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// The agent's GC policy for a task: the config's, with the task's overrides.
-pub fn effective_policy(config: &GcConfig, task: &BuildkitTask) -> (Policy, Duration) {
+pub fn effective_policy(config: &GcSettings, task: &BuildkitTask) -> (Policy, Duration) {
     let o = &task.gc;
     let percent = |p: u32| u8::try_from(p.min(100)).unwrap_or(100);
     let (bytes_start, bytes_stop) =
@@ -166,8 +166,8 @@ pub fn to_proto(report: &GcReport, outcome: &str) -> crate::proto::v1::GcRunRepo
 mod tests {
     use super::*;
 
-    fn config() -> GcConfig {
-        GcConfig {
+    fn config() -> GcSettings {
+        GcSettings {
             enabled: true,
             retention: Duration::from_secs(100),
             min_age: Duration::from_secs(10),

@@ -11,7 +11,7 @@
 /// The task's mTLS material: checked, then written atomically where the engine reads it.
 pub mod tls;
 
-use crate::config::check_clean_absolute;
+use crate::fsutil::check_clean_absolute;
 use crate::proto::v1 as pb;
 use crate::secret::Secret;
 use serde::Deserialize;

@@ -1,0 +1,266 @@
+//! The agent's configuration: a strict TOML file plus environment overrides,
+//! parsed and validated once at start, before anything touches a device, binds
+//! a port or dials the control plane.
+//!
+//! Validation reports every problem at once, each naming its field and what was
+//! expected, so an operator fixes a config in one round. The environment is a
+//! parameter ([`EnvSource`]) so tests never touch the real process environment.
+//!
+//! Config sits above the capabilities: it knows each one's settings type
+//! (`control::ControlPlaneSettings`, `control::identity::Identity`,
+//! `volume::manager::VolumeSettings`, `engine::EngineSettings`,
+//! `gc::GcSettings`) and builds it; no capability imports config. Its parts:
+//!
+//! - `schema`: the file's shape and its defaults;
+//! - `env`: the environment overrides, applied before deserializing;
+//! - `validate`: the checks, one function per section or rule.
+
+mod env;
+mod schema;
+mod validate;
+
+pub use env::{EnvSource, ProcessEnv, ENV_PREFIX};
+pub use validate::check_ca_bundle;
+
+use crate::control::identity::Identity;
+use crate::control::ControlPlaneSettings;
+use crate::engine::EngineSettings;
+use crate::gc::GcSettings;
+use crate::volume::manager::VolumeSettings;
+use schema::RawConfig;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the config lives unless `--config` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/machine-agent/config.toml";
+
+/// The whole validated configuration. Built only by [`Config::parse`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// None in standalone-only setups: `run --standalone` needs no control plane.
+    pub control_plane: Option<ControlPlaneSettings>,
+    pub identity: Identity,
+    pub listen: SocketAddr,
+    pub allowed_mount_prefixes: Vec<PathBuf>,
+    pub volume: VolumeSettings,
+    pub drain_timeout: Duration,
+    pub health_interval: Duration,
+    /// How often the host and the engine's process tree are sampled.
+    pub sample_interval: Duration,
+    pub usage_interval: Duration,
+    pub state_dir: PathBuf,
+    pub engine: EngineSettings,
+    pub gc: GcSettings,
+}
+
+/// One invalid field: its dotted name and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub field: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.problem)
+    }
+}
+
+/// Why a config was refused.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum ConfigError {
+    /// cannot read config file {path}: {source}
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// invalid config ({0} problem(s)):{1}
+    Invalid(usize, ProblemList),
+}
+
+/// The problems of one config, printed one per line.
+#[derive(Debug)]
+pub struct ProblemList(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ProblemList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for p in &self.0 {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn invalid(problems: Vec<ConfigProblem>) -> Self {
+        Self::Invalid(problems.len(), ProblemList(problems))
+    }
+
+    /// The problems, for tests and `check`.
+    pub fn problems(&self) -> &[ConfigProblem] {
+        match self {
+            Self::Read { .. } => &[],
+            Self::Invalid(_, list) => &list.0,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path` with overrides from `env`.
+    pub fn load(path: &Path, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text, env)
+    }
+
+    /// Parses and validates config text with overrides from `env`.
+    pub fn parse(text: &str, env: &dyn EnvSource) -> Result<Self, ConfigError> {
+        let mut problems = vec![];
+        let mut table: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                let field = e.span().map(|s| field_at(text, s.start)).unwrap_or_else(|| "<file>".into());
+                return Err(ConfigError::invalid(vec![ConfigProblem { field, problem: one_line(e.message()) }]));
+            }
+        };
+        env::apply_env_overrides(&mut table, env, &mut problems);
+        let raw: RawConfig = match serde_path_to_error::deserialize(toml::Value::Table(table)) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let field = e.path().to_string();
+                problems.push(ConfigProblem { field, problem: one_line(&e.inner().to_string()) });
+                return Err(ConfigError::invalid(problems));
+            }
+        };
+        let config = validate::validate(raw, &mut problems);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::invalid(problems))
+        }
+    }
+}
+
+/// A parser's multi-line message as one line, so each problem prints on its own line.
+fn one_line(s: &str) -> String {
+    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+/// The key on the line where a syntax error sits, for a message that names the field.
+fn field_at(text: &str, offset: usize) -> String {
+    let line = text[..offset.min(text.len())].lines().last().unwrap_or("");
+    let line_no = text[..offset.min(text.len())].matches('\n').count() + 1;
+    match line.split('=').next().map(str::trim).filter(|k| !k.is_empty() && !k.starts_with('[')) {
+        Some(key) => format!("{key} (line {line_no})"),
+        None => format!("line {line_no}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::schema::DEFAULT_LISTEN;
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    const MINIMAL: &str = r#"
+        [volume]
+        allowed_mount_prefixes = ["/var/lib/buildkit"]
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(MINIMAL, &env(&[])).unwrap();
+        assert!(c.control_plane.is_none());
+        assert_eq!(c.identity, Identity::None);
+        assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(c.drain_timeout, Duration::from_secs(60));
+        assert_eq!(c.health_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn env_overrides_set_fields_with_types() {
+        let c = Config::parse(
+            MINIMAL,
+            &env(&[("MACHINE_AGENT__AGENT__DRAIN_TIMEOUT_SECS", "90"), ("MACHINE_AGENT__ENDPOINTS__LISTEN", "127.0.0.1:1234"), ("UNRELATED", "x")]),
+        )
+        .unwrap();
+        assert_eq!(c.drain_timeout, Duration::from_secs(90));
+        assert_eq!(c.listen, "127.0.0.1:1234".parse().unwrap());
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let text = r#"
+            [control_plane]
+            url = "ftp://x"
+            backoff_initial_ms = 0
+            [identity]
+            mode = "carrier-pigeon"
+            [endpoints]
+            listen = "nowhere"
+            [volume]
+            allowed_mount_prefixes = ["relative", "/a/../b", "/"]
+            ext4_bytes_per_inode = 3000
+            [agent]
+            drain_timeout_secs = 0
+            sample_interval_ms = 10
+        "#;
+        let err = Config::parse(text, &env(&[])).unwrap_err();
+        let fields: Vec<_> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        for expected in [
+            "control_plane.url",
+            "control_plane.backoff_initial_ms",
+            "identity.mode",
+            "endpoints.listen",
+            "volume.allowed_mount_prefixes[0]",
+            "volume.allowed_mount_prefixes[1]",
+            "volume.allowed_mount_prefixes[2]",
+            "volume.ext4_bytes_per_inode",
+            "agent.drain_timeout_secs",
+            "agent.sample_interval_ms",
+        ] {
+            assert!(fields.contains(&expected), "{expected} missing from {fields:?}");
+        }
+    }
+
+    #[test]
+    fn type_errors_and_unknown_fields_name_the_field() {
+        let err = Config::parse("[agent]\ndrain_timeout_secs = \"soon\"\n", &env(&[])).unwrap_err();
+        assert_eq!(err.problems()[0].field, "agent.drain_timeout_secs");
+        let err = Config::parse("[agent]\ndrain_timeout = 3\n", &env(&[])).unwrap_err();
+        assert_eq!(err.problems()[0].field, "agent.drain_timeout");
+        assert!(err.problems()[0].problem.contains("unknown field"));
+    }
+
+    #[test]
+    fn plaintext_needs_the_insecure_switch() {
+        let text = format!("{MINIMAL}\n[control_plane]\nurl = \"http://127.0.0.1:1\"\n[identity]\nmode = \"aws\"\n");
+        let err = Config::parse(&text, &env(&[])).unwrap_err();
+        assert_eq!(err.problems()[0].field, "control_plane.url");
+        let c = Config::parse(&text, &env(&[("MACHINE_AGENT__CONTROL_PLANE__INSECURE", "true")])).unwrap();
+        assert!(c.control_plane.unwrap().insecure);
+    }
+
+    #[test]
+    fn token_file_must_be_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "abc").unwrap();
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let text = format!(
+            "{MINIMAL}\n[control_plane]\nurl = \"https://cp.example\"\n[identity]\nmode = \"static_token\"\ntoken_file = {:?}\n",
+            token.display().to_string()
+        );
+        let err = Config::parse(&text, &env(&[])).unwrap_err();
+        assert_eq!(err.problems()[0].field, "identity.token_file");
+        std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Config::parse(&text, &env(&[])).is_ok());
+    }
+}

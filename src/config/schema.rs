@@ -1,0 +1,331 @@
+//! The config file's shape: one `Raw*` struct per TOML table, strict
+//! (`deny_unknown_fields`), with every default named here. Nothing here checks
+//! a value; `validate` does, after the environment overrides are applied.
+
+use serde::Deserialize;
+use std::path::PathBuf;
+
+/// The real IMDS address; only tests and odd networks override it.
+pub(super) const DEFAULT_IMDS_URL: &str = "http://169.254.169.254";
+/// Where a Fly machine's API socket lives.
+pub(super) const DEFAULT_FLY_API_SOCKET: &str = "/.fly/api";
+/// The cloud-agent scrapes this port on every builder.
+pub(super) const DEFAULT_LISTEN: &str = "0.0.0.0:9911";
+/// Long enough for a TLS handshake across regions, short enough to notice an outage.
+const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
+/// Every unary call (usage, shutdown) gets this long.
+const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 15;
+#[allow(clippy::cast_possible_truncation)] // 250 ms fits in u64
+const DEFAULT_BACKOFF_INITIAL_MS: u64 = crate::backoff::DEFAULT_INITIAL.as_millis() as u64;
+const DEFAULT_BACKOFF_MAX_SECS: u64 = crate::backoff::DEFAULT_MAX.as_secs();
+/// Stopping buildkitd, syncing and unmounting a large cache fits in a minute;
+/// the unit's TimeoutStopSec sits above this.
+const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 60;
+/// The protocol promises one health report a second.
+const DEFAULT_HEALTH_INTERVAL_MS: u64 = 1000;
+/// A sample costs well under a millisecond; every 5 s is fine-grained enough
+/// for a memory climb that ends in an OOM kill, and cheap on an idle VM.
+const DEFAULT_SAMPLE_INTERVAL_MS: u64 = 5000;
+/// The protocol promises a usage report a minute.
+const DEFAULT_USAGE_INTERVAL_SECS: u64 = 60;
+/// An EBS attach usually lands within seconds; two minutes covers a slow API
+/// without leaving a broken VM waiting for ever.
+const DEFAULT_DEVICE_WAIT_SECS: u64 = 120;
+/// Retrying EBUSY for half a minute lets a straggling process exit; the drain
+/// deadline (60 s) must leave room for it.
+const DEFAULT_UNMOUNT_TIMEOUT_SECS: u64 = 30;
+const DEFAULT_STATE_DIR: &str = "/var/lib/machine-agent";
+const DEFAULT_ENGINE_BINARY: &str = "/usr/local/bin/buildkitd";
+/// buildkitd finishes in-flight solves on SIGTERM; give it that long before SIGKILL.
+const DEFAULT_ENGINE_STOP_GRACE_SECS: u64 = 20;
+
+/// The file as written: one table per section. A missing `[control_plane]` means
+/// standalone only; any other missing table takes its defaults. Unknown fields
+/// are refused, so a typo is a problem that names it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub(super) control_plane: Option<RawControlPlane>,
+    #[serde(default)]
+    pub(super) identity: RawIdentity,
+    #[serde(default)]
+    pub(super) endpoints: RawEndpoints,
+    #[serde(default)]
+    pub(super) volume: RawVolume,
+    #[serde(default)]
+    pub(super) agent: RawAgent,
+    #[serde(default)]
+    pub(super) engine: RawEngine,
+    #[serde(default)]
+    pub(super) gc: RawGc,
+}
+
+/// Defaults are the planner's (14 days, 10 min, 10 % / 20 %); a task may override them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawGc {
+    pub(super) enabled: bool,
+    pub(super) retention_secs: u64,
+    pub(super) min_age_secs: u64,
+    pub(super) interval_secs: u64,
+    pub(super) pressure_check_secs: u64,
+    pub(super) free_bytes_start_below_percent: u8,
+    pub(super) free_bytes_stop_at_percent: u8,
+    pub(super) free_inodes_start_below_percent: u8,
+    pub(super) free_inodes_stop_at_percent: u8,
+    pub(super) batch: usize,
+}
+
+impl Default for RawGc {
+    fn default() -> Self {
+        use crate::gc::planner as p;
+        Self {
+            enabled: true,
+            retention_secs: p::DEFAULT_RETENTION.as_secs(),
+            min_age_secs: p::DEFAULT_MIN_AGE.as_secs(),
+            interval_secs: 60,
+            pressure_check_secs: 5,
+            free_bytes_start_below_percent: p::DEFAULT_FREE_START_BELOW_PERCENT,
+            free_bytes_stop_at_percent: p::DEFAULT_FREE_STOP_AT_PERCENT,
+            free_inodes_start_below_percent: p::DEFAULT_FREE_START_BELOW_PERCENT,
+            free_inodes_stop_at_percent: p::DEFAULT_FREE_STOP_AT_PERCENT,
+            batch: crate::gc::executor::DEFAULT_BATCH,
+        }
+    }
+}
+
+/// `[control_plane]`: absent in standalone-only setups.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawControlPlane {
+    pub(super) url: String,
+    pub(super) ca_bundle: Option<PathBuf>,
+    #[serde(default)]
+    pub(super) insecure: bool,
+    #[serde(default = "default_connect_timeout_secs")]
+    pub(super) connect_timeout_secs: u64,
+    #[serde(default = "default_request_timeout_secs")]
+    pub(super) request_timeout_secs: u64,
+    #[serde(default = "default_backoff_initial_ms")]
+    pub(super) backoff_initial_ms: u64,
+    #[serde(default = "default_backoff_max_secs")]
+    pub(super) backoff_max_secs: u64,
+}
+
+/// `[identity]`: which fields apply depends on `mode`; validation checks that.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIdentity {
+    pub(super) mode: Option<String>,
+    pub(super) imds_url: Option<String>,
+    pub(super) fly_api_socket: Option<PathBuf>,
+    pub(super) fly_oidc_audience: Option<String>,
+    pub(super) token_file: Option<PathBuf>,
+}
+
+/// `[endpoints]`: where the health and metrics endpoints listen.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEndpoints {
+    #[serde(default = "default_listen")]
+    pub(super) listen: String,
+}
+
+/// `[volume]`: where task mounts may go and how the cache volume is handled.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawVolume {
+    #[serde(default)]
+    pub(super) allowed_mount_prefixes: Vec<PathBuf>,
+    #[serde(default = "default_device_wait_secs")]
+    pub(super) device_wait_secs: u64,
+    #[serde(default = "default_unmount_timeout_secs")]
+    pub(super) unmount_timeout_secs: u64,
+    #[serde(default)]
+    pub(super) kill_holders: bool,
+    pub(super) ephemeral_dir: Option<PathBuf>,
+    pub(super) ext4_bytes_per_inode: Option<u64>,
+}
+
+impl Default for RawVolume {
+    fn default() -> Self {
+        Self {
+            allowed_mount_prefixes: vec![],
+            device_wait_secs: default_device_wait_secs(),
+            unmount_timeout_secs: default_unmount_timeout_secs(),
+            kill_holders: false,
+            ephemeral_dir: None,
+            ext4_bytes_per_inode: None,
+        }
+    }
+}
+
+/// `[agent]`: the agent's own intervals, drain deadline and state directory.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAgent {
+    #[serde(default = "default_drain_timeout_secs")]
+    pub(super) drain_timeout_secs: u64,
+    #[serde(default = "default_health_interval_ms")]
+    pub(super) health_interval_ms: u64,
+    #[serde(default = "default_sample_interval_ms")]
+    pub(super) sample_interval_ms: u64,
+    #[serde(default = "default_usage_interval_secs")]
+    pub(super) usage_interval_secs: u64,
+    #[serde(default = "default_state_dir")]
+    pub(super) state_dir: PathBuf,
+}
+
+/// `[engine]`: how buildkitd is started, probed, restarted and stopped.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEngine {
+    #[serde(default = "default_engine_binary")]
+    pub(super) binary: PathBuf,
+    #[serde(default)]
+    pub(super) args: Vec<String>,
+    #[serde(default = "default_engine_stop_grace_secs")]
+    pub(super) stop_grace_secs: u64,
+    #[serde(default = "default_engine_socket")]
+    pub(super) socket: PathBuf,
+    #[serde(default = "default_engine_cgroup")]
+    pub(super) cgroup: String,
+    #[serde(default = "default_engine_memory_reserve_bytes")]
+    pub(super) memory_reserve_bytes: u64,
+    #[serde(default = "default_engine_ready_timeout_secs")]
+    pub(super) ready_timeout_secs: u64,
+    #[serde(default = "default_engine_probe_interval_ms")]
+    pub(super) probe_interval_ms: u64,
+    #[serde(default = "default_engine_probe_timeout_ms")]
+    pub(super) probe_timeout_ms: u64,
+    #[serde(default = "default_engine_probe_failures")]
+    pub(super) probe_failures: u32,
+    #[serde(default = "default_engine_restart_initial_ms")]
+    pub(super) restart_initial_ms: u64,
+    #[serde(default = "default_engine_restart_max_ms")]
+    pub(super) restart_max_ms: u64,
+    #[serde(default = "default_engine_restart_stable_secs")]
+    pub(super) restart_stable_secs: u64,
+    #[serde(default = "default_engine_crash_loop_restarts")]
+    pub(super) crash_loop_restarts: u32,
+    #[serde(default = "default_engine_crash_loop_window_secs")]
+    pub(super) crash_loop_window_secs: u64,
+}
+
+// serde's `default = "..."` takes a function, so each default gets one.
+fn default_connect_timeout_secs() -> u64 {
+    DEFAULT_CONNECT_TIMEOUT_SECS
+}
+fn default_request_timeout_secs() -> u64 {
+    DEFAULT_REQUEST_TIMEOUT_SECS
+}
+fn default_backoff_initial_ms() -> u64 {
+    DEFAULT_BACKOFF_INITIAL_MS
+}
+fn default_backoff_max_secs() -> u64 {
+    DEFAULT_BACKOFF_MAX_SECS
+}
+fn default_listen() -> String {
+    DEFAULT_LISTEN.into()
+}
+fn default_drain_timeout_secs() -> u64 {
+    DEFAULT_DRAIN_TIMEOUT_SECS
+}
+fn default_device_wait_secs() -> u64 {
+    DEFAULT_DEVICE_WAIT_SECS
+}
+fn default_unmount_timeout_secs() -> u64 {
+    DEFAULT_UNMOUNT_TIMEOUT_SECS
+}
+fn default_health_interval_ms() -> u64 {
+    DEFAULT_HEALTH_INTERVAL_MS
+}
+fn default_sample_interval_ms() -> u64 {
+    DEFAULT_SAMPLE_INTERVAL_MS
+}
+fn default_usage_interval_secs() -> u64 {
+    DEFAULT_USAGE_INTERVAL_SECS
+}
+fn default_state_dir() -> PathBuf {
+    DEFAULT_STATE_DIR.into()
+}
+fn default_engine_binary() -> PathBuf {
+    DEFAULT_ENGINE_BINARY.into()
+}
+fn default_engine_stop_grace_secs() -> u64 {
+    DEFAULT_ENGINE_STOP_GRACE_SECS
+}
+fn default_engine_socket() -> PathBuf {
+    "/run/machine-agent/buildkitd.sock".into()
+}
+fn default_engine_cgroup() -> String {
+    "machine-agent-engine".into()
+}
+fn default_engine_memory_reserve_bytes() -> u64 {
+    1 << 30
+}
+fn default_engine_ready_timeout_secs() -> u64 {
+    120
+}
+fn default_engine_probe_interval_ms() -> u64 {
+    5_000
+}
+fn default_engine_probe_timeout_ms() -> u64 {
+    3_000
+}
+fn default_engine_probe_failures() -> u32 {
+    3
+}
+fn default_engine_restart_initial_ms() -> u64 {
+    500
+}
+fn default_engine_restart_max_ms() -> u64 {
+    60_000
+}
+fn default_engine_restart_stable_secs() -> u64 {
+    300
+}
+fn default_engine_crash_loop_restarts() -> u32 {
+    5
+}
+fn default_engine_crash_loop_window_secs() -> u64 {
+    600
+}
+
+impl Default for RawEndpoints {
+    fn default() -> Self {
+        Self { listen: default_listen() }
+    }
+}
+impl Default for RawAgent {
+    fn default() -> Self {
+        Self {
+            drain_timeout_secs: default_drain_timeout_secs(),
+            health_interval_ms: default_health_interval_ms(),
+            sample_interval_ms: default_sample_interval_ms(),
+            usage_interval_secs: default_usage_interval_secs(),
+            state_dir: default_state_dir(),
+        }
+    }
+}
+impl Default for RawEngine {
+    fn default() -> Self {
+        Self {
+            binary: default_engine_binary(),
+            args: vec![],
+            stop_grace_secs: default_engine_stop_grace_secs(),
+            socket: default_engine_socket(),
+            cgroup: default_engine_cgroup(),
+            memory_reserve_bytes: default_engine_memory_reserve_bytes(),
+            ready_timeout_secs: default_engine_ready_timeout_secs(),
+            probe_interval_ms: default_engine_probe_interval_ms(),
+            probe_timeout_ms: default_engine_probe_timeout_ms(),
+            probe_failures: default_engine_probe_failures(),
+            restart_initial_ms: default_engine_restart_initial_ms(),
+            restart_max_ms: default_engine_restart_max_ms(),
+            restart_stable_secs: default_engine_restart_stable_secs(),
+            crash_loop_restarts: default_engine_crash_loop_restarts(),
+            crash_loop_window_secs: default_engine_crash_loop_window_secs(),
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! Validation: every check on the raw config, each reporting into one problem
+//! list so an operator sees them all at once, and the settings each capability
+//! gets, built from what passed.
+//!
+//! [`validate`] reads as the list of checks, in the order problems are
+//! reported. Each check takes `bad`, which records one problem (the dotted
+//! field and what was expected), and returns the settings it builds, if any.
+
+use super::schema::{RawAgent, RawConfig, RawControlPlane, RawEngine, RawGc, RawIdentity, RawVolume, DEFAULT_FLY_API_SOCKET, DEFAULT_IMDS_URL};
+use super::{Config, ConfigProblem};
+use crate::backoff::Backoff;
+use crate::control::identity::Identity;
+use crate::control::ControlPlaneSettings;
+use crate::engine::supervise::{ProbeSettings, RestartPolicy};
+use crate::engine::EngineSettings;
+use crate::fsutil::check_clean_absolute;
+use crate::gc::GcSettings;
+use crate::volume::manager::{default_system_paths, VolumeSettings};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Checks every field, reporting each problem into `problems`, and builds the
+/// config from what passed (placeholders where a field was refused).
+pub(super) fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
+    let bad = &mut |field: &str, problem: String| problems.push(ConfigProblem { field: field.into(), problem });
+
+    let control_plane = raw.control_plane.map(|cp| control_plane_settings(cp, bad));
+    let identity = identity(raw.identity, control_plane.is_some(), bad);
+    let listen = listen_address(&raw.endpoints.listen, bad);
+    allowed_mount_prefixes(&raw.volume.allowed_mount_prefixes, bad);
+    let volume = volume_settings(&raw.volume, bad);
+    agent_intervals(&raw.agent, bad);
+    state_dir(&raw.agent.state_dir, bad);
+    let engine = engine_settings(&raw.engine, bad);
+    drain_covers_stop_and_unmount(&raw.agent, &raw.engine, &raw.volume, bad);
+    let gc = gc_settings(&raw.gc, bad);
+    watermarks_ordered(&raw.gc, bad);
+
+    let a = raw.agent;
+    Config {
+        control_plane,
+        identity,
+        listen,
+        volume,
+        allowed_mount_prefixes: raw.volume.allowed_mount_prefixes,
+        drain_timeout: Duration::from_secs(a.drain_timeout_secs),
+        health_interval: Duration::from_millis(a.health_interval_ms),
+        sample_interval: Duration::from_millis(a.sample_interval_ms),
+        usage_interval: Duration::from_secs(a.usage_interval_secs),
+        state_dir: a.state_dir,
+        engine,
+        gc,
+    }
+}
+
+/// `[control_plane]`: the URL, the CA bundle, the timeouts and the reconnect backoff.
+fn control_plane_settings(cp: RawControlPlane, bad: &mut impl FnMut(&str, String)) -> ControlPlaneSettings {
+    check_url(&cp.url, cp.insecure, bad);
+    if let Some(ca) = &cp.ca_bundle {
+        if let Err(problem) = check_ca_bundle(ca) {
+            bad("control_plane.ca_bundle", problem);
+        }
+    }
+    check_range(bad, "control_plane.connect_timeout_secs", cp.connect_timeout_secs, 1, 300);
+    check_range(bad, "control_plane.request_timeout_secs", cp.request_timeout_secs, 1, 600);
+    check_range(bad, "control_plane.backoff_initial_ms", cp.backoff_initial_ms, 1, 60_000);
+    check_range(bad, "control_plane.backoff_max_secs", cp.backoff_max_secs, 1, 3600);
+    let backoff = Backoff::new(Duration::from_millis(cp.backoff_initial_ms), Duration::from_secs(cp.backoff_max_secs)).unwrap_or_else(|e| {
+        bad("control_plane.backoff_initial_ms", format!("{e} (control_plane.backoff_max_secs)"));
+        Backoff::default()
+    });
+    ControlPlaneSettings {
+        url: cp.url,
+        ca_bundle: cp.ca_bundle,
+        insecure: cp.insecure,
+        connect_timeout: Duration::from_secs(cp.connect_timeout_secs),
+        request_timeout: Duration::from_secs(cp.request_timeout_secs),
+        backoff,
+    }
+}
+
+/// `[identity]`: the mode's own fields are valid, and no other mode's are set.
+fn identity(raw: RawIdentity, has_control_plane: bool, bad: &mut impl FnMut(&str, String)) -> Identity {
+    let Some(mode) = raw.mode.as_deref() else {
+        if has_control_plane {
+            bad("identity.mode", "required with [control_plane]: expected \"aws\", \"fly\" or \"static_token\"".into());
+        }
+        return Identity::None;
+    };
+    let unused = |bad: &mut dyn FnMut(&str, String), field: &str, set: bool| {
+        if set {
+            bad(field, format!("not used with identity.mode = {mode:?}; remove it"));
+        }
+    };
+    match mode {
+        "aws" => {
+            unused(bad, "identity.fly_api_socket", raw.fly_api_socket.is_some());
+            unused(bad, "identity.fly_oidc_audience", raw.fly_oidc_audience.is_some());
+            unused(bad, "identity.token_file", raw.token_file.is_some());
+            let imds_url = raw.imds_url.unwrap_or_else(|| DEFAULT_IMDS_URL.into());
+            match imds_url.parse::<http::Uri>() {
+                Ok(u) if u.scheme_str() == Some("http") && u.host().is_some() => {}
+                _ => bad("identity.imds_url", format!("expected an http:// base URL such as {DEFAULT_IMDS_URL:?}, got {imds_url:?}")),
+            }
+            Identity::Aws { imds_url: imds_url.trim_end_matches('/').into() }
+        }
+        "fly" => {
+            unused(bad, "identity.imds_url", raw.imds_url.is_some());
+            unused(bad, "identity.token_file", raw.token_file.is_some());
+            let api_socket = raw.fly_api_socket.unwrap_or_else(|| DEFAULT_FLY_API_SOCKET.into());
+            if let Err(problem) = check_clean_absolute(&api_socket) {
+                bad("identity.fly_api_socket", problem);
+            }
+            let audience = raw.fly_oidc_audience.unwrap_or_default();
+            if audience.trim().is_empty() {
+                bad("identity.fly_oidc_audience", "required with identity.mode = \"fly\": the audience the control plane expects".into());
+            }
+            Identity::Fly { api_socket, audience }
+        }
+        "static_token" => {
+            unused(bad, "identity.imds_url", raw.imds_url.is_some());
+            unused(bad, "identity.fly_api_socket", raw.fly_api_socket.is_some());
+            unused(bad, "identity.fly_oidc_audience", raw.fly_oidc_audience.is_some());
+            let Some(token_file) = raw.token_file else {
+                bad("identity.token_file", "required with identity.mode = \"static_token\"".into());
+                return Identity::None;
+            };
+            if let Err(problem) = check_token_file(&token_file) {
+                bad("identity.token_file", problem);
+            }
+            Identity::StaticToken { token_file }
+        }
+        other => {
+            bad("identity.mode", format!("expected \"aws\", \"fly\" or \"static_token\", got {other:?}"));
+            Identity::None
+        }
+    }
+}
+
+/// `endpoints.listen`: an ip:port the endpoints can bind.
+fn listen_address(listen: &str, bad: &mut impl FnMut(&str, String)) -> SocketAddr {
+    listen.parse().unwrap_or_else(|_| {
+        bad("endpoints.listen", format!("expected an ip:port address such as \"0.0.0.0:9911\", got {listen:?}"));
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    })
+}
+
+/// `volume.allowed_mount_prefixes`: at least one, each a clean absolute directory other than `/`.
+fn allowed_mount_prefixes(prefixes: &[PathBuf], bad: &mut impl FnMut(&str, String)) {
+    if prefixes.is_empty() {
+        bad("volume.allowed_mount_prefixes", "expected at least one absolute directory, e.g. [\"/var/lib/buildkit\"]".into());
+    }
+    for (i, prefix) in prefixes.iter().enumerate() {
+        if let Err(problem) = check_clean_absolute(prefix) {
+            bad(&format!("volume.allowed_mount_prefixes[{i}]"), problem);
+        } else if prefix == Path::new("/") {
+            bad(&format!("volume.allowed_mount_prefixes[{i}]"), "\"/\" would allow mounting over the system; name a directory".into());
+        }
+    }
+}
+
+/// The rest of `[volume]`: the device wait, the unmount timeout, the ephemeral dir and the inode ratio.
+fn volume_settings(v: &RawVolume, bad: &mut impl FnMut(&str, String)) -> VolumeSettings {
+    check_range(bad, "volume.device_wait_secs", v.device_wait_secs, 1, 3600);
+    check_range(bad, "volume.unmount_timeout_secs", v.unmount_timeout_secs, 1, 600);
+    if let Some(dir) = &v.ephemeral_dir {
+        if let Err(problem) = check_clean_absolute(dir) {
+            bad("volume.ephemeral_dir", problem);
+        }
+    }
+    if let Some(ratio) = v.ext4_bytes_per_inode {
+        // mkfs.ext4's own bounds; a power of two keeps it a whole number of blocks per inode.
+        if !(1024..=67_108_864).contains(&ratio) || !ratio.is_power_of_two() {
+            bad("volume.ext4_bytes_per_inode", format!("{ratio} is not a power of two from 1024 to 67108864"));
+        }
+    }
+    VolumeSettings {
+        sys_root: PathBuf::from("/"),
+        device_wait: Duration::from_secs(v.device_wait_secs),
+        unmount_timeout: Duration::from_secs(v.unmount_timeout_secs),
+        kill_holders: v.kill_holders,
+        ephemeral_dir: v.ephemeral_dir.clone(),
+        ext4_bytes_per_inode: v.ext4_bytes_per_inode,
+        system_paths: default_system_paths(),
+    }
+}
+
+/// `[agent]`'s drain deadline and intervals.
+fn agent_intervals(a: &RawAgent, bad: &mut impl FnMut(&str, String)) {
+    check_range(bad, "agent.drain_timeout_secs", a.drain_timeout_secs, 1, 3600);
+    check_range(bad, "agent.health_interval_ms", a.health_interval_ms, 100, 60_000);
+    check_range(bad, "agent.sample_interval_ms", a.sample_interval_ms, 200, 60_000);
+    check_range(bad, "agent.usage_interval_secs", a.usage_interval_secs, 1, 3600);
+}
+
+/// `agent.state_dir`: a clean absolute path.
+fn state_dir(dir: &Path, bad: &mut impl FnMut(&str, String)) {
+    if let Err(problem) = check_clean_absolute(dir) {
+        bad("agent.state_dir", problem);
+    }
+}
+
+/// `[engine]`: the binary, the socket, the cgroup, and the probe and restart schedule.
+fn engine_settings(e: &RawEngine, bad: &mut impl FnMut(&str, String)) -> EngineSettings {
+    if let Err(problem) = check_clean_absolute(&e.binary) {
+        bad("engine.binary", problem);
+    }
+    check_range(bad, "engine.stop_grace_secs", e.stop_grace_secs, 1, 600);
+    if let Err(problem) = check_clean_absolute(&e.socket) {
+        bad("engine.socket", problem);
+    } else if e.socket.as_os_str().len() >= 108 {
+        // sun_path holds 108 bytes including the NUL.
+        bad("engine.socket", format!("a unix socket path must be shorter than 108 bytes, got {}", e.socket.as_os_str().len()));
+    }
+    if !e.cgroup.is_empty() && !is_cgroup_name(&e.cgroup) {
+        bad("engine.cgroup", format!("expected one path component of [A-Za-z0-9._-] (or \"\" to run unconfined), got {:?}", e.cgroup));
+    }
+    check_range(bad, "engine.memory_reserve_bytes", e.memory_reserve_bytes, 64 << 20, 1 << 40);
+    check_range(bad, "engine.ready_timeout_secs", e.ready_timeout_secs, 1, 3600);
+    check_range(bad, "engine.probe_interval_ms", e.probe_interval_ms, 100, 600_000);
+    check_range(bad, "engine.probe_timeout_ms", e.probe_timeout_ms, 10, 600_000);
+    check_range(bad, "engine.probe_failures", u64::from(e.probe_failures), 1, 100);
+    check_range(bad, "engine.restart_initial_ms", e.restart_initial_ms, 1, 600_000);
+    check_range(bad, "engine.restart_max_ms", e.restart_max_ms, e.restart_initial_ms.max(1), 3_600_000);
+    check_range(bad, "engine.restart_stable_secs", e.restart_stable_secs, 1, 86_400);
+    check_range(bad, "engine.crash_loop_restarts", u64::from(e.crash_loop_restarts), 1, 1000);
+    check_range(bad, "engine.crash_loop_window_secs", e.crash_loop_window_secs, 1, 86_400);
+    EngineSettings {
+        binary: e.binary.clone(),
+        args: e.args.clone(),
+        stop_grace: Duration::from_secs(e.stop_grace_secs),
+        socket: e.socket.clone(),
+        cgroup: Some(e.cgroup.clone()).filter(|c| !c.is_empty()),
+        memory_reserve_bytes: e.memory_reserve_bytes,
+        ready_timeout: Duration::from_secs(e.ready_timeout_secs),
+        probe: ProbeSettings {
+            interval: Duration::from_millis(e.probe_interval_ms),
+            timeout: Duration::from_millis(e.probe_timeout_ms),
+            failures: e.probe_failures,
+        },
+        restart: RestartPolicy {
+            initial: Duration::from_millis(e.restart_initial_ms),
+            max: Duration::from_millis(e.restart_max_ms),
+            stable_after: Duration::from_secs(e.restart_stable_secs),
+            crash_window: Duration::from_secs(e.crash_loop_window_secs),
+            crash_limit: e.crash_loop_restarts,
+        },
+    }
+}
+
+/// `agent.drain_timeout_secs` leaves room to stop the engine and then unmount.
+/// A zero drain timeout is already refused by [`agent_intervals`].
+fn drain_covers_stop_and_unmount(a: &RawAgent, e: &RawEngine, v: &RawVolume, bad: &mut impl FnMut(&str, String)) {
+    if e.stop_grace_secs + v.unmount_timeout_secs >= a.drain_timeout_secs && a.drain_timeout_secs > 0 {
+        bad(
+            "agent.drain_timeout_secs",
+            format!(
+                "must exceed engine.stop_grace_secs + volume.unmount_timeout_secs ({}s) so the drain can stop the engine and unmount",
+                e.stop_grace_secs + v.unmount_timeout_secs
+            ),
+        );
+    }
+}
+
+/// `[gc]`: retention, minimum age, the intervals and the batch size.
+fn gc_settings(g: &RawGc, bad: &mut impl FnMut(&str, String)) -> GcSettings {
+    check_range(bad, "gc.retention_secs", g.retention_secs, 1, 366 * 86_400);
+    check_range(bad, "gc.min_age_secs", g.min_age_secs, 0, g.retention_secs);
+    check_range(bad, "gc.interval_secs", g.interval_secs, 1, 86_400);
+    check_range(bad, "gc.pressure_check_secs", g.pressure_check_secs, 1, 3600);
+    check_range(bad, "gc.batch", g.batch as u64, 1, 10_000);
+    GcSettings {
+        enabled: g.enabled,
+        retention: Duration::from_secs(g.retention_secs),
+        min_age: Duration::from_secs(g.min_age_secs),
+        interval: Duration::from_secs(g.interval_secs),
+        pressure_check: Duration::from_secs(g.pressure_check_secs),
+        free_bytes_start_below_percent: g.free_bytes_start_below_percent,
+        free_bytes_stop_at_percent: g.free_bytes_stop_at_percent,
+        free_inodes_start_below_percent: g.free_inodes_start_below_percent,
+        free_inodes_stop_at_percent: g.free_inodes_stop_at_percent,
+        batch: g.batch,
+    }
+}
+
+/// `[gc]`'s free-bytes and free-inodes watermarks: each stop is a percentage,
+/// and GC starts below a level no higher than where it stops.
+fn watermarks_ordered(g: &RawGc, bad: &mut impl FnMut(&str, String)) {
+    for (what, start, stop) in [
+        ("free_bytes", g.free_bytes_start_below_percent, g.free_bytes_stop_at_percent),
+        ("free_inodes", g.free_inodes_start_below_percent, g.free_inodes_stop_at_percent),
+    ] {
+        check_range(bad, &format!("gc.{what}_stop_at_percent"), u64::from(stop), 0, 100);
+        if start > stop {
+            bad(&format!("gc.{what}_start_below_percent"), format!("must not exceed gc.{what}_stop_at_percent ({stop}), got {start}"));
+        }
+    }
+}
+
+// === helpers ===
+
+/// One cgroup path component: no dot first, at most 64 bytes of `[A-Za-z0-9._-]`.
+fn is_cgroup_name(name: &str) -> bool {
+    !name.starts_with('.') && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// `value` lies in `min..=max`.
+fn check_range(bad: &mut impl FnMut(&str, String), field: &str, value: u64, min: u64, max: u64) {
+    if !(min..=max).contains(&value) {
+        bad(field, format!("expected {min}..={max}, got {value}"));
+    }
+}
+
+/// `control_plane.url`: a URL with a host, https unless `insecure`.
+fn check_url(url: &str, insecure: bool, bad: &mut impl FnMut(&str, String)) {
+    let field = "control_plane.url";
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        bad(field, format!("expected a URL such as \"https://control.example.com\", got {url:?}"));
+        return;
+    };
+    if uri.host().is_none_or(str::is_empty) {
+        bad(field, format!("expected a URL with a host, got {url:?}"));
+    }
+    match uri.scheme_str() {
+        Some("https") => {}
+        Some("http") if insecure => {}
+        Some("http") => bad(field, "plaintext http needs control_plane.insecure = true (development only)".into()),
+        _ => bad(field, format!("expected an https:// URL, got {url:?}")),
+    }
+}
+
+/// Reads a PEM CA bundle; it must hold at least one certificate.
+pub fn check_ca_bundle(path: &Path) -> Result<(), String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let count =
+        rustls_pemfile::certs(&mut pem.as_slice()).collect::<Result<Vec<_>, _>>().map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?.len();
+    if count == 0 {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(())
+}
+
+/// The token file must exist, be private to its owner and hold a token.
+fn check_token_file(path: &Path) -> Result<(), String> {
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!("{} is readable by group or others (mode {:o}); expected 0600", path.display(), meta.permissions().mode() & 0o777));
+    }
+    let content = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if content.trim().is_empty() {
+        return Err(format!("{} is empty; expected the bootstrap token", path.display()));
+    }
+    Ok(())
+}
