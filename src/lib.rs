@@ -4,11 +4,28 @@
 //! with this mTLS material on this cache volume), prepares the volume, starts
 //! and supervises the engine, streams health, and on termination drains and
 //! reports. See README.md for the picture and ARCHITECTURE.md for the plan.
+//!
+//! # Module map
+//!
+//! Uses point one way, down this list; `scripts/module-deps.py` (run by CI)
+//! fails on a cycle between top-level modules:
+//!
+//! 1. [`agent`]: the wiring and the one loop; the only module that changes the lifecycle state.
+//! 2. [`config`]: at the top, below the agent only: it validates the file and builds
+//!    each capability's settings type; no capability reads the config.
+//! 3. Capabilities, each owning its I/O and its settings type, in this order of use:
+//!    [`control`] (reads the status, starts nothing), [`gc`] (prunes through the engine's client),
+//!    [`observe`] (the status snapshot, samples, OOM kills, metrics, endpoints),
+//!    [`engine`] (buildkitd), [`volume`] (the cache volume).
+//! 4. [`task`]: the untrusted task turned into validated types (and its TLS material).
+//! 5. Leaves, which use nothing of the crate: [`lifecycle`] (the state table), [`backoff`],
+//!    [`describe`], [`clock`], [`fsutil`], [`secret`], [`signal`], [`sys`], [`systemd`],
+//!    and the generated [`proto`].
 #![deny(unsafe_code)]
 
-/// The lifecycle state machine and the loop that drives it.
+/// The wiring and the one loop that drives the lifecycle.
 pub mod agent;
-/// Exponential backoff with full jitter, shared by every retry loop.
+/// Exponential backoff with full jitter for remote calls; exact poll gaps for local state.
 pub mod backoff;
 /// Wall-clock timestamps for reports.
 pub mod clock;
@@ -22,11 +39,11 @@ pub mod describe;
 pub mod engine;
 /// Atomic file writes and the clean-absolute-path check.
 pub mod fsutil;
-/// Cache garbage collection: policy, planner, executor.
+/// Cache garbage collection: policy, planner, executor, BuildKit's backstop rules.
 pub mod gc;
 /// The lifecycle as data: states, events, legal transitions (pure).
 pub mod lifecycle;
-/// Metrics, loop liveness and the HTTP endpoints.
+/// The status snapshot, samples, OOM kills, metrics, loop liveness and the HTTP endpoints.
 pub mod observe;
 /// A string that never reaches a log.
 pub mod secret;
