@@ -75,6 +75,10 @@ pub enum Event {
     /// Something the build service needs is broken: prepare failed, the engine
     /// crashed or hung, the disk is under pressure.
     Degraded,
+    /// A prepare that failed is tried again (the task still stands).
+    PrepareRetried,
+    /// An engine start that failed is tried again.
+    EngineStartRetried,
     /// SIGTERM/SIGINT, should_terminate, or a terminate task.
     DrainRequested,
     /// The drain finished (cleanly or at its deadline).
@@ -104,6 +108,9 @@ pub fn next(state: State, event: Event) -> Result<State, IllegalTransition> {
         (S::Ready | S::StartingEngine, E::EngineRestarting) => S::StartingEngine,
         (S::Degraded, E::EngineRestarting) => S::Degraded,
         (S::Preparing | S::StartingEngine | S::Ready | S::Degraded, E::Degraded) => S::Degraded,
+        // Degraded is a state to leave: the failed step runs again while the task stands.
+        (S::Degraded, E::PrepareRetried) => S::Preparing,
+        (S::Degraded, E::EngineStartRetried) => S::StartingEngine,
         // A drain can start from anywhere before it, and a second request joins the first.
         (S::Starting | S::Registering | S::Pending | S::Preparing | S::StartingEngine | S::Ready | S::Degraded | S::Draining, E::DrainRequested) => S::Draining,
         (S::Draining, E::Drained) => S::Stopped,
@@ -118,7 +125,7 @@ mod tests {
     use Event as E;
     use State as S;
 
-    const EVENTS: [Event; 9] = [
+    const EVENTS: [Event; 11] = [
         E::RegistrationStarted,
         E::TaskPending,
         E::TaskAccepted,
@@ -126,6 +133,8 @@ mod tests {
         E::EngineReady,
         E::EngineRestarting,
         E::Degraded,
+        E::PrepareRetried,
+        E::EngineStartRetried,
         E::DrainRequested,
         E::Drained,
     ];
@@ -154,6 +163,8 @@ mod tests {
         (S::Ready, E::DrainRequested, S::Draining),
         (S::Degraded, E::EngineReady, S::Ready),
         (S::Degraded, E::Degraded, S::Degraded),
+        (S::Degraded, E::PrepareRetried, S::Preparing),
+        (S::Degraded, E::EngineStartRetried, S::StartingEngine),
         (S::Degraded, E::DrainRequested, S::Draining),
         (S::Draining, E::DrainRequested, S::Draining),
         (S::Draining, E::Drained, S::Stopped),

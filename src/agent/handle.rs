@@ -25,6 +25,7 @@ impl Agent {
             }),
             Input::Oom(kill) => self.on_oom_kill(kill),
             Input::GcRun(report) => self.on_gc_run(report),
+            Input::RetryDue(step) => self.on_retry_due(step),
         }
         None
     }

@@ -17,6 +17,7 @@ mod handle;
 mod loops;
 mod prepare;
 
+use crate::backoff::PollGaps;
 use crate::config::Config;
 use crate::control::{ControlError, ControlEvent, ControlPlane, Session};
 use crate::engine::cgroup::EngineCgroup;
@@ -34,7 +35,7 @@ use crate::signal::ShutdownSignals;
 use crate::systemd::Notifier;
 use crate::task::BuildkitTask;
 use crate::volume::manager::PreparedMount;
-use prepare::PrepareOutcome;
+use prepare::{PrepareOutcome, Step};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,6 +72,8 @@ pub enum Input {
     Sampled(Tick),
     /// The volume manager finished preparing the task's mounts.
     VolumesPrepared(PrepareOutcome),
+    /// A step that failed is due to run again.
+    RetryDue(Step),
 }
 
 /// Why the agent could not run or finish cleanly.
@@ -221,6 +224,9 @@ struct Agent {
     /// The cache volume was over a GC watermark when the engine first became
     /// ready: Ready waits for that first GC run, so no build starts on a full disk.
     gc_before_ready: bool,
+    /// When a failed step (prepare, engine start) runs again, and why it failed.
+    retry: PollGaps,
+    retry_cause: String,
     control: Option<ControlPlane>,
     session: watch::Receiver<Option<Session>>,
     inputs: mpsc::Sender<Input>,
@@ -249,6 +255,8 @@ impl Agent {
             mounts: vec![],
             preparing: false,
             gc_before_ready: false,
+            retry: PollGaps::doubling(prepare::RETRY_FIRST, prepare::RETRY_MAX),
+            retry_cause: String::new(),
             control,
             session,
             inputs,

@@ -2,15 +2,34 @@
 //! prepared off the main loop (waiting for a device or formatting a large disk
 //! must not stop the agent from answering signals and the control plane), and
 //! the engine starts when every mount is ready.
+//!
+//! A step that fails (a device that comes late, a full state dir, a refused
+//! device an operator then wipes) leaves the agent Degraded with the reason,
+//! and runs again on a capped schedule while the task stands: the agent
+//! recovers on its own when the cause goes away.
 
 use super::{forward, Agent, Input};
 use crate::engine::EngineState;
-use crate::lifecycle::Event;
+use crate::lifecycle::{Event, State};
 use crate::task::{BuildkitTask, VolumeMount};
 use crate::volume::manager::{prepare_mount, PreparedMount, VolumeError, VolumeSettings};
 use std::path::PathBuf;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{error, info, Instrument};
+
+/// The first retry of a failed step comes soon (a device that attaches a
+/// second late); later ones back off to one a minute, so a cause that lasts
+/// (a refused device waiting for an operator) costs a look a minute.
+pub const RETRY_FIRST: Duration = Duration::from_secs(1);
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// A step of the way to a running engine that can fail and be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Prepare,
+    EngineStart,
+}
 
 /// What a prepare did: the mounts it prepared (released at drain, whatever
 /// happened), and the error that stopped it, if any.
@@ -31,6 +50,11 @@ impl Agent {
             s.watched_paths.extend(mount_paths);
         });
         self.transition(Event::TaskAccepted, format!("preparing volumes for task {}", task.id));
+        self.start_prepare(&task);
+        self.task = Some(task);
+    }
+
+    fn start_prepare(&mut self, task: &BuildkitTask) {
         self.preparing = true;
         let (settings, mounts, inputs) = (self.config.volume.clone(), task.mounts.clone(), self.inputs.clone());
         let prepare = async move {
@@ -38,7 +62,6 @@ impl Agent {
             let _ = inputs.send(Input::VolumesPrepared(outcome)).await;
         };
         tokio::spawn(prepare.instrument(tracing::info_span!("volume")));
-        self.task = Some(task);
     }
 
     /// The prepare ended: start the engine, or say why not.
@@ -47,14 +70,49 @@ impl Agent {
         self.mounts = outcome.prepared;
         match (outcome.error, self.task.clone()) {
             (Some(error), _) => {
-                error!(%error, "volume preparation failed; the engine is not started");
-                self.transition(Event::Degraded, format!("volume: {error}"));
+                let delay = self.retry_later(Step::Prepare, format!("volume: {error}"));
+                error!(%error, retry_in_ms = delay.as_millis(), "volume preparation failed; the engine is not started");
+                self.transition(Event::Degraded, format!("volume: {error}; retrying in {:.1}s", delay.as_secs_f64()));
             }
             (None, Some(task)) => {
                 self.transition(Event::VolumePrepared, "starting the engine");
                 self.start_engine(&task);
             }
             (None, None) => {}
+        }
+    }
+
+    /// Runs `step` again after the next gap of the retry schedule; the main
+    /// loop gets [`Input::RetryDue`] then. `cause` is why it failed. Returns the gap.
+    fn retry_later(&mut self, step: Step, cause: String) -> Duration {
+        self.retry_cause = cause;
+        let delay = self.retry.next_gap();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = inputs.send(Input::RetryDue(step)).await;
+        });
+        delay
+    }
+
+    /// A retry came due: run the step again if it is still the one that failed.
+    pub(super) fn on_retry_due(&mut self, step: Step) {
+        // Draining, or recovered some other way: nothing to retry.
+        if self.state() != State::Degraded || self.preparing || self.engine.is_some() {
+            return;
+        }
+        let Some(task) = self.task.clone() else { return };
+        // The reason keeps the failure being retried, so a reader between two tries still sees it.
+        let last = self.retry_cause.clone();
+        match step {
+            Step::Prepare => {
+                self.transition(Event::PrepareRetried, format!("retrying the volume preparation after: {last}"));
+                self.start_prepare(&task);
+            }
+            Step::EngineStart => {
+                self.transition(Event::EngineStartRetried, format!("retrying the engine start after: {last}"));
+                self.start_engine(&task);
+            }
         }
     }
 
@@ -71,14 +129,17 @@ impl Agent {
                     "engine supervisor started"
                 );
                 forward(events_rx, self.inputs.clone(), Input::Engine);
+                // Every step to a running engine succeeded: the next failure starts the schedule over.
+                self.retry.reset();
                 self.engine = Some(started.supervisor);
                 self.engine_cgroup_watch.send_replace(started.cgroup.clone());
                 self.engine_cgroup = started.cgroup;
             }
             Err(error) => {
-                error!(%error, "engine not started");
+                let delay = self.retry_later(Step::EngineStart, format!("engine: {error}"));
+                error!(%error, retry_in_ms = delay.as_millis(), "engine not started");
                 self.set_engine_state(EngineState::Stopped);
-                self.transition(Event::Degraded, format!("engine: {error}"));
+                self.transition(Event::Degraded, format!("engine: {error}; retrying in {:.1}s", delay.as_secs_f64()));
             }
         }
     }

@@ -253,9 +253,11 @@ pub fn plan_prepare(found: Option<&Signature>, requested: FsType) -> PrepareActi
             };
             PrepareAction::Mount { fs_type: fs, requested_differs: !same_family }
         }
+        // The advice must work: the agent formats only a device that reads as zeros where it
+        // looks, and `wipefs -a` removes signatures but leaves the bytes around them.
         Some(other) => PrepareAction::Refuse(format!(
             "the device holds {other}; the agent formats only blank devices and mounts only ext4, xfs or btrfs: \
-             wipe it deliberately (wipefs -a) if its data is not needed"
+             if its data is not needed, zero it deliberately with `blkdiscard -z <device>` (wipefs -a alone leaves data the agent still sees)"
         )),
     }
 }

@@ -229,17 +229,35 @@ pub struct TestMount {
 /// Mounts `dev` at `at` (created if missing) as `fstype` with mount(8).
 /// Panics with mount's stderr on failure.
 pub fn mount(dev: &Path, at: &Path, fstype: &str) -> TestMount {
-    std::fs::create_dir_all(at).unwrap_or_else(|e| panic!("cannot create mount point {}: {e}", at.display()));
-    // Canonical, because the mount table names mount points by resolved path.
-    let path = at.canonicalize().unwrap_or_else(|e| panic!("cannot resolve {}: {e}", at.display()));
+    let path = mount_point(at);
     run("mount", [OsStr::new("-t"), OsStr::new(fstype), dev.as_os_str(), path.as_os_str()]);
-    let top = read_mount_table().map(|table| top_at(&table, &path).map(|m| (m.id, m.device)));
+    adopt(&path, dev.as_os_str())
+}
+
+/// Mounts a tmpfs of `size_bytes` at `at` (created if missing): a small
+/// filesystem a test can fill without a device.
+pub fn mount_tmpfs(at: &Path, size_bytes: u64) -> TestMount {
+    let path = mount_point(at);
+    let size = format!("size={size_bytes}");
+    run("mount", [OsStr::new("-t"), OsStr::new("tmpfs"), OsStr::new("-o"), OsStr::new(&size), OsStr::new("tmpfs"), path.as_os_str()]);
+    adopt(&path, OsStr::new("tmpfs"))
+}
+
+/// `at`, created and canonical, because the mount table names mount points by resolved path.
+fn mount_point(at: &Path) -> PathBuf {
+    std::fs::create_dir_all(at).unwrap_or_else(|e| panic!("cannot create mount point {}: {e}", at.display()));
+    at.canonicalize().unwrap_or_else(|e| panic!("cannot resolve {}: {e}", at.display()))
+}
+
+/// The mount mount(8) just made at `path`, as a guard.
+fn adopt(path: &Path, what: &OsStr) -> TestMount {
+    let top = read_mount_table().map(|table| top_at(&table, path).map(|m| (m.id, m.device)));
     match top {
-        Ok(Some((id, device))) => TestMount { path, id, device },
+        Ok(Some((id, device))) => TestMount { path: path.to_path_buf(), id, device },
         other => {
             // Not knowing which mount is ours, undo what mount(8) just did.
             let out = command("umount", [path.as_os_str()]);
-            panic!("mounted {} at {} but cannot find it in {MOUNTINFO} ({other:?}); umount: {}", dev.display(), path.display(), stderr(&out));
+            panic!("mounted {} at {} but cannot find it in {MOUNTINFO} ({other:?}); umount: {}", Path::new(what).display(), path.display(), stderr(&out));
         }
     }
 }

@@ -310,7 +310,12 @@ impl AgentProcess {
 
     /// Waits until the log holds a line containing `needle`; returns that line.
     pub async fn wait_for_log(&self, needle: &str) -> String {
-        let found = tokio::time::timeout(WAIT, async {
+        self.wait_for_log_within(needle, WAIT).await
+    }
+
+    /// The same, for a wait longer (or shorter) than [`WAIT`].
+    pub async fn wait_for_log_within(&self, needle: &str, within: Duration) -> String {
+        let found = tokio::time::timeout(within, async {
             loop {
                 let notified = self.log_changed.notified();
                 if let Some(line) = self.logs().lines().find(|l| l.contains(needle)) {
@@ -320,7 +325,7 @@ impl AgentProcess {
             }
         })
         .await;
-        found.unwrap_or_else(|_| panic!("no log line containing {needle:?} within {WAIT:?}; log:\n{}", self.logs()))
+        found.unwrap_or_else(|_| panic!("no log line containing {needle:?} within {within:?}; log:\n{}", self.logs()))
     }
 
     /// The endpoints' address, from the agent's "endpoints serving" line.
