@@ -34,6 +34,7 @@ fn main() {
         ephemeral_dir: None,
         ext4_bytes_per_inode: None,
         system_paths: default_system_paths(),
+        intent_dir: std::env::temp_dir().join("machine-agent-bench-intents"),
     };
     println!("prepare a blank {gib} GiB sparse loop device, median of {runs} runs");
     println!("{:<6} {:>12} {:>14} {:>8} {:>22}", "fs", "agent (ms)", "by hand (ms)", "ratio", "of which probe (ms)");

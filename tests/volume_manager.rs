@@ -24,6 +24,8 @@ fn settings() -> VolumeSettings {
         ephemeral_dir: None,
         ext4_bytes_per_inode: None,
         system_paths: machine_agent::volume::manager::default_system_paths(),
+        // One file per (unique, temporary) mount path, cleared when mkfs finishes.
+        intent_dir: std::env::temp_dir().join("machine-agent-volume-manager-intents"),
     }
 }
 

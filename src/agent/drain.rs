@@ -6,7 +6,7 @@ use super::{Agent, AgentError, Input};
 use crate::engine::{EngineState, StopOutcome};
 use crate::lifecycle::Event;
 use crate::proto::v1 as pb;
-use crate::volume::manager::release_mount;
+use crate::volume::manager::{abandon_mount, release_mount};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -96,11 +96,30 @@ impl Agent {
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
-                    drained.errors.push("volume preparation did not finish within the drain deadline".to_string());
+                    drained.errors.push("volume preparation did not finish within the drain deadline; abandoned".to_string());
+                    self.abandon_prepare(drained).await;
                     break;
                 }
             }
         }
+    }
+
+    /// Stops the prepare where it is (dropping its task kills mkfs) and undoes
+    /// what it did: nothing stays mounted or attached, and nothing is called clean.
+    async fn abandon_prepare(&mut self, drained: &mut Drained) {
+        if let Some(task) = self.prepare_task.take() {
+            task.abort();
+            // Aborted at its next await; wait for the drop (and mkfs's kill) before undoing.
+            let _ = task.await;
+        }
+        self.preparing = false;
+        drained.unmounted = false;
+        let mounts = self.task.as_ref().map(|t| t.mounts.clone()).unwrap_or_default();
+        for mount in mounts.iter().rev() {
+            let report = abandon_mount(&self.config.volume, mount).await;
+            drained.errors.extend(report.errors.iter().map(ToString::to_string));
+        }
+        warn!(mounts = mounts.len(), "abandoned the unfinished volume preparation; what it attached or mounted is undone");
     }
 
     /// Releases in reverse order of preparation.

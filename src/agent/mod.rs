@@ -221,6 +221,8 @@ struct Agent {
     mounts: Vec<PreparedMount>,
     /// A prepare is running; the drain waits for it before releasing.
     preparing: bool,
+    /// The prepare's task, aborted (killing mkfs) if the drain must abandon it.
+    prepare_task: Option<tokio::task::JoinHandle<()>>,
     /// The cache volume was over a GC watermark when the engine first became
     /// ready: Ready waits for that first GC run, so no build starts on a full disk.
     gc_before_ready: bool,
@@ -254,6 +256,7 @@ impl Agent {
             task: None,
             mounts: vec![],
             preparing: false,
+            prepare_task: None,
             gc_before_ready: false,
             retry: PollGaps::doubling(prepare::RETRY_FIRST, prepare::RETRY_MAX),
             retry_cause: String::new(),

@@ -61,7 +61,7 @@ impl Agent {
             let outcome = prepare_all(&settings, &mounts).await;
             let _ = inputs.send(Input::VolumesPrepared(outcome)).await;
         };
-        tokio::spawn(prepare.instrument(tracing::info_span!("volume")));
+        self.prepare_task = Some(tokio::spawn(prepare.instrument(tracing::info_span!("volume"))));
     }
 
     /// The prepare ended: start the engine, or say why not.

@@ -21,6 +21,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// Where, under the state dir, the volume manager records an intent to format while mkfs runs.
+const FORMAT_INTENT_DIR: &str = "volume/format-intents";
+
 /// Checks every field, reporting each problem into `problems`, and builds the
 /// config from what passed (placeholders where a field was refused).
 pub(super) fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Config {
@@ -30,7 +33,7 @@ pub(super) fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Con
     let identity = identity(raw.identity, control_plane.is_some(), bad);
     let listen = listen_address(&raw.endpoints.listen, bad);
     allowed_mount_prefixes(&raw.volume.allowed_mount_prefixes, bad);
-    let volume = volume_settings(&raw.volume, bad);
+    let volume = volume_settings(&raw.volume, &raw.agent.state_dir, bad);
     agent_intervals(&raw.agent, bad);
     state_dir(&raw.agent.state_dir, bad);
     let engine = engine_settings(&raw.engine, bad);
@@ -162,7 +165,7 @@ fn allowed_mount_prefixes(prefixes: &[PathBuf], bad: &mut impl FnMut(&str, Strin
 }
 
 /// The rest of `[volume]`: the device wait, the unmount timeout, the ephemeral dir and the inode ratio.
-fn volume_settings(v: &RawVolume, bad: &mut impl FnMut(&str, String)) -> VolumeSettings {
+fn volume_settings(v: &RawVolume, state_dir: &Path, bad: &mut impl FnMut(&str, String)) -> VolumeSettings {
     check_range(bad, "volume.device_wait_secs", v.device_wait_secs, 1, 3600);
     check_range(bad, "volume.unmount_timeout_secs", v.unmount_timeout_secs, 1, 600);
     if let Some(dir) = &v.ephemeral_dir {
@@ -184,6 +187,7 @@ fn volume_settings(v: &RawVolume, bad: &mut impl FnMut(&str, String)) -> VolumeS
         ephemeral_dir: v.ephemeral_dir.clone(),
         ext4_bytes_per_inode: v.ext4_bytes_per_inode,
         system_paths: default_system_paths(),
+        intent_dir: state_dir.join(FORMAT_INTENT_DIR),
     }
 }
 

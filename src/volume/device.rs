@@ -260,6 +260,12 @@ pub async fn attach_file(backing: &Path, size_bytes: u64) -> Result<LoopAttachme
     Ok(LoopAttachment { device, backing: canonical })
 }
 
+/// The loop device attached to `backing` now, if any (none if the file is gone).
+pub fn find_attachment(backing: &Path) -> Result<Option<LoopAttachment>, DeviceError> {
+    let Ok(canonical) = std::fs::canonicalize(backing) else { return Ok(None) };
+    Ok(find_loop_by_backing(Path::new("/"), &canonical)?.map(|device| LoopAttachment { device, backing: canonical }))
+}
+
 /// Detaches the loop device and waits (bounded) until sysfs no longer shows it
 /// backed by the file. A device no longer attached to the file is left alone:
 /// detaching is done, or the device number now belongs to someone else.

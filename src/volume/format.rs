@@ -2,11 +2,14 @@
 //! data: the mkfs command line for each filesystem and the mount(2) flags and
 //! data string for a task's options. The volume manager runs them.
 //!
-//! mkfs is never given a force flag (`-f`): should the blank probe ever be
-//! wrong, mkfs.xfs and mkfs.btrfs refuse to overwrite a signature they
-//! recognise. mke2fs is no such net: run without a terminal it overwrites
-//! without asking (seen with e2fsprogs 1.47), so for ext4 the probe, run again
-//! just before mkfs, is the only guard.
+//! mkfs is never given a force flag (`-f`) over a device the probe found
+//! blank: should the probe ever be wrong, mkfs.xfs and mkfs.btrfs refuse to
+//! overwrite a signature they recognise. mke2fs is no such net: run without a
+//! terminal it overwrites without asking (seen with e2fsprogs 1.47), so for
+//! ext4 the probe, run again just before mkfs, is the only guard. The one
+//! exception is [`CommandLine::overwriting`]: redoing the agent's own
+//! interrupted format of the same device, whose half-written signature mkfs
+//! would otherwise refuse.
 
 use crate::task::FsType;
 use nix::mount::MsFlags;
@@ -18,6 +21,19 @@ use std::path::{Path, PathBuf};
 pub struct CommandLine {
     pub program: PathBuf,
     pub args: Vec<OsString>,
+}
+
+impl CommandLine {
+    /// The same mkfs, told to overwrite what it finds: only for the agent's own
+    /// unfinished format of this very device (an intent in the state dir says so).
+    pub fn overwriting(mut self, fs: FsType) -> Self {
+        let force = match fs {
+            FsType::Ext4 => "-F",
+            FsType::Xfs | FsType::Btrfs => "-f",
+        };
+        self.args.insert(0, force.into());
+        self
+    }
 }
 
 /// The mkfs invocation for a blank device. `ext4_bytes_per_inode` (mkfs.ext4

@@ -12,9 +12,10 @@
 //! kill them only when the config allows it, never lazy-unmount, and detach a
 //! file-backed volume's loop device.
 
-use super::device::{attach_file, detach_file, wait_for_device, LoopAttachment};
+use super::device::{attach_file, detach_file, find_attachment, wait_for_device, LoopAttachment};
 use super::format::{mkfs_command, mount_options};
 use super::holders::{find_holders, kill_holders};
+use super::intent::{device_identity, same_device, DeviceIdentity, FormatIntent, IntentStore};
 use super::mountinfo::{find_mount, mounts_beneath, read_mountinfo, MountEntry, PROC_SELF_MOUNTINFO};
 use super::signature::{plan_prepare, read_device_signature, PrepareAction};
 use super::stats::read_fs_stats;
@@ -64,6 +65,8 @@ pub struct VolumeSettings {
     /// Mount points whose devices (and the disks they sit on) are never
     /// touched: [`default_system_paths`] in production.
     pub system_paths: Vec<PathBuf>,
+    /// Where the intent to format is recorded while mkfs runs (under the state dir).
+    pub intent_dir: PathBuf,
 }
 
 /// Why a mount could not be prepared or released. Each names the device or path.
@@ -83,6 +86,8 @@ pub enum VolumeError {
     MountPointTaken { mount_path: PathBuf, mounted: String },
     /// {0}
     Tool(#[from] super::tool::ToolError),
+    /// {0}
+    Intent(#[from] super::intent::IntentError),
     /// cannot create {path}: {source}
     CreateDir {
         path: PathBuf,
@@ -172,7 +177,7 @@ pub async fn prepare_mount(settings: &VolumeSettings, m: &VolumeMount, first: bo
             (fs_type, false)
         }
         None => {
-            let (fs_type, formatted) = format_if_blank(&device, m.fs_type, settings.ext4_bytes_per_inode).await?;
+            let (fs_type, formatted) = format_if_blank(settings, &device, rdev, m).await?;
             mount_device(&device, &m.mount_path, &fs_type, &m.options)?;
             (fs_type, formatted)
         }
@@ -251,23 +256,67 @@ fn is_device_entry(e: &MountEntry, device: &Path, rdev: u64) -> bool {
     same_number || std::fs::canonicalize(&e.source).is_ok_and(|s| s == device)
 }
 
-async fn format_if_blank(device: &Path, requested: FsType, ext4_bytes_per_inode: Option<u64>) -> Result<(String, bool), VolumeError> {
+/// Formats the device if it is blank, or if it holds this agent's own
+/// unfinished format of the same device (see [`super::intent`]); mounts what
+/// is there otherwise. Returns the filesystem type and whether it formatted.
+async fn format_if_blank(settings: &VolumeSettings, device: &Path, rdev: u64, m: &VolumeMount) -> Result<(String, bool), VolumeError> {
+    let intents = IntentStore::new(&settings.intent_dir);
+    let identity = device_identity(&settings.sys_root, device, rdev)?;
+    if let Some(intent) = intents.read(&m.mount_path)? {
+        if same_device(&intent.identity, &identity) {
+            let fs = [FsType::Ext4, FsType::Xfs, FsType::Btrfs].into_iter().find(|f| f.as_str() == intent.fs_type).unwrap_or(m.fs_type);
+            warn!(
+                device = %device.display(), fs = fs.as_str(), started_unix_ms = intent.started_unix_ms, by_pid = intent.agent_pid,
+                "an earlier format of this device did not finish; formatting it again"
+            );
+            return format(settings, &intents, identity, fs, &m.mount_path, Redo::Overwrite).await;
+        }
+        warn!(recorded = %intent.identity.device.display(), device = %device.display(), "an intent to format another device is stale; forgetting it");
+        intents.clear(&m.mount_path)?;
+    }
     let found = read_device_signature(device).await?;
-    match plan_prepare(found.as_ref(), requested) {
+    match plan_prepare(found.as_ref(), m.fs_type) {
         PrepareAction::Refuse(why) => Err(VolumeError::Refused { device: device.into(), why }),
         PrepareAction::Mount { fs_type, requested_differs } => {
             if requested_differs {
-                warn!(device = %device.display(), found = fs_type, requested = requested.as_str(), "device holds another filesystem type than the task asked for; mounting it as it is, never reformatting");
+                warn!(device = %device.display(), found = fs_type, requested = m.fs_type.as_str(), "device holds another filesystem type than the task asked for; mounting it as it is, never reformatting");
             }
             Ok((fs_type.to_string(), false))
         }
         PrepareAction::Format(fs) => {
-            let line = mkfs_command(fs, device, ext4_bytes_per_inode);
             info!(device = %device.display(), fs = fs.as_str(), "formatting blank device");
-            run_tool(&line.program, &line.args, MKFS_TIMEOUT).await?;
-            Ok((fs.as_str().to_string(), true))
+            format(settings, &intents, identity, fs, &m.mount_path, Redo::BlankOnly).await
         }
     }
+}
+
+/// Whether mkfs may overwrite what it finds: only over the agent's own unfinished format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Redo {
+    BlankOnly,
+    Overwrite,
+}
+
+/// mkfs, between recording the intent to format and clearing it.
+async fn format(
+    settings: &VolumeSettings,
+    intents: &IntentStore,
+    identity: DeviceIdentity,
+    fs: FsType,
+    mount_path: &Path,
+    redo: Redo,
+) -> Result<(String, bool), VolumeError> {
+    let device = identity.device.clone();
+    let intent = FormatIntent { identity, fs_type: fs.as_str().into(), started_unix_ms: crate::clock::unix_time_ms(), agent_pid: std::process::id() };
+    intents.record(mount_path, &intent)?;
+    let mut line = mkfs_command(fs, &device, settings.ext4_bytes_per_inode);
+    if redo == Redo::Overwrite {
+        line = line.overwriting(fs);
+    }
+    run_tool(&line.program, &line.args, MKFS_TIMEOUT).await?;
+    // Cleared before anything is mounted: a cache that was ever used is never formatted again.
+    intents.clear(mount_path)?;
+    Ok((fs.as_str().to_string(), true))
 }
 
 fn create_dir(path: &Path) -> Result<(), VolumeError> {
@@ -360,6 +409,30 @@ pub async fn release_mount(settings: &VolumeSettings, p: &PreparedMount) -> Rele
     if let (true, Some(att)) = (report.unmounted, &p.loop_attachment) {
         if let Err(error) = detach_file(att).await {
             report.errors.push(error.into());
+        }
+    }
+    report
+}
+
+/// Undoes what a prepare the drain had to cut short left behind (its task
+/// aborted, mkfs killed): every mount at or below the mount point is unmounted
+/// and a loop device attached to the mount's backing file is detached. It
+/// never counts as a clean release. An intent to format stays where it is, so
+/// the next agent formats the device again.
+pub async fn abandon_mount(settings: &VolumeSettings, m: &VolumeMount) -> ReleaseReport {
+    let mut report = ReleaseReport::default();
+    if let Err(error) = unmount_all_beneath(settings, &m.mount_path).await {
+        report.errors.push(error);
+    }
+    if let VolumeSource::File { path, .. } = &m.source {
+        match find_attachment(path) {
+            Ok(Some(att)) => {
+                if let Err(error) = detach_file(&att).await {
+                    report.errors.push(error.into());
+                }
+            }
+            Ok(None) => {}
+            Err(error) => report.errors.push(error.into()),
         }
     }
     report

@@ -6,6 +6,7 @@
 pub mod device;
 pub mod format;
 pub mod holders;
+pub mod intent;
 pub mod manager;
 pub mod mountinfo;
 pub mod signature;
