@@ -22,6 +22,8 @@ struct Drained {
     engine_stopped_cleanly: bool,
     unmounted: bool,
     trimmed_bytes: u64,
+    /// A cache filesystem is known to hold errors.
+    filesystem_dirty: bool,
     /// One line per problem; empty means a clean drain.
     errors: Vec<String>,
 }
@@ -39,7 +41,15 @@ impl Agent {
         if let Some(gc) = self.gc.take() {
             gc.abort();
         }
+        // No canary writes while the volumes are released.
+        if let Some(watch) = self.volume_watch.take() {
+            watch.abort();
+        }
         let mut drained = Drained { engine_stopped_cleanly: true, unmounted: true, ..Drained::default() };
+        if let Some(why) = &self.cache_failing {
+            drained.filesystem_dirty = true;
+            drained.errors.push(why.clone());
+        }
         self.stop_engine(deadline, &mut drained).await;
         self.wait_for_prepare(deadline, inputs, &mut drained).await;
         self.release_mounts(&mut drained).await;
@@ -128,6 +138,7 @@ impl Agent {
             let report = release_mount(&self.config.volume, mount).await;
             drained.unmounted &= report.unmounted;
             drained.trimmed_bytes += report.trimmed_bytes.unwrap_or(0);
+            drained.filesystem_dirty |= report.dirty;
             drained.errors.extend(report.errors.iter().map(ToString::to_string));
         }
     }
@@ -145,6 +156,7 @@ impl Agent {
             drain_duration_ms: millis(started.elapsed()),
             engine_stopped_cleanly: drained.engine_stopped_cleanly,
             trimmed_bytes: drained.trimmed_bytes,
+            filesystem_dirty: drained.filesystem_dirty,
         };
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(500));
         match control.report_shutdown(report, &session, left).await {

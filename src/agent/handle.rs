@@ -10,6 +10,7 @@ use crate::lifecycle::Event;
 use crate::observe::oom_watch::OomKill;
 use crate::proto::v1 as pb;
 use crate::task::Task;
+use crate::volume::health::FsFailing;
 use tracing::{debug, error, info, warn};
 
 impl Agent {
@@ -26,6 +27,7 @@ impl Agent {
             Input::Oom(kill) => self.on_oom_kill(kill),
             Input::GcRun(report) => self.on_gc_run(report),
             Input::RetryDue(step) => self.on_retry_due(step),
+            Input::CacheFailing(failing) => self.on_cache_failing(failing),
         }
         None
     }
@@ -65,6 +67,10 @@ impl Agent {
             EngineEvent::Ready { .. } => {
                 self.set_engine_state(EngineState::Running);
                 self.metrics.engine_up.set(1);
+                if self.cache_failing.is_some() {
+                    // A restarted engine on a failing disk is not a ready builder.
+                    return;
+                }
                 if self.gc.is_none() && self.start_gc() {
                     self.gc_before_ready = true;
                     let reason = "the cache volume is over a GC watermark: collecting before ready";
@@ -122,8 +128,16 @@ impl Agent {
         self.status.send_modify(|s| s.record_oom_kill(kill));
     }
 
+    /// A failing cache disk: Degraded for good, with the reason, on every channel.
+    fn on_cache_failing(&mut self, failing: FsFailing) {
+        let why = format!("cache filesystem at {} is failing: {}", failing.mount_path.display(), failing.why);
+        error!(mount_path = %failing.mount_path.display(), why = %failing.why, "cache filesystem is failing; the agent stays degraded until it is replaced or checked");
+        self.cache_failing = Some(why.clone());
+        self.transition(Event::Degraded, why);
+    }
+
     fn on_gc_run(&mut self, report: pb::GcRunReport) {
-        if std::mem::take(&mut self.gc_before_ready) {
+        if std::mem::take(&mut self.gc_before_ready) && self.cache_failing.is_none() {
             info!(outcome = %report.outcome, "first GC run done; the engine is ready");
             self.transition(Event::EngineReady, "");
         }

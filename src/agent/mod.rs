@@ -74,6 +74,8 @@ pub enum Input {
     VolumesPrepared(PrepareOutcome),
     /// A step that failed is due to run again.
     RetryDue(Step),
+    /// A cache filesystem is failing (write errors, kernel-recorded errors).
+    CacheFailing(crate::volume::health::FsFailing),
 }
 
 /// Why the agent could not run or finish cleanly.
@@ -221,11 +223,15 @@ struct Agent {
     mounts: Vec<PreparedMount>,
     /// A prepare is running; the drain waits for it before releasing.
     preparing: bool,
+    /// The cache filesystems' health watch, started once the volumes are prepared; aborted at drain.
+    volume_watch: Option<tokio::task::JoinHandle<()>>,
     /// The prepare's task, aborted (killing mkfs) if the drain must abandon it.
     prepare_task: Option<tokio::task::JoinHandle<()>>,
     /// The cache volume was over a GC watermark when the engine first became
     /// ready: Ready waits for that first GC run, so no build starts on a full disk.
     gc_before_ready: bool,
+    /// Why a cache filesystem is failing, once one is: the agent stays Degraded.
+    cache_failing: Option<String>,
     /// When a failed step (prepare, engine start) runs again, and why it failed.
     retry: PollGaps,
     retry_cause: String,
@@ -257,9 +263,11 @@ impl Agent {
             mounts: vec![],
             preparing: false,
             prepare_task: None,
+            volume_watch: None,
             gc_before_ready: false,
             retry: PollGaps::doubling(prepare::RETRY_FIRST, prepare::RETRY_MAX),
             retry_cause: String::new(),
+            cache_failing: None,
             control,
             session,
             inputs,

@@ -12,6 +12,7 @@ use super::{forward, Agent, Input};
 use crate::engine::EngineState;
 use crate::lifecycle::{Event, State};
 use crate::task::{BuildkitTask, VolumeMount};
+use crate::volume::health::{HealthWatch, Watched};
 use crate::volume::manager::{prepare_mount, PreparedMount, VolumeError, VolumeSettings};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -76,10 +77,27 @@ impl Agent {
             }
             (None, Some(task)) => {
                 self.transition(Event::VolumePrepared, "starting the engine");
+                self.start_volume_watch();
                 self.start_engine(&task);
             }
             (None, None) => {}
         }
+    }
+
+    /// Watches the prepared mounts for a failing disk, for as long as the agent runs.
+    fn start_volume_watch(&mut self) {
+        if self.volume_watch.is_some() {
+            return;
+        }
+        let (reports_tx, reports_rx) = mpsc::channel(4);
+        let watch = HealthWatch {
+            sys_root: self.config.volume.sys_root.clone(),
+            mounts: self.mounts.iter().map(|m| Watched { mount_path: m.mount_path.clone(), device: m.device.clone(), fs_type: m.fs_type.clone() }).collect(),
+            interval: self.config.sample_interval,
+            reports: reports_tx,
+        };
+        forward(reports_rx, self.inputs.clone(), Input::CacheFailing);
+        self.volume_watch = Some(tokio::spawn(watch.run().instrument(tracing::info_span!("volume_health"))));
     }
 
     /// Runs `step` again after the next gap of the retry schedule; the main

@@ -135,6 +135,8 @@ pub struct ReleaseReport {
     pub trimmed_bytes: Option<u64>,
     /// Every problem, each naming the mount and, for EBUSY, the holders.
     pub errors: Vec<ReleaseError>,
+    /// The filesystem is known to hold errors (a failed flush, errors recorded by the kernel).
+    pub dirty: bool,
 }
 
 /// Why a release left a mount or a loop device behind.
@@ -142,6 +144,14 @@ pub struct ReleaseReport {
 pub enum ReleaseError {
     /// {0}
     Mountinfo(#[from] super::mountinfo::MountinfoError),
+    /// flushing {mount_point} failed, so writes were lost: {source}; fsck the filesystem before trusting it
+    Flush {
+        mount_point: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// the filesystem at {mount_point} recorded {count} error(s); fsck it before trusting it
+    FsErrors { mount_point: PathBuf, count: u64 },
     /// {mount_point} is busy after {waited:?}; held by: {held_by}
     Busy { mount_point: PathBuf, waited: Duration, held_by: String },
     /// cannot unmount {mount_point}: {source}
@@ -388,7 +398,20 @@ fn bind_executor(ephemeral: &Path, mount_path: &Path) -> Result<PathBuf, VolumeE
 /// exactly what could not be done.
 pub async fn release_mount(settings: &VolumeSettings, p: &PreparedMount) -> ReleaseReport {
     let mut report = ReleaseReport::default();
-    nix::unistd::sync();
+    // syncfs, not sync(2): a write the device failed must be an error here, not lost silently.
+    let mount_path = p.mount_path.clone();
+    match tokio::task::spawn_blocking(move || super::health::flush(&mount_path)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(source)) => {
+            report.dirty = true;
+            report.errors.push(ReleaseError::Flush { mount_point: p.mount_path.clone(), source });
+        }
+        Err(join) => report.errors.push(ReleaseError::Flush { mount_point: p.mount_path.clone(), source: std::io::Error::other(join) }),
+    }
+    if let Some(count) = p.fs_type.starts_with("ext").then(|| super::health::read_ext4_errors(&settings.sys_root, &p.device)).flatten().filter(|&n| n > 0) {
+        report.dirty = true;
+        report.errors.push(ReleaseError::FsErrors { mount_point: p.mount_path.clone(), count });
+    }
     if !p.skip_trim {
         match fstrim(&p.mount_path).await {
             Ok(bytes) => {

@@ -5,6 +5,7 @@
 
 pub mod device;
 pub mod format;
+pub mod health;
 pub mod holders;
 pub mod intent;
 pub mod manager;
