@@ -75,6 +75,7 @@ impl Registration {
             previous_machine_id,
             hostname: hostname(),
             identity: Some(proof),
+            keepalive_interval_secs: 0,
         };
         info!(connection_id = %request.connection_id, url = %self.control.settings.url, "registering with the control plane");
         let timeout = self.control.settings.request_timeout;
