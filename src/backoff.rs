@@ -64,6 +64,19 @@ impl Backoff {
         Duration::from_nanos(rng.random_range(0..=nanos))
     }
 
+    /// The delay after an error that retrying soon will not fix (a refused
+    /// credential, a missing method): drawn from `[max / 2, max]`, and the
+    /// schedule stays at the cap until a reset. Still jittered, over half the
+    /// window, so a fleet refused at once does not come back in lockstep.
+    pub fn next_delay_at_cap(&mut self, rng: &mut impl Rng) -> Duration {
+        while self.ceiling() < self.max {
+            self.attempt = self.attempt.saturating_add(1);
+        }
+        self.attempt = self.attempt.saturating_add(1);
+        let max = u64::try_from(self.max.as_nanos()).unwrap_or(u64::MAX);
+        Duration::from_nanos(rng.random_range(max / 2..=max))
+    }
+
     /// How many delays have been handed out since the last reset.
     pub fn attempts(&self) -> u32 {
         self.attempt
@@ -150,6 +163,19 @@ mod tests {
         assert_eq!(ceilings, vec![500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000, 30000]);
         b.reset();
         assert_eq!(b.ceiling(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn a_delay_at_the_cap_is_in_its_upper_half_and_the_schedule_stays_there() {
+        let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(2)).unwrap();
+        let mut rng = StdRng::seed_from_u64(11);
+        for _ in 0..100 {
+            let delay = b.next_delay_at_cap(&mut rng);
+            assert!((Duration::from_secs(1)..=Duration::from_secs(2)).contains(&delay), "{delay:?}");
+            assert_eq!(b.ceiling(), Duration::from_secs(2));
+        }
+        b.reset();
+        assert_eq!(b.ceiling(), Duration::from_millis(200));
     }
 
     proptest! {

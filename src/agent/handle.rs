@@ -52,6 +52,8 @@ impl Agent {
             ControlEvent::Task(Task::Terminate { reason }) => return Some(format!("terminate task: {reason}")),
             ControlEvent::ShouldTerminate => return Some("should_terminate".into()),
             ControlEvent::TaskRejected(error) => error!(%error, "task rejected; the agent keeps its current state"),
+            ControlEvent::Registered => self.status.send_modify(|s| s.control_plane_error = None),
+            ControlEvent::NotRegistered(why) => self.status.send_modify(|s| s.control_plane_error = Some(why)),
         }
         None
     }

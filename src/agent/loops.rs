@@ -29,6 +29,7 @@ impl Agent {
     pub(super) fn start_control_loops(&mut self, session_tx: watch::Sender<Option<Session>>, status: &watch::Receiver<Status>, liveness: &Liveness) {
         let Some(control) = self.control.clone() else { return };
         self.transition(Event::RegistrationStarted, "");
+        self.status.send_modify(|s| s.control_plane_error = Some("not registered yet: the first registration is under way".into()));
         let (events_tx, events_rx) = mpsc::channel(16);
         let registration = Registration {
             control: control.clone(),

@@ -15,6 +15,9 @@ pub(super) const DEFAULT_LISTEN: &str = "0.0.0.0:9911";
 const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
 /// Every unary call (usage, shutdown) gets this long.
 const DEFAULT_REQUEST_TIMEOUT_SECS: u64 = 15;
+/// A silent task stream is noticed within a minute; the keepalive it asks for
+/// (every 20 s) costs the control plane next to nothing per machine.
+const DEFAULT_TASK_STREAM_IDLE_TIMEOUT_SECS: u64 = 60;
 #[allow(clippy::cast_possible_truncation)] // 250 ms fits in u64
 const DEFAULT_BACKOFF_INITIAL_MS: u64 = crate::backoff::DEFAULT_INITIAL.as_millis() as u64;
 const DEFAULT_BACKOFF_MAX_SECS: u64 = crate::backoff::DEFAULT_MAX.as_secs();
@@ -106,6 +109,8 @@ pub(super) struct RawControlPlane {
     pub(super) connect_timeout_secs: u64,
     #[serde(default = "default_request_timeout_secs")]
     pub(super) request_timeout_secs: u64,
+    #[serde(default = "default_task_stream_idle_timeout_secs")]
+    pub(super) task_stream_idle_timeout_secs: u64,
     #[serde(default = "default_backoff_initial_ms")]
     pub(super) backoff_initial_ms: u64,
     #[serde(default = "default_backoff_max_secs")]
@@ -218,6 +223,9 @@ fn default_connect_timeout_secs() -> u64 {
 }
 fn default_request_timeout_secs() -> u64 {
     DEFAULT_REQUEST_TIMEOUT_SECS
+}
+fn default_task_stream_idle_timeout_secs() -> u64 {
+    DEFAULT_TASK_STREAM_IDLE_TIMEOUT_SECS
 }
 fn default_backoff_initial_ms() -> u64 {
     DEFAULT_BACKOFF_INITIAL_MS

@@ -68,6 +68,8 @@ fn control_plane_settings(cp: RawControlPlane, bad: &mut impl FnMut(&str, String
     }
     check_range(bad, "control_plane.connect_timeout_secs", cp.connect_timeout_secs, 1, 300);
     check_range(bad, "control_plane.request_timeout_secs", cp.request_timeout_secs, 1, 600);
+    // Below 3 s the keepalive asked for (a third of it) would round to nothing.
+    check_range(bad, "control_plane.task_stream_idle_timeout_secs", cp.task_stream_idle_timeout_secs, 3, 3600);
     check_range(bad, "control_plane.backoff_initial_ms", cp.backoff_initial_ms, 1, 60_000);
     check_range(bad, "control_plane.backoff_max_secs", cp.backoff_max_secs, 1, 3600);
     let backoff = Backoff::new(Duration::from_millis(cp.backoff_initial_ms), Duration::from_secs(cp.backoff_max_secs)).unwrap_or_else(|e| {
@@ -80,6 +82,7 @@ fn control_plane_settings(cp: RawControlPlane, bad: &mut impl FnMut(&str, String
         insecure: cp.insecure,
         connect_timeout: Duration::from_secs(cp.connect_timeout_secs),
         request_timeout: Duration::from_secs(cp.request_timeout_secs),
+        task_stream_idle_timeout: Duration::from_secs(cp.task_stream_idle_timeout_secs),
         backoff,
     }
 }

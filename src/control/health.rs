@@ -6,9 +6,8 @@
 //! reports that cannot be sent during an outage are dropped, never queued, so
 //! memory stays flat and the first report after a reconnect is current.
 
-use super::{ControlEvent, ControlPlane, Session};
+use super::{ControlError, ControlEvent, ControlPlane, Session};
 use crate::clock::unix_time_ms;
-use crate::describe::describe_status;
 use crate::observe::liveness::Heartbeat;
 use crate::observe::status::Status;
 use crate::proto::v1 as pb;
@@ -53,20 +52,30 @@ impl HealthStream {
                     changed = self.session.changed() => if changed.is_err() { return },
                 }
             };
-            match self.stream_once(&session, &mut ticker).await {
-                Some(true) => {
+            let delay = match self.stream_once(&session, &mut ticker).await {
+                Ok(true) => {
                     info!("control plane asked this machine to terminate");
                     let _ = self.events.send(ControlEvent::ShouldTerminate).await;
                     return;
                 }
-                Some(false) => backoff.reset(),
-                None => {}
-            }
+                Ok(false) => {
+                    backoff.reset();
+                    backoff.next_delay(&mut rng)
+                }
+                Err(error) if error.is_permanent() => {
+                    warn!(%error, "health stream failed with a permanent error; backing off to the cap");
+                    backoff.next_delay_at_cap(&mut rng)
+                }
+                Err(error) => {
+                    warn!(%error, "health stream failed");
+                    backoff.next_delay(&mut rng)
+                }
+            };
             if self.events.is_closed() {
                 return;
             }
             // Wait out the backoff, still ticking so /healthz sees this loop alive.
-            let resume = tokio::time::Instant::now() + backoff.next_delay(&mut rng);
+            let resume = tokio::time::Instant::now() + delay;
             while tokio::time::Instant::now() < resume {
                 tokio::select! {
                     _ = ticker.tick() => self.heartbeat.beat(),
@@ -76,18 +85,23 @@ impl HealthStream {
         }
     }
 
-    /// Streams until the call ends. Some(should_terminate) when the control
-    /// plane answered, None when the stream failed.
-    async fn stream_once(&mut self, session: &Session, ticker: &mut tokio::time::Interval) -> Option<bool> {
+    /// Streams until the call ends: Ok(should_terminate) when the control
+    /// plane answered, Err when the stream failed or could not be opened.
+    async fn stream_once(&mut self, session: &Session, ticker: &mut tokio::time::Interval) -> Result<bool, ControlError> {
         let (tx, rx) = mpsc::channel(QUEUED_REPORTS);
-        let req = match self.control.authorized(ReceiverStream::new(rx), session) {
-            Ok(req) => req,
-            Err(error) => {
-                warn!(%error, "cannot open the health stream");
-                return None;
+        let req = self.control.authorized(ReceiverStream::new(rx), session)?;
+        // A dial may take the whole connect timeout (up to minutes): keep
+        // beating meanwhile, so /healthz never mistakes a slow network for a stuck loop.
+        let dial = self.control.connection();
+        tokio::pin!(dial);
+        let conn = loop {
+            tokio::select! {
+                conn = &mut dial => break conn,
+                _ = ticker.tick() => self.heartbeat.beat(),
             }
         };
-        let mut client = self.control.client.clone();
+        let conn = conn.inspect_err(|_| self.control.metrics.control_plane_errors.with_label_values(&["ReportHealth"]).inc())?;
+        let mut client = conn.client();
         let call = client.report_health(req);
         tokio::pin!(call);
         debug!(machine_id = %session.machine_id, "health stream opened");
@@ -102,12 +116,15 @@ impl HealthStream {
                             if !should_terminate {
                                 warn!("control plane ended the health stream without should_terminate; reopening");
                             }
-                            Some(should_terminate)
+                            Ok(should_terminate)
                         }
                         Err(status) => {
                             self.control.metrics.control_plane_errors.with_label_values(&["ReportHealth"]).inc();
-                            warn!(error = %describe_status(&status), "health stream failed");
-                            None
+                            let error = ControlError::from_status("ReportHealth", &status);
+                            if error.discards_connection() {
+                                self.control.discard(&conn, &error);
+                            }
+                            Err(error)
                         }
                     };
                 }

@@ -1,10 +1,15 @@
 //! The registration loop: prove identity, open the task stream, hand each task
 //! to the agent, and when the stream breaks, back off with jitter and register
 //! again - for the agent's whole life.
+//!
+//! The stream must never go quiet: the agent asks the control plane for a
+//! keepalive at a third of its idle deadline, and a stream silent past the
+//! deadline is logged, its connection discarded, and registration starts over.
+//! A permanent refusal (`UNAUTHENTICATED`, `PERMISSION_DENIED`,
+//! `UNIMPLEMENTED`) is logged as such and waits near the backoff cap at once.
 
 use super::identity::IdentityProvider;
 use super::{ControlError, ControlEvent, ControlPlane, Session};
-use crate::describe::describe_status;
 use crate::proto::v1 as pb;
 use crate::secret::Secret;
 use crate::task::{validate_task, TaskLimits};
@@ -12,7 +17,7 @@ use rand::SeedableRng;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// A stream that stayed open this long was a success: the next failure starts
 /// the backoff from the bottom again. A peer that accepts and drops at once
@@ -38,17 +43,31 @@ impl Registration {
             let opened = Instant::now();
             let outcome = self.register_once().await;
             self.control.metrics.control_plane_connected.set(0);
-            match &outcome {
-                Ok(()) => warn!("control plane closed the task stream"),
-                Err(error) => warn!(%error, "task stream failed"),
-            }
             if self.events.is_closed() {
                 return;
             }
             if opened.elapsed() >= STABLE_STREAM {
                 backoff.reset();
             }
-            let delay = backoff.next_delay(&mut rng);
+            let permanent = outcome.as_ref().err().is_some_and(ControlError::is_permanent);
+            let delay = if permanent { backoff.next_delay_at_cap(&mut rng) } else { backoff.next_delay(&mut rng) };
+            let why = match &outcome {
+                Ok(()) => {
+                    warn!("control plane closed the task stream");
+                    "the control plane closed the task stream".to_string()
+                }
+                Err(error) if permanent => {
+                    warn!(%error, "task stream failed with a permanent error; backing off to the cap");
+                    format!("{error} (permanent: retrying at the backoff cap)")
+                }
+                Err(error) => {
+                    warn!(%error, "task stream failed");
+                    error.to_string()
+                }
+            };
+            if self.events.send(ControlEvent::NotRegistered(why)).await.is_err() {
+                return;
+            }
             self.control.metrics.control_plane_reconnects.inc();
             info!(
                 attempt = backoff.attempts(),
@@ -68,6 +87,7 @@ impl Registration {
         };
         let proof = self.identity.prove().await.map_err(|e| fail(e.into()))?;
         let previous_machine_id = self.session.borrow().as_ref().map(|s| s.machine_id.clone()).unwrap_or_default();
+        let idle_timeout = self.control.settings.task_stream_idle_timeout;
         let request = pb::RegisterRequest {
             connection_id: uuid::Uuid::new_v4().to_string(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -75,20 +95,37 @@ impl Registration {
             previous_machine_id,
             hostname: hostname(),
             identity: Some(proof),
+            keepalive_interval_secs: keepalive_interval_secs(idle_timeout),
         };
         info!(connection_id = %request.connection_id, url = %self.control.settings.url, "registering with the control plane");
+        // `call` counts its own failures.
+        let conn = self.control.connection().await.map_err(fail)?;
         let timeout = self.control.settings.request_timeout;
-        let mut stream = match tokio::time::timeout(timeout, self.control.client.clone().register_machine(request)).await {
-            Ok(Ok(resp)) => resp.into_inner(),
-            Ok(Err(status)) => return Err(fail(ControlError::Call { call: "RegisterMachine", reason: describe_status(&status) })),
-            Err(_) => return Err(fail(ControlError::Timeout { call: "RegisterMachine", timeout })),
-        };
+        let mut stream = self.control.call_on(&conn, "RegisterMachine", timeout, |mut client| async move { client.register_machine(request).await }).await?;
+        let mut registered = false;
         loop {
-            let message = match stream.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) => return Ok(()),
-                Err(status) => return Err(fail(ControlError::Call { call: "RegisterMachine", reason: describe_status(&status) })),
+            let message = match tokio::time::timeout(idle_timeout, stream.message()).await {
+                Ok(Ok(Some(m))) => m,
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Err(status)) => {
+                    let error = ControlError::from_status("RegisterMachine", &status);
+                    if error.discards_connection() {
+                        self.control.discard(&conn, &error);
+                    }
+                    return Err(fail(error));
+                }
+                Err(_) => {
+                    // A stream this quiet broke the keepalive promise: the connection under it is
+                    // suspect too (a black hole shows exactly this), so the next attempt dials afresh.
+                    let error = ControlError::Silent(idle_timeout);
+                    self.control.discard(&conn, &error);
+                    return Err(fail(error));
+                }
             };
+            if message.task.is_none() && message.keepalive.is_some() {
+                debug!("task stream keepalive");
+                continue;
+            }
             if message.machine_id.is_empty() || message.token.is_empty() {
                 return Err(fail(ControlError::Protocol("RegisterResponse without machine_id or token".into())));
             }
@@ -98,6 +135,12 @@ impl Registration {
             }
             self.session.send_replace(Some(session));
             metrics.control_plane_connected.set(1);
+            if !registered {
+                registered = true;
+                if self.events.send(ControlEvent::Registered).await.is_err() {
+                    return Ok(()); // the agent is gone
+                }
+            }
             let event = match validate_task(message.task, &self.limits) {
                 Ok(task) => ControlEvent::Task(task),
                 Err(error) => {
@@ -112,6 +155,25 @@ impl Registration {
     }
 }
 
+/// The keepalive interval the agent asks for: a third of its idle deadline
+/// (at least a second), so one late keepalive never costs a re-registration.
+fn keepalive_interval_secs(idle_timeout: Duration) -> u32 {
+    u32::try_from((idle_timeout / 3).as_secs().max(1)).unwrap_or(u32::MAX)
+}
+
 fn hostname() -> String {
     nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_keepalive_asked_for_is_a_third_of_the_idle_deadline_and_at_least_a_second() {
+        assert_eq!(keepalive_interval_secs(Duration::from_secs(60)), 20);
+        assert_eq!(keepalive_interval_secs(Duration::from_secs(3)), 1);
+        assert_eq!(keepalive_interval_secs(Duration::from_secs(2)), 1);
+        assert_eq!(keepalive_interval_secs(Duration::from_secs(10)), 3);
+    }
 }

@@ -34,7 +34,7 @@ impl UsageReporter {
             add_cache_records(&mut report, &self.engine_socket).await;
             match self.control.report_usage(report, &session).await {
                 Ok(()) => gc_runs_sent = status.gc_runs,
-                Err(error) => tracing::warn!(%error, "usage report not delivered; the next one follows in one interval"),
+                Err(error) => tracing::warn!(%error, permanent = error.is_permanent(), "usage report not delivered; the next one follows in one interval"),
             }
         }
     }

@@ -85,6 +85,8 @@ struct Readiness {
     resources: Option<crate::observe::sampler::Sample>,
     task_id: Option<String>,
     control_plane_connected: bool,
+    /// Why the agent is not registered; null while it is (and in standalone mode).
+    control_plane_error: Option<String>,
     state_age_secs: u64,
 }
 
@@ -125,6 +127,7 @@ async fn readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
         resources: st.resources,
         task_id: st.task_id,
         control_plane_connected: s.metrics.control_plane_connected.get() == 1,
+        control_plane_error: st.control_plane_error,
         state_age_secs: st.since.elapsed().as_secs(),
     };
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

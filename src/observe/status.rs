@@ -55,6 +55,9 @@ pub struct Status {
     /// The newest sample of the host and the engine's process tree.
     pub resources: Option<Sample>,
     pub task_id: Option<String>,
+    /// Why the agent is not registered with the control plane (the last
+    /// registration failure); None while registered, and in standalone mode.
+    pub control_plane_error: Option<String>,
     /// Filesystems whose figures the health stream carries.
     pub watched_paths: Vec<PathBuf>,
     /// Their figures as the sampler last read them: the one statvfs per tick
@@ -82,6 +85,7 @@ impl Status {
             oom_kills_total: 0,
             resources: None,
             task_id: None,
+            control_plane_error: None,
             watched_paths: vec![state_dir.to_path_buf()],
             mounts: vec![],
             cache_mount: None,

@@ -20,6 +20,8 @@ use tonic::{Request, Response, Status, Streaming};
 #[derive(Default, Debug, Clone)]
 pub struct Recorded {
     pub registrations: Vec<pb::RegisterRequest>,
+    /// When each RegisterMachine call arrived, refused ones included.
+    pub registration_attempts: Vec<tokio::time::Instant>,
     pub user_agents: Vec<String>,
     pub health: Vec<pb::HealthReport>,
     /// Encoded size of each health report, bytes.
@@ -43,6 +45,8 @@ struct Shared {
     initial: Arc<Mutex<Vec<pb::register_response::Task>>>,
     terminate: watch::Sender<bool>,
     expected_static_token: Option<String>,
+    /// The task stream sends its headers and then nothing: no task, no keepalive.
+    silent: bool,
 }
 
 pub const MACHINE_ID: &str = "machine-0001";
@@ -74,14 +78,32 @@ impl MachineService for Shared {
     async fn register_machine(&self, req: Request<pb::RegisterRequest>) -> Result<Response<TaskStream>, Status> {
         let ua = req.metadata().get("user-agent").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let msg = req.into_inner();
+        self.record(|r| r.registration_attempts.push(tokio::time::Instant::now()));
         if let (Some(expected), Some(pb::register_request::Identity::StaticToken(t))) = (&self.expected_static_token, &msg.identity) {
             if &t.token != expected {
                 return Err(Status::unauthenticated("unknown bootstrap token"));
             }
         }
         let (tx, rx) = mpsc::channel(16);
-        for task in self.initial.lock().unwrap().iter() {
-            tx.try_send(Ok(response(task.clone()))).unwrap();
+        if !self.silent {
+            for task in self.initial.lock().unwrap().iter() {
+                tx.try_send(Ok(response(task.clone()))).unwrap();
+            }
+            // As the protocol asks: something at least every keepalive_interval_secs.
+            if msg.keepalive_interval_secs > 0 {
+                let interval = std::time::Duration::from_secs(msg.keepalive_interval_secs.into());
+                let keepalive = tx.clone();
+                tokio::spawn(async move {
+                    let mut ticker = tokio::time::interval(interval);
+                    ticker.tick().await;
+                    loop {
+                        ticker.tick().await;
+                        if keepalive.send(Ok(keepalive_response())).await.is_err() {
+                            return; // the agent closed the stream
+                        }
+                    }
+                });
+            }
         }
         // The stream is in place before the registration is visible to a waiting test.
         *self.task_stream.lock().unwrap() = Some(tx);
@@ -131,7 +153,11 @@ impl MachineService for Shared {
 }
 
 fn response(task: pb::register_response::Task) -> pb::RegisterResponse {
-    pb::RegisterResponse { machine_id: MACHINE_ID.into(), token: MACHINE_TOKEN.into(), task: Some(task) }
+    pb::RegisterResponse { machine_id: MACHINE_ID.into(), token: MACHINE_TOKEN.into(), task: Some(task), ..Default::default() }
+}
+
+fn keepalive_response() -> pb::RegisterResponse {
+    pb::RegisterResponse { keepalive: Some(pb::TaskStreamKeepalive {}), ..Default::default() }
 }
 
 pub fn pending() -> pb::register_response::Task {
@@ -179,10 +205,11 @@ pub struct DoubleBuilder {
     port: u16,
     initial: Vec<pb::register_response::Task>,
     expected_static_token: Option<String>,
+    silent: bool,
 }
 
 pub fn control_plane() -> DoubleBuilder {
-    DoubleBuilder { pki: None, port: 0, initial: vec![pending()], expected_static_token: None }
+    DoubleBuilder { pki: None, port: 0, initial: vec![pending()], expected_static_token: None, silent: false }
 }
 
 impl DoubleBuilder {
@@ -202,6 +229,11 @@ impl DoubleBuilder {
         self.expected_static_token = Some(token.into());
         self
     }
+    /// Task streams send their headers and then nothing at all, keepalives included.
+    pub fn silent_task_streams(mut self) -> Self {
+        self.silent = true;
+        self
+    }
 
     pub fn start(self) -> ControlPlaneDouble {
         let pki = self.pki.unwrap_or_else(|| Arc::new(TestPki::new("control plane test ca")));
@@ -213,6 +245,7 @@ impl DoubleBuilder {
             initial: Arc::new(Mutex::new(self.initial)),
             terminate: watch::channel(false).0,
             expected_static_token: self.expected_static_token,
+            silent: self.silent,
         };
         let identity = tonic::transport::Identity::from_pem(&pki.server_cert_pem, &pki.server_key_pem);
         let service = MachineServiceServer::new(shared.clone());
@@ -253,8 +286,13 @@ impl ControlPlaneDouble {
 
     /// Waits until the recorded calls satisfy `pred`; panics with `what` after WAIT.
     pub async fn wait_for(&self, what: &str, pred: impl Fn(&Recorded) -> bool) -> Recorded {
+        self.wait_for_within(WAIT, what, pred).await
+    }
+
+    /// [`Self::wait_for`] with a bound of its own, for scenarios that take longer than WAIT by design.
+    pub async fn wait_for_within(&self, within: std::time::Duration, what: &str, pred: impl Fn(&Recorded) -> bool) -> Recorded {
         let mut version = self.version.clone();
-        let result = tokio::time::timeout(WAIT, async {
+        let result = tokio::time::timeout(within, async {
             loop {
                 version.borrow_and_update();
                 let rec = self.recorded();
@@ -265,7 +303,7 @@ impl ControlPlaneDouble {
             }
         })
         .await;
-        result.unwrap_or_else(|_| panic!("control plane double: timed out after {WAIT:?} waiting for {what}; saw {:#?}", summary(&self.recorded())))
+        result.unwrap_or_else(|_| panic!("control plane double: timed out after {within:?} waiting for {what}; saw {:#?}", summary(&self.recorded())))
     }
 
     /// Sends a task on the newest task stream.
@@ -302,8 +340,9 @@ impl Drop for ControlPlaneDouble {
 
 fn summary(r: &Recorded) -> String {
     format!(
-        "registrations={} health={} usage={} shutdowns={} unauthorized={} health_streams={}",
+        "registrations={} (attempts {}) health={} usage={} shutdowns={} unauthorized={} health_streams={}",
         r.registrations.len(),
+        r.registration_attempts.len(),
         r.health.len(),
         r.usage.len(),
         r.shutdowns.len(),

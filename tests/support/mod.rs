@@ -8,6 +8,7 @@ pub mod control_plane;
 pub mod engine;
 pub mod loopdev;
 pub mod metadata;
+pub mod proxy;
 pub mod vm;
 
 use std::io::{BufRead, BufReader};
