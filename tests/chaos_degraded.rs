@@ -74,9 +74,9 @@ async fn a_device_that_appears_after_the_wait_is_prepared_without_a_restart() {
 }
 
 #[tokio::test]
-async fn an_engine_start_that_failed_on_a_full_state_dir_succeeds_once_space_is_freed() {
+async fn a_task_that_failed_on_a_full_state_dir_is_served_once_space_is_freed() {
     let dir = tempfile::tempdir().unwrap();
-    // The state dir is a small tmpfs of this test's own, filled before the engine starts.
+    // The state dir is a small tmpfs of this test's own, filled before the task arrives.
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     let _tmpfs = support::loopdev::mount_tmpfs(&state, 1 << 20);
@@ -90,10 +90,33 @@ async fn an_engine_start_that_failed_on_a_full_state_dir_succeeds_once_space_is_
     let base = agent.endpoints().await;
     agent.wait_for_log("to=degraded").await;
     let ready = readyz(&base).await;
-    assert!(ready["reason"].as_str().unwrap().starts_with("engine: "), "the engine start failed: {ready}");
+    assert!(ready["reason"].as_str().unwrap().contains("No space left on device"), "the reason names the full disk: {ready}");
     assert!(agent.children().is_empty(), "no engine was spawned");
 
     std::fs::remove_file(&filler).unwrap();
+    agent.wait_for_log_within("to=ready", RECOVERY).await;
+    assert!(agent.logs().contains("retrying the "), "the retry is logged");
+}
+
+#[tokio::test]
+async fn an_engine_start_that_failed_writing_its_tls_files_succeeds_once_the_path_is_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file where the engine's TLS directory goes: the write fails until it is removed.
+    let blocker = dir.path().join("state/engine/tls");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"in the way").unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, base_config(dir.path())).unwrap();
+    let task = write_task_file(dir.path(), &dir.path().join("mnt"));
+
+    let agent = agent(&config).standalone(&task).start();
+    let base = agent.endpoints().await;
+    agent.wait_for_log("to=degraded").await;
+    let ready = readyz(&base).await;
+    assert!(ready["reason"].as_str().unwrap().starts_with("engine: "), "the engine start failed: {ready}");
+    assert!(agent.children().is_empty(), "no engine was spawned");
+
+    std::fs::remove_file(&blocker).unwrap();
     agent.wait_for_log_within("to=ready", RECOVERY).await;
     assert!(agent.logs().contains("retrying the engine start after: engine: "), "the retry is logged with its cause");
 }
