@@ -107,7 +107,7 @@ fn check(config_path: &std::path::Path, task_path: Option<&std::path::Path>) -> 
 
 fn print_config_error(path: &std::path::Path, e: &ConfigError) {
     match e {
-        ConfigError::Read { .. } => eprintln!("{e}"),
+        ConfigError::Read(_) => eprintln!("{e}"),
         ConfigError::Invalid(n, list) => {
             eprintln!("{}: {n} problem(s):", path.display());
             for p in &list.0 {

@@ -178,9 +178,7 @@ fn check_refuses_fifos_and_devices_for_every_input_quickly_naming_the_file() {
         let pem_task = root.join(format!("task-pem-{}.toml", odd.file_name().unwrap().to_string_lossy()));
         std::fs::write(&pem_task, std::fs::read_to_string(&good_task).unwrap().replace("\"server.pem\"", &format!("{odd_s:?}"))).unwrap();
         cases.push(("task PEM file", vec!["check".into(), "--config".into(), good(&good_config), "--task".into(), good(&pem_task)]));
-        let cp = |identity: &str, ca: &str| {
-            format!("{}\n[control_plane]\nurl = \"https://cp.example\"\n{ca}\n[identity]\n{identity}\n", base_config(root))
-        };
+        let cp = |identity: &str, ca: &str| format!("{}\n[control_plane]\nurl = \"https://cp.example\"\n{ca}\n[identity]\n{identity}\n", base_config(root));
         let ca_config = root.join(format!("ca-{}.toml", odd.file_name().unwrap().to_string_lossy()));
         std::fs::write(&ca_config, cp("mode = \"aws\"", &format!("ca_bundle = {odd_s:?}"))).unwrap();
         cases.push(("CA bundle", vec!["check".into(), "--config".into(), good(&ca_config)]));
@@ -221,8 +219,8 @@ fn a_huge_one_line_config_is_refused_quoting_a_short_excerpt_only() {
 
     for path in [&long_line, &huge] {
         let started = std::time::Instant::now();
-        let (status, stderr) =
-            run_bounded(&["check", "--config", path.to_str().unwrap()], AT_ONCE).unwrap_or_else(|| panic!("check of {} still running after {AT_ONCE:?}", path.display()));
+        let (status, stderr) = run_bounded(&["check", "--config", path.to_str().unwrap()], AT_ONCE)
+            .unwrap_or_else(|| panic!("check of {} still running after {AT_ONCE:?}", path.display()));
         let took = started.elapsed();
         eprintln!("{}: {status} in {took:?}, {} bytes of stderr", path.display(), stderr.len());
         assert_eq!(status.code(), Some(2), "{}: exit 2", path.display());
