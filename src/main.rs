@@ -5,6 +5,7 @@
 use clap::{Parser, Subcommand};
 use machine_agent::agent::{self, AgentError, Mode};
 use machine_agent::config::{Config, ConfigError, ProcessEnv, DEFAULT_CONFIG_PATH};
+use machine_agent::instance::LockError;
 use machine_agent::systemd::{Notifier, NotifyEnv};
 use machine_agent::task::{load_task_file, TaskError, TaskLimits};
 use std::io::Write;
@@ -33,7 +34,8 @@ enum Exit {
     Clean = 0,
     /// A runtime failure: the drain was incomplete, a port could not be bound...
     Runtime = 1,
-    /// Bad command line, config or task file: fix the input, do not restart.
+    /// Bad command line, config or task file, or another agent already holds
+    /// the state dir: fix the input or the deployment, do not restart.
     Usage = 2,
 }
 
@@ -233,6 +235,10 @@ fn gc_dry_run(config_path: &std::path::Path) -> Exit {
 fn exit_code(e: &AgentError) -> Exit {
     match e {
         AgentError::NoControlPlane => Exit::Usage,
+        // A second agent on one state dir is a deployment mistake, not a
+        // crash: restarting it would only fight the first one again.
+        AgentError::Instance(LockError::Held { .. }) => Exit::Usage,
+        AgentError::Instance(LockError::Open { .. } | LockError::Record { .. }) => Exit::Runtime,
         AgentError::Http(_) | AgentError::Control(_) | AgentError::Signals(_) | AgentError::StateDir { .. } | AgentError::DrainIncomplete(_) => Exit::Runtime,
     }
 }

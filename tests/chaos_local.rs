@@ -60,6 +60,7 @@ async fn a_second_agent_on_the_same_state_dir_exits_2_at_once_naming_the_holder_
     let status = second.wait_exit(AT_ONCE * 2).await;
     let took = started.elapsed();
     let logs = second.logs();
+    eprintln!("second agent: {status} after {took:?}");
 
     assert_eq!(status.code(), Some(2), "a second agent exits 2; log:\n{logs}");
     assert!(took < AT_ONCE, "refused at once, took {took:?}");
@@ -101,8 +102,10 @@ async fn a_drain_never_kills_or_unmounts_what_another_live_agent_holds() {
     std::fs::write(&config, text).unwrap();
     let mut second = agent(&config).standalone(&w.task).start();
     second.wait_for_log("already mounted").await;
+    let started = Instant::now();
     second.signal(Signal::SIGTERM);
     let status = second.wait_exit(WAIT).await;
+    eprintln!("second agent: {status} {:?} after SIGTERM", started.elapsed());
     let logs = second.logs();
 
     assert!(process_alive(first.pid), "the first agent was not killed; second's log:\n{logs}");
