@@ -1,10 +1,99 @@
-//! File writes that a crash or power cut never leaves half done, and the check
-//! that a path from the config or a task is absolute and clean. A leaf module:
-//! it uses nothing else from the crate, so config and task can both use it.
+//! File writes that a crash or power cut never leaves half done, reads of
+//! input files that a FIFO, a device or a huge file cannot hang or bloat, and
+//! the check that a path from the config or a task is absolute and clean. A
+//! leaf module: it uses nothing else from the crate, so config, task and
+//! control can all use it.
 
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Component, Path};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+/// Why an input file (config, task, PEM, token, CA bundle) was not read.
+/// Each names the file; none quotes its contents.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum ReadError {
+    /// cannot open {path}: {source}
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// {path} is not a regular file (it is {kind})
+    NotRegular { path: PathBuf, kind: &'static str },
+    /// {path} is larger than {max_bytes} bytes; refusing to read it
+    TooLarge { path: PathBuf, max_bytes: u64 },
+    /// cannot read {path}: {source}
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// {path} is not UTF-8 text
+    NotUtf8 { path: PathBuf },
+}
+
+/// Reads a whole input file of at most `max_bytes`, refusing anything but a
+/// regular file before reading a byte of it.
+///
+/// Opened with O_NONBLOCK, so a FIFO without a writer cannot block the open
+/// (for a regular file the flag means nothing); then fstat on the open file,
+/// not the path, so what is checked is what is read. The size is checked
+/// before reading, and the read itself stops one byte past the cap, in case
+/// the file grows meanwhile or reports no size (procfs).
+pub fn read_regular_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>, ReadError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        // O_NOCTTY: a terminal named as a config must not become our controlling terminal.
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+        .map_err(|source| ReadError::Open { path: path.into(), source })?;
+    let meta = file.metadata().map_err(|source| ReadError::Read { path: path.into(), source })?;
+    if let Some(kind) = not_regular_kind(&meta.file_type()) {
+        return Err(ReadError::NotRegular { path: path.into(), kind });
+    }
+    if meta.len() > max_bytes {
+        return Err(ReadError::TooLarge { path: path.into(), max_bytes });
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(max_bytes.saturating_add(1)).read_to_end(&mut bytes).map_err(|source| ReadError::Read { path: path.into(), source })?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(ReadError::TooLarge { path: path.into(), max_bytes });
+    }
+    Ok(bytes)
+}
+
+/// [`read_regular_file`], as UTF-8 text.
+pub fn read_regular_text(path: &Path, max_bytes: u64) -> Result<String, ReadError> {
+    String::from_utf8(read_regular_file(path, max_bytes)?).map_err(|_| ReadError::NotUtf8 { path: path.into() })
+}
+
+/// None for a regular file; else what it is, for the message.
+fn not_regular_kind(t: &std::fs::FileType) -> Option<&'static str> {
+    if t.is_file() {
+        None
+    } else if t.is_dir() {
+        Some("a directory")
+    } else if t.is_fifo() {
+        Some("a FIFO")
+    } else if t.is_char_device() {
+        Some("a character device")
+    } else if t.is_block_device() {
+        Some("a block device")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else {
+        Some("not a file")
+    }
+}
+
+/// At most `max_chars` characters of `s`, with `...` when cut: enough of a bad
+/// value to recognise it in an error, never a whole file echoed back.
+pub fn excerpt(s: &str, max_chars: usize) -> String {
+    match s.char_indices().nth(max_chars) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
 
 /// Writes `contents` to `path` with `mode`: a temp file in the same directory,
 /// fsynced, renamed over `path`, then the directory fsynced. A reader sees the
@@ -71,6 +160,60 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from("key.pem")]);
+    }
+
+    #[test]
+    fn a_regular_file_is_read_whole_up_to_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "0123456789").unwrap();
+        assert_eq!(read_regular_file(&path, 10).unwrap(), b"0123456789");
+        assert_eq!(read_regular_text(&path, 64).unwrap(), "0123456789");
+        let err = read_regular_file(&path, 9).unwrap_err();
+        assert!(matches!(err, ReadError::TooLarge { max_bytes: 9, .. }), "{err}");
+        assert!(err.to_string().contains("config.toml"), "{err}");
+    }
+
+    #[test]
+    fn fifos_devices_and_directories_are_refused_without_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        // A FIFO with no writer: a blocking open would never return.
+        let cases: &[(&Path, &str)] = &[(&fifo, "a FIFO"), (Path::new("/dev/zero"), "a character device"), (dir.path(), "a directory")];
+        for &(path, want) in cases {
+            match read_regular_file(path, 1 << 20) {
+                Err(ReadError::NotRegular { path: p, kind }) => {
+                    assert_eq!((p.as_path(), kind), (path, want));
+                }
+                other => panic!("{}: {other:?}", path.display()),
+            }
+        }
+        let err = read_regular_file(&dir.path().join("missing"), 10).unwrap_err();
+        assert!(matches!(err, ReadError::Open { .. }) && err.to_string().contains("missing"), "{err}");
+    }
+
+    #[test]
+    fn a_file_without_a_size_is_still_capped_while_reading() {
+        // procfs reports size 0 for files that hold more.
+        let err = read_regular_file(Path::new("/proc/self/status"), 16).unwrap_err();
+        assert!(matches!(err, ReadError::TooLarge { max_bytes: 16, .. }), "{err}");
+    }
+
+    #[test]
+    fn invalid_utf8_is_named_not_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bin");
+        std::fs::write(&path, [0xff, 0xfe]).unwrap();
+        assert_eq!(read_regular_text(&path, 10).unwrap_err().to_string(), format!("{} is not UTF-8 text", path.display()));
+    }
+
+    #[test]
+    fn excerpts_cut_on_characters() {
+        assert_eq!(excerpt("short", 10), "short");
+        assert_eq!(excerpt("0123456789abc", 10), "0123456789...");
+        assert_eq!(excerpt("ééééé", 2), "éé...");
+        assert_eq!(excerpt("", 0), "");
     }
 
     #[test]

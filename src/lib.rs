@@ -19,8 +19,8 @@
 //!    [`engine`] (buildkitd), [`volume`] (the cache volume).
 //! 4. [`task`]: the untrusted task turned into validated types (and its TLS material).
 //! 5. Leaves, which use nothing of the crate: [`lifecycle`] (the state table), [`backoff`],
-//!    [`describe`], [`clock`], [`fsutil`], [`secret`], [`signal`], [`sys`], [`systemd`],
-//!    and the generated [`proto`].
+//!    [`describe`], [`clock`], [`fsutil`], [`instance`] (one agent per machine), [`secret`],
+//!    [`signal`], [`sys`], [`systemd`], and the generated [`proto`].
 #![deny(unsafe_code)]
 
 /// The wiring and the one loop that drives the lifecycle.
@@ -37,10 +37,12 @@ pub mod control;
 pub mod describe;
 /// The build engine's process.
 pub mod engine;
-/// Atomic file writes and the clean-absolute-path check.
+/// Atomic file writes, bounded reads of input files, and the clean-absolute-path check.
 pub mod fsutil;
 /// Cache garbage collection: policy, planner, executor, BuildKit's backstop rules.
 pub mod gc;
+/// One agent per machine: the state dir's lock, and how a live agent is recognised.
+pub mod instance;
 /// The lifecycle as data: states, events, legal transitions (pure).
 pub mod lifecycle;
 /// The status snapshot, samples, OOM kills, metrics, loop liveness and the HTTP endpoints.

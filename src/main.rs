@@ -5,10 +5,27 @@
 use clap::{Parser, Subcommand};
 use machine_agent::agent::{self, AgentError, Mode};
 use machine_agent::config::{Config, ConfigError, ProcessEnv, DEFAULT_CONFIG_PATH};
+use machine_agent::instance::LockError;
 use machine_agent::systemd::{Notifier, NotifyEnv};
 use machine_agent::task::{load_task_file, TaskError, TaskLimits};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+/// `println!` that loses the line, instead of panicking, when stdout is closed
+/// (`check | head -1`): the exit code must still say what happened.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// The same for stderr, in place of `eprintln!`.
+macro_rules! complain {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
 
 /// Exit codes, as systemd and operators see them.
 #[derive(Debug, Clone, Copy)]
@@ -17,7 +34,8 @@ enum Exit {
     Clean = 0,
     /// A runtime failure: the drain was incomplete, a port could not be bound...
     Runtime = 1,
-    /// Bad command line, config or task file: fix the input, do not restart.
+    /// Bad command line, config or task file, or another agent already holds
+    /// the state dir: fix the input or the deployment, do not restart.
     Usage = 2,
 }
 
@@ -64,7 +82,7 @@ fn main() -> ExitCode {
     machine_agent::observe::init_tracing(std::env::var("MACHINE_AGENT_LOG").ok().as_deref());
     let exit = match cli.command {
         Command::Version => {
-            println!("machine-agent {} ({})", env!("CARGO_PKG_VERSION"), std::env::consts::ARCH);
+            say!("machine-agent {} ({})", env!("CARGO_PKG_VERSION"), std::env::consts::ARCH);
             Exit::Clean
         }
         Command::Check { config, task } => check(&config, task.as_deref()),
@@ -78,7 +96,7 @@ fn check(config_path: &std::path::Path, task_path: Option<&std::path::Path>) -> 
     let mut ok = true;
     let limits = match Config::load(config_path, &ProcessEnv) {
         Ok(config) => {
-            println!("{}: ok", config_path.display());
+            say!("{}: ok", config_path.display());
             Some(TaskLimits { allowed_mount_prefixes: config.allowed_mount_prefixes })
         }
         Err(e) => {
@@ -91,7 +109,7 @@ fn check(config_path: &std::path::Path, task_path: Option<&std::path::Path>) -> 
         // With an invalid config there is no allow-list; check everything else.
         let limits = limits.clone().unwrap_or(TaskLimits { allowed_mount_prefixes: vec!["/".into()] });
         match load_task_file(task_path, &limits) {
-            Ok(_) => println!("{}: ok", task_path.display()),
+            Ok(_) => say!("{}: ok", task_path.display()),
             Err(e) => {
                 ok = false;
                 print_task_error(task_path, &e);
@@ -107,20 +125,20 @@ fn check(config_path: &std::path::Path, task_path: Option<&std::path::Path>) -> 
 
 fn print_config_error(path: &std::path::Path, e: &ConfigError) {
     match e {
-        ConfigError::Read { .. } => eprintln!("{e}"),
+        ConfigError::Read(_) => complain!("{e}"),
         ConfigError::Invalid(n, list) => {
-            eprintln!("{}: {n} problem(s):", path.display());
+            complain!("{}: {n} problem(s):", path.display());
             for p in &list.0 {
-                eprintln!("  {p}");
+                complain!("  {p}");
             }
         }
     }
 }
 
 fn print_task_error(path: &std::path::Path, e: &TaskError) {
-    eprintln!("{}: {} problem(s):", path.display(), e.0.len());
+    complain!("{}: {} problem(s):", path.display(), e.0.len());
     for p in &e.0 {
-        eprintln!("  {}: {}", p.field, p.problem);
+        complain!("  {}: {}", p.field, p.problem);
     }
 }
 
@@ -134,7 +152,7 @@ fn run(config_path: &std::path::Path, standalone: Option<&std::path::Path>) -> E
     };
     let mode = match standalone {
         None if config.control_plane.is_none() => {
-            eprintln!("{}: {}", config_path.display(), AgentError::NoControlPlane);
+            complain!("{}: {}", config_path.display(), AgentError::NoControlPlane);
             return Exit::Usage;
         }
         None => Mode::ControlPlane,
@@ -155,7 +173,7 @@ fn run(config_path: &std::path::Path, standalone: Option<&std::path::Path>) -> E
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
+            complain!("cannot start the async runtime: {e}");
             return Exit::Runtime;
         }
     };
@@ -180,11 +198,11 @@ fn gc_dry_run(config_path: &std::path::Path) -> Exit {
     let run: machine_agent::gc::executor::GcRun = match std::fs::read(&run_file).map(|b| serde_json::from_slice(&b)) {
         Ok(Ok(run)) => run,
         Ok(Err(e)) => {
-            eprintln!("{}: {e}", run_file.display());
+            complain!("{}: {e}", run_file.display());
             return Exit::Runtime;
         }
         Err(e) => {
-            eprintln!("{}: {e} (the agent writes it once its engine is ready: is a task running?)", run_file.display());
+            complain!("{}: {e} (the agent writes it once its engine is ready: is a task running?)", run_file.display());
             return Exit::Runtime;
         }
     };
@@ -192,7 +210,7 @@ fn gc_dry_run(config_path: &std::path::Path) -> Exit {
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
+            complain!("cannot start the async runtime: {e}");
             return Exit::Runtime;
         }
     };
@@ -203,11 +221,11 @@ fn gc_dry_run(config_path: &std::path::Path) -> Exit {
     });
     match result {
         Ok(report) => {
-            println!("{}", report.explain());
+            say!("{}", report.explain());
             Exit::Clean
         }
         Err(e) => {
-            eprintln!("{e}");
+            complain!("{e}");
             Exit::Runtime
         }
     }
@@ -217,6 +235,10 @@ fn gc_dry_run(config_path: &std::path::Path) -> Exit {
 fn exit_code(e: &AgentError) -> Exit {
     match e {
         AgentError::NoControlPlane => Exit::Usage,
+        // A second agent on one state dir is a deployment mistake, not a
+        // crash: restarting it would only fight the first one again.
+        AgentError::Instance(LockError::Held { .. }) => Exit::Usage,
+        AgentError::Instance(LockError::Open { .. } | LockError::Record { .. }) => Exit::Runtime,
         AgentError::Http(_) | AgentError::Control(_) | AgentError::Signals(_) | AgentError::StateDir { .. } | AgentError::DrainIncomplete(_) => Exit::Runtime,
     }
 }

@@ -87,6 +87,8 @@ pub enum AgentError {
     Control(#[from] ControlError),
     /// `run` needs a [control_plane] section in the config, or --standalone TASK.toml
     NoControlPlane,
+    /// {0}
+    Instance(#[from] crate::instance::LockError),
     /// cannot install signal handlers: {0}
     Signals(#[source] std::io::Error),
     /// cannot create the state directory {path}: {source}
@@ -104,6 +106,10 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
     // Signals first: a SIGTERM from here on starts a drain instead of killing us.
     let mut signals = ShutdownSignals::install().map_err(AgentError::Signals)?;
     crate::fsutil::create_private_dir(&config.state_dir).map_err(|source| AgentError::StateDir { path: config.state_dir.clone(), source })?;
+    // One agent per machine, before anything else: a second one binds no port,
+    // probes no device, stops no engine. Held until this function returns.
+    let instance = crate::instance::InstanceLock::acquire(&config.state_dir)?;
+    tracing::debug!(lock = %instance.path().display(), "state dir locked");
 
     let metrics = Metrics::new();
     let liveness = Liveness::default();

@@ -25,6 +25,7 @@ pub use validate::check_ca_bundle;
 use crate::control::identity::Identity;
 use crate::control::ControlPlaneSettings;
 use crate::engine::EngineSettings;
+use crate::fsutil::{excerpt, read_regular_text};
 use crate::gc::GcSettings;
 use crate::volume::manager::VolumeSettings;
 use schema::RawConfig;
@@ -35,6 +36,13 @@ use std::time::Duration;
 
 /// Where the config lives unless `--config` says otherwise.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/machine-agent/config.toml";
+/// A config with every key and a comment on each is about 5 KiB
+/// (examples/config.toml); a file fifty times that is not a config.
+pub const MAX_CONFIG_BYTES: u64 = 256 << 10;
+/// A problem names a field and says what was expected; both may quote the file,
+/// so each is cut to what a terminal line shows (a long path still fits).
+const MAX_QUOTED_FIELD_CHARS: usize = 128;
+const MAX_QUOTED_PROBLEM_CHARS: usize = 512;
 
 /// The whole validated configuration. Built only by [`Config::parse`].
 #[derive(Debug, Clone)]
@@ -71,12 +79,8 @@ impl fmt::Display for ConfigProblem {
 /// Why a config was refused.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum ConfigError {
-    /// cannot read config file {path}: {source}
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// cannot read config file: {0}
+    Read(#[source] crate::fsutil::ReadError),
     /// invalid config ({0} problem(s)):{1}
     Invalid(usize, ProblemList),
 }
@@ -95,14 +99,20 @@ impl fmt::Display for ProblemList {
 }
 
 impl ConfigError {
+    /// Every problem quoted short: a field name or a message may carry a
+    /// value from the file, and a one-line 200 KiB file is one such value.
     fn invalid(problems: Vec<ConfigProblem>) -> Self {
+        let problems: Vec<ConfigProblem> = problems
+            .into_iter()
+            .map(|p| ConfigProblem { field: excerpt(&p.field, MAX_QUOTED_FIELD_CHARS), problem: excerpt(&p.problem, MAX_QUOTED_PROBLEM_CHARS) })
+            .collect();
         Self::Invalid(problems.len(), ProblemList(problems))
     }
 
     /// The problems, for tests and `check`.
     pub fn problems(&self) -> &[ConfigProblem] {
         match self {
-            Self::Read { .. } => &[],
+            Self::Read(_) => &[],
             Self::Invalid(_, list) => &list.0,
         }
     }
@@ -111,7 +121,7 @@ impl ConfigError {
 impl Config {
     /// Reads and validates the file at `path` with overrides from `env`.
     pub fn load(path: &Path, env: &dyn EnvSource) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let text = read_regular_text(path, MAX_CONFIG_BYTES).map_err(ConfigError::Read)?;
         Self::parse(&text, env)
     }
 
@@ -237,6 +247,19 @@ mod tests {
         let err = Config::parse("[agent]\ndrain_timeout = 3\n", &env(&[])).unwrap_err();
         assert_eq!(err.problems()[0].field, "agent.drain_timeout");
         assert!(err.problems()[0].problem.contains("unknown field"));
+    }
+
+    #[test]
+    fn a_huge_value_is_quoted_as_a_short_excerpt() {
+        let long = "a".repeat(200 << 10);
+        for text in
+            [long.clone(), format!("[agent]\n{long} = 1\n"), format!("[agent]\nstate_dir = {:?}\n", long), format!("[control_plane]\nurl = \"{long}\"\n")]
+        {
+            let err = Config::parse(&text, &env(&[])).unwrap_err();
+            let shown = err.to_string();
+            assert!(shown.len() < 2 * (MAX_QUOTED_FIELD_CHARS + MAX_QUOTED_PROBLEM_CHARS), "{} bytes: {}", shown.len(), &shown[..200]);
+            assert!(!err.problems().is_empty());
+        }
     }
 
     #[test]

@@ -9,11 +9,11 @@
 use super::schema::{RawAgent, RawConfig, RawControlPlane, RawEngine, RawGc, RawIdentity, RawVolume, DEFAULT_FLY_API_SOCKET, DEFAULT_IMDS_URL};
 use super::{Config, ConfigProblem};
 use crate::backoff::Backoff;
-use crate::control::identity::Identity;
-use crate::control::ControlPlaneSettings;
+use crate::control::identity::{Identity, MAX_TOKEN_FILE_BYTES};
+use crate::control::{ControlPlaneSettings, MAX_CA_BUNDLE_BYTES};
 use crate::engine::supervise::{ProbeSettings, RestartPolicy};
 use crate::engine::EngineSettings;
-use crate::fsutil::check_clean_absolute;
+use crate::fsutil::{check_clean_absolute, read_regular_file, read_regular_text};
 use crate::gc::GcSettings;
 use crate::volume::manager::{default_system_paths, VolumeSettings};
 use std::net::SocketAddr;
@@ -340,7 +340,7 @@ fn check_url(url: &str, insecure: bool, bad: &mut impl FnMut(&str, String)) {
 
 /// Reads a PEM CA bundle; it must hold at least one certificate.
 pub fn check_ca_bundle(path: &Path) -> Result<(), String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let pem = read_regular_file(path, MAX_CA_BUNDLE_BYTES).map_err(|e| e.to_string())?;
     let count =
         rustls_pemfile::certs(&mut pem.as_slice()).collect::<Result<Vec<_>, _>>().map_err(|e| format!("{} is not valid PEM: {e}", path.display()))?.len();
     if count == 0 {
@@ -349,13 +349,14 @@ pub fn check_ca_bundle(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The token file must exist, be private to its owner and hold a token.
+/// The token file must be a regular file, private to its owner, and hold a token.
 fn check_token_file(path: &Path) -> Result<(), String> {
+    // Read first: that refuses a FIFO or a device before its mode is judged.
+    let content = read_regular_text(path, MAX_TOKEN_FILE_BYTES).map_err(|e| e.to_string())?;
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(format!("{} is readable by group or others (mode {:o}); expected 0600", path.display(), meta.permissions().mode() & 0o777));
     }
-    let content = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if content.trim().is_empty() {
         return Err(format!("{} is empty; expected the bootstrap token", path.display()));
     }

@@ -21,6 +21,8 @@ const IMDS_TOKEN_TTL_SECS: &str = "21600";
 const FLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// An identity document or token is a few KiB; cap what we read from a confused peer.
 const MAX_PROOF_BYTES: usize = 64 * 1024;
+/// The token file holds one token: the proof's cap, read as it is on disk.
+pub const MAX_TOKEN_FILE_BYTES: u64 = MAX_PROOF_BYTES as u64;
 
 /// Why no proof of identity could be had.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
@@ -37,12 +39,8 @@ pub enum IdentityError {
     ImdsStatus { url: String, status: u16 },
     /// Fly OIDC token request over {socket} failed: {reason}
     Fly { socket: PathBuf, reason: String },
-    /// cannot read the bootstrap token file {path}: {source}
-    TokenFile {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// cannot read the bootstrap token file: {0}
+    TokenFile(#[source] crate::fsutil::ReadError),
     /// the bootstrap token file {path} is empty
     EmptyToken { path: PathBuf },
     /// identity proof {what} is larger than 64 KiB
@@ -142,7 +140,7 @@ async fn checked_text(resp: reqwest::Response, url: &str, what: &'static str) ->
 
 /// Reads and trims the bootstrap token.
 pub fn read_token_file(path: &Path) -> Result<Secret, IdentityError> {
-    let text = std::fs::read_to_string(path).map_err(|source| IdentityError::TokenFile { path: path.into(), source })?;
+    let text = crate::fsutil::read_regular_text(path, MAX_TOKEN_FILE_BYTES).map_err(IdentityError::TokenFile)?;
     let token = text.trim();
     if token.is_empty() {
         return Err(IdentityError::EmptyToken { path: path.into() });

@@ -45,18 +45,17 @@ pub const USER_AGENT: &str = concat!("machine-agent/", env!("CARGO_PKG_VERSION")
 /// `UNAVAILABLE`, and that failure discards it.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A CA bundle is at most a few hundred KiB (Debian's whole system bundle,
+/// ~150 CAs, is 220 KiB); anything past 1 MiB is not a CA bundle.
+pub const MAX_CA_BUNDLE_BYTES: u64 = 1 << 20;
 
 /// Why the control plane could not be reached or used.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
 pub enum ControlError {
     /// invalid control plane URL {url}: {reason}
     Url { url: String, reason: String },
-    /// cannot read the CA bundle {path}: {source}
-    CaBundle {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// cannot read the CA bundle: {0}
+    CaBundle(#[source] crate::fsutil::ReadError),
     /// cannot set up TLS for {url}: {reason}
     Tls { url: String, reason: String },
     /// cannot prove this machine's identity: {0}
@@ -259,7 +258,7 @@ impl ControlPlane {
             let mut tls = ClientTlsConfig::new();
             tls = match &settings.ca_bundle {
                 Some(path) => {
-                    let pem = std::fs::read(path).map_err(|source| ControlError::CaBundle { path: path.clone(), source })?;
+                    let pem = crate::fsutil::read_regular_file(path, MAX_CA_BUNDLE_BYTES).map_err(ControlError::CaBundle)?;
                     tls.ca_certificate(Certificate::from_pem(pem))
                 }
                 None => tls.with_native_roots(),

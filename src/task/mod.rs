@@ -11,7 +11,7 @@
 /// The task's mTLS material: checked, then written atomically where the engine reads it.
 pub mod tls;
 
-use crate::fsutil::check_clean_absolute;
+use crate::fsutil::{check_clean_absolute, excerpt, read_regular_text};
 use crate::proto::v1 as pb;
 use crate::secret::Secret;
 use serde::Deserialize;
@@ -23,6 +23,11 @@ use std::time::Duration;
 
 /// A PEM document larger than this is not a certificate chain; refuse it before parsing.
 pub const MAX_PEM_BYTES: usize = 64 * 1024;
+/// The largest valid task file (64 engine variables of 4 KiB, 8 mounts, the
+/// PEMs named, not inlined) is about 270 KiB; refuse more before reading it.
+pub const MAX_TASK_FILE_BYTES: u64 = 512 << 10;
+/// What a task file's parse error quotes of it, at most.
+const MAX_QUOTED_CHARS: usize = 256;
 /// One engine and its cache volume, plus a few extra mounts at most.
 pub const MAX_MOUNTS: usize = 8;
 /// Enough for proxy settings and a few knobs; a flood of variables is a bad task.
@@ -272,11 +277,7 @@ pub fn validate_buildkit(task: pb::BuildkitTask, limits: &TaskLimits) -> Result<
 
 /// Field values quoted in errors are cut short: an error must not carry a megabyte of input.
 fn truncate(s: &str) -> String {
-    const MAX: usize = 64;
-    match s.char_indices().nth(MAX) {
-        Some((i, _)) => format!("{}...", &s[..i]),
-        None => s.to_string(),
-    }
+    excerpt(s, 64)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -561,23 +562,16 @@ struct TaskFileGc {
 /// Reads a standalone task file into the wire's message (not yet validated).
 pub fn read_task_file(path: &Path) -> Result<pb::BuildkitTask, TaskError> {
     let one = |field: &str, problem: String| TaskError(vec![FieldError { field: field.into(), problem }]);
-    let text = std::fs::read_to_string(path).map_err(|e| one("<file>", format!("cannot read {}: {e}", path.display())))?;
-    let file: TaskFile =
-        serde_path_to_error::deserialize(toml::Deserializer::new(&text)).map_err(|e| one(&e.path().to_string(), e.inner().message().to_string()))?;
+    let text = read_regular_text(path, MAX_TASK_FILE_BYTES).map_err(|e| one("<file>", e.to_string()))?;
+    let file: TaskFile = serde_path_to_error::deserialize(toml::Deserializer::new(&text))
+        .map_err(|e| one(&excerpt(&e.path().to_string(), MAX_QUOTED_CHARS), excerpt(e.inner().message(), MAX_QUOTED_CHARS)))?;
     let base = path.parent().unwrap_or(Path::new("/"));
     let mut p = Problems::default();
     let mut read_pem = |field: &str, file: &Path| -> String {
-        let file = base.join(file);
-        match std::fs::metadata(&file) {
-            Ok(meta) if meta.len() > MAX_PEM_BYTES as u64 => {
-                p.add(field, format!("{} is larger than {MAX_PEM_BYTES} bytes", file.display()));
-                String::new()
-            }
-            _ => std::fs::read_to_string(&file).unwrap_or_else(|e| {
-                p.add(field, format!("cannot read {}: {e}", file.display()));
-                String::new()
-            }),
-        }
+        read_regular_text(&base.join(file), MAX_PEM_BYTES as u64).unwrap_or_else(|e| {
+            p.add(field, e.to_string());
+            String::new()
+        })
     };
     let tls = pb::TlsMaterial {
         cert_pem: read_pem("tls.cert_file", &file.tls.cert_file),

@@ -4,9 +4,12 @@
 //! run), and the one deliberate way to get rid of them.
 //!
 //! [`find_holders`] only reads; it never signals, unmounts or decides anything.
-//! [`kill_holders`] sends SIGKILL and nothing else, never to pid 1, the agent
-//! itself or a pid that does not fit a positive `pid_t`; choosing to call it is
-//! the caller's decision.
+//! It marks each holder that is, or descends from, another live machine-agent
+//! (its engine, a build step): one that holds its state dir's lock
+//! (`instance`), found by walking parent pids. [`kill_holders`] sends SIGKILL
+//! and nothing else, never to pid 1, the agent itself, another live agent or
+//! anything it runs, or a pid that does not fit a positive `pid_t`; choosing
+//! to call it is the caller's decision.
 //!
 //! What a scan cannot see: mounts stacked under the mount point, including
 //! those in other mount namespaces (a container's overlay rootfs whose layers
@@ -36,6 +39,9 @@ pub struct Holder {
     /// This is the scanning process itself (`<proc>/self`): the agent. Reported
     /// like any other; the caller decides what that means.
     pub is_self: bool,
+    /// The pid of another live machine-agent that this process is or descends
+    /// from: that agent's, never ours to kill or unmount from under it.
+    pub agent: Option<u32>,
 }
 
 /// Every process under `<proc_root>/proc` that uses a path at or under
@@ -65,21 +71,27 @@ pub fn find_holders(proc_root: &Path, mount_point: &Path) -> Vec<Holder> {
                     return None;
                 }
             };
-            Some(Holder { pid, name, uses, is_self: own_pid == Some(pid) })
+            let agent = find_live_agent(&proc_dir, pid, own_pid);
+            Some(Holder { pid, name, uses, is_self: own_pid == Some(pid), agent })
         })
         .collect();
     holders.sort_by_key(|h| h.pid);
     holders
 }
 
-/// Sends SIGKILL to each holder except `own_pid`, one marked `is_self`, and pid 1,
-/// and returns the pids it signalled, in the order given. A holder that already
-/// exited (ESRCH) or cannot be signalled is logged and left out.
+/// Sends SIGKILL to each holder except `own_pid`, one marked `is_self`, one
+/// that belongs to another live agent, and pid 1, and returns the pids it
+/// signalled, in the order given. A holder that already exited (ESRCH) or
+/// cannot be signalled is logged and left out.
 pub fn kill_holders(holders: &[Holder], own_pid: u32) -> Vec<u32> {
     let mut signalled = Vec::new();
     for h in holders {
         if h.pid == own_pid || h.is_self {
             tracing::warn!(pid = h.pid, name = %h.name, uses = ?h.uses, "the agent itself holds the mount; not killing it");
+            continue;
+        }
+        if let Some(agent) = h.agent {
+            tracing::warn!(pid = h.pid, name = %h.name, agent_pid = agent, uses = ?h.uses, "belongs to another live machine-agent; never killing it");
             continue;
         }
         // Pid 1 is init: killing it panics the kernel. 0 and negative values
@@ -168,6 +180,54 @@ fn parse_pid(name: &[u8]) -> Option<u32> {
         return None;
     }
     std::str::from_utf8(name).ok()?.parse().ok()
+}
+
+/// Parent links followed at most this far: deeper than any real process tree
+/// (agent, buildkitd, runc, a build step's shell and its children), and a bound
+/// should a pid be reused into a loop mid-walk.
+const MAX_ANCESTRY: usize = 256;
+
+/// The live machine-agent, other than `own_pid`, that `pid` is or descends
+/// from. The walk stops at pid 1, at `own_pid` (our own engine and its build
+/// steps are ours to stop) and at a process that vanished.
+fn find_live_agent(proc_dir: &Path, pid: u32, own_pid: Option<u32>) -> Option<u32> {
+    let mut current = pid;
+    for _ in 0..MAX_ANCESTRY {
+        if current <= 1 || Some(current) == own_pid {
+            return None;
+        }
+        if is_live_agent(&proc_dir.join(current.to_string()), current) {
+            return Some(current);
+        }
+        current = read_ppid(&proc_dir.join(current.to_string()))?;
+    }
+    None
+}
+
+/// Whether the process at `dir` (`<proc>/<pid>`) has a state-dir lock file
+/// open that records `pid`: an agent holding its lock. A stale file left by a
+/// dead agent records a pid that has no such descriptor open.
+fn is_live_agent(dir: &Path, pid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir.join("fd")) else { return false };
+    entries.flatten().any(|fd| {
+        let named_like_the_lock = std::fs::read_link(fd.path()).ok().is_some_and(|t| t.file_name().is_some_and(|n| n == crate::instance::LOCK_FILE_NAME));
+        // Read through the fd link: the file that process has open, whatever its mount namespace.
+        named_like_the_lock && crate::instance::read_holder_pid(&fd.path()) == Some(pid)
+    })
+}
+
+/// The parent pid from `<dir>/stat`.
+fn read_ppid(dir: &Path) -> Option<u32> {
+    parse_stat_ppid(&std::fs::read(dir.join("stat")).ok()?)
+}
+
+/// The fourth field of `/proc/<pid>/stat`: `pid (comm) state ppid ...`. The
+/// comm may hold spaces and parentheses, so fields are counted after its last `)`.
+pub fn parse_stat_ppid(stat: &[u8]) -> Option<u32> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let mut fields = stat[close + 1..].split(|&b| b == b' ').filter(|f| !f.is_empty());
+    let _state = fields.next()?;
+    parse_pid(fields.next()?)
 }
 
 /// `<proc>/self` links to the reader's own pid, as that procfs numbers it.
@@ -359,7 +419,13 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
         symlink("300", r.join("proc/self")).unwrap();
 
         let found = find_holders(r, Path::new("/mnt/x"));
-        let holder = |pid, name: &str, uses: &[&str], is_self| Holder { pid, name: name.into(), uses: uses.iter().map(|u| u.to_string()).collect(), is_self };
+        let holder = |pid, name: &str, uses: &[&str], is_self| Holder {
+            pid,
+            name: name.into(),
+            uses: uses.iter().map(|u| u.to_string()).collect(),
+            is_self,
+            agent: None,
+        };
         assert_eq!(
             found,
             vec![
@@ -375,13 +441,69 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0                  [vsysca
 
     #[test]
     fn kill_holders_never_signals_init_itself_or_group_pids() {
-        let holder = |pid, is_self| Holder { pid, name: "x".into(), uses: vec!["cwd".into()], is_self };
+        let holder = |pid, is_self| Holder { pid, name: "x".into(), uses: vec!["cwd".into()], is_self, agent: None };
         // Every one of these must be refused before any signal is sent: kill(0)
         // or kill(-n) would hit process groups, kill(1) init.
         let refused = [holder(1, false), holder(std::process::id(), false), holder(u32::MAX, false), holder(2_147_483_648, false)];
         assert_eq!(kill_holders(&refused, std::process::id()), Vec::<u32>::new());
         // Marked as the scanner itself, even if the caller passed another pid.
         assert_eq!(kill_holders(&[holder(std::process::id(), true)], 0), Vec::<u32>::new());
+        // Another live agent's (a process that cannot exist, so a wrong answer signals nothing).
+        let theirs = Holder { agent: Some(42), ..holder(4_000_000, false) };
+        assert_eq!(kill_holders(&[theirs], std::process::id()), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn stat_ppid_is_the_field_after_the_last_parenthesis() {
+        let cases: &[(&[u8], Option<u32>)] = &[
+            (b"1234 (buildkitd) S 1200 1234 1234 0 -1", Some(1200)),
+            (b"1234 (a (weird) name) R 77 1 1", Some(77)),
+            (b"1234 (sp ace) S 5", Some(5)),
+            (b"1 (init) S 0 1 1", Some(0)),
+            (b"1234 (x) S", None),
+            (b"garbage", None),
+            (b"", None),
+        ];
+        for &(stat, want) in cases {
+            assert_eq!(parse_stat_ppid(stat), want, "{:?}", String::from_utf8_lossy(stat));
+        }
+    }
+
+    #[test]
+    fn processes_under_another_live_agent_are_marked_with_its_pid() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let state = r.join("other-state");
+        std::fs::create_dir_all(&state).unwrap();
+        let lock = state.join(crate::instance::LOCK_FILE_NAME);
+        std::fs::write(&lock, "700\n").unwrap();
+        let stale_state = r.join("stale-state");
+        std::fs::create_dir_all(&stale_state).unwrap();
+        let stale_lock = stale_state.join(crate::instance::LOCK_FILE_NAME);
+        std::fs::write(&stale_lock, "999\n").unwrap();
+        let stat = |pid: u32, ppid: u32| std::fs::write(r.join(format!("proc/{pid}/stat")), format!("{pid} (x) S {ppid} 1 1 0")).unwrap();
+        let lock_s = lock.display().to_string();
+        let stale_s = stale_lock.display().to_string();
+        // 700: another agent with its lock open; 710 its engine; 720 a build step under it.
+        fake_process(r, 700, "machine-agent", "/", &[(3, &lock_s)], "");
+        fake_process(r, 710, "buildkitd", "/mnt/x", &[], "");
+        fake_process(r, 720, "sh", "/mnt/x/step", &[], "");
+        // 800: us, with our own lock, and our engine 810; 900: an orphan whose
+        // parent is init; 950 opened a lock file that records another pid.
+        let own_lock = r.join("own.lock-dir");
+        std::fs::create_dir_all(&own_lock).unwrap();
+        std::fs::write(own_lock.join(crate::instance::LOCK_FILE_NAME), "800\n").unwrap();
+        fake_process(r, 800, "machine-agent", "/", &[(3, &own_lock.join(crate::instance::LOCK_FILE_NAME).display().to_string())], "");
+        fake_process(r, 810, "buildkitd", "/mnt/x", &[], "");
+        fake_process(r, 900, "buildkitd", "/mnt/x", &[], "");
+        fake_process(r, 950, "machine-agent", "/mnt/x", &[(3, &stale_s)], "");
+        for (pid, ppid) in [(700, 1), (710, 700), (720, 710), (800, 1), (810, 800), (900, 1), (950, 1)] {
+            stat(pid, ppid);
+        }
+        symlink("800", r.join("proc/self")).unwrap();
+
+        let marked: Vec<(u32, Option<u32>)> = find_holders(r, Path::new("/mnt/x")).iter().map(|h| (h.pid, h.agent)).collect();
+        assert_eq!(marked, vec![(710, Some(700)), (720, Some(700)), (810, None), (900, None), (950, None)]);
     }
 
     /// Children that are SIGKILLed and reaped when the test ends, even on panic.

@@ -10,7 +10,8 @@
 //! Release: sync, fstrim, unmount everything beneath the mount point deepest
 //! first, retry EBUSY with backoff while naming the processes that hold it,
 //! kill them only when the config allows it, never lazy-unmount, and detach a
-//! file-backed volume's loop device.
+//! file-backed volume's loop device. A mount that another live agent holds is
+//! left as it is at once: never waited for, never killed for.
 
 use super::device::{attach_file, detach_file, find_attachment, wait_for_device, LoopAttachment};
 use super::format::{mkfs_command, mount_options};
@@ -154,6 +155,8 @@ pub enum ReleaseError {
     FsErrors { mount_point: PathBuf, count: u64 },
     /// {mount_point} is busy after {waited:?}; held by: {held_by}
     Busy { mount_point: PathBuf, waited: Duration, held_by: String },
+    /// {mount_point} is in use by another live machine-agent (pid {agent_pid}); left mounted, never taken from it; held by: {held_by}
+    HeldByAgent { mount_point: PathBuf, agent_pid: u32, held_by: String },
     /// cannot unmount {mount_point}: {source}
     Unmount {
         mount_point: PathBuf,
@@ -480,6 +483,11 @@ async fn unmount_all_beneath(settings: &VolumeSettings, path: &Path) -> Result<(
             Err(nix::Error::EBUSY) => {
                 let holders = find_holders(Path::new("/"), next);
                 let named: Vec<String> = holders.iter().map(|h| format!("{} ({})", h.pid, h.name)).collect();
+                // Another agent runs on this mount (two agents given one task):
+                // waiting cannot free it and killing would end that agent's builds.
+                if let Some(agent_pid) = holders.iter().find_map(|h| h.agent) {
+                    return Err(ReleaseError::HeldByAgent { mount_point: next.clone(), agent_pid, held_by: named.join(", ") });
+                }
                 warn!(mount_point = %next.display(), holders = %named.join(", "), "mount is busy");
                 let now = Instant::now();
                 if settings.kill_holders && !killed && now >= kill_after {
