@@ -276,4 +276,14 @@ async fn forged_and_garbage_kernel_log_lines_count_no_kill_and_never_blame_the_e
         .sum();
     assert!(metric_total <= kernel_kills as f64, "the metric counts {metric_total} kills, the kernel {kernel_kills}");
     assert!(!agent.logs().contains("OOM kill: buildkitd"), "the engine was blamed in the log");
+    // What the operator sees instead: the user-space records counted, the forged ones said a few times.
+    let user_records = metric_value(&scrape, "machine_agent_kmsg_user_records_total").unwrap_or(0.0);
+    eprintln!("user-space records the agent read and ignored: {user_records}");
+    assert!(user_records >= forged_landed.len() as f64, "every forged line read was counted as user space's: {user_records}");
+    let said = agent.logs().lines().filter(|l| l.contains("OOM-looking line written into the kernel log from user space")).count();
+    assert!((1..=10).contains(&said), "forged lines are said, a few at most, not {said} times");
+    let overruns = metric_value(&scrape, "machine_agent_kmsg_overruns_total").unwrap_or(0.0);
+    let overrun_lines = agent.logs().lines().filter(|l| l.contains("the kernel log overwrote records")).count();
+    eprintln!("overruns: {overruns}, logged in {overrun_lines} lines");
+    assert!(overrun_lines <= 10, "overruns are counted, not logged one by one: {overrun_lines} lines for {overruns}");
 }
