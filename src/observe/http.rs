@@ -84,6 +84,9 @@ struct Readiness {
     /// The newest sample of the host and the engine's process tree.
     resources: Option<crate::observe::sampler::Sample>,
     task_id: Option<String>,
+    /// The last task re-sent under the running task's id with other content.
+    task_conflict: Option<crate::observe::status::TaskConflict>,
+    tasks_rejected_total: u64,
     control_plane_connected: bool,
     state_age_secs: u64,
 }
@@ -124,6 +127,8 @@ async fn readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
             .collect(),
         resources: st.resources,
         task_id: st.task_id,
+        task_conflict: st.task_conflict,
+        tasks_rejected_total: st.tasks_rejected,
         control_plane_connected: s.metrics.control_plane_connected.get() == 1,
         state_age_secs: st.since.elapsed().as_secs(),
     };

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub oom_kills: IntCounterVec,
     pub kmsg_overruns: IntCounter,
     pub kmsg_user_records: IntCounter,
+    pub task_conflicts: IntCounter,
     pub volume_size_bytes: GaugeVec,
     pub volume_free_bytes: GaugeVec,
     pub volume_inodes: GaugeVec,
@@ -145,6 +146,14 @@ impl Metrics {
                 IntCounter::new(
                     "kmsg_user_records_total",
                     "Kernel log records written from user space (not the kernel's facility) that the OOM watcher read and ignored.",
+                )
+                .expect("valid"),
+            ),
+            task_conflicts: register(
+                &registry,
+                IntCounter::new(
+                    "task_conflicts_total",
+                    "Tasks the control plane re-sent under the running task's id with different content; the running task was kept.",
                 )
                 .expect("valid"),
             ),
