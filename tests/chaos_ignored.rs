@@ -136,12 +136,12 @@ async fn a_flood_of_100_000_invalid_task_messages_is_counted_in_full_logged_in_b
     eventually("every rejection logged or counted as suppressed", Duration::from_secs(40), || {
         let logs = agent.logs();
         let logged = logs.lines().filter(|l| l.contains(REJECTED)).count() as u64;
-        logged + field_sum(&logs, REJECTED, "suppressed_before") + field_sum(&logs, "kind=task_rejected", "suppressed") == INVALID
+        logged + field_sum(&logs, REJECTED, "suppressed_before") + field_sum(&logs, "kind=\"task_rejected\"", "suppressed") == INVALID
     })
     .await;
     let logs = agent.logs();
     let logged = logs.lines().filter(|l| l.contains(REJECTED)).count();
-    eprintln!("log lines for {INVALID} rejections: {logged} (+ {} summary lines)", logs.lines().filter(|l| l.contains("kind=task_rejected")).count());
+    eprintln!("log lines for {INVALID} rejections: {logged} (+ {} summary lines)", logs.lines().filter(|l| l.contains("kind=\"task_rejected\"")).count());
     assert!(logged <= 50, "{logged} lines for {INVALID} rejected tasks");
 
     let rec = cp.wait_for("the rejections in the health stream", |r| r.health.last().is_some_and(|h| h.tasks_rejected_total == INVALID)).await;
