@@ -84,7 +84,7 @@ fn field_sum(logs: &str, needle: &str, key: &str) -> u64 {
 
 #[tokio::test]
 async fn a_flood_of_100_000_invalid_task_messages_is_counted_in_full_logged_in_bounded_lines_and_the_agent_stays_responsive() {
-    const INVALID: u64 = 100_000;
+    const INVALID: usize = 100_000;
     let w = World::new();
     let cp = control_plane().start();
     w.use_control_plane(&cp);
@@ -114,8 +114,8 @@ async fn a_flood_of_100_000_invalid_task_messages_is_counted_in_full_logged_in_b
 
     let invalid = pb::register_response::Task::Buildkit(pb::BuildkitTask { task_id: "not valid!".into(), ..Default::default() });
     let started = tokio::time::Instant::now();
-    let sent = cp.push_all(std::iter::repeat_n(invalid, INVALID as usize)).await;
-    assert_eq!(sent as u64, INVALID);
+    let sent = cp.push_all(std::iter::repeat_n(invalid, INVALID)).await;
+    assert_eq!(sent, INVALID);
     let deadline = started + Duration::from_secs(120);
     loop {
         let counted = metric_value(&http_get(&base, "/metrics").await.1, "machine_agent_tasks_rejected_total");
@@ -136,7 +136,7 @@ async fn a_flood_of_100_000_invalid_task_messages_is_counted_in_full_logged_in_b
     eventually("every rejection logged or counted as suppressed", Duration::from_secs(40), || {
         let logs = agent.logs();
         let logged = logs.lines().filter(|l| l.contains(REJECTED)).count() as u64;
-        logged + field_sum(&logs, REJECTED, "suppressed_before") + field_sum(&logs, "kind=\"task_rejected\"", "suppressed") == INVALID
+        logged + field_sum(&logs, REJECTED, "suppressed_before") + field_sum(&logs, "kind=\"task_rejected\"", "suppressed") == INVALID as u64
     })
     .await;
     let logs = agent.logs();
@@ -144,10 +144,10 @@ async fn a_flood_of_100_000_invalid_task_messages_is_counted_in_full_logged_in_b
     eprintln!("log lines for {INVALID} rejections: {logged} (+ {} summary lines)", logs.lines().filter(|l| l.contains("kind=\"task_rejected\"")).count());
     assert!(logged <= 50, "{logged} lines for {INVALID} rejected tasks");
 
-    let rec = cp.wait_for("the rejections in the health stream", |r| r.health.last().is_some_and(|h| h.tasks_rejected_total == INVALID)).await;
+    let rec = cp.wait_for("the rejections in the health stream", |r| r.health.last().is_some_and(|h| h.tasks_rejected_total == INVALID as u64)).await;
     let last = rec.health.last().unwrap();
     assert!(last.last_task_rejection.contains("buildkit.task_id"), "the control plane hears why: {:?}", last.last_task_rejection);
     let (_, ready) = readyz(&base).await;
     assert_eq!(ready["state"], "pending", "the agent kept its state: {ready}");
-    assert_eq!(ready["tasks_rejected_total"].as_u64(), Some(INVALID), "{ready}");
+    assert_eq!(ready["tasks_rejected_total"].as_u64(), Some(INVALID as u64), "{ready}");
 }

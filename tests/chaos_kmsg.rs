@@ -239,7 +239,7 @@ async fn forged_and_garbage_kernel_log_lines_count_no_kill_and_never_blame_the_e
     );
 
     // --- the garbage flood (it overruns the ring: the agent counts overruns and reads on).
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     write_to_kmsg(&garbage_lines(&engine_cgroup, engine_pid));
     eprintln!("wrote {FORGED_LINES} forged and {GARBAGE_LINES} garbage lines; garbage took {:?}", started.elapsed());
 
