@@ -75,19 +75,20 @@ async fn a_device_that_appears_after_the_wait_is_prepared_without_a_restart() {
 
 #[tokio::test]
 async fn a_task_that_failed_on_a_full_state_dir_is_served_once_space_is_freed() {
-    let dir = tempfile::tempdir().unwrap();
-    // The state dir is a small tmpfs of this test's own, filled before the task arrives.
-    let state = dir.path().join("state");
+    let w = support::engine::World::new();
+    // The state dir is a small tmpfs of this test's own, filled after the agent started, before the task.
+    let state = w.root.join("state");
     std::fs::create_dir_all(&state).unwrap();
     let _tmpfs = support::loopdev::mount_tmpfs(&state, 1 << 20);
+    let cp = support::control_plane::control_plane().start();
+    w.use_control_plane(&cp);
+    let agent = agent(&w.config).start();
+    let base = agent.endpoints().await;
+    cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
     let filler = state.join("filler");
     fill(&filler);
-    let config = dir.path().join("config.toml");
-    std::fs::write(&config, base_config(dir.path())).unwrap();
-    let task = write_task_file(dir.path(), &dir.path().join("mnt"));
+    cp.push(support::control_plane::buildkit_task("full-state-dir", &w.root.join("mnt")));
 
-    let agent = agent(&config).standalone(&task).start();
-    let base = agent.endpoints().await;
     agent.wait_for_log("to=degraded").await;
     let ready = readyz(&base).await;
     assert!(ready["reason"].as_str().unwrap().contains("No space left on device"), "the reason names the full disk: {ready}");

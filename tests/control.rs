@@ -153,7 +153,9 @@ async fn pending_then_a_task_moves_the_agent_to_ready_and_the_engine_gets_the_ta
     assert_eq!(code, 503);
     assert!(body.contains("\"state\":\"pending\""), "{body}");
 
-    cp.push(buildkit_task("task-42", &s.dir.path().join("mnt")));
+    // Kept whole: buildkit_task() makes fresh TLS material and a fresh port each call.
+    let task = buildkit_task("task-42", &s.dir.path().join("mnt"));
+    cp.push(task.clone());
     let rec = cp.wait_for("a ready health report", |r| r.health.iter().any(|h| h.agent_state == pb::AgentState::Ready as i32)).await;
     let ready = rec.health.iter().find(|h| h.agent_state == pb::AgentState::Ready as i32).unwrap();
     assert_eq!(ready.task_id, "task-42");
@@ -167,7 +169,7 @@ async fn pending_then_a_task_moves_the_agent_to_ready_and_the_engine_gets_the_ta
     assert!(environ.split(|&b| b == 0).any(|kv| kv == b"ENGINE_MARKER=from-task"), "the task's engine_env reached the engine");
 
     // The same task again (as after a reconnect) changes nothing.
-    cp.push(buildkit_task("task-42", &s.dir.path().join("mnt")));
+    cp.push(task);
     agent.wait_for_log("task re-sent after reconnect").await;
     assert_eq!(agent.children(), engine);
 
@@ -206,7 +208,8 @@ async fn control_plane_outage_is_survived_with_backoff_and_the_engine_is_left_al
     let agent = agent(&s.config).start();
     let base = agent.endpoints().await;
     cp.wait_for("registration", |r| !r.registrations.is_empty()).await;
-    cp.push(buildkit_task("task-7", &s.dir.path().join("mnt")));
+    let task = buildkit_task("task-7", &s.dir.path().join("mnt"));
+    cp.push(task.clone());
     cp.wait_for("ready", |r| r.health.iter().any(|h| h.agent_state == pb::AgentState::Ready as i32)).await;
     let engine = agent.children();
     assert_eq!(engine.len(), 1);
@@ -232,7 +235,7 @@ async fn control_plane_outage_is_survived_with_backoff_and_the_engine_is_left_al
     assert!(attempts >= 2, "each attempt is logged with its delay, got {attempts}");
 
     // It comes back on the same port: registration and health resume.
-    let cp = control_plane().pki(pki).port(port).initial(vec![buildkit_task("task-7", &s.dir.path().join("mnt"))]).start();
+    let cp = control_plane().pki(pki).port(port).initial(vec![task]).start();
     let rec = cp.wait_for("registration and health after the outage", |r| !r.registrations.is_empty() && r.health.len() >= 2).await;
     assert_eq!(rec.registrations[0].previous_machine_id, MACHINE_ID, "the agent says which machine it was");
     assert_eq!(rec.health.last().unwrap().agent_state, pb::AgentState::Ready as i32);
@@ -242,6 +245,8 @@ async fn control_plane_outage_is_survived_with_backoff_and_the_engine_is_left_al
     })
     .await;
     assert_eq!(agent.children(), engine, "still the same engine after the reconnect");
+    let last = cp.recorded().health.last().cloned().unwrap();
+    assert_eq!(last.task_conflict, None, "the same task re-sent after a reconnect is no conflict");
     assert_no_secrets(&agent.logs());
 }
 

@@ -7,11 +7,17 @@ use crate::control::ControlEvent;
 use crate::engine::supervise::{EngineEvent, RestartDecision};
 use crate::engine::EngineState;
 use crate::lifecycle::Event;
+use crate::observe::log_limit::Verdict;
 use crate::observe::oom_watch::OomKill;
 use crate::proto::v1 as pb;
-use crate::task::Task;
+use crate::task::{differing_fields, BuildkitTask, Task, TaskError};
 use crate::volume::health::FsFailing;
+use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
+
+/// Log-limiter kinds: each kind of ignored task message is limited on its own.
+const TASK_REJECTED: &str = "task_rejected";
+const TASK_CONFLICT: &str = "task_conflict";
 
 impl Agent {
     /// Handles one input; Some(reason) ends the main loop and starts the drain.
@@ -20,10 +26,14 @@ impl Agent {
             Input::Control(event) => return self.on_control(event),
             Input::VolumesPrepared(outcome) => self.on_volumes_prepared(outcome),
             Input::Engine(event) => self.on_engine_event(event),
-            Input::Sampled(tick) => self.status.send_modify(|s| {
-                s.resources = Some(tick.sample);
-                s.mounts = tick.mounts;
-            }),
+            Input::Sampled(tick) => {
+                self.status.send_modify(|s| {
+                    s.resources = Some(tick.sample);
+                    s.mounts = tick.mounts;
+                });
+                // The sampler's tick is the agent's clock: a flood that ended still gets its count said.
+                self.say_suppressed_lines();
+            }
             Input::Oom(kill) => self.on_oom_kill(kill),
             Input::GcRun(report) => self.on_gc_run(report),
             Input::RetryDue(step) => self.on_retry_due(step),
@@ -42,7 +52,7 @@ impl Agent {
                 None => self.transition(Event::TaskPending, "waiting for a task"),
             },
             ControlEvent::Task(Task::Buildkit(task)) => match &self.task {
-                Some(current) if current.id == task.id => debug!(task_id = %task.id, "task re-sent after reconnect; nothing to do"),
+                Some(current) if current.id == task.id => self.on_task_resent(&task),
                 Some(current) => warn!(
                     running = %current.id, offered = %task.id,
                     "a different task arrived while one runs; keeping the running task"
@@ -51,11 +61,51 @@ impl Agent {
             },
             ControlEvent::Task(Task::Terminate { reason }) => return Some(format!("terminate task: {reason}")),
             ControlEvent::ShouldTerminate => return Some("should_terminate".into()),
-            ControlEvent::TaskRejected(error) => error!(%error, "task rejected; the agent keeps its current state"),
+            ControlEvent::TaskRejected(error) => self.on_task_rejected(&error),
             ControlEvent::Registered => self.status.send_modify(|s| s.control_plane_error = None),
             ControlEvent::NotRegistered(why) => self.status.send_modify(|s| s.control_plane_error = Some(why)),
         }
         None
+    }
+
+    /// A task under the running task's id. The same content is a resend after
+    /// a reconnect. Other content is the control plane's error: the agent
+    /// never reconfigures a running engine under one id, so it keeps the task
+    /// it runs, says what differs, and reports the conflict on the health stream.
+    fn on_task_resent(&mut self, offered: &BuildkitTask) {
+        let Some(running) = &self.task else { return };
+        let differs = differing_fields(running, offered);
+        if differs.is_empty() {
+            debug!(task_id = %offered.id, "task re-sent after reconnect; nothing to do");
+            return;
+        }
+        self.metrics.task_conflicts.inc();
+        let now_ms = crate::clock::unix_time_ms();
+        let fields = differs.join(", ");
+        self.status.send_modify(|s| s.record_task_conflict(&offered.id, differs, now_ms));
+        if let Verdict::Log { suppressed_before } = self.log_limit.check(TASK_CONFLICT, Instant::now()) {
+            warn!(
+                task_id = %offered.id, differs = %fields, suppressed_before,
+                "a task was re-sent under the running task's id with other content; keeping the running task (reported to the control plane)"
+            );
+        }
+    }
+
+    /// An invalid task message: counted and reported in full, logged at a bounded rate.
+    fn on_task_rejected(&mut self, error: &TaskError) {
+        let reason = error.to_string();
+        if let Verdict::Log { suppressed_before } = self.log_limit.check(TASK_REJECTED, Instant::now()) {
+            error!(error = %reason, suppressed_before, "task rejected; the agent keeps its current state");
+        }
+        self.status.send_modify(|s| s.record_task_rejection(reason));
+    }
+
+    /// One line per kind of ignored message whose window ended with lines not logged.
+    fn say_suppressed_lines(&mut self) {
+        let window = self.log_limit.window();
+        for (kind, suppressed) in self.log_limit.flush(Instant::now()) {
+            warn!(kind, suppressed, "{suppressed} more lines of this kind were not logged in the last {window:?}");
+        }
     }
 
     fn on_engine_event(&mut self, event: EngineEvent) {

@@ -26,6 +26,7 @@ use crate::engine::EngineState;
 use crate::lifecycle::{next, Event, State};
 use crate::observe::http::HttpError;
 use crate::observe::liveness::{Heartbeat, Liveness};
+use crate::observe::log_limit::LogLimiter;
 use crate::observe::metrics::Metrics;
 use crate::observe::oom_watch::OomKill;
 use crate::observe::sample_loop::Tick;
@@ -210,6 +211,12 @@ impl Pulse {
     }
 }
 
+/// Lines per kind (rejected task, conflicting task) logged in a window:
+/// one line per message is fine at a human pace; a control plane stuck in a
+/// loop gets ten lines per 10 s and then one line with how many were not logged.
+const IGNORED_TASK_LINES_PER_WINDOW: u32 = 10;
+const IGNORED_TASK_LINES_WINDOW: Duration = Duration::from_secs(10);
+
 /// The main loop's state: what it started and must stop.
 #[derive(Debug)]
 struct Agent {
@@ -244,6 +251,9 @@ struct Agent {
     control: Option<ControlPlane>,
     session: watch::Receiver<Option<Session>>,
     inputs: mpsc::Sender<Input>,
+    /// Lines about task messages the agent ignores, which a control plane can
+    /// send without bound: a few per window, then a count.
+    log_limit: LogLimiter,
 }
 
 impl Agent {
@@ -277,6 +287,7 @@ impl Agent {
             control,
             session,
             inputs,
+            log_limit: LogLimiter::new(IGNORED_TASK_LINES_PER_WINDOW, IGNORED_TASK_LINES_WINDOW),
         }
     }
 

@@ -6,7 +6,7 @@ use crate::engine::EngineState;
 use crate::lifecycle::State;
 use crate::observe::oom_watch::OomKill;
 use crate::observe::sampler::{EngineSample, HostSample};
-use crate::observe::status::MountFigures;
+use crate::observe::status::{MountFigures, TaskConflict};
 use crate::proto::v1 as pb;
 
 impl From<State> for pb::AgentState {
@@ -70,6 +70,12 @@ impl From<&HostSample> for pb::HostResources {
 impl From<&EngineSample> for pb::EngineResources {
     fn from(e: &EngineSample) -> Self {
         Self { pid: e.pid, processes: e.processes, rss_bytes: e.rss_bytes, cpu_seconds_total: e.cpu_seconds_total, cpu_utilisation: e.cpu_utilisation }
+    }
+}
+
+impl From<&TaskConflict> for pb::TaskConflict {
+    fn from(c: &TaskConflict) -> Self {
+        Self { task_id: c.task_id.clone(), differing_fields: c.differing_fields.clone(), count: c.count, last_unix_time_ms: c.last_unix_time_ms }
     }
 }
 

@@ -167,5 +167,8 @@ pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64) -> pb::Hea
         engine_last_exit: status.engine_last_exit.clone().unwrap_or_default(),
         mounts: status.mounts.iter().map(pb::MountStats::from).collect(),
         task_id: status.task_id.clone().unwrap_or_default(),
+        task_conflict: status.task_conflict.as_ref().map(pb::TaskConflict::from),
+        tasks_rejected_total: status.tasks_rejected,
+        last_task_rejection: status.last_task_rejection.clone().unwrap_or_default(),
     }
 }

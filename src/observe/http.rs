@@ -84,6 +84,9 @@ struct Readiness {
     /// The newest sample of the host and the engine's process tree.
     resources: Option<crate::observe::sampler::Sample>,
     task_id: Option<String>,
+    /// The last task re-sent under the running task's id with other content.
+    task_conflict: Option<crate::observe::status::TaskConflict>,
+    tasks_rejected_total: u64,
     control_plane_connected: bool,
     /// Why the agent is not registered; null while it is (and in standalone mode).
     control_plane_error: Option<String>,
@@ -126,6 +129,8 @@ async fn readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
             .collect(),
         resources: st.resources,
         task_id: st.task_id,
+        task_conflict: st.task_conflict,
+        tasks_rejected_total: st.tasks_rejected,
         control_plane_connected: s.metrics.control_plane_connected.get() == 1,
         control_plane_error: st.control_plane_error,
         state_age_secs: st.since.elapsed().as_secs(),

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub gc_last_run_timestamp_seconds: Gauge,
     pub oom_kills: IntCounterVec,
     pub kmsg_overruns: IntCounter,
+    pub kmsg_user_records: IntCounter,
+    pub task_conflicts: IntCounter,
     pub volume_size_bytes: GaugeVec,
     pub volume_free_bytes: GaugeVec,
     pub volume_inodes: GaugeVec,
@@ -138,6 +140,22 @@ impl Metrics {
             kmsg_overruns: register(
                 &registry,
                 IntCounter::new("kmsg_overruns_total", "Times the kernel log ring overwrote records before the OOM watcher read them.").expect("valid"),
+            ),
+            kmsg_user_records: register(
+                &registry,
+                IntCounter::new(
+                    "kmsg_user_records_total",
+                    "Kernel log records written from user space (not the kernel's facility) that the OOM watcher read and ignored.",
+                )
+                .expect("valid"),
+            ),
+            task_conflicts: register(
+                &registry,
+                IntCounter::new(
+                    "task_conflicts_total",
+                    "Tasks the control plane re-sent under the running task's id with different content; the running task was kept.",
+                )
+                .expect("valid"),
             ),
             volume_size_bytes: volume_gauge(&registry, "volume_size_bytes", "Size of the filesystem at each watched mount."),
             volume_free_bytes: volume_gauge(&registry, "volume_free_bytes", "Bytes available to unprivileged writers on the filesystem at each watched mount."),

@@ -4,6 +4,8 @@
 
 pub mod http;
 pub mod liveness;
+/// A pure limiter for log lines that can repeat without bound: a burst per window, then a count.
+pub mod log_limit;
 pub mod metrics;
 /// The OOM watcher's pure core: kmsg OOM lines parsed, assembled into kills and attributed.
 pub mod oom;

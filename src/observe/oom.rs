@@ -5,6 +5,20 @@
 //! so kills whose kmsg lines were lost (ring buffer overrun, rate limiting)
 //! are still counted, as unattributed.
 //!
+//! Only the kernel's own records count. /dev/kmsg is writable from user space
+//! (root, or anyone with write access to it), and a write gets the user
+//! facility at the least: the kernel never lets user space claim facility 0
+//! (checked on 6.18: `echo '<0>x' > /dev/kmsg` reads back as priority 8). So
+//! a record whose facility is not the kernel's is never read as an OOM line,
+//! however much it looks like one.
+//!
+//! The lines of one report are paired by the kernel's own order: the
+//! `oom-kill:` summary (and the pre-5.1 `Kill process` line) lends its
+//! context to a `Killed process` line only if it names the same victim and
+//! came at most [`MAX_KERNEL_RECORDS_SUMMARY_TO_KILL`] kernel records before
+//! it. A lone kernel `Killed process` line is still a kill: the kernel
+//! rate-limits the report's header and summary, never that line.
+//!
 //! This module never reads /dev/kmsg, /proc or anything else: the reader that
 //! does lives at the I/O edge and hands records in.
 //!
@@ -28,10 +42,16 @@
 //! prints the `Tasks in` line and one `Killed process` line per other task of
 //! the group: each of those is an event too, attributed through the group.
 
+/// The syslog facility of the kernel's own messages (`LOG_KERN`); user space
+/// writing to /dev/kmsg gets another one (`LOG_USER` unless it names one).
+pub const KERNEL_FACILITY: u32 = 0;
+
 /// One /dev/kmsg record: `<prio>,<seq>,<timestamp_us>,<flags>[,more];<message>`,
 /// then optional continuation lines (` KEY=value`) that are ignored here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KmsgRecord<'a> {
+    /// The syslog facility: `prio / 8`. Only [`KERNEL_FACILITY`] is the kernel's.
+    pub facility: u32,
     /// The kernel's record sequence number; strictly increasing within a boot.
     pub seq: u64,
     /// Microseconds since boot (the kernel clock dmesg shows) when the line was logged.
@@ -45,13 +65,20 @@ pub fn parse_kmsg_record(record: &str) -> Option<KmsgRecord<'_>> {
     let first_line = record.split('\n').next().unwrap_or_default();
     let (header, message) = first_line.split_once(';')?;
     let mut fields = header.split(',');
-    // The priority (facility * 8 + level) is checked for shape only.
-    fields.next()?.parse::<u32>().ok()?;
+    // The priority is facility * 8 + level.
+    let facility = fields.next()?.parse::<u32>().ok()? >> 3;
     let seq = fields.next()?.parse().ok()?;
     let timestamp_us = fields.next()?.parse().ok()?;
     // Flags ('-', 'c', '+') must be present; anything after them (caller=..) is ignored.
     fields.next()?;
-    Some(KmsgRecord { seq, timestamp_us, message: message.strip_suffix('\r').unwrap_or(message) })
+    Some(KmsgRecord { facility, seq, timestamp_us, message: message.strip_suffix('\r').unwrap_or(message) })
+}
+
+impl KmsgRecord<'_> {
+    /// Whether the kernel wrote this record (user space cannot claim its facility).
+    pub fn from_kernel(&self) -> bool {
+        self.facility == KERNEL_FACILITY
+    }
 }
 
 /// Whether the OOM was a memory cgroup hitting its limit or the whole system
@@ -419,25 +446,45 @@ pub struct OomEvent {
 /// far below the time a pid takes to be reused by an unrelated kill.
 pub const MAX_EPISODE_SPAN_US: u64 = 60_000_000;
 
+/// How many kernel records may separate the `oom-kill:` summary (or the
+/// pre-5.1 `Kill process` line) from the `Killed process` line it describes.
+/// The kernel prints them back to back; what can come between is the
+/// `Kill process` line itself, the pieces of a summary another CPU's printk
+/// split, and another CPU's unrelated lines. Further apart, they are not one
+/// report.
+pub const MAX_KERNEL_RECORDS_SUMMARY_TO_KILL: u64 = 16;
+
+/// Where a context line was printed: its kmsg time and its index among the
+/// kernel records the assembler has seen (user-space records do not count,
+/// so writing into /dev/kmsg cannot push a report's lines apart).
+#[derive(Debug, Clone, Copy)]
+struct Printed {
+    time_us: u64,
+    kernel_index: u64,
+}
+
 /// Context lines seen since the last `invoked oom-killer`, waiting for the kill.
 #[derive(Debug, Default)]
 struct Episode {
-    invoked: Option<(u64, String)>,
-    task_in: Option<(u64, String, String)>,
-    summary: Option<(u64, OomKillSummary)>,
-    chosen_scope: Option<(u64, OomScope)>,
-    group: Option<(u64, String)>,
+    invoked: Option<(Printed, String)>,
+    task_in: Option<(Printed, String, String)>,
+    summary: Option<(Printed, OomKillSummary)>,
+    chosen: Option<(Printed, Option<OomScope>)>,
+    group: Option<(Printed, String)>,
 }
 
-/// Folds parsed OOM lines into [`OomEvent`]s: one per `Killed process` line,
-/// combined with the `oom-kill:` line of the same pid and the episode's other
-/// context lines. A record whose sequence number is not above the last one
-/// seen (a replay after the reader reopened /dev/kmsg) is ignored, so the same
-/// kill is never emitted twice.
+/// Folds the kernel's OOM lines into [`OomEvent`]s: one per `Killed process`
+/// line, combined with the `oom-kill:` line of the same pid just before it and
+/// the episode's other context lines. Records not from the kernel are ignored.
+/// A record whose sequence number is not above the last one seen (a replay
+/// after the reader reopened /dev/kmsg) is ignored, so the same kill is never
+/// emitted twice.
 #[derive(Debug)]
 pub struct OomAssembler {
     engine_cgroup: String,
     last_seq: Option<u64>,
+    /// Kernel records fed so far: the clock that pairs a report's lines.
+    kernel_records: u64,
     episode: Episode,
 }
 
@@ -445,7 +492,7 @@ impl OomAssembler {
     /// `engine_cgroup` is the engine's path inside the memory hierarchy
     /// (`/machine-agent-engine`), used to attribute each kill.
     pub fn new(engine_cgroup: impl Into<String>) -> Self {
-        Self { engine_cgroup: engine_cgroup.into(), last_seq: None, episode: Episode::default() }
+        Self { engine_cgroup: engine_cgroup.into(), last_seq: None, kernel_records: 0, episode: Episode::default() }
     }
 
     /// Treats every record up to and including `seq` as already seen, for a
@@ -454,70 +501,73 @@ impl OomAssembler {
         self.last_seq = Some(self.last_seq.map_or(seq, |last| last.max(seq)));
     }
 
-    /// Parses and folds one kmsg record; unrelated records only advance the sequence.
+    /// Parses and folds one kmsg record. Records not from the kernel are
+    /// ignored outright; the kernel's unrelated records only advance the sequence.
     pub fn feed_record(&mut self, record: &KmsgRecord<'_>) -> Option<OomEvent> {
-        match parse_oom_line(record.message) {
-            Some(line) => self.feed(record.seq, record.timestamp_us, line),
-            None => {
-                self.skip_through(record.seq);
-                None
-            }
-        }
-    }
-
-    /// Folds one parsed line; returns the event its `Killed process` line completes.
-    pub fn feed(&mut self, seq: u64, time_us: u64, line: OomLine) -> Option<OomEvent> {
-        if self.last_seq.is_some_and(|last| seq <= last) {
+        if !record.from_kernel() || self.last_seq.is_some_and(|last| record.seq <= last) {
             return None;
         }
-        self.last_seq = Some(seq);
+        self.last_seq = Some(record.seq);
+        self.kernel_records += 1;
+        let line = parse_oom_line(record.message)?;
+        let printed = Printed { time_us: record.timestamp_us, kernel_index: self.kernel_records };
+        self.feed(record.seq, printed, line)
+    }
+
+    /// Folds one kernel OOM line; returns the event its `Killed process` line completes.
+    fn feed(&mut self, seq: u64, printed: Printed, line: OomLine) -> Option<OomEvent> {
         match line {
             OomLine::Invoked { name, .. } => {
                 // A new episode: whatever the last one left unfinished is stale.
-                self.episode = Episode { invoked: Some((time_us, name)), ..Episode::default() };
+                self.episode = Episode { invoked: Some((printed, name)), ..Episode::default() };
                 None
             }
             OomLine::TaskIn { task_memcg, oom_memcg } => {
-                self.episode.task_in = Some((time_us, task_memcg, oom_memcg));
+                self.episode.task_in = Some((printed, task_memcg, oom_memcg));
                 None
             }
             OomLine::Summary(summary) => {
-                self.episode.summary = Some((time_us, summary));
+                self.episode.summary = Some((printed, summary));
                 None
             }
             OomLine::Chosen { scope, .. } => {
-                self.episode.chosen_scope = scope.map(|s| (time_us, s));
+                self.episode.chosen = Some((printed, scope));
                 None
             }
-            OomLine::Killed(killed) => Some(self.complete(seq, time_us, killed)),
+            OomLine::Killed(killed) => Some(self.complete(seq, printed, killed)),
             OomLine::GroupKill { memcg } => {
-                self.episode.group = Some((time_us, memcg));
+                self.episode.group = Some((printed, memcg));
                 None
             }
         }
     }
 
-    fn complete(&mut self, seq: u64, time_us: u64, killed: KilledProcess) -> OomEvent {
-        let recent = |at: u64| time_us.saturating_sub(at) <= MAX_EPISODE_SPAN_US;
+    fn complete(&mut self, seq: u64, printed: Printed, killed: KilledProcess) -> OomEvent {
+        let time_us = printed.time_us;
+        let recent = |at: &Printed| time_us.saturating_sub(at.time_us) <= MAX_EPISODE_SPAN_US;
+        // The summary and the chosen line are printed right before the kill;
+        // one further back belongs to a report whose kill was never printed.
+        let just_before = |at: &Printed| recent(at) && printed.kernel_index - at.kernel_index <= MAX_KERNEL_RECORDS_SUMMARY_TO_KILL;
         // The trigger and an oom.group stay for the group's other kills; the
         // per-victim lines are used up by this one.
         let episode = std::mem::take(&mut self.episode);
-        self.episode.invoked = episode.invoked.clone().filter(|(at, _)| recent(*at));
-        self.episode.group = episode.group.clone().filter(|(at, _)| recent(*at));
+        self.episode.invoked = episode.invoked.clone().filter(|(at, _)| recent(at));
+        self.episode.group = episode.group.clone().filter(|(at, _)| recent(at));
         let oom_group = self.episode.group.as_ref().map(|(_, memcg)| memcg.clone());
         // The summary names its victim; one for another pid (an `oom-kill:` line
         // whose kill never got printed) must not lend this kill its memcg.
         let summary = episode.summary.filter(|(at, s)| {
-            recent(*at)
+            just_before(at)
                 && match s.pid {
                     Some(pid) => pid == killed.pid,
                     None => s.task.as_deref().is_none_or(|task| task == killed.name),
                 }
         });
         let summary = summary.map(|(_, s)| s);
-        let task_in = episode.task_in.filter(|(at, ..)| recent(*at)).map(|(_, task, oom)| (task, oom));
-        let chosen_scope = episode.chosen_scope.filter(|(at, _)| recent(*at)).map(|(_, s)| s);
-        let invoked_by = episode.invoked.filter(|(at, _)| recent(*at)).map(|(_, name)| name);
+        let task_in = episode.task_in.filter(|(at, ..)| recent(at)).map(|(_, task, oom)| (task, oom));
+        // Its pid is not checked: the chosen process may sacrifice a child.
+        let chosen_scope = episode.chosen.filter(|(at, _)| just_before(at)).and_then(|(_, scope)| scope);
+        let invoked_by = episode.invoked.filter(|(at, _)| recent(at)).map(|(_, name)| name);
 
         let (mut constraint, mut oom_memcg, mut task_memcg, mut uid, mut global_oom) = (None, None, None, None, false);
         if let Some(s) = summary {
@@ -665,6 +715,15 @@ mod tests {
     fn kmsg_record_malformed() {
         for bad in ["", ";msg", "6,1,2;msg", "x,1,2,-;msg", "6,-1,2,-;msg", "6,1,2.5,-;msg", "6,1,2,-", " SUBSYSTEM=a;b"] {
             assert_eq!(parse_kmsg_record(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn kmsg_record_facility_tells_the_kernel_from_user_space() {
+        // What 6.18 made of `echo '<N>x' > /dev/kmsg`: <0> and <3> come back as 8 and 11.
+        for (record, facility) in [("3,1,2,-;x", 0), ("7,1,2,-;x", 0), ("8,1,2,-;x", 1), ("11,1,2,-;x", 1), ("14,1,2,-;x", 1), ("30,1,2,-;x", 3)] {
+            let rec = parse_kmsg_record(record).unwrap();
+            assert_eq!((rec.facility, rec.from_kernel()), (facility, facility == KERNEL_FACILITY), "{record}");
         }
     }
 
@@ -1015,6 +1074,90 @@ mod tests {
         assert_eq!(events[0].attribution, Attribution::Unknown);
     }
 
+    /// A whole report, in the kernel's words, as user space can write it into
+    /// /dev/kmsg: every priority a writer can get (the kernel turns <0>..<7> into 8..15).
+    fn report_with_priority(prio: u32, first_seq: u64, pid: u32) -> [String; 3] {
+        [
+            format!("{prio},{first_seq},100,-;buildkitd invoked oom-killer: gfp_mask=0xcc0(GFP_KERNEL), order=0, oom_score_adj=0"),
+            format!(
+                "{prio},{},110,-;oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,mems_allowed=0,oom_memcg=/machine-agent-engine,task_memcg=/machine-agent-engine/daemon,task=buildkitd,pid={pid},uid=0",
+                first_seq + 1
+            ),
+            format!(
+                "{prio},{},120,-;Memory cgroup out of memory: Killed process {pid} (buildkitd) total-vm:1kB, anon-rss:1kB, file-rss:0kB, shmem-rss:0kB, UID:0",
+                first_seq + 2
+            ),
+        ]
+    }
+
+    #[test]
+    fn a_report_written_from_user_space_is_no_kill() {
+        let mut asm = OomAssembler::new(ENGINE);
+        let mut seq = 1;
+        for prio in [8, 11, 12, 14, 15, 30, 191, 8 * 255 + 3] {
+            let forged = report_with_priority(prio, seq, 900);
+            let forged: Vec<&str> = forged.iter().map(String::as_str).collect();
+            assert_eq!(feed_all(&mut asm, &forged), vec![], "priority {prio}");
+            seq += 3;
+        }
+        // The kernel's own report right after is read as ever.
+        let real = report_with_priority(3, seq, 900);
+        let events = feed_all(&mut asm, &real.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(events.len(), 1);
+        assert_eq!((events[0].pid, events[0].attribution.clone()), (900, Attribution::Engine));
+    }
+
+    #[test]
+    fn user_lines_cannot_lend_context_to_a_kernel_kill() {
+        let mut asm = OomAssembler::new(ENGINE);
+        let events = feed_all(
+            &mut asm,
+            &[
+                // Forged context (user facility) for a pid the kernel then really kills.
+                "12,1,100,-;oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/machine-agent-engine,task_memcg=/machine-agent-engine/daemon,task=busybox,pid=77,uid=0",
+                "12,2,101,-;Tasks in /machine-agent-engine/daemon are going to be killed due to memory.oom.group set",
+                "3,3,102,-;Memory cgroup out of memory: Killed process 77 (busybox) total-vm:1kB, anon-rss:1kB, file-rss:0kB, shmem-rss:0kB, UID:0",
+            ],
+        );
+        assert_eq!(events.len(), 1);
+        assert_eq!((events[0].attribution.clone(), events[0].task_memcg.clone(), events[0].oom_group.clone()), (Attribution::Unknown, None, None));
+    }
+
+    #[test]
+    fn user_lines_between_summary_and_kill_do_not_split_the_report() {
+        let mut asm = OomAssembler::new(ENGINE);
+        let mut records = vec![
+            "6,1,100,-;oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/machine-agent-engine,task_memcg=/machine-agent-engine/buildkit/s1,task=cc1,pid=5,uid=0"
+                .to_owned(),
+        ];
+        records.extend((2..500).map(|seq| format!("12,{seq},101,-;user space flooding the log {seq}")));
+        records.push("3,500,102,-;Memory cgroup out of memory: Killed process 5 (cc1) total-vm:1kB, anon-rss:1kB, file-rss:0kB, shmem-rss:0kB".into());
+        let events = feed_all(&mut asm, &records.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].attribution, Attribution::BuildStep { container_id: "s1".into() });
+    }
+
+    #[test]
+    fn a_summary_far_before_the_kill_is_another_report() {
+        let summary =
+            "6,1,100,-;oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/machine-agent-engine,task_memcg=/machine-agent-engine/daemon,task=x,pid=5,uid=0";
+        let killed = |seq: u64| format!("3,{seq},200,-;Killed process 5 (x) total-vm:1kB, anon-rss:1kB, file-rss:0kB, shmem-rss:0kB");
+        for (kernel_lines_between, want) in [
+            (0, Attribution::Engine),
+            (MAX_KERNEL_RECORDS_SUMMARY_TO_KILL - 1, Attribution::Engine),
+            (MAX_KERNEL_RECORDS_SUMMARY_TO_KILL, Attribution::Unknown),
+            (200, Attribution::Unknown),
+        ] {
+            let mut asm = OomAssembler::new(ENGINE);
+            let mut records = vec![summary.to_owned()];
+            records.extend((0..kernel_lines_between).map(|i| format!("6,{},150,-;eth0: link flapped {i}", i + 2)));
+            records.push(killed(kernel_lines_between + 2));
+            let events = feed_all(&mut asm, &records.iter().map(String::as_str).collect::<Vec<_>>());
+            assert_eq!(events.len(), 1, "{kernel_lines_between}");
+            assert_eq!(events[0].attribution, want, "{kernel_lines_between} kernel lines between summary and kill");
+        }
+    }
+
     #[test]
     fn summary_without_pid_combines_by_task_name() {
         let mut asm = OomAssembler::new(ENGINE);
@@ -1200,6 +1343,22 @@ mod tests {
                 }
             }
             proptest::prop_assert!(emitted.windows(2).all(|w| w[0] < w[1]), "{emitted:?}");
+        }
+
+        /// Whatever user space writes - garbage, real reports cut and spliced,
+        /// records with a header of their own inside - is never a kill.
+        #[test]
+        fn nothing_from_user_space_is_ever_a_kill(records in proptest::collection::vec((record_strategy(), 8u32..2048), 0..60)) {
+            let mut asm = OomAssembler::new(ENGINE);
+            for (seq, (text, prio)) in records.iter().enumerate() {
+                // The kernel prefixes what user space wrote with its own header.
+                let record = format!("{prio},{seq},{seq},-;{}", text.replace('\n', " "));
+                let parsed = parse_kmsg_record(&record);
+                proptest::prop_assert!(parsed.is_some_and(|r| !r.from_kernel()), "{record:?}");
+                if let Some(rec) = parsed {
+                    proptest::prop_assert_eq!(asm.feed_record(&rec), None);
+                }
+            }
         }
 
         #[test]

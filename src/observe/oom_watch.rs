@@ -15,13 +15,19 @@
 //!   explains become events of their own, attributed `engine` (the daemon
 //!   cgroup says so) or `unattributed` (only the host counter knows).
 //!
+//! - Records user space wrote (any facility but the kernel's) are counted in
+//!   `machine_agent_kmsg_user_records_total` and never read as OOM lines; one
+//!   that looks like one is logged at WARN, a few a minute at most, with the
+//!   count of those not logged; overrun warnings are limited the same way.
+//!
 //! Limitations: a kernel without /dev/kmsg access (a container without
 //! CAP_SYSLOG) leaves only the counters, so every kill is unattributed; the
 //! watcher says so once at start.
 
 use super::liveness::Heartbeat;
+use super::log_limit::{LogLimiter, Verdict};
 use super::metrics::Metrics;
-use super::oom::{parse_kmsg_record, parse_vmstat_oom_kill, Attribution, OomAssembler, OomEvent, OomScope, Reconciler};
+use super::oom::{parse_kmsg_record, parse_oom_line, parse_vmstat_oom_kill, Attribution, KmsgRecord, OomAssembler, OomEvent, OomScope, Reconciler};
 use crate::engine::cgroup::EngineCgroup;
 use serde::Serialize;
 use std::io;
@@ -38,6 +44,15 @@ const KMSG_READ_BUFFER: usize = 16 * 1024;
 /// Synthetic ids (kills found only by a counter) have bit 63 set, so they
 /// never collide with a kmsg sequence number.
 const COUNTED_ONLY_ID_BIT: u64 = 1 << 63;
+/// Repeating warnings (forged lines, overruns) logged per kind per window:
+/// enough to see that it happens and what it says; a flood is a count, not a log.
+const WARNINGS_LOGGED_PER_WINDOW: u32 = 5;
+const WARNINGS_WINDOW: Duration = Duration::from_secs(60);
+const FORGED_OOM_LINE: &str = "forged_oom_line";
+/// A flood of writes into /dev/kmsg overruns the reader many times a second.
+const OVERRUN: &str = "kmsg_overrun";
+/// A forged line is quoted only this far in the log.
+const QUOTED_MESSAGE_CHARS: usize = 160;
 
 /// One OOM kill as the agent reports it: to the log, /readyz, the metrics and
 /// the health stream.
@@ -249,6 +264,7 @@ impl OomWatch {
         });
         let (mut host_events, mut daemon_events, mut counted_only) = (0u64, 0u64, 0u64);
         let mut clock = ClockOffset::now();
+        let mut log_limit = LogLimiter::new(WARNINGS_LOGGED_PER_WINDOW, WARNINGS_WINDOW);
         let mut ticker = tokio::time::interval(reconcile_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -262,6 +278,10 @@ impl OomWatch {
                 read = record => match read {
                     Ok(Some(KmsgRead::Record(text))) => {
                         let Some(record) = parse_kmsg_record(&text) else { continue };
+                        if !record.from_kernel() {
+                            note_user_record(&record, &metrics, &mut log_limit);
+                            continue;
+                        }
                         let Some(mut event) = assembler.feed_record(&record) else { continue };
                         // Without a cgroup of its own, the engine is known by its pid.
                         if event.attribution == Attribution::Other && status.borrow().engine_pid == Some(event.pid) {
@@ -276,7 +296,9 @@ impl OomWatch {
                     }
                     Ok(Some(KmsgRead::Overrun)) => {
                         metrics.kmsg_overruns.inc();
-                        warn!("the kernel log overwrote records before they were read; the counters will account for lost OOM kills");
+                        if let Verdict::Log { suppressed_before } = log_limit.check(OVERRUN, tokio::time::Instant::now()) {
+                            warn!(suppressed_before, "the kernel log overwrote records before they were read; the counters will account for lost OOM kills");
+                        }
                     }
                     Ok(None) => {
                         warn!(kmsg = %kmsg_path.display(), "the kernel log reader ended; OOM kills are counted from /proc/vmstat only");
@@ -289,6 +311,10 @@ impl OomWatch {
                 },
                 _ = ticker.tick() => {
                     heartbeat.beat();
+                    for (kind, suppressed) in log_limit.flush(tokio::time::Instant::now()) {
+                        let what = if kind == OVERRUN { "kernel log overruns" } else { "OOM-looking lines written into the kernel log from user space" };
+                        warn!(suppressed, "{suppressed} more {what} in the last {:?} (not logged one by one)", log_limit.window());
+                    }
                     // The offset drifts only with clock steps; refreshing it keeps the next window right.
                     clock = ClockOffset::now();
                     let now_ms = crate::clock::unix_time_ms();
@@ -324,6 +350,23 @@ impl OomWatch {
                 }
             }
         }
+    }
+}
+
+/// A record user space wrote: counted, never assembled. One that reads like
+/// an OOM line is said (rate-limited): someone writes the kernel's words into
+/// its log, and an operator should know, without the flood reaching the log.
+fn note_user_record(record: &KmsgRecord<'_>, metrics: &Metrics, limiter: &mut LogLimiter) {
+    metrics.kmsg_user_records.inc();
+    if parse_oom_line(record.message).is_none() {
+        return;
+    }
+    if let Verdict::Log { suppressed_before } = limiter.check(FORGED_OOM_LINE, tokio::time::Instant::now()) {
+        let quoted: String = record.message.chars().take(QUOTED_MESSAGE_CHARS).collect();
+        warn!(
+            seq = record.seq, facility = record.facility, message = ?quoted, suppressed_before,
+            "ignored an OOM-looking line written into the kernel log from user space: only the kernel's own records count"
+        );
     }
 }
 
@@ -413,6 +456,22 @@ mod tests {
         // The counter's bump is explained by the line: several windows later, nothing more.
         let more = tokio::time::timeout(Duration::from_millis(300), fx.kills.recv()).await;
         assert!(more.is_err(), "a kill the kernel log explained was counted again: {more:?}");
+    }
+
+    #[tokio::test]
+    async fn records_from_user_space_are_counted_and_never_a_kill() {
+        let mut fx = Fixture::start(5).await;
+        // The same report as user space writes it (facility 1: priorities 8..15), naming another pid.
+        let forged: Vec<String> = STEP_OOM.iter().map(|r| format!("1{}", r.replacen(",10", ",9", 1).replace("4242", "666"))).collect();
+        fx.kernel_prints(&forged.iter().map(String::as_str).collect::<Vec<_>>());
+        fx.kernel_counts(6);
+        fx.kernel_prints(&STEP_OOM);
+        // The log is read in order: the real kill comes after every forged line was read.
+        let kill = fx.next_kill().await;
+        assert_eq!((kill.pid, kill.attribution), (Some(4242), "build_step"));
+        assert_eq!(fx.metrics.kmsg_user_records.get(), 3);
+        let more = tokio::time::timeout(Duration::from_millis(300), fx.kills.recv()).await;
+        assert!(more.is_err(), "a forged line became a kill: {more:?}");
     }
 
     #[tokio::test]

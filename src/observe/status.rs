@@ -29,6 +29,16 @@ pub struct MountFigures {
     pub stats: FsStats,
 }
 
+/// A task the control plane re-sent under the running task's id with other
+/// content: which fields differed the last time, and how often it happened.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TaskConflict {
+    pub task_id: String,
+    pub differing_fields: Vec<String>,
+    pub count: u64,
+    pub last_unix_time_ms: i64,
+}
+
 /// What the agent publishes about itself; every reader gets a consistent copy.
 #[derive(Debug, Clone)]
 pub struct Status {
@@ -65,6 +75,12 @@ pub struct Status {
     pub mounts: Vec<MountFigures>,
     /// The cache volume's mount point, once a task names it.
     pub cache_mount: Option<PathBuf>,
+    /// The last task re-sent under the running task's id with other content.
+    pub task_conflict: Option<TaskConflict>,
+    /// Task messages that failed validation since the agent started.
+    pub tasks_rejected: u64,
+    /// Why the last one failed.
+    pub last_task_rejection: Option<String>,
     pub since: Instant,
 }
 
@@ -89,6 +105,9 @@ impl Status {
             watched_paths: vec![state_dir.to_path_buf()],
             mounts: vec![],
             cache_mount: None,
+            task_conflict: None,
+            tasks_rejected: 0,
+            last_task_rejection: None,
             since: Instant::now(),
         }
     }
@@ -112,6 +131,21 @@ impl Status {
         while self.recent_gc.len() > RECENT_GC_RUNS {
             self.recent_gc.pop_front();
         }
+    }
+
+    /// Counts a conflicting task under `task_id`; the newest differences are kept.
+    pub fn record_task_conflict(&mut self, task_id: &str, differing_fields: Vec<String>, unix_time_ms: i64) {
+        let count = match &self.task_conflict {
+            Some(c) if c.task_id == task_id => c.count + 1,
+            _ => 1,
+        };
+        self.task_conflict = Some(TaskConflict { task_id: task_id.to_owned(), differing_fields, count, last_unix_time_ms: unix_time_ms });
+    }
+
+    /// Counts a rejected task message and keeps why.
+    pub fn record_task_rejection(&mut self, reason: String) {
+        self.tasks_rejected += 1;
+        self.last_task_rejection = Some(reason);
     }
 
     /// Adds an OOM kill, forgetting the oldest beyond [`RECENT_OOM_KILLS`].

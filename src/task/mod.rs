@@ -630,6 +630,49 @@ pub fn load_task_file(path: &Path, limits: &TaskLimits) -> Result<BuildkitTask, 
     validate_buildkit(read_task_file(path)?, limits)
 }
 
+/// The fields in which `offered` differs from `running`, named as task
+/// errors name them (`buildkit.tls.key_pem`, `buildkit.mounts[0].options`,
+/// `buildkit.engine_env[HTTP_PROXY]`): what a task re-sent under the running
+/// task's id changed. Names only, never values: the key is a secret and an
+/// environment value may hold credentials.
+pub fn differing_fields(running: &BuildkitTask, offered: &BuildkitTask) -> Vec<String> {
+    // Destructured whole: a field added to the task must be compared here too.
+    let BuildkitTask { id, tls, mounts, cache_size_bytes, gc, max_parallelism, debug, listen_address, engine_env } = running;
+    let mut differs = vec![];
+    let mut check = |name: &str, same: bool| {
+        if !same {
+            differs.push(format!("buildkit.{name}"));
+        }
+    };
+    check("task_id", *id == offered.id);
+    let TlsMaterial { cert_pem, key_pem, ca_pem } = tls;
+    check("tls.cert_pem", *cert_pem == offered.tls.cert_pem);
+    check("tls.key_pem", *key_pem == offered.tls.key_pem);
+    check("tls.ca_pem", *ca_pem == offered.tls.ca_pem);
+    if mounts.len() == offered.mounts.len() {
+        for (i, (mine, theirs)) in mounts.iter().zip(&offered.mounts).enumerate() {
+            let VolumeMount { mount_path, source, fs_type, options, skip_trim } = mine;
+            check(&format!("mounts[{i}].mount_path"), *mount_path == theirs.mount_path);
+            check(&format!("mounts[{i}].source"), *source == theirs.source);
+            check(&format!("mounts[{i}].fs_type"), *fs_type == theirs.fs_type);
+            check(&format!("mounts[{i}].options"), *options == theirs.options);
+            check(&format!("mounts[{i}].skip_trim"), *skip_trim == theirs.skip_trim);
+        }
+    } else {
+        check("mounts", false);
+    }
+    check("cache_size_bytes", *cache_size_bytes == offered.cache_size_bytes);
+    check("gc", *gc == offered.gc);
+    check("max_parallelism", *max_parallelism == offered.max_parallelism);
+    check("debug", *debug == offered.debug);
+    check("listen_address", *listen_address == offered.listen_address);
+    let names: BTreeSet<&String> = engine_env.keys().chain(offered.engine_env.keys()).collect();
+    for name in names {
+        check(&format!("engine_env[{}]", truncate(name)), engine_env.get(name) == offered.engine_env.get(name));
+    }
+    differs
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -694,6 +737,27 @@ pub(crate) mod tests {
 
     fn fields(err: TaskError) -> Vec<String> {
         err.0.into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn differing_fields_names_each_change_and_no_value() {
+        let running = validate_buildkit(good_task(), &limits()).unwrap();
+        assert_eq!(differing_fields(&running, &running.clone()), Vec::<String>::new());
+        let mut offered = running.clone();
+        offered.tls.key_pem = Secret::new("-----BEGIN PRIVATE KEY-----\nother\n");
+        offered.mounts[0].options.push("lazytime".into());
+        offered.cache_size_bytes += 1;
+        offered.gc.keep_bytes = Some(1);
+        offered.engine_env.insert("HTTP_PROXY".into(), "http://user:pass@proxy".into());
+        let differs = differing_fields(&running, &offered);
+        assert_eq!(
+            differs,
+            ["buildkit.tls.key_pem", "buildkit.mounts[0].options", "buildkit.cache_size_bytes", "buildkit.gc", "buildkit.engine_env[HTTP_PROXY]"]
+        );
+        assert!(!differs.concat().contains("PRIVATE") && !differs.concat().contains("pass"), "{differs:?}");
+        let mut fewer = running.clone();
+        fewer.mounts.clear();
+        assert_eq!(differing_fields(&running, &fewer), ["buildkit.mounts"]);
     }
 
     #[test]

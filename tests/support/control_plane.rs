@@ -313,6 +313,21 @@ impl ControlPlaneDouble {
         tx.try_send(Ok(response(task))).unwrap();
     }
 
+    /// Sends every task on the newest task stream, as fast as the stream
+    /// takes them (waiting when it is full); returns how many were sent.
+    pub async fn push_all(&self, tasks: impl IntoIterator<Item = pb::register_response::Task>) -> usize {
+        let tx = self.shared.task_stream.lock().unwrap().clone();
+        let tx = tx.expect("no registration yet: wait_for a registration first");
+        let mut sent = 0;
+        for task in tasks {
+            if tx.send(Ok(response(task))).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    }
+
     /// Every open health stream (and every later one) answers should_terminate.
     pub fn terminate(&self) {
         self.shared.terminate.send_replace(true);
