@@ -14,15 +14,6 @@ const DEVICE_BYTES: u64 = 1 << 30;
 /// The retry schedule doubles from 1 s; 1 + 2 + 4 + 8 s covers a cause fixed a few seconds in.
 const RECOVERY: Duration = Duration::from_secs(60);
 
-/// The standalone task file of `dir`, with its file-backed mount replaced by `device`.
-fn device_task(dir: &Path, device: &Path) -> PathBuf {
-    let task = write_task_file(dir, &dir.join("mnt"));
-    let text = std::fs::read_to_string(&task).unwrap();
-    let file_line = text.lines().find(|l| l.starts_with("file = ")).unwrap().to_string();
-    std::fs::write(&task, text.replace(&file_line, &format!("device = {{ path = \"{}\" }}", device.display()))).unwrap();
-    task
-}
-
 async fn readyz(base: &str) -> serde_json::Value {
     serde_json::from_str(&http_get(base, "/readyz").await.1).unwrap()
 }
@@ -34,7 +25,7 @@ async fn a_refused_device_is_prepared_without_a_restart_once_an_operator_wipes_i
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(&config, base_config(dir.path())).unwrap();
-    let task = device_task(dir.path(), &lo.path);
+    let task = support::device_task_file(dir.path(), &lo.path);
 
     let agent = agent(&config).standalone(&task).start();
     let base = agent.endpoints().await;
@@ -60,7 +51,7 @@ async fn a_device_that_appears_after_the_wait_is_prepared_without_a_restart() {
     let _link = Removed(late.clone());
     let config = dir.path().join("config.toml");
     std::fs::write(&config, base_config(dir.path()).replace("unmount_timeout_secs = 5", "unmount_timeout_secs = 5\ndevice_wait_secs = 1")).unwrap();
-    let task = device_task(dir.path(), &late);
+    let task = support::device_task_file(dir.path(), &late);
 
     let agent = agent(&config).standalone(&task).start();
     let base = agent.endpoints().await;

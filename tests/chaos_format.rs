@@ -14,7 +14,7 @@ mod support;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 use support::loopdev::LoopDevice;
 use support::{agent, base_config, write_task_file};
@@ -23,15 +23,6 @@ use support::{agent, base_config, write_task_file};
 const BIG: u64 = 8 << 40;
 /// st_blocks counts 512-byte blocks.
 const MIB_IN_BLOCKS: u64 = 2048;
-
-/// The standalone task file of `dir`, with its file-backed mount replaced by `device`.
-fn device_task(dir: &Path, device: &Path) -> PathBuf {
-    let task = write_task_file(dir, &dir.join("mnt"));
-    let text = std::fs::read_to_string(&task).unwrap();
-    let file_line = text.lines().find(|l| l.starts_with("file = ")).unwrap().to_string();
-    std::fs::write(&task, text.replace(&file_line, &format!("device = {{ path = \"{}\" }}", device.display()))).unwrap();
-    task
-}
 
 /// The pid of the agent's mkfs child, stopped (SIGSTOP) once `backing` has
 /// grown by a MiB of written blocks: past mke2fs's first zeroing of old
@@ -87,7 +78,7 @@ async fn an_agent_killed_mid_mkfs_is_followed_by_one_that_formats_again_and_serv
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(&config, base_config(dir.path())).unwrap();
-    let task = device_task(dir.path(), &lo.path);
+    let task = support::device_task_file(dir.path(), &lo.path);
 
     let mut first = agent(&config).standalone(&task).start();
     first.wait_for_log("formatting blank device").await;

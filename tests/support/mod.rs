@@ -104,6 +104,15 @@ file = {{ path = "{}/cache.img", size_bytes = 1073741824 }}
     path
 }
 
+/// [`write_task_file`] with the cache mount under `dir/mnt` on the block device `device` instead of a file.
+pub fn device_task_file(dir: &Path, device: &Path) -> PathBuf {
+    let task = write_task_file(dir, &dir.join("mnt"));
+    let text = std::fs::read_to_string(&task).unwrap();
+    let file_line = text.lines().find(|l| l.starts_with("file = ")).unwrap().to_string();
+    std::fs::write(&task, text.replace(&file_line, &format!("device = {{ path = \"{}\" }}", device.display()))).unwrap();
+    task
+}
+
 // === the agent under test ===
 
 /// Config text for an agent whose state dir and allowed prefix live in `dir`,
