@@ -97,8 +97,8 @@ async fn healthz(AxState(s): AxState<Shared>) -> impl IntoResponse {
 }
 
 /// The public /readyz: what a load balancer or the fleet needs to route
-/// builds, and nothing that names the task, a process, a path or an error.
-/// Every field here is also a public metric.
+/// builds, and nothing that names the task, a process, a path or an error
+/// (the state, the engine's and the control plane's are public metrics too).
 #[derive(serde::Serialize)]
 struct PublicReadiness {
     ready: bool,
