@@ -28,7 +28,7 @@ async fn a_refused_device_is_prepared_without_a_restart_once_an_operator_wipes_i
     let task = support::device_task_file(dir.path(), &lo.path);
 
     let agent = agent(&config).standalone(&task).start();
-    let base = agent.endpoints().await;
+    let base = agent.detail_endpoints().await;
     agent.wait_for_log("to=degraded").await;
     let ready = readyz(&base).await;
     let reason = ready["reason"].as_str().unwrap().to_string();
@@ -54,7 +54,7 @@ async fn a_device_that_appears_after_the_wait_is_prepared_without_a_restart() {
     let task = support::device_task_file(dir.path(), &late);
 
     let agent = agent(&config).standalone(&task).start();
-    let base = agent.endpoints().await;
+    let base = agent.detail_endpoints().await;
     agent.wait_for_log("to=degraded").await;
     let ready = readyz(&base).await;
     assert!(ready["reason"].as_str().unwrap().contains(late.to_str().unwrap()), "the reason names the missing device: {ready}");
@@ -74,7 +74,7 @@ async fn a_task_that_failed_on_a_full_state_dir_is_served_once_space_is_freed() 
     let cp = support::control_plane::control_plane().start();
     w.use_control_plane(&cp);
     let agent = agent(&w.config).start();
-    let base = agent.endpoints().await;
+    let base = agent.detail_endpoints().await;
     cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
     let filler = state.join("filler");
     fill(&filler);
@@ -102,7 +102,7 @@ async fn an_engine_start_that_failed_writing_its_tls_files_succeeds_once_the_pat
     let task = write_task_file(dir.path(), &dir.path().join("mnt"));
 
     let agent = agent(&config).standalone(&task).start();
-    let base = agent.endpoints().await;
+    let base = agent.detail_endpoints().await;
     agent.wait_for_log("to=degraded").await;
     let ready = readyz(&base).await;
     assert!(ready["reason"].as_str().unwrap().starts_with("engine: "), "the engine start failed: {ready}");

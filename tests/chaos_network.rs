@@ -104,7 +104,7 @@ async fn readyz_says_why_the_agent_is_not_registered_while_every_handshake_stall
     proxy.stall_new_connections(true);
     let s = setup(&proxy.url(), &cp, "");
     let agent = agent(&s.config).start();
-    let base = agent.endpoints().await;
+    let base = agent.detail_endpoints().await;
 
     let body = wait_for_readyz(&base, "a connect timeout as control_plane_error", |b| control_plane_error(b).contains("within")).await;
     let error = control_plane_error(&body);
@@ -127,7 +127,7 @@ async fn a_task_stream_silent_past_the_idle_deadline_is_logged_and_registered_ag
     let cp = control_plane().silent_task_streams().start();
     let s = setup(&cp.url(), &cp, "task_stream_idle_timeout_secs = 3");
     let agent = agent(&s.config).start();
-    let base = agent.endpoints().await;
+    let base = agent.detail_endpoints().await;
 
     let rec = cp.wait_for("a second registration after the stream fell silent", |r| r.registrations.len() >= 2).await;
     assert_eq!(rec.registrations[0].keepalive_interval_secs, 1, "the agent asks for a keepalive a third of its idle deadline");
@@ -195,7 +195,7 @@ async fn reset_connections_are_redialled_and_registration_and_health_resume_with
     let proxy = ChaosProxy::start(cp.addr);
     let s = setup(&proxy.url(), &cp, "");
     let agent = agent(&s.config).start();
-    let base = agent.endpoints().await;
+    let base = agent.detail_endpoints().await;
     let rec = cp.wait_for("a registration and a health stream", |r| !r.registrations.is_empty() && r.health_streams_opened >= 1).await;
     let streams = rec.health_streams_opened;
 
@@ -217,7 +217,7 @@ async fn a_permanent_error_is_logged_as_permanent_and_retried_no_sooner_than_hal
     let cp = control_plane().expect_static_token("a-token-this-machine-does-not-have").start();
     let s = setup(&cp.url(), &cp, "");
     let agent = agent(&s.config).start();
-    let base = agent.endpoints().await;
+    let base = agent.detail_endpoints().await;
 
     let rec = cp.wait_for("three refused registration attempts", |r| r.registration_attempts.len() >= 3).await;
     assert!(rec.registrations.is_empty(), "the double refused them all");

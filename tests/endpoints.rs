@@ -6,27 +6,29 @@ mod support;
 
 use support::{agent, base_config, http_get, metric_value, trace_init, write_task_file};
 
-/// A standalone agent whose base config is changed by `edit`; returns it with its endpoints URL.
-async fn standalone(dir: &tempfile::TempDir, edit: impl FnOnce(String) -> String) -> (support::AgentProcess, String) {
+/// A standalone agent whose base config is changed by `edit`; returns it with
+/// its public and detail endpoints' URLs.
+async fn standalone(dir: &tempfile::TempDir, edit: impl FnOnce(String) -> String) -> (support::AgentProcess, String, String) {
     let config = dir.path().join("config.toml");
     std::fs::write(&config, edit(base_config(dir.path()))).unwrap();
     let task = write_task_file(dir.path(), &dir.path().join("mnt"));
     let agent = agent(&config).standalone(&task).start();
     let base = agent.endpoints().await;
-    (agent, base)
+    let detail = agent.detail_endpoints().await;
+    (agent, base, detail)
 }
 
 #[tokio::test]
 async fn ready_agent_serves_healthz_readyz_and_promtool_clean_metrics() {
     trace_init();
     let dir = tempfile::tempdir().unwrap();
-    let (agent, base) = standalone(&dir, |c| c).await;
+    let (agent, base, detail) = standalone(&dir, |c| c).await;
     agent.wait_for_log("to=ready").await;
 
     let (code, body) = http_get(&base, "/healthz").await;
     assert_eq!((code, body.as_str()), (200, "ok\n"));
 
-    let (code, body) = http_get(&base, "/readyz").await;
+    let (code, body) = http_get(&detail, "/readyz").await;
     assert_eq!(code, 200, "{body}");
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["ready"], true);
@@ -50,13 +52,13 @@ async fn an_engine_that_cannot_start_leaves_the_agent_degraded_with_the_reason()
     trace_init();
     let dir = tempfile::tempdir().unwrap();
     // Each failed spawn is retried; the third within the window is a crash loop.
-    let (agent, base) = standalone(&dir, |c| {
+    let (agent, base, detail) = standalone(&dir, |c| {
         c.replace(support::BUILDKITD, "/nonexistent/buildkitd").replace("[engine]", "[engine]\nrestart_initial_ms = 20\ncrash_loop_restarts = 3")
     })
     .await;
     agent.wait_for_log("to=degraded").await;
 
-    let (code, body) = http_get(&base, "/readyz").await;
+    let (code, body) = http_get(&detail, "/readyz").await;
     assert_eq!(code, 503);
     let json: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(json["state"], "degraded");

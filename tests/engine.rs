@@ -115,7 +115,7 @@ async fn an_engine_that_exits_at_once_is_a_crash_loop_reported_as_degraded_with_
         .env("MACHINE_AGENT__ENGINE__RESTART_MAX_MS", "400")
         .env("MACHINE_AGENT__ENGINE__CRASH_LOOP_RESTARTS", "3")
         .start();
-    let base = agent.endpoints().await;
+    let base = agent.detail_endpoints().await;
     cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
     cp.push(support::control_plane::buildkit_task("crashy", &w.root.join("mnt")));
 

@@ -137,7 +137,9 @@ async fn a_ready_agent_with_a_real_engine_serves_a_promtool_clean_scrape_and_ten
     let agent = agent(&w.config).env("MACHINE_AGENT_LOG", "info").start();
     cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
     cp.push(buildkit_task("metrics-load", &w.root.join("mnt")));
-    let base = wait_ready(&agent).await;
+    wait_ready(&agent).await;
+    // The public listener: where Prometheus scrapes.
+    let base = agent.endpoints().await;
     agent.wait_for_log("gc run trigger=startup").await;
     cp.wait_for("a health report", |r| !r.health.is_empty()).await;
 

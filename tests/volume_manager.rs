@@ -315,7 +315,7 @@ async fn a_refused_device_leaves_the_agent_degraded_and_the_engine_never_starts(
     std::fs::write(&task, text.replace(&file_line, &format!("device = {{ path = \"{}\" }}", lo.path.display()))).unwrap();
 
     let agent = agent(&config).standalone(&task).start();
-    let base = agent.endpoints().await;
+    let base = agent.detail_endpoints().await;
     agent.wait_for_log("to=degraded").await;
     let (code, body) = http_get(&base, "/readyz").await;
     assert_eq!(code, 503);

@@ -115,9 +115,10 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
     let metrics = Metrics::new();
     let liveness = Liveness::default();
     let (status_tx, status_rx) = watch::channel(initial_status(&config.state_dir));
-    let (addr, serve) = crate::observe::http::bind(config.listen, status_rx.clone(), metrics.clone(), liveness.clone()).await?;
-    tokio::spawn(serve.instrument(tracing::info_span!("endpoints", listen = %addr)));
-    info!(listen = %addr, version = env!("CARGO_PKG_VERSION"), "endpoints serving");
+    let (bound, serve) = crate::observe::http::bind(&config.endpoints, status_rx.clone(), metrics.clone(), liveness.clone()).await?;
+    tokio::spawn(serve.instrument(tracing::info_span!("endpoints", listen = %bound.public, detail = %bound.detail)));
+    // Tests find both addresses in this line: `listen=` first, then `detail=`.
+    info!(listen = %bound.public, detail = %bound.detail, version = env!("CARGO_PKG_VERSION"), "endpoints serving");
     let notifier = Arc::new(notifier);
     notifier.ready();
 

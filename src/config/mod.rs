@@ -27,10 +27,10 @@ use crate::control::ControlPlaneSettings;
 use crate::engine::EngineSettings;
 use crate::fsutil::{excerpt, read_regular_text};
 use crate::gc::GcSettings;
+use crate::observe::http::EndpointSettings;
 use crate::volume::manager::VolumeSettings;
 use schema::RawConfig;
 use std::fmt;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -50,7 +50,7 @@ pub struct Config {
     /// None in standalone-only setups: `run --standalone` needs no control plane.
     pub control_plane: Option<ControlPlaneSettings>,
     pub identity: Identity,
-    pub listen: SocketAddr,
+    pub endpoints: EndpointSettings,
     pub allowed_mount_prefixes: Vec<PathBuf>,
     pub volume: VolumeSettings,
     pub drain_timeout: Duration,
@@ -170,7 +170,7 @@ fn field_at(text: &str, offset: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::schema::DEFAULT_LISTEN;
+    use super::schema::{DEFAULT_DETAIL_LISTEN, DEFAULT_LISTEN};
     use super::*;
     use std::collections::BTreeMap;
     use std::os::unix::fs::PermissionsExt;
@@ -189,7 +189,9 @@ mod tests {
         let c = Config::parse(MINIMAL, &env(&[])).unwrap();
         assert!(c.control_plane.is_none());
         assert_eq!(c.identity, Identity::None);
-        assert_eq!(c.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(c.endpoints.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(c.endpoints.detail_listen, DEFAULT_DETAIL_LISTEN.parse().unwrap());
+        assert!(c.endpoints.listen.ip().is_loopback() && c.endpoints.detail_listen.ip().is_loopback(), "nothing is exposed by default");
         assert_eq!(c.drain_timeout, Duration::from_secs(60));
         assert_eq!(c.health_interval, Duration::from_secs(1));
     }
@@ -202,7 +204,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.drain_timeout, Duration::from_secs(90));
-        assert_eq!(c.listen, "127.0.0.1:1234".parse().unwrap());
+        assert_eq!(c.endpoints.listen, "127.0.0.1:1234".parse().unwrap());
     }
 
     #[test]
@@ -238,6 +240,30 @@ mod tests {
         ] {
             assert!(fields.contains(&expected), "{expected} missing from {fields:?}");
         }
+    }
+
+    #[test]
+    fn endpoint_limits_out_of_range_and_a_detail_listen_on_the_public_port_are_refused() {
+        let text = r#"
+            [endpoints]
+            listen = "0.0.0.0:9911"
+            detail_listen = "127.0.0.1:9911"
+            max_connections = 0
+            header_read_timeout_secs = 0
+            [volume]
+            allowed_mount_prefixes = ["/var/lib/buildkit"]
+        "#;
+        let err = Config::parse(text, &env(&[])).unwrap_err();
+        let fields: Vec<_> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["endpoints.detail_listen", "endpoints.max_connections", "endpoints.header_read_timeout_secs"]);
+
+        let ok = Config::parse(
+            &text.replace("9911\"\n            max_connections = 0", "9912\"\n            max_connections = 4").replace("timeout_secs = 0", "timeout_secs = 1"),
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(ok.endpoints.limits.max_connections, 4);
+        assert_eq!(ok.endpoints.limits.header_read_timeout, Duration::from_secs(1));
     }
 
     #[test]

@@ -9,8 +9,19 @@ use std::path::PathBuf;
 pub(super) const DEFAULT_IMDS_URL: &str = "http://169.254.169.254";
 /// Where a Fly machine's API socket lives.
 pub(super) const DEFAULT_FLY_API_SOCKET: &str = "/.fly/api";
-/// The cloud-agent scrapes this port on every builder.
-pub(super) const DEFAULT_LISTEN: &str = "0.0.0.0:9911";
+/// Loopback: a config that says nothing exposes nothing. A fleet image sets
+/// the address the cloud-agent and Prometheus scrape (port 9911) on purpose
+/// (examples/config-control-plane.toml).
+pub(super) const DEFAULT_LISTEN: &str = "127.0.0.1:9911";
+/// The detail view names the task, pids, paths and error texts: loopback only,
+/// for an operator on the machine (`curl localhost:9912/readyz`).
+pub(super) const DEFAULT_DETAIL_LISTEN: &str = "127.0.0.1:9912";
+/// The cloud-agent and Prometheus need a connection or two each; 256 is far
+/// above that and still bounds the fds and buffers a flood can take.
+const DEFAULT_MAX_CONNECTIONS: u64 = 256;
+/// A scraper sends its whole request head at once; 5 s covers a slow network
+/// and closes a slowloris connection (or an idle keep-alive) soon.
+const DEFAULT_HEADER_READ_TIMEOUT_SECS: u64 = 5;
 /// Long enough for a TLS handshake across regions, short enough to notice an outage.
 const DEFAULT_CONNECT_TIMEOUT_SECS: u64 = 10;
 /// Every unary call (usage, shutdown) gets this long.
@@ -128,12 +139,18 @@ pub(super) struct RawIdentity {
     pub(super) token_file: Option<PathBuf>,
 }
 
-/// `[endpoints]`: where the health and metrics endpoints listen.
+/// `[endpoints]`: where the health and metrics endpoints listen, and their connection limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawEndpoints {
     #[serde(default = "default_listen")]
     pub(super) listen: String,
+    #[serde(default = "default_detail_listen")]
+    pub(super) detail_listen: String,
+    #[serde(default = "default_max_connections")]
+    pub(super) max_connections: u64,
+    #[serde(default = "default_header_read_timeout_secs")]
+    pub(super) header_read_timeout_secs: u64,
 }
 
 /// `[volume]`: where task mounts may go and how the cache volume is handled.
@@ -236,6 +253,15 @@ fn default_backoff_max_secs() -> u64 {
 fn default_listen() -> String {
     DEFAULT_LISTEN.into()
 }
+fn default_detail_listen() -> String {
+    DEFAULT_DETAIL_LISTEN.into()
+}
+fn default_max_connections() -> u64 {
+    DEFAULT_MAX_CONNECTIONS
+}
+fn default_header_read_timeout_secs() -> u64 {
+    DEFAULT_HEADER_READ_TIMEOUT_SECS
+}
 fn default_drain_timeout_secs() -> u64 {
     DEFAULT_DRAIN_TIMEOUT_SECS
 }
@@ -302,7 +328,12 @@ fn default_engine_crash_loop_window_secs() -> u64 {
 
 impl Default for RawEndpoints {
     fn default() -> Self {
-        Self { listen: default_listen() }
+        Self {
+            listen: default_listen(),
+            detail_listen: default_detail_listen(),
+            max_connections: default_max_connections(),
+            header_read_timeout_secs: default_header_read_timeout_secs(),
+        }
     }
 }
 impl Default for RawAgent {

@@ -6,7 +6,10 @@
 //! reported. Each check takes `bad`, which records one problem (the dotted
 //! field and what was expected), and returns the settings it builds, if any.
 
-use super::schema::{RawAgent, RawConfig, RawControlPlane, RawEngine, RawGc, RawIdentity, RawVolume, DEFAULT_FLY_API_SOCKET, DEFAULT_IMDS_URL};
+use super::schema::{
+    RawAgent, RawConfig, RawControlPlane, RawEndpoints, RawEngine, RawGc, RawIdentity, RawVolume, DEFAULT_DETAIL_LISTEN, DEFAULT_FLY_API_SOCKET,
+    DEFAULT_IMDS_URL, DEFAULT_LISTEN,
+};
 use super::{Config, ConfigProblem};
 use crate::backoff::Backoff;
 use crate::control::identity::{Identity, MAX_TOKEN_FILE_BYTES};
@@ -15,6 +18,8 @@ use crate::engine::supervise::{ProbeSettings, RestartPolicy};
 use crate::engine::EngineSettings;
 use crate::fsutil::{check_clean_absolute, read_regular_file, read_regular_text};
 use crate::gc::GcSettings;
+use crate::observe::connections::ConnectionLimits;
+use crate::observe::http::EndpointSettings;
 use crate::volume::manager::{default_system_paths, VolumeSettings};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -31,7 +36,7 @@ pub(super) fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Con
 
     let control_plane = raw.control_plane.map(|cp| control_plane_settings(cp, bad));
     let identity = identity(raw.identity, control_plane.is_some(), bad);
-    let listen = listen_address(&raw.endpoints.listen, bad);
+    let endpoints = endpoint_settings(&raw.endpoints, bad);
     allowed_mount_prefixes(&raw.volume.allowed_mount_prefixes, bad);
     let volume = volume_settings(&raw.volume, &raw.agent.state_dir, bad);
     agent_intervals(&raw.agent, bad);
@@ -45,7 +50,7 @@ pub(super) fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Con
     Config {
         control_plane,
         identity,
-        listen,
+        endpoints,
         volume,
         allowed_mount_prefixes: raw.volume.allowed_mount_prefixes,
         drain_timeout: Duration::from_secs(a.drain_timeout_secs),
@@ -145,10 +150,33 @@ fn identity(raw: RawIdentity, has_control_plane: bool, bad: &mut impl FnMut(&str
     }
 }
 
-/// `endpoints.listen`: an ip:port the endpoints can bind.
-fn listen_address(listen: &str, bad: &mut impl FnMut(&str, String)) -> SocketAddr {
+/// `[endpoints]`: two ip:port addresses that can both be bound, and the connection limits.
+fn endpoint_settings(raw: &RawEndpoints, bad: &mut impl FnMut(&str, String)) -> EndpointSettings {
+    let listen = listen_address("endpoints.listen", &raw.listen, DEFAULT_LISTEN, bad);
+    let detail_listen = listen_address("endpoints.detail_listen", &raw.detail_listen, DEFAULT_DETAIL_LISTEN, bad);
+    if listen.port() != 0
+        && listen.port() == detail_listen.port()
+        && (listen.ip() == detail_listen.ip() || listen.ip().is_unspecified() || detail_listen.ip().is_unspecified())
+    {
+        bad("endpoints.detail_listen", format!("{detail_listen} overlaps endpoints.listen ({listen}): give the detail view its own port"));
+    }
+    check_range(bad, "endpoints.max_connections", raw.max_connections, 4, 65_536);
+    check_range(bad, "endpoints.header_read_timeout_secs", raw.header_read_timeout_secs, 1, 300);
+    EndpointSettings {
+        listen,
+        detail_listen,
+        // Placeholders past a refused value: the config is not used then.
+        limits: ConnectionLimits {
+            max_connections: usize::try_from(raw.max_connections).unwrap_or(usize::MAX).max(1),
+            header_read_timeout: Duration::from_secs(raw.header_read_timeout_secs.max(1)),
+        },
+    }
+}
+
+/// One endpoints address: an ip:port.
+fn listen_address(field: &str, listen: &str, example: &str, bad: &mut impl FnMut(&str, String)) -> SocketAddr {
     listen.parse().unwrap_or_else(|_| {
-        bad("endpoints.listen", format!("expected an ip:port address such as \"0.0.0.0:9911\", got {listen:?}"));
+        bad(field, format!("expected an ip:port address such as {example:?}, got {listen:?}"));
         SocketAddr::from(([127, 0, 0, 1], 0))
     })
 }

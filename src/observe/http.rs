@@ -1,8 +1,13 @@
-//! The endpoints listener: /healthz (the agent's loops are alive), /readyz
-//! (200 only in Ready, JSON detail always), /metrics (Prometheus text).
-//! It runs as its own task and reads only shared snapshots, so engine
-//! restarts, GC or reconnects can never block it.
+//! The endpoints: /healthz (the agent's loops are alive), /readyz (200 only in
+//! Ready) and /metrics (Prometheus text), on two listeners. The public one
+//! (`endpoints.listen`) answers /readyz with the state only; the detail one
+//! (`endpoints.detail_listen`, loopback by default) answers it with
+//! everything the agent knows: task id, pids, paths, OOM victims, error
+//! texts. Both run as their own tasks and read only shared snapshots, so
+//! engine restarts, GC or reconnects can never block them; `connections`
+//! keeps hostile clients from holding them.
 
+use super::connections::{serve, ConnectionLimits};
 use super::liveness::Liveness;
 use super::metrics::Metrics;
 use super::status::Status;
@@ -15,6 +20,24 @@ use axum::{Json, Router};
 use std::net::SocketAddr;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+/// Where the endpoints listen and how each listener limits its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointSettings {
+    /// /healthz, /metrics and the public /readyz.
+    pub listen: SocketAddr,
+    /// The same, with the detailed /readyz.
+    pub detail_listen: SocketAddr,
+    /// Per listener.
+    pub limits: ConnectionLimits,
+}
+
+/// The addresses the endpoints were bound to (port 0 resolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundEndpoints {
+    pub public: SocketAddr,
+    pub detail: SocketAddr,
+}
 
 #[derive(Clone, Debug)]
 struct Shared {
@@ -34,27 +57,34 @@ pub enum HttpError {
     },
 }
 
-/// Binds the listener (so a bad address fails the start) and returns the
-/// bound address and the serving future.
+/// Binds both listeners (so a bad or taken address fails the start) and
+/// returns the bound addresses and the future that serves them.
 pub async fn bind(
-    addr: SocketAddr,
+    settings: &EndpointSettings,
     status: watch::Receiver<Status>,
     metrics: Metrics,
     liveness: Liveness,
-) -> Result<(SocketAddr, impl std::future::Future<Output = ()>), HttpError> {
+) -> Result<(BoundEndpoints, impl std::future::Future<Output = ()>), HttpError> {
+    let (public_listener, public) = listen(settings.listen).await?;
+    let (detail_listener, detail) = listen(settings.detail_listen).await?;
+    if !detail.ip().is_loopback() {
+        tracing::warn!(detail = %detail, "the detail view listens on a non-loopback address: whoever reaches it sees task ids, pids, paths and error texts");
+    }
+    let shared = Shared { status, metrics: metrics.clone(), liveness };
+    let public_app =
+        Router::new().route("/healthz", get(healthz)).route("/readyz", get(public_readyz)).route("/metrics", get(metrics_text)).with_state(shared.clone());
+    let detail_app = Router::new().route("/healthz", get(healthz)).route("/readyz", get(detail_readyz)).route("/metrics", get(metrics_text)).with_state(shared);
+    let limits = settings.limits;
+    let serve_both = async move {
+        tokio::join!(serve(public_listener, public_app, limits, metrics.clone(), "public"), serve(detail_listener, detail_app, limits, metrics, "detail"));
+    };
+    Ok((BoundEndpoints { public, detail }, serve_both))
+}
+
+async fn listen(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), HttpError> {
     let listener = TcpListener::bind(addr).await.map_err(|source| HttpError::Bind { addr, source })?;
     let local = listener.local_addr().map_err(|source| HttpError::Bind { addr, source })?;
-    let app = Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz)).route("/metrics", get(metrics_text)).with_state(Shared {
-        status,
-        metrics,
-        liveness,
-    });
-    let serve = async move {
-        if let Err(error) = axum::serve(listener, app).await {
-            tracing::error!(%error, "endpoints server stopped");
-        }
-    };
-    Ok((local, serve))
+    Ok((listener, local))
 }
 
 async fn healthz(AxState(s): AxState<Shared>) -> impl IntoResponse {
@@ -66,6 +96,41 @@ async fn healthz(AxState(s): AxState<Shared>) -> impl IntoResponse {
     }
 }
 
+/// The public /readyz: what a load balancer or the fleet needs to route
+/// builds, and nothing that names the task, a process, a path or an error
+/// (the state, the engine's and the control plane's are public metrics too).
+#[derive(serde::Serialize)]
+struct PublicReadiness {
+    ready: bool,
+    state: &'static str,
+    engine: &'static str,
+    control_plane_connected: bool,
+    state_age_secs: u64,
+}
+
+async fn public_readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
+    let body = {
+        let st = s.status.borrow();
+        PublicReadiness {
+            ready: st.state == State::Ready,
+            state: st.state.as_str(),
+            engine: st.engine.as_str(),
+            control_plane_connected: s.metrics.control_plane_connected.get() == 1,
+            state_age_secs: st.since.elapsed().as_secs(),
+        }
+    };
+    (readiness_code(body.ready), Json(body))
+}
+
+fn readiness_code(ready: bool) -> StatusCode {
+    if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+/// The detail /readyz, on the detail listener only.
 #[derive(serde::Serialize)]
 struct Readiness {
     ready: bool,
@@ -102,7 +167,7 @@ struct VolumeReadiness {
     free_inodes: u64,
 }
 
-async fn readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
+async fn detail_readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
     let st = s.status.borrow().clone();
     let ready = st.state == State::Ready;
     let body = Readiness {
@@ -135,8 +200,7 @@ async fn readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
         control_plane_error: st.control_plane_error,
         state_age_secs: st.since.elapsed().as_secs(),
     };
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(body))
+    (readiness_code(ready), Json(body))
 }
 
 async fn metrics_text(AxState(s): AxState<Shared>) -> impl IntoResponse {

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub kmsg_overruns: IntCounter,
     pub kmsg_user_records: IntCounter,
     pub task_conflicts: IntCounter,
+    /// Endpoint connections the server closed, by `listener` and `reason`.
+    pub endpoint_connections_closed: IntCounterVec,
     pub volume_size_bytes: GaugeVec,
     pub volume_free_bytes: GaugeVec,
     pub volume_inodes: GaugeVec,
@@ -157,6 +159,25 @@ impl Metrics {
                 )
                 .expect("valid"),
             ),
+            endpoint_connections_closed: {
+                let closed = register(
+                    &registry,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "endpoint_connections_closed_total",
+                            "Endpoint connections the agent closed: shed at the connection cap, or not sending a whole request head within the header read timeout.",
+                        ),
+                        &["listener", "reason"],
+                    )
+                    .expect("valid"),
+                );
+                for listener in ["public", "detail"] {
+                    for reason in ["shed", "header_timeout"] {
+                        closed.with_label_values(&[listener, reason]);
+                    }
+                }
+                closed
+            },
             volume_size_bytes: volume_gauge(&registry, "volume_size_bytes", "Size of the filesystem at each watched mount."),
             volume_free_bytes: volume_gauge(&registry, "volume_free_bytes", "Bytes available to unprivileged writers on the filesystem at each watched mount."),
             volume_inodes: volume_gauge(

@@ -2,6 +2,8 @@
 //! engine samples, OOM kills, the Prometheus registry, loop liveness, and the
 //! HTTP endpoints (/healthz, /readyz, /metrics) that serve them.
 
+/// The endpoints' accept loop: a header read timeout and a connection cap that sheds the oldest.
+pub mod connections;
 pub mod http;
 pub mod liveness;
 /// A pure limiter for log lines that can repeat without bound: a burst per window, then a count.

@@ -147,8 +147,9 @@ pub fn unix_addr(w: &World) -> Vec<String> {
     vec!["--addr".into(), format!("unix://{}", engine_socket(&w.root).display())]
 }
 
+/// Waits for Ready; returns the detail endpoints' URL, whose /readyz has every field.
 pub async fn wait_ready(agent: &AgentProcess) -> String {
-    let base = agent.endpoints().await;
+    let base = agent.detail_endpoints().await;
     eventually("the agent to be ready", Duration::from_secs(60), || agent.logs().contains("to=ready")).await;
     base
 }

@@ -123,6 +123,7 @@ pub fn base_config(dir: &Path) -> String {
         r#"
 [endpoints]
 listen = "127.0.0.1:0"
+detail_listen = "127.0.0.1:0"
 [volume]
 allowed_mount_prefixes = ["{prefix}"]
 unmount_timeout_secs = 5
@@ -338,10 +339,18 @@ impl AgentProcess {
         found.unwrap_or_else(|_| panic!("no log line containing {needle:?} within {within:?}; log:\n{}", self.logs()))
     }
 
-    /// The endpoints' address, from the agent's "endpoints serving" line.
+    /// The public endpoints' address, from the agent's "endpoints serving" line.
     pub async fn endpoints(&self) -> String {
         let line = self.wait_for_log("endpoints serving").await;
-        let addr = line.split("listen=").nth(1).and_then(|s| s.split_whitespace().next()).expect("listen= in the line");
+        let addr = line.split(" listen=").nth(1).and_then(|s| s.split_whitespace().next()).expect("listen= in the line");
+        format!("http://{addr}")
+    }
+
+    /// The detail endpoints' address (loopback): /readyz there has the task
+    /// id, pids, paths and error texts the public one leaves out.
+    pub async fn detail_endpoints(&self) -> String {
+        let line = self.wait_for_log("endpoints serving").await;
+        let addr = line.split(" detail=").nth(1).and_then(|s| s.split_whitespace().next()).expect("detail= in the line");
         format!("http://{addr}")
     }
 

@@ -17,8 +17,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// The agent's endpoints inside the guest (the shipped default).
+/// The agent's public endpoints inside the guest (the port the fleet scrapes).
 pub const GUEST_ENDPOINTS_PORT: u16 = 9911;
+/// The agent's detail endpoints inside the guest; the test's guest config binds
+/// them beyond loopback so that the host can reach them through qemu.
+pub const GUEST_DETAIL_PORT: u16 = 9912;
 /// The engine's TCP listener inside the guest, as the task asks.
 pub const GUEST_BUILDKIT_PORT: u16 = 1234;
 /// The control plane's name in the guest: `tests/vm/overlay/etc/hosts` maps it
@@ -344,8 +347,9 @@ pub struct Vm {
     console: Arc<Mutex<String>>,
     console_file: PathBuf,
     pub accel: Accel,
-    /// Host loopback ports forwarded to the guest's endpoints and engine.
+    /// Host loopback ports forwarded to the guest's public and detail endpoints and engine.
     pub endpoints_port: u16,
+    pub detail_port: u16,
     pub buildkit_port: u16,
     exit: Option<ExitStatus>,
 }
@@ -353,6 +357,7 @@ pub struct Vm {
 impl Vm {
     pub fn boot(image: &GuestImage, accel: Accel) -> Self {
         let endpoints_port = super::free_port();
+        let detail_port = super::free_port();
         let buildkit_port = super::free_port();
         let (accel_arg, cpu) = match accel {
             Accel::Kvm => ("kvm", "host"),
@@ -363,7 +368,7 @@ impl Vm {
         // kernel panic into qemu's exit instead of a hang.
         let append = "root=/dev/vda rw console=ttyS0 panic=-1 systemd.journald.forward_to_console=1 systemd.show_status=1";
         let netdev =
-            format!("user,id=n0,hostfwd=tcp:127.0.0.1:{endpoints_port}-:{GUEST_ENDPOINTS_PORT},hostfwd=tcp:127.0.0.1:{buildkit_port}-:{GUEST_BUILDKIT_PORT}");
+            format!("user,id=n0,hostfwd=tcp:127.0.0.1:{endpoints_port}-:{GUEST_ENDPOINTS_PORT},hostfwd=tcp:127.0.0.1:{detail_port}-:{GUEST_DETAIL_PORT},hostfwd=tcp:127.0.0.1:{buildkit_port}-:{GUEST_BUILDKIT_PORT}");
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-name", "machine-agent-vm-test", "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none", "-serial", "stdio"])
             .args(["-accel", accel_arg, "-cpu", cpu, "-smp", &GUEST_CPUS.to_string(), "-m", &GUEST_MEMORY_MIB.to_string()])
@@ -413,7 +418,7 @@ impl Vm {
                 sink.lock().unwrap().push_str(&format!("\n[qemu stderr] {text}"));
             }
         });
-        Self { child: Some(child), console, console_file, accel, endpoints_port, buildkit_port, exit: None }
+        Self { child: Some(child), console, console_file, accel, endpoints_port, detail_port, buildkit_port, exit: None }
     }
 
     pub fn console(&self) -> String {
