@@ -27,6 +27,7 @@ use crate::control::ControlPlaneSettings;
 use crate::engine::EngineSettings;
 use crate::fsutil::{excerpt, read_regular_text};
 use crate::gc::GcSettings;
+use crate::task::TaskLimits;
 use crate::volume::manager::VolumeSettings;
 use schema::RawConfig;
 use std::fmt;
@@ -119,6 +120,20 @@ impl ConfigError {
 }
 
 impl Config {
+    /// What a task is checked against: the allowed mount prefixes and backing
+    /// dirs, and the agent's own directories no mount may cover or sit in
+    /// (the state dir holds its keys and lock; the socket dir its engine's
+    /// sockets).
+    pub fn task_limits(&self) -> TaskLimits {
+        let mut reserved_paths = vec![self.state_dir.clone()];
+        reserved_paths.extend(self.engine.socket.parent().map(Path::to_path_buf));
+        TaskLimits {
+            allowed_mount_prefixes: self.allowed_mount_prefixes.clone(),
+            allowed_backing_dirs: self.volume.allowed_backing_dirs.clone(),
+            reserved_paths,
+        }
+    }
+
     /// Reads and validates the file at `path` with overrides from `env`.
     pub fn load(path: &Path, env: &dyn EnvSource) -> Result<Self, ConfigError> {
         let text = read_regular_text(path, MAX_CONFIG_BYTES).map_err(ConfigError::Read)?;
