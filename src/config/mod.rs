@@ -256,6 +256,20 @@ mod tests {
     }
 
     #[test]
+    fn backing_dirs_default_to_the_state_dirs_own_and_never_name_the_system() {
+        let base = "[volume]\nallowed_mount_prefixes = [\"/var/lib/buildkit\"]\n";
+        let config = Config::parse(&format!("{base}[agent]\nstate_dir = \"/srv/ma\"\n"), &env(&[])).unwrap();
+        assert_eq!(config.volume.allowed_backing_dirs, vec![PathBuf::from("/srv/ma/volumes")]);
+        let limits = config.task_limits();
+        assert_eq!(limits.reserved_paths, vec![PathBuf::from("/srv/ma"), PathBuf::from("/run/machine-agent")]);
+        let none = Config::parse(&format!("{base}allowed_backing_dirs = []\n"), &env(&[])).unwrap();
+        assert!(none.volume.allowed_backing_dirs.is_empty(), "[] allows no file-backed volume");
+        let err = Config::parse(&format!("{base}allowed_backing_dirs = [\"/\", \"/run/cache\", \"/a/../etc\", \"/srv/cache\"]\n"), &env(&[])).unwrap_err();
+        let fields: Vec<_> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, vec!["volume.allowed_backing_dirs[0]", "volume.allowed_backing_dirs[1]", "volume.allowed_backing_dirs[2]"]);
+    }
+
+    #[test]
     fn type_errors_and_unknown_fields_name_the_field() {
         let err = Config::parse("[agent]\ndrain_timeout_secs = \"soon\"\n", &env(&[])).unwrap_err();
         assert_eq!(err.problems()[0].field, "agent.drain_timeout_secs");

@@ -831,6 +831,31 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn backing_files_outside_the_allowed_dirs_and_mounts_over_the_agents_dirs_are_refused() {
+        let file = |path: &str| Some(pb::volume_mount::Source::File(pb::FileBackedVolume { path: path.into(), size_bytes: 1 << 30 }));
+        for path in ["/etc/passwd", "/run/cache.img", "/var/lib/machine-agent/volumes", "/var/lib/machine-agent/volumesx/a.img", "/var/lib/x"] {
+            let mut t = good_task();
+            t.mounts[0].source = file(path);
+            assert_eq!(fields(validate_buildkit(t, &limits()).unwrap_err()), vec!["buildkit.mounts[0].file.path"], "{path}");
+        }
+        let mut t = good_task();
+        t.mounts[0].source = file("/var/lib/machine-agent/volumes/a/cache.img");
+        assert!(validate_buildkit(t, &limits()).is_ok());
+
+        let mut limits = limits();
+        limits.allowed_mount_prefixes.push("/var/lib/machine-agent".into());
+        limits.allowed_mount_prefixes.push("/run".into());
+        limits.allowed_mount_prefixes.push("/var".into());
+        for path in ["/var/lib/machine-agent", "/var/lib/machine-agent/engine", "/var/lib", "/run/machine-agent/x", "/run"] {
+            let mut t = good_task();
+            t.mounts[0].mount_path = path.into();
+            let err = validate_buildkit(t, &limits).unwrap_err();
+            assert_eq!(fields(err.clone()), vec!["buildkit.mounts[0].mount_path"], "{path}");
+            assert!(err.to_string().contains("the agent's own directory"), "{err}");
+        }
+    }
+
+    #[test]
     fn device_must_be_under_dev_and_ebs_id_well_formed() {
         let mut t = good_task();
         t.mounts[0].source = Some(pb::volume_mount::Source::Device(pb::BlockDevice { path: "/home/disk".into(), ebs_volume_id: "vol-XYZ".into() }));
