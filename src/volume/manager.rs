@@ -572,7 +572,9 @@ async fn unmount_all_beneath(settings: &VolumeSettings, path: &Path) -> Result<(
         let table = read_mountinfo(Path::new(PROC_SELF_MOUNTINFO))?;
         let beneath: Vec<PathBuf> = mounts_beneath(&table, path).into_iter().map(|e| e.mount_point.clone()).collect();
         let Some(next) = beneath.first() else { return Ok(()) };
-        match umount2(next.as_path(), MntFlags::empty()) {
+        // Mount points come from mountinfo, link-free; a link swapped in at the
+        // last component since must not turn this into someone else's unmount.
+        match umount2(next.as_path(), MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) => {
                 info!(mount_point = %next.display(), "unmounted");
                 gaps.reset();
