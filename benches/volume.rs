@@ -35,6 +35,7 @@ fn main() {
         ext4_bytes_per_inode: None,
         system_paths: default_system_paths(),
         intent_dir: std::env::temp_dir().join("machine-agent-bench-intents"),
+        allowed_backing_dirs: vec![std::env::temp_dir()],
     };
     println!("prepare a blank {gib} GiB sparse loop device, median of {runs} runs");
     println!("{:<6} {:>12} {:>14} {:>8} {:>22}", "fs", "agent (ms)", "by hand (ms)", "ratio", "of which probe (ms)");

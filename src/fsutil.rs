@@ -98,15 +98,18 @@ pub fn excerpt(s: &str, max_chars: usize) -> String {
 /// Writes `contents` to `path` with `mode`: a temp file in the same directory,
 /// fsynced, renamed over `path`, then the directory fsynced. A reader sees the
 /// old file or the new one, never a mix; the mode is set before any byte lands.
+///
+/// The temp file has a random name and is created `O_EXCL | O_NOFOLLOW`, so a
+/// file or link planted at a guessed name fails the write instead of taking
+/// the key; and the directory must be writable by its owner alone, so nobody
+/// else can plant one or swap the file before the rename.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = dir.join(tmp_name);
+    check_private_dir(dir)?;
+    let tmp = dir.join(temp_name(name, rand::random()));
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC).mode(mode).open(&tmp)?;
     let result = (|| {
-        let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
         // `mode` above is filtered by the umask; set it exactly.
         file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
         file.write_all(contents)?;
@@ -118,6 +121,28 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// `.<name>.tmp-<pid>-<random>`: unique per write, and not guessable ahead of it. Pure.
+pub fn temp_name(name: &std::ffi::OsStr, random: u64) -> std::ffi::OsString {
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!(".tmp-{}-{random:016x}", std::process::id()));
+    tmp
+}
+
+/// A directory the agent writes private files into must not be writable by
+/// group or others (the state dir is 0700).
+fn check_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir)?;
+    if meta.mode() & 0o022 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} may be written by group or others (mode {:o}); refusing to write a private file there", dir.display(), meta.mode() & 0o7777),
+        ));
+    }
+    Ok(())
 }
 
 /// Creates `path` and any missing parents, each new one 0700 (an existing
@@ -214,6 +239,21 @@ mod tests {
         assert_eq!(excerpt("0123456789abc", 10), "0123456789...");
         assert_eq!(excerpt("ééééé", 2), "éé...");
         assert_eq!(excerpt("", 0), "");
+    }
+
+    #[test]
+    fn temp_names_differ_per_write() {
+        assert_ne!(temp_name("key.pem".as_ref(), 1), temp_name("key.pem".as_ref(), 2));
+        assert!(temp_name("key.pem".as_ref(), 1).to_string_lossy().starts_with(".key.pem.tmp-"));
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = write_atomic(&dir.path().join("key.pem"), b"x", 0o600).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]

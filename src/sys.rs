@@ -62,6 +62,33 @@ pub fn async_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<tokio::io::unix::As
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(std::io::Error::from)
 }
 
+/// openat2(2) relative to `dir`, returning an owned descriptor. nix 0.29
+/// hands back a raw fd; owning it at once means no path can leak or double-close it.
+pub fn openat2(dir: BorrowedFd<'_>, path: &std::path::Path, how: nix::fcntl::OpenHow) -> nix::Result<std::os::fd::OwnedFd> {
+    let raw = nix::fcntl::openat2(dir.as_raw_fd(), path, how)?;
+    // SAFETY: openat2 just returned `raw` as a new descriptor that nothing else
+    // in the process knows of, so this OwnedFd is its only owner.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
+}
+
+/// fsetxattr(2): sets the extended attribute `name` of the open file `fd` to `value`.
+pub fn fsetxattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr, value: &[u8]) -> nix::Result<()> {
+    // SAFETY: `fd` is open for the whole call (borrowed); `name` is a
+    // NUL-terminated string and `value` a readable slice of the given length,
+    // both only read by the kernel during the call.
+    let rc = unsafe { nix::libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    nix::errno::Errno::result(rc).map(drop)
+}
+
+/// fgetxattr(2): the value of the extended attribute `name` of `fd`, at most
+/// `buf.len()` bytes of it; returns how many bytes were written to `buf`.
+pub fn fgetxattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr, buf: &mut [u8]) -> nix::Result<usize> {
+    // SAFETY: `fd` is open for the whole call; `name` is NUL-terminated; the
+    // kernel writes at most `buf.len()` bytes into the exclusive `buf`.
+    let rc = unsafe { nix::libc::fgetxattr(fd.as_raw_fd(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    nix::errno::Errno::result(rc).map(|n| usize::try_from(n).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -98,6 +98,7 @@ async fn a_drain_never_kills_or_unmounts_what_another_live_agent_holds() {
     let config = other_root.join("config.toml");
     let text = base_config(&other_root)
         .replace(&other_root.join("mnt").display().to_string(), &w.root.join("mnt").display().to_string())
+        .replace(&format!("allowed_backing_dirs = [\"{}\"]", other_root.display()), &format!("allowed_backing_dirs = [\"{}\"]", w.root.display()))
         .replace("unmount_timeout_secs = 5", "unmount_timeout_secs = 4\nkill_holders = true");
     std::fs::write(&config, text).unwrap();
     let mut second = agent(&config).standalone(&w.task).start();

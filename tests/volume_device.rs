@@ -9,6 +9,7 @@
 
 mod support;
 
+use machine_agent::volume::backing::BackingError;
 use machine_agent::volume::device::{attach_file, detach_file, resolve_device, wait_for_device, DeviceError, LoopAttachment};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -62,7 +63,7 @@ impl Drop for Detach {
 }
 
 async fn attach(backing: &Path, size_bytes: u64) -> Detach {
-    Detach(attach_file(backing, size_bytes).await.unwrap())
+    Detach(attach_file(&[std::env::temp_dir()], backing, size_bytes).await.unwrap().attachment)
 }
 
 // === resolving ===
@@ -247,7 +248,9 @@ async fn a_file_grown_without_telling_the_device_is_caught_up_on_reattach() {
 async fn an_existing_file_keeps_its_contents() {
     let dir = temp_dir();
     let backing = dir.path().join("cache.img");
-    std::fs::write(&backing, b"not zero").unwrap();
+    let first = attach(&backing, 32 * MIB).await;
+    detach_file(&first.0).await.unwrap();
+    std::io::Write::write_all(&mut std::fs::OpenOptions::new().write(true).open(&backing).unwrap(), b"not zero").unwrap();
     let _att = attach(&backing, 64 * MIB).await;
     let mut head = vec![0u8; 8];
     std::io::Read::read_exact(&mut std::fs::File::open(&backing).unwrap(), &mut head).unwrap();
@@ -272,11 +275,13 @@ async fn detaching_leaves_nothing_attached_and_is_idempotent() {
 #[tokio::test]
 async fn a_backing_path_that_is_not_a_file_is_an_error_naming_it() {
     let dir = temp_dir();
-    let err = attach_file(dir.path(), 64 * MIB).await.unwrap_err();
-    assert!(matches!(err, DeviceError::BackingNotAFile { kind: "a directory", .. }), "{err:?}");
-    assert!(err.to_string().contains(&dir.path().display().to_string()), "{err}");
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let err = attach_file(&[std::env::temp_dir()], &sub, 64 * MIB).await.unwrap_err();
+    assert!(matches!(err, DeviceError::BackingRefused(BackingError::NotAFile { kind: "a directory", .. })), "{err:?}");
+    assert!(err.to_string().contains(&sub.display().to_string()), "{err}");
 
     let lo = LoopDevice::new(DEVICE_BYTES);
-    let err = attach_file(&lo.path, 64 * MIB).await.unwrap_err();
-    assert!(matches!(err, DeviceError::BackingNotAFile { kind: "a block device", .. }), "{err:?}");
+    let err = attach_file(&[std::env::temp_dir()], &lo.path, 64 * MIB).await.unwrap_err();
+    assert!(matches!(err, DeviceError::BackingRefused(BackingError::NotAllowed { .. })), "{err:?}");
 }

@@ -26,6 +26,8 @@ fn settings() -> VolumeSettings {
         system_paths: machine_agent::volume::manager::default_system_paths(),
         // One file per (unique, temporary) mount path, cleared when mkfs finishes.
         intent_dir: std::env::temp_dir().join("machine-agent-volume-manager-intents"),
+        // Each test's own 0700 temporary directory sits here.
+        allowed_backing_dirs: vec![std::env::temp_dir()],
     }
 }
 

@@ -28,6 +28,7 @@ use crate::engine::EngineSettings;
 use crate::fsutil::{excerpt, read_regular_text};
 use crate::gc::GcSettings;
 use crate::observe::http::EndpointSettings;
+use crate::task::TaskLimits;
 use crate::volume::manager::VolumeSettings;
 use schema::RawConfig;
 use std::fmt;
@@ -119,6 +120,20 @@ impl ConfigError {
 }
 
 impl Config {
+    /// What a task is checked against: the allowed mount prefixes and backing
+    /// dirs, and the agent's own directories no mount may cover or sit in
+    /// (the state dir holds its keys and lock; the socket dir its engine's
+    /// sockets).
+    pub fn task_limits(&self) -> TaskLimits {
+        let mut reserved_paths = vec![self.state_dir.clone()];
+        reserved_paths.extend(self.engine.socket.parent().map(Path::to_path_buf));
+        TaskLimits {
+            allowed_mount_prefixes: self.allowed_mount_prefixes.clone(),
+            allowed_backing_dirs: self.volume.allowed_backing_dirs.clone(),
+            reserved_paths,
+        }
+    }
+
     /// Reads and validates the file at `path` with overrides from `env`.
     pub fn load(path: &Path, env: &dyn EnvSource) -> Result<Self, ConfigError> {
         let text = read_regular_text(path, MAX_CONFIG_BYTES).map_err(ConfigError::Read)?;
@@ -264,6 +279,20 @@ mod tests {
         .unwrap();
         assert_eq!(ok.endpoints.limits.max_connections, 4);
         assert_eq!(ok.endpoints.limits.header_read_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn backing_dirs_default_to_the_state_dirs_own_and_never_name_the_system() {
+        let base = "[volume]\nallowed_mount_prefixes = [\"/var/lib/buildkit\"]\n";
+        let config = Config::parse(&format!("{base}[agent]\nstate_dir = \"/srv/ma\"\n"), &env(&[])).unwrap();
+        assert_eq!(config.volume.allowed_backing_dirs, vec![PathBuf::from("/srv/ma/volumes")]);
+        let limits = config.task_limits();
+        assert_eq!(limits.reserved_paths, vec![PathBuf::from("/srv/ma"), PathBuf::from("/run/machine-agent")]);
+        let none = Config::parse(&format!("{base}allowed_backing_dirs = []\n"), &env(&[])).unwrap();
+        assert!(none.volume.allowed_backing_dirs.is_empty(), "[] allows no file-backed volume");
+        let err = Config::parse(&format!("{base}allowed_backing_dirs = [\"/\", \"/run/cache\", \"/a/../etc\", \"/srv/cache\"]\n"), &env(&[])).unwrap_err();
+        let fields: Vec<_> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, vec!["volume.allowed_backing_dirs[0]", "volume.allowed_backing_dirs[1]", "volume.allowed_backing_dirs[2]"]);
     }
 
     #[test]

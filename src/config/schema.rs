@@ -167,6 +167,8 @@ pub(super) struct RawVolume {
     pub(super) kill_holders: bool,
     pub(super) ephemeral_dir: Option<PathBuf>,
     pub(super) ext4_bytes_per_inode: Option<u64>,
+    /// Unset: `<agent.state_dir>/volumes` (see validate.rs).
+    pub(super) allowed_backing_dirs: Option<Vec<PathBuf>>,
 }
 
 impl Default for RawVolume {
@@ -178,6 +180,7 @@ impl Default for RawVolume {
             kill_holders: false,
             ephemeral_dir: None,
             ext4_bytes_per_inode: None,
+            allowed_backing_dirs: None,
         }
     }
 }

@@ -195,6 +195,28 @@ fn allowed_mount_prefixes(prefixes: &[PathBuf], bad: &mut impl FnMut(&str, Strin
     }
 }
 
+/// Where backing files live when the config does not say: a directory of the
+/// agent's own, created 0700 with the state dir, so nobody else writes there
+/// and the quickstart's file-backed volume works without a setting.
+pub const DEFAULT_BACKING_SUBDIR: &str = "volumes";
+
+/// `volume.allowed_backing_dirs`: clean absolute directories other than `/`;
+/// unset means `<state_dir>/volumes`, `[]` means no file-backed volumes.
+fn allowed_backing_dirs(dirs: Option<&[PathBuf]>, state_dir: &Path, bad: &mut impl FnMut(&str, String)) -> Vec<PathBuf> {
+    let Some(dirs) = dirs else { return vec![state_dir.join(DEFAULT_BACKING_SUBDIR)] };
+    for (i, dir) in dirs.iter().enumerate() {
+        if let Err(problem) = check_clean_absolute(dir) {
+            bad(&format!("volume.allowed_backing_dirs[{i}]"), problem);
+        } else if dir == Path::new("/") {
+            bad(&format!("volume.allowed_backing_dirs[{i}]"), "\"/\" would let a task grow and format any file; name a directory".into());
+        } else if ["/dev", "/proc", "/sys", "/run", "/etc", "/boot", "/usr"].iter().any(|system| dir.starts_with(system) || Path::new(system).starts_with(dir))
+        {
+            bad(&format!("volume.allowed_backing_dirs[{i}]"), format!("{} is or holds a system directory; name a directory of its own", dir.display()));
+        }
+    }
+    dirs.to_vec()
+}
+
 /// The rest of `[volume]`: the device wait, the unmount timeout, the ephemeral dir and the inode ratio.
 fn volume_settings(v: &RawVolume, state_dir: &Path, bad: &mut impl FnMut(&str, String)) -> VolumeSettings {
     check_range(bad, "volume.device_wait_secs", v.device_wait_secs, 1, 3600);
@@ -219,6 +241,7 @@ fn volume_settings(v: &RawVolume, state_dir: &Path, bad: &mut impl FnMut(&str, S
         ext4_bytes_per_inode: v.ext4_bytes_per_inode,
         system_paths: default_system_paths(),
         intent_dir: state_dir.join(FORMAT_INTENT_DIR),
+        allowed_backing_dirs: allowed_backing_dirs(v.allowed_backing_dirs.as_deref(), state_dir, bad),
     }
 }
 

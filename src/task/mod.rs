@@ -128,6 +128,12 @@ pub struct GcOverrides {
 #[derive(Debug, Clone)]
 pub struct TaskLimits {
     pub allowed_mount_prefixes: Vec<PathBuf>,
+    /// A file-backed volume's file must sit strictly beneath one of these.
+    pub allowed_backing_dirs: Vec<PathBuf>,
+    /// The agent's own directories (state dir, engine socket dir): no mount
+    /// path may equal, contain or sit inside one, or it would hide the
+    /// agent's keys, lock and sockets under a volume.
+    pub reserved_paths: Vec<PathBuf>,
 }
 
 /// One invalid task field: its path in the task and what was wrong.
@@ -341,6 +347,11 @@ fn validate_mount(p: &mut Problems, field: &str, m: pb::VolumeMount, limits: &Ta
                 limits.allowed_mount_prefixes.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
             ),
         );
+    } else if let Some(reserved) = limits.reserved_paths.iter().find(|r| paths_overlap(&mount_path, r)) {
+        p.add(
+            format!("{field}.mount_path"),
+            format!("{:?} would cover or sit inside the agent's own directory {}", truncate(&m.mount_path), reserved.display()),
+        );
     }
 
     let source = match m.source {
@@ -370,6 +381,15 @@ fn validate_mount(p: &mut Problems, field: &str, m: pb::VolumeMount, limits: &Ta
                 p.add(format!("{field}.file.path"), problem);
             } else if path.starts_with("/dev") || path.starts_with("/proc") || path.starts_with("/sys") {
                 p.add(format!("{field}.file.path"), "expected a regular file path, not under /dev, /proc or /sys");
+            } else if !limits.allowed_backing_dirs.iter().any(|dir| path.starts_with(dir) && path != *dir) {
+                p.add(
+                    format!("{field}.file.path"),
+                    format!(
+                        "{:?} is not beneath an allowed backing dir ({})",
+                        truncate(&f.path),
+                        limits.allowed_backing_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
+                    ),
+                );
             } else if path.starts_with(&mount_path) {
                 p.add(format!("{field}.file.path"), "the backing file cannot live inside its own mount");
             }
@@ -406,6 +426,11 @@ fn validate_mount(p: &mut Problems, field: &str, m: pb::VolumeMount, limits: &Ta
         (true, Some(source), Some(fs_type)) => Some(VolumeMount { mount_path, source, fs_type, options: m.options, skip_trim: m.skip_trim }),
         _ => None,
     }
+}
+
+/// One path equals, contains or sits inside the other (by components). Pure.
+pub fn paths_overlap(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
 }
 
 fn is_allowed_mount_option(option: &str) -> bool {
@@ -712,7 +737,11 @@ pub(crate) mod tests {
     }
 
     pub fn limits() -> TaskLimits {
-        TaskLimits { allowed_mount_prefixes: vec!["/var/lib/buildkit".into(), "/mnt".into()] }
+        TaskLimits {
+            allowed_mount_prefixes: vec!["/var/lib/buildkit".into(), "/mnt".into()],
+            allowed_backing_dirs: vec!["/var/lib/machine-agent/volumes".into(), "/var/lib/x".into()],
+            reserved_paths: vec!["/var/lib/machine-agent".into(), "/run/machine-agent".into()],
+        }
     }
 
     pub fn good_task() -> pb::BuildkitTask {
@@ -802,6 +831,31 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn backing_files_outside_the_allowed_dirs_and_mounts_over_the_agents_dirs_are_refused() {
+        let file = |path: &str| Some(pb::volume_mount::Source::File(pb::FileBackedVolume { path: path.into(), size_bytes: 1 << 30 }));
+        for path in ["/etc/passwd", "/run/cache.img", "/var/lib/machine-agent/volumes", "/var/lib/machine-agent/volumesx/a.img", "/var/lib/x"] {
+            let mut t = good_task();
+            t.mounts[0].source = file(path);
+            assert_eq!(fields(validate_buildkit(t, &limits()).unwrap_err()), vec!["buildkit.mounts[0].file.path"], "{path}");
+        }
+        let mut t = good_task();
+        t.mounts[0].source = file("/var/lib/machine-agent/volumes/a/cache.img");
+        assert!(validate_buildkit(t, &limits()).is_ok());
+
+        let mut limits = limits();
+        limits.allowed_mount_prefixes.push("/var/lib/machine-agent".into());
+        limits.allowed_mount_prefixes.push("/run".into());
+        limits.allowed_mount_prefixes.push("/var".into());
+        for path in ["/var/lib/machine-agent", "/var/lib/machine-agent/engine", "/var/lib", "/run/machine-agent/x", "/run"] {
+            let mut t = good_task();
+            t.mounts[0].mount_path = path.into();
+            let err = validate_buildkit(t, &limits).unwrap_err();
+            assert_eq!(fields(err.clone()), vec!["buildkit.mounts[0].mount_path"], "{path}");
+            assert!(err.to_string().contains("the agent's own directory"), "{err}");
+        }
+    }
+
+    #[test]
     fn device_must_be_under_dev_and_ebs_id_well_formed() {
         let mut t = good_task();
         t.mounts[0].source = Some(pb::volume_mount::Source::Device(pb::BlockDevice { path: "/home/disk".into(), ebs_volume_id: "vol-XYZ".into() }));
@@ -813,7 +867,7 @@ pub(crate) mod tests {
         let mut t = good_task();
         let mut second = t.mounts[0].clone();
         second.mount_path = "/var/lib/buildkit/cache/inner".into();
-        second.source = Some(pb::volume_mount::Source::File(pb::FileBackedVolume { path: "/var/lib/x.img".into(), size_bytes: 1 << 30 }));
+        second.source = Some(pb::volume_mount::Source::File(pb::FileBackedVolume { path: "/var/lib/x/x.img".into(), size_bytes: 1 << 30 }));
         t.mounts.push(second);
         assert_eq!(fields(validate_buildkit(t, &limits()).unwrap_err()), vec!["buildkit.mounts[1].mount_path"]);
     }

@@ -14,6 +14,7 @@
 //! so tests point the lookups at a `TempDir` tree. Those reads go to sysfs and
 //! devtmpfs, which answer from memory, so they run inline on the async runtime.
 
+use super::backing::open_backing_file;
 use super::tool::run_tool;
 use crate::backoff::{poll_until, PollGaps};
 use std::fmt;
@@ -71,20 +72,14 @@ pub enum DeviceError {
     },
     /// no block device at {device}{ebs} after waiting {waited:?}
     Timeout { device: PathBuf, ebs: EbsHint, waited: Duration },
-    /// cannot create {path}, the directory of a volume's backing file: {source}
-    CreateDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     /// cannot create or size the backing file {path}: {source}
     Backing {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    /// the backing file {path} is {kind}, not a regular file
-    BackingNotAFile { path: PathBuf, kind: &'static str },
+    /// {0}
+    BackingRefused(#[from] super::backing::BackingError),
     /// {0}
     Tool(#[from] super::tool::ToolError),
     /// {command} printed {stdout:?}, not a loop device
@@ -231,14 +226,32 @@ pub struct LoopAttachment {
     pub backing: PathBuf,
 }
 
-/// Makes `backing` a sparse file of at least `size_bytes` (creating its
-/// directory and the file, mode 0600, as needed; growing a smaller one, never
-/// shrinking a larger one) and returns its loop device. A device already
-/// attached to the file is reused, after `losetup -c` if its size lags the
-/// file's, so calling this again (an agent restarted after a crash) attaches nothing new.
-pub async fn attach_file(backing: &Path, size_bytes: u64) -> Result<LoopAttachment, DeviceError> {
+/// What [`attach_file`] did: the attachment, and what it made on the way,
+/// so a prepare that fails later can undo exactly that.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedFile {
+    pub attachment: LoopAttachment,
+    /// A loop device was attached by this call (not one found attached).
+    pub new_device: bool,
+    /// The backing file was created by this call.
+    pub created_file: bool,
+    /// Directories created for the file, outermost first.
+    pub created_dirs: Vec<PathBuf>,
+}
+
+/// Makes `backing` (beneath one of `allowed_dirs`) a sparse file of at least
+/// `size_bytes` and returns its loop device; see [`super::backing`] for which
+/// files it creates, grows and accepts. A device already attached to the file
+/// is reused, after `losetup -c` if its size lags the file's, so calling this
+/// again (an agent restarted after a crash) attaches nothing new.
+pub async fn attach_file(allowed_dirs: &[PathBuf], backing: &Path, size_bytes: u64) -> Result<AttachedFile, DeviceError> {
     let root = Path::new("/");
-    let (canonical, file_bytes) = prepare_backing_file(backing, size_bytes).await?;
+    let (allowed, path) = (allowed_dirs.to_vec(), backing.to_path_buf());
+    let file = tokio::task::spawn_blocking(move || open_backing_file(&allowed, &path, size_bytes))
+        .await
+        .map_err(|join| DeviceError::Backing { path: backing.into(), source: std::io::Error::other(join) })??;
+    let (canonical, file_bytes) = (file.path.clone(), file.bytes);
+    let made = |attachment, new_device| AttachedFile { attachment, new_device, created_file: file.created_file, created_dirs: file.created_dirs.clone() };
     if let Some(device) = find_loop_by_backing(root, &canonical)? {
         let device_bytes = read_device_bytes(root, &device)?;
         // Compared with the file rather than remembered from this call: a
@@ -248,22 +261,27 @@ pub async fn attach_file(backing: &Path, size_bytes: u64) -> Result<LoopAttachme
             run_losetup(&["-c".as_ref(), device.as_os_str()]).await?;
         }
         info!(device = %device.display(), backing = %canonical.display(), "reusing the loop device already attached to the backing file");
-        return Ok(LoopAttachment { device, backing: canonical });
+        return Ok(made(LoopAttachment { device, backing: canonical }, false));
     }
     // --nooverlap makes losetup itself reuse a device attached to the file
     // between our sysfs look and now, instead of attaching a second one.
+    // losetup opens the path again; the directory is the agent's alone
+    // (checked above), so nobody else can swap the file in between.
     let args = ["--find".as_ref(), "--show".as_ref(), "--nooverlap".as_ref(), canonical.as_os_str()];
     let out = run_losetup(&args).await?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let device = parse_losetup_show(&stdout).ok_or_else(|| DeviceError::UnexpectedOutput { command: describe(&args), stdout: stdout.trim().to_owned() })?;
     info!(device = %device.display(), backing = %canonical.display(), "attached the backing file");
-    Ok(LoopAttachment { device, backing: canonical })
+    Ok(made(LoopAttachment { device, backing: canonical }, true))
 }
 
 /// The loop device attached to `backing` now, if any (none if the file is gone).
+///
+/// The path is compared as it is, never resolved: a task's backing path holds
+/// no links (see [`super::backing`]), and resolving one could name another
+/// file's loop device for the caller to detach.
 pub fn find_attachment(backing: &Path) -> Result<Option<LoopAttachment>, DeviceError> {
-    let Ok(canonical) = std::fs::canonicalize(backing) else { return Ok(None) };
-    Ok(find_loop_by_backing(Path::new("/"), &canonical)?.map(|device| LoopAttachment { device, backing: canonical }))
+    Ok(find_loop_by_backing(Path::new("/"), backing)?.map(|device| LoopAttachment { device, backing: backing.into() }))
 }
 
 /// Detaches the loop device and waits (bounded) until sysfs no longer shows it
@@ -284,42 +302,6 @@ pub async fn detach_file(att: &LoopAttachment) -> Result<(), DeviceError> {
     }
     info!(device = %att.device.display(), backing = %att.backing.display(), "detached the loop device");
     Ok(())
-}
-
-/// Creates, grows or keeps the backing file; returns its canonical path and its length.
-async fn prepare_backing_file(backing: &Path, size_bytes: u64) -> Result<(PathBuf, u64), DeviceError> {
-    let file_err = |source| DeviceError::Backing { path: backing.into(), source };
-    if let Some(dir) = backing.parent().filter(|d| !d.as_os_str().is_empty()) {
-        tokio::fs::create_dir_all(dir).await.map_err(|source| DeviceError::CreateDir { path: dir.into(), source })?;
-    }
-    // Checked before opening: opening a FIFO for writing would block, and a
-    // device or directory is never a backing file.
-    let existed = match tokio::fs::metadata(backing).await {
-        Ok(meta) if meta.is_file() => true,
-        Ok(meta) => return Err(DeviceError::BackingNotAFile { path: backing.into(), kind: kind_of(meta.file_type()) }),
-        Err(e) if e.kind() == ErrorKind::NotFound => false,
-        Err(source) => return Err(file_err(source)),
-    };
-    let file = tokio::fs::OpenOptions::new().write(true).create(true).truncate(false).mode(0o600).open(backing).await.map_err(file_err)?;
-    let old_bytes = file.metadata().await.map_err(file_err)?.len();
-    let file_bytes = if old_bytes < size_bytes {
-        // set_len allocates nothing: the file stays sparse until written.
-        file.set_len(size_bytes).await.map_err(file_err)?;
-        if existed {
-            info!(backing = %backing.display(), old_bytes, new_bytes = size_bytes, "growing the backing file");
-        } else {
-            info!(backing = %backing.display(), bytes = size_bytes, "created a sparse backing file");
-        }
-        size_bytes
-    } else {
-        if old_bytes > size_bytes {
-            warn!(backing = %backing.display(), file_bytes = old_bytes, requested_bytes = size_bytes, "backing file is larger than requested; never shrinking it");
-        }
-        old_bytes
-    };
-    drop(file);
-    let canonical = tokio::fs::canonicalize(backing).await.map_err(file_err)?;
-    Ok((canonical, file_bytes))
 }
 
 /// The loop device sysfs shows backed by `backing` (canonical), lowest number first.

@@ -18,6 +18,7 @@ use super::format::{mkfs_command, mount_options};
 use super::holders::{find_holders, kill_holders};
 use super::intent::{device_identity, same_device, DeviceIdentity, FormatIntent, IntentStore};
 use super::mountinfo::{find_mount, mounts_beneath, read_mountinfo, MountEntry, PROC_SELF_MOUNTINFO};
+use super::nofollow::{open_dir, remove_created};
 use super::signature::{plan_prepare, read_device_signature, PrepareAction};
 use super::stats::read_fs_stats;
 use super::tool::run_tool;
@@ -25,6 +26,7 @@ use super::trim::{fstrim, TrimError};
 use crate::backoff::PollGaps;
 use crate::task::{FsType, VolumeMount, VolumeSource};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::Mode;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -68,6 +70,8 @@ pub struct VolumeSettings {
     pub system_paths: Vec<PathBuf>,
     /// Where the intent to format is recorded while mkfs runs (under the state dir).
     pub intent_dir: PathBuf,
+    /// The only directories backing files of file-backed volumes may sit beneath.
+    pub allowed_backing_dirs: Vec<PathBuf>,
 }
 
 /// Why a mount could not be prepared or released. Each names the device or path.
@@ -111,6 +115,20 @@ pub enum VolumeError {
         #[source]
         source: std::io::Error,
     },
+    /// {0}
+    Walk(#[from] super::nofollow::WalkError),
+    /// {cause}; rolled back: {undone}
+    RolledBack { cause: Box<VolumeError>, undone: String },
+}
+
+impl VolumeError {
+    /// The error behind a rolled-back prepare, or this one.
+    pub fn cause(&self) -> &VolumeError {
+        match self {
+            VolumeError::RolledBack { cause, .. } => cause.cause(),
+            other => other,
+        }
+    }
 }
 
 /// A mount the manager prepared and must release at drain.
@@ -169,15 +187,87 @@ pub enum ReleaseError {
 
 // === prepare ===
 
+/// Something a prepare did that a failure later in the same prepare undoes.
+#[derive(Debug)]
+enum UndoStep {
+    Unmount(PathBuf),
+    Detach(LoopAttachment),
+    RemoveFile(PathBuf),
+    RemoveDirs(Vec<PathBuf>),
+}
+
+/// The steps a prepare took, undone last first when it fails: without this a
+/// failed prepare left its mount and loop device where no drain looks.
+#[derive(Debug, Default)]
+struct UndoLog(Vec<UndoStep>);
+
+impl UndoLog {
+    fn push(&mut self, step: UndoStep) {
+        self.0.push(step);
+    }
+
+    /// Runs every undo, last first, and says what each did or why it failed.
+    async fn run(self, settings: &VolumeSettings) -> Vec<String> {
+        let mut said = vec![];
+        for step in self.0.into_iter().rev() {
+            match step {
+                UndoStep::Unmount(path) => match unmount_all_beneath(settings, &path).await {
+                    Ok(()) => said.push(format!("unmounted {}", path.display())),
+                    Err(error) => said.push(format!("FAILED to unmount {}: {error}", path.display())),
+                },
+                UndoStep::Detach(att) => match detach_file(&att).await {
+                    Ok(()) => said.push(format!("detached {}", att.device.display())),
+                    Err(error) => said.push(format!("FAILED to detach {}: {error}", att.device.display())),
+                },
+                UndoStep::RemoveFile(path) => match std::fs::remove_file(&path) {
+                    Ok(()) => said.push(format!("removed {}", path.display())),
+                    Err(error) => said.push(format!("FAILED to remove {}: {error}", path.display())),
+                },
+                UndoStep::RemoveDirs(dirs) => {
+                    let failures = remove_created(&dirs);
+                    if failures.is_empty() {
+                        said.extend(dirs.iter().rev().map(|d| format!("removed {}", d.display())));
+                    } else {
+                        said.extend(failures.into_iter().map(|f| format!("FAILED: {f}")));
+                    }
+                }
+            }
+        }
+        said
+    }
+}
+
 /// Prepares one mount. `first` marks the mount that holds the engine's root.
+/// A failure undoes whatever this prepare did (unmounts, detaches, removes
+/// what it created) and says so in the error.
 pub async fn prepare_mount(settings: &VolumeSettings, m: &VolumeMount, first: bool) -> Result<PreparedMount, VolumeError> {
+    let mut undo = UndoLog::default();
+    match prepare_steps(settings, m, first, &mut undo).await {
+        Ok(prepared) => Ok(prepared),
+        Err(error) if undo.0.is_empty() => Err(error),
+        Err(error) => {
+            let said = undo.run(settings).await;
+            warn!(%error, undone = %said.join(", "), "prepare failed; undid what it had done");
+            Err(VolumeError::RolledBack { cause: Box::new(error), undone: said.join(", ") })
+        }
+    }
+}
+
+async fn prepare_steps(settings: &VolumeSettings, m: &VolumeMount, first: bool, undo: &mut UndoLog) -> Result<PreparedMount, VolumeError> {
     let (device, loop_attachment) = match &m.source {
         VolumeSource::Device { path, ebs_volume_id } => {
             (wait_for_device(&settings.sys_root, path, ebs_volume_id.as_deref(), settings.device_wait).await?, None)
         }
         VolumeSource::File { path, size_bytes } => {
-            let att = attach_file(path, *size_bytes).await?;
-            (att.device.clone(), Some(att))
+            let attached = attach_file(&settings.allowed_backing_dirs, path, *size_bytes).await?;
+            undo.push(UndoStep::RemoveDirs(attached.created_dirs.clone()));
+            if attached.created_file {
+                undo.push(UndoStep::RemoveFile(path.clone()));
+            }
+            if attached.new_device {
+                undo.push(UndoStep::Detach(attached.attachment.clone()));
+            }
+            (attached.attachment.device.clone(), Some(attached.attachment))
         }
     };
     let rdev = block_rdev(&device)?;
@@ -191,7 +281,7 @@ pub async fn prepare_mount(settings: &VolumeSettings, m: &VolumeMount, first: bo
         }
         None => {
             let (fs_type, formatted) = format_if_blank(settings, &device, rdev, m).await?;
-            mount_device(&device, &m.mount_path, &fs_type, &m.options)?;
+            mount_device(&device, &m.mount_path, &fs_type, &m.options, undo)?;
             (fs_type, formatted)
         }
     };
@@ -336,16 +426,21 @@ fn create_dir(path: &Path) -> Result<(), VolumeError> {
     std::fs::create_dir_all(path).map_err(|source| VolumeError::CreateDir { path: path.into(), source })
 }
 
-fn mount_device(device: &Path, mount_path: &Path, fs_type: &str, options: &[String]) -> Result<(), VolumeError> {
-    create_dir(mount_path)?;
+/// Mounts onto the directory `mount_path` names without links, opened (and
+/// created) component by component: mount(2) gets that open directory, so a
+/// link planted in the path cannot move the mount elsewhere.
+fn mount_device(device: &Path, mount_path: &Path, fs_type: &str, options: &[String], undo: &mut UndoLog) -> Result<(), VolumeError> {
+    let target = open_dir(mount_path, Some(Mode::from_bits_truncate(0o755)))?;
+    undo.push(UndoStep::RemoveDirs(target.created.clone()));
     let (flags, data) = mount_options(options);
     let data = (!data.is_empty()).then_some(data.as_str());
-    mount(Some(device), mount_path, Some(fs_type), flags, data).map_err(|source| VolumeError::Mount {
+    mount(Some(device), &target.proc_path(), Some(fs_type), flags, data).map_err(|source| VolumeError::Mount {
         device: device.into(),
         mount_path: mount_path.into(),
         fs_type: fs_type.into(),
         source,
     })?;
+    undo.push(UndoStep::Unmount(mount_path.into()));
     info!(device = %device.display(), mount_path = %mount_path.display(), fs = fs_type, "mounted");
     Ok(())
 }
@@ -381,10 +476,12 @@ fn bind_executor(ephemeral: &Path, mount_path: &Path) -> Result<PathBuf, VolumeE
     let source = ephemeral.join("buildkit-executor");
     let target = mount_path.join(EXECUTOR_SUBDIR);
     create_dir(&source)?;
-    create_dir(&target)?;
+    // The cache's contents are written by builds: a link planted there must
+    // not move the bind mount out of the volume.
+    let opened = open_dir(&target, Some(Mode::from_bits_truncate(0o755)))?;
     let table = read_mountinfo(Path::new(PROC_SELF_MOUNTINFO))?;
     if find_mount(&table, &target).is_none_or(|e| e.mount_point != target) {
-        mount(Some(&source), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|e| VolumeError::Mount {
+        mount(Some(&source), &opened.proc_path(), None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(|e| VolumeError::Mount {
             device: source.clone(),
             mount_path: target.clone(),
             fs_type: "bind".into(),
@@ -475,7 +572,9 @@ async fn unmount_all_beneath(settings: &VolumeSettings, path: &Path) -> Result<(
         let table = read_mountinfo(Path::new(PROC_SELF_MOUNTINFO))?;
         let beneath: Vec<PathBuf> = mounts_beneath(&table, path).into_iter().map(|e| e.mount_point.clone()).collect();
         let Some(next) = beneath.first() else { return Ok(()) };
-        match umount2(next.as_path(), MntFlags::empty()) {
+        // Mount points come from mountinfo, link-free; a link swapped in at the
+        // last component since must not turn this into someone else's unmount.
+        match umount2(next.as_path(), MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) => {
                 info!(mount_point = %next.display(), "unmounted");
                 gaps.reset();

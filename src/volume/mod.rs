@@ -3,6 +3,7 @@
 //! and mount options, mountinfo, holders, fstrim), and the filesystem figures
 //! the health stream carries.
 
+pub mod backing;
 pub mod device;
 pub mod format;
 pub mod health;
@@ -10,6 +11,7 @@ pub mod holders;
 pub mod intent;
 pub mod manager;
 pub mod mountinfo;
+pub mod nofollow;
 pub mod signature;
 pub mod stats;
 pub mod tool;

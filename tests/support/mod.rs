@@ -126,6 +126,7 @@ listen = "127.0.0.1:0"
 detail_listen = "127.0.0.1:0"
 [volume]
 allowed_mount_prefixes = ["{prefix}"]
+allowed_backing_dirs = ["{backing}"]
 unmount_timeout_secs = 5
 [agent]
 state_dir = "{state}"
@@ -140,6 +141,8 @@ cgroup = "{cgroup}"
 ready_timeout_secs = 60
 "#,
         prefix = dir.join("mnt").display(),
+        // The test's own 0700 directory, where write_task_file puts cache.img.
+        backing = dir.display(),
         state = dir.join("state").display(),
         socket = engine_socket(dir).display(),
         cgroup = test_cgroup_name(dir),
