@@ -147,7 +147,7 @@ async fn a_flood_of_100_000_invalid_task_messages_is_counted_in_full_logged_in_b
     let rec = cp.wait_for("the rejections in the health stream", |r| r.health.last().is_some_and(|h| h.tasks_rejected_total == INVALID as u64)).await;
     let last = rec.health.last().unwrap();
     assert!(last.last_task_rejection.contains("buildkit.task_id"), "the control plane hears why: {:?}", last.last_task_rejection);
-    let (_, ready) = readyz(&base).await;
+    let (_, ready) = readyz(&agent.detail_endpoints().await).await;
     assert_eq!(ready["state"], "pending", "the agent kept its state: {ready}");
     assert_eq!(ready["tasks_rejected_total"].as_u64(), Some(INVALID as u64), "{ready}");
 }

@@ -53,7 +53,7 @@ async fn a_second_agent_on_the_same_state_dir_exits_2_at_once_naming_the_holder_
     // lives in a directory of its own, so this agent's guard cleans up nothing of the first's.
     let elsewhere = tempfile::tempdir().unwrap();
     let config = elsewhere.path().join("config.toml");
-    let text = std::fs::read_to_string(&w.config).unwrap().replace("127.0.0.1:0", &format!("127.0.0.1:{}", free_port()));
+    let text = std::fs::read_to_string(&w.config).unwrap().replacen("127.0.0.1:0", &format!("127.0.0.1:{}", free_port()), 1);
     std::fs::write(&config, text).unwrap();
     let started = Instant::now();
     let mut second = agent(&config).standalone(&w.task).start();
@@ -263,7 +263,7 @@ async fn an_agent_whose_log_reader_exits_keeps_running_and_drains_cleanly_on_sig
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     // A GC run every second logs a line every second: the agent keeps writing to the closed pipe.
-    let text = std::fs::read_to_string(&w.config).unwrap().replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    let text = std::fs::read_to_string(&w.config).unwrap().replacen("127.0.0.1:0", &format!("127.0.0.1:{port}"), 1);
     std::fs::write(&w.config, format!("{text}\n[gc]\ninterval_secs = 1\n")).unwrap();
 
     // Close-on-exec: a read end leaked into the agent would keep its own pipe open.
