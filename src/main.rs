@@ -97,7 +97,7 @@ fn check(config_path: &std::path::Path, task_path: Option<&std::path::Path>) -> 
     let limits = match Config::load(config_path, &ProcessEnv) {
         Ok(config) => {
             say!("{}: ok", config_path.display());
-            Some(TaskLimits { allowed_mount_prefixes: config.allowed_mount_prefixes })
+            Some(config.task_limits())
         }
         Err(e) => {
             ok = false;
@@ -107,7 +107,7 @@ fn check(config_path: &std::path::Path, task_path: Option<&std::path::Path>) -> 
     };
     if let Some(task_path) = task_path {
         // With an invalid config there is no allow-list; check everything else.
-        let limits = limits.clone().unwrap_or(TaskLimits { allowed_mount_prefixes: vec!["/".into()] });
+        let limits = limits.clone().unwrap_or(TaskLimits { allowed_mount_prefixes: vec!["/".into()], allowed_engine_env: Default::default() });
         match load_task_file(task_path, &limits) {
             Ok(_) => say!("{}: ok", task_path.display()),
             Err(e) => {
@@ -136,9 +136,12 @@ fn print_config_error(path: &std::path::Path, e: &ConfigError) {
 }
 
 fn print_task_error(path: &std::path::Path, e: &TaskError) {
-    complain!("{}: {} problem(s):", path.display(), e.0.len());
+    complain!("{}: {} problem(s):", path.display(), e.count());
     for p in &e.0 {
         complain!("  {}: {}", p.field, p.problem);
+    }
+    if e.1 > 0 {
+        complain!("  and {} more not listed", e.1);
     }
 }
 
@@ -157,7 +160,7 @@ fn run(config_path: &std::path::Path, standalone: Option<&std::path::Path>) -> E
         }
         None => Mode::ControlPlane,
         Some(path) => {
-            let limits = TaskLimits { allowed_mount_prefixes: config.allowed_mount_prefixes.clone() };
+            let limits = config.task_limits();
             match load_task_file(path, &limits) {
                 Ok(task) => Mode::Standalone(Box::new(task)),
                 Err(e) => {

@@ -15,7 +15,6 @@ use crate::observe::liveness::Liveness;
 use crate::observe::oom_watch::OomWatch;
 use crate::observe::sample_loop::SampleLoop;
 use crate::observe::status::Status;
-use crate::task::TaskLimits;
 use crate::volume::stats::read_fs_stats;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -34,7 +33,7 @@ impl Agent {
         let registration = Registration {
             control: control.clone(),
             identity: IdentityProvider::new(self.config.identity.clone()),
-            limits: TaskLimits { allowed_mount_prefixes: self.config.allowed_mount_prefixes.clone() },
+            limits: self.config.task_limits(),
             session: session_tx,
             events: events_tx.clone(),
         };

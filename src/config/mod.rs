@@ -27,8 +27,10 @@ use crate::control::ControlPlaneSettings;
 use crate::engine::EngineSettings;
 use crate::fsutil::{excerpt, read_regular_text};
 use crate::gc::GcSettings;
+use crate::task::TaskLimits;
 use crate::volume::manager::VolumeSettings;
 use schema::RawConfig;
+use std::collections::BTreeSet;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -60,7 +62,16 @@ pub struct Config {
     pub usage_interval: Duration,
     pub state_dir: PathBuf,
     pub engine: EngineSettings,
+    /// Engine variables a task may set besides the proxy settings (`engine.allowed_task_env`).
+    pub allowed_task_env: BTreeSet<String>,
     pub gc: GcSettings,
+}
+
+impl Config {
+    /// What task validation needs from this config.
+    pub fn task_limits(&self) -> TaskLimits {
+        TaskLimits { allowed_mount_prefixes: self.allowed_mount_prefixes.clone(), allowed_engine_env: self.allowed_task_env.clone() }
+    }
 }
 
 /// One invalid field: its dotted name and what was expected.
