@@ -217,6 +217,37 @@ mod tests {
     }
 
     #[test]
+    fn allowed_task_env_refuses_the_agents_own_variables_and_bad_names() {
+        let text = format!(
+            "{MINIMAL}\n[engine]\nallowed_task_env = [\"ENGINE_MARKER\", \"PATH\", \"NOTIFY_SOCKET\", \"LD_PRELOAD\", \"bad name\", \"ENGINE_MARKER\"]\n"
+        );
+        let err = Config::parse(&text, &env(&[])).unwrap_err();
+        let fields: Vec<_> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "engine.allowed_task_env[1]",
+                "engine.allowed_task_env[2]",
+                "engine.allowed_task_env[3]",
+                "engine.allowed_task_env[4]",
+                "engine.allowed_task_env[5]"
+            ]
+        );
+        let ok = Config::parse(&format!("{MINIMAL}\n[engine]\nallowed_task_env = [\"ENGINE_MARKER\", \"http2_debug\"]\n"), &env(&[])).unwrap();
+        assert_eq!(ok.task_limits().allowed_engine_env, ["ENGINE_MARKER".to_string(), "http2_debug".to_string()].into());
+    }
+
+    #[test]
+    fn a_sum_of_absurd_drain_parts_is_reported_not_overflowed() {
+        // i64::MAX is the largest a TOML value, or an override read as one, can be.
+        let max = i64::MAX.to_string();
+        let text = format!("{MINIMAL}\n[engine]\nstop_grace_secs = {max}\n");
+        let err = Config::parse(&text, &env(&[("MACHINE_AGENT__VOLUME__UNMOUNT_TIMEOUT_SECS", &max)])).unwrap_err();
+        let fields: Vec<_> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["volume.unmount_timeout_secs", "engine.stop_grace_secs", "agent.drain_timeout_secs"]);
+    }
+
+    #[test]
     fn every_problem_is_reported_at_once() {
         let text = r#"
             [control_plane]
