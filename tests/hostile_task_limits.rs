@@ -11,9 +11,10 @@ use machine_agent::proto::v1 as pb;
 use std::collections::BTreeSet;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use support::control_plane::{buildkit_task, control_plane, pending, ControlPlaneDouble};
 use support::{agent, base_config, http_get, proc_status_kib, process_alive, trace_init, write_private, AgentProcess};
+use tokio::time::Instant;
 
 const BOOTSTRAP_TOKEN: &str = "bootstrap-token-hostile-limits";
 /// Set on the agent only: the engine must never see it.
