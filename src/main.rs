@@ -107,8 +107,12 @@ fn check(config_path: &std::path::Path, task_path: Option<&std::path::Path>) -> 
     };
     if let Some(task_path) = task_path {
         // With an invalid config there is no allow-list; check everything else.
-        let limits =
-            limits.clone().unwrap_or(TaskLimits { allowed_mount_prefixes: vec!["/".into()], allowed_backing_dirs: vec!["/".into()], reserved_paths: vec![] });
+        let limits = limits.clone().unwrap_or(TaskLimits {
+            allowed_mount_prefixes: vec!["/".into()],
+            allowed_backing_dirs: vec!["/".into()],
+            reserved_paths: vec![],
+            allowed_engine_env: Default::default(),
+        });
         match load_task_file(task_path, &limits) {
             Ok(_) => say!("{}: ok", task_path.display()),
             Err(e) => {
@@ -137,9 +141,12 @@ fn print_config_error(path: &std::path::Path, e: &ConfigError) {
 }
 
 fn print_task_error(path: &std::path::Path, e: &TaskError) {
-    complain!("{}: {} problem(s):", path.display(), e.0.len());
+    complain!("{}: {} problem(s):", path.display(), e.count());
     for p in &e.0 {
         complain!("  {}: {}", p.field, p.problem);
+    }
+    if e.1 > 0 {
+        complain!("  and {} more not listed", e.1);
     }
 }
 

@@ -102,7 +102,13 @@ fn send_abstract(sock: &UnixDatagram, name: &[u8], message: &[u8]) -> std::io::R
     sock.send_to_addr(message, &addr)
 }
 
-/// Half of WATCHDOG_USEC, unless WATCHDOG_PID names another process.
+/// The fastest the agent pings the watchdog. WATCHDOG_USEC of a few
+/// microseconds is a unit-file mistake: half of it would be a zero-length
+/// ticker (which panics) or a busy loop; pinging every 10 ms is the most that
+/// is still cheap, and systemd then reports the too-short timeout, not us.
+pub const MIN_WATCHDOG_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Half of WATCHDOG_USEC (at least [`MIN_WATCHDOG_INTERVAL`]), unless WATCHDOG_PID names another process.
 fn watchdog_interval(env: &NotifyEnv, own_pid: u32) -> Option<Duration> {
     if let Some(pid) = &env.watchdog_pid {
         if pid.parse::<u32>().ok() != Some(own_pid) {
@@ -110,7 +116,7 @@ fn watchdog_interval(env: &NotifyEnv, own_pid: u32) -> Option<Duration> {
         }
     }
     let usec: u64 = env.watchdog_usec.as_deref()?.parse().ok().filter(|&u| u > 0)?;
-    Some(Duration::from_micros(usec / 2))
+    Some(Duration::from_micros(usec / 2).max(MIN_WATCHDOG_INTERVAL))
 }
 
 #[cfg(test)]
@@ -129,6 +135,14 @@ mod tests {
         assert_eq!(watchdog_interval(&env(Some("zero"), None), 42), None);
         assert_eq!(watchdog_interval(&env(Some("0"), None), 42), None);
         assert_eq!(watchdog_interval(&env(None, None), 42), None);
+    }
+
+    #[test]
+    fn a_watchdog_timeout_of_microseconds_is_pinged_at_the_floor_never_at_zero() {
+        for usec in ["1", "2", "3", "19999"] {
+            assert_eq!(watchdog_interval(&env(Some(usec), None), 42), Some(MIN_WATCHDOG_INTERVAL), "{usec}");
+        }
+        assert_eq!(watchdog_interval(&env(Some(&u64::MAX.to_string()), None), 42), Some(Duration::from_micros(u64::MAX / 2)));
     }
 
     #[test]

@@ -380,6 +380,7 @@ mod shapes {
             allowed_mount_prefixes: vec![ALLOWED.into()],
             allowed_backing_dirs: vec![ALLOWED.into()],
             reserved_paths: vec![STATE.into(), SOCKET_DIR.into()],
+            allowed_engine_env: Default::default(),
         }
     }
 

@@ -194,7 +194,8 @@ struct Pulse {
 impl Pulse {
     fn new(liveness: Liveness, notifier: Arc<Notifier>) -> Self {
         let heartbeat = liveness.register("main", MAX_SILENCE);
-        let tick = notifier.watchdog_interval().map_or(MAIN_TICK, |w| w.min(MAIN_TICK));
+        // Never zero: tokio's interval panics on a zero period.
+        let tick = notifier.watchdog_interval().map_or(MAIN_TICK, |w| w.min(MAIN_TICK)).max(crate::systemd::MIN_WATCHDOG_INTERVAL);
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Self { ticker, heartbeat, liveness, notifier }

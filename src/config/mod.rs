@@ -31,6 +31,7 @@ use crate::observe::http::EndpointSettings;
 use crate::task::TaskLimits;
 use crate::volume::manager::VolumeSettings;
 use schema::RawConfig;
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -61,6 +62,8 @@ pub struct Config {
     pub usage_interval: Duration,
     pub state_dir: PathBuf,
     pub engine: EngineSettings,
+    /// Engine variables a task may set besides the proxy settings (`engine.allowed_task_env`).
+    pub allowed_task_env: BTreeSet<String>,
     pub gc: GcSettings,
 }
 
@@ -121,9 +124,9 @@ impl ConfigError {
 
 impl Config {
     /// What a task is checked against: the allowed mount prefixes and backing
-    /// dirs, and the agent's own directories no mount may cover or sit in
-    /// (the state dir holds its keys and lock; the socket dir its engine's
-    /// sockets).
+    /// dirs, the agent's own directories no mount may cover or sit in (the
+    /// state dir holds its keys and lock; the socket dir its engine's
+    /// sockets), and the engine variables a task may set.
     pub fn task_limits(&self) -> TaskLimits {
         let mut reserved_paths = vec![self.state_dir.clone()];
         reserved_paths.extend(self.engine.socket.parent().map(Path::to_path_buf));
@@ -131,6 +134,7 @@ impl Config {
             allowed_mount_prefixes: self.allowed_mount_prefixes.clone(),
             allowed_backing_dirs: self.volume.allowed_backing_dirs.clone(),
             reserved_paths,
+            allowed_engine_env: self.allowed_task_env.clone(),
         }
     }
 
@@ -220,6 +224,37 @@ mod tests {
         .unwrap();
         assert_eq!(c.drain_timeout, Duration::from_secs(90));
         assert_eq!(c.endpoints.listen, "127.0.0.1:1234".parse().unwrap());
+    }
+
+    #[test]
+    fn allowed_task_env_refuses_the_agents_own_variables_and_bad_names() {
+        let text = format!(
+            "{MINIMAL}\n[engine]\nallowed_task_env = [\"ENGINE_MARKER\", \"PATH\", \"NOTIFY_SOCKET\", \"LD_PRELOAD\", \"bad name\", \"ENGINE_MARKER\"]\n"
+        );
+        let err = Config::parse(&text, &env(&[])).unwrap_err();
+        let fields: Vec<_> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "engine.allowed_task_env[1]",
+                "engine.allowed_task_env[2]",
+                "engine.allowed_task_env[3]",
+                "engine.allowed_task_env[4]",
+                "engine.allowed_task_env[5]"
+            ]
+        );
+        let ok = Config::parse(&format!("{MINIMAL}\n[engine]\nallowed_task_env = [\"ENGINE_MARKER\", \"http2_debug\"]\n"), &env(&[])).unwrap();
+        assert_eq!(ok.task_limits().allowed_engine_env, ["ENGINE_MARKER".to_string(), "http2_debug".to_string()].into());
+    }
+
+    #[test]
+    fn a_sum_of_absurd_drain_parts_is_reported_not_overflowed() {
+        // i64::MAX is the largest a TOML value, or an override read as one, can be.
+        let max = i64::MAX.to_string();
+        let text = format!("{MINIMAL}\n[engine]\nstop_grace_secs = {max}\n");
+        let err = Config::parse(&text, &env(&[("MACHINE_AGENT__VOLUME__UNMOUNT_TIMEOUT_SECS", &max)])).unwrap_err();
+        let fields: Vec<_> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["volume.unmount_timeout_secs", "engine.stop_grace_secs", "agent.drain_timeout_secs"]);
     }
 
     #[test]

@@ -235,6 +235,9 @@ pub(super) struct RawEngine {
     pub(super) crash_loop_restarts: u32,
     #[serde(default = "default_engine_crash_loop_window_secs")]
     pub(super) crash_loop_window_secs: u64,
+    /// Engine variables a task may set besides the proxy settings; empty by default.
+    #[serde(default)]
+    pub(super) allowed_task_env: Vec<String>,
 }
 
 // serde's `default = "..."` takes a function, so each default gets one.
@@ -368,6 +371,7 @@ impl Default for RawEngine {
             restart_stable_secs: default_engine_restart_stable_secs(),
             crash_loop_restarts: default_engine_crash_loop_restarts(),
             crash_loop_window_secs: default_engine_crash_loop_window_secs(),
+            allowed_task_env: vec![],
         }
     }
 }

@@ -14,12 +14,14 @@ use super::{Config, ConfigProblem};
 use crate::backoff::Backoff;
 use crate::control::identity::{Identity, MAX_TOKEN_FILE_BYTES};
 use crate::control::{ControlPlaneSettings, MAX_CA_BUNDLE_BYTES};
+use crate::engine::supervise::is_agent_owned_engine_variable;
 use crate::engine::supervise::{ProbeSettings, RestartPolicy};
 use crate::engine::EngineSettings;
-use crate::fsutil::{check_clean_absolute, read_regular_file, read_regular_text};
+use crate::fsutil::{check_clean_absolute, excerpt, read_regular_file, read_regular_text};
 use crate::gc::GcSettings;
 use crate::observe::connections::ConnectionLimits;
 use crate::observe::http::EndpointSettings;
+use crate::task::{MAX_ENGINE_ENV, MAX_ENV_NAME_BYTES};
 use crate::volume::manager::{default_system_paths, VolumeSettings};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -42,6 +44,7 @@ pub(super) fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Con
     agent_intervals(&raw.agent, bad);
     state_dir(&raw.agent.state_dir, bad);
     let engine = engine_settings(&raw.engine, bad);
+    allowed_task_env(&raw.engine.allowed_task_env, bad);
     drain_covers_stop_and_unmount(&raw.agent, &raw.engine, &raw.volume, bad);
     let gc = gc_settings(&raw.gc, bad);
     watermarks_ordered(&raw.gc, bad);
@@ -59,6 +62,7 @@ pub(super) fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Con
         usage_interval: Duration::from_secs(a.usage_interval_secs),
         state_dir: a.state_dir,
         engine,
+        allowed_task_env: raw.engine.allowed_task_env.iter().cloned().collect(),
         gc,
     }
 }
@@ -311,14 +315,36 @@ fn engine_settings(e: &RawEngine, bad: &mut impl FnMut(&str, String)) -> EngineS
 /// `agent.drain_timeout_secs` leaves room to stop the engine and then unmount.
 /// A zero drain timeout is already refused by [`agent_intervals`].
 fn drain_covers_stop_and_unmount(a: &RawAgent, e: &RawEngine, v: &RawVolume, bad: &mut impl FnMut(&str, String)) {
-    if e.stop_grace_secs + v.unmount_timeout_secs >= a.drain_timeout_secs && a.drain_timeout_secs > 0 {
+    // Saturating: absurd values are reported by their own range checks, never an overflow here.
+    let stop_and_unmount = e.stop_grace_secs.saturating_add(v.unmount_timeout_secs);
+    if stop_and_unmount >= a.drain_timeout_secs && a.drain_timeout_secs > 0 {
         bad(
             "agent.drain_timeout_secs",
-            format!(
-                "must exceed engine.stop_grace_secs + volume.unmount_timeout_secs ({}s) so the drain can stop the engine and unmount",
-                e.stop_grace_secs + v.unmount_timeout_secs
-            ),
+            format!("must exceed engine.stop_grace_secs + volume.unmount_timeout_secs ({stop_and_unmount}s) so the drain can stop the engine and unmount"),
         );
+    }
+}
+
+/// `engine.allowed_task_env`: names a task may set for the engine. The
+/// operator may widen what a task sets, never reach what the agent sets
+/// itself (the engine's base environment, systemd's variables, the loader's).
+fn allowed_task_env(names: &[String], bad: &mut impl FnMut(&str, String)) {
+    if names.len() > MAX_ENGINE_ENV {
+        bad("engine.allowed_task_env", format!("expected at most {MAX_ENGINE_ENV} names, got {}", names.len()));
+        return;
+    }
+    for (i, name) in names.iter().enumerate() {
+        let field = format!("engine.allowed_task_env[{i}]");
+        let well_formed = name.len() <= MAX_ENV_NAME_BYTES
+            && name.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !well_formed {
+            bad(&field, format!("expected a variable name of [A-Za-z_][A-Za-z0-9_]*, at most {MAX_ENV_NAME_BYTES} bytes, got {:?}", excerpt(name, 64)));
+        } else if is_agent_owned_engine_variable(name) {
+            bad(&field, format!("{name} is set or removed by the agent itself (the engine's base environment, systemd's variables, the dynamic loader's); a task cannot be allowed to set it"));
+        } else if names[..i].contains(name) {
+            bad(&field, format!("{name} is named twice"));
+        }
     }
 }
 

@@ -220,8 +220,11 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// A client that decodes no message larger than a valid task can be: a
+    /// bigger one fails its call (the task stream then starts over) before
+    /// anything of it is allocated field by field.
     pub fn client(&self) -> MachineServiceClient<Channel> {
-        MachineServiceClient::new(self.channel.clone())
+        MachineServiceClient::new(self.channel.clone()).max_decoding_message_size(crate::task::MAX_TASK_MESSAGE_BYTES)
     }
 }
 

@@ -57,6 +57,15 @@ fn usage_report(status: &Status, machine_id: &str, gc_runs_sent: u64) -> Option<
     })
 }
 
+/// Used and reclaimable bytes of the engine's records. Saturating: the sizes are
+/// the engine's word, and a record claiming u64::MAX must not wrap the total
+/// (or panic, in a debug build).
+fn cache_totals(records: &[crate::engine::client::CacheRecord]) -> (u64, u64) {
+    let used = records.iter().fold(0u64, |sum, r| sum.saturating_add(r.size_bytes));
+    let reclaimable = records.iter().filter(|r| !r.in_use && !r.shared).fold(0u64, |sum, r| sum.saturating_add(r.size_bytes));
+    (used, reclaimable)
+}
+
 /// The engine's cache records, summed; left at zero while the engine cannot be read.
 async fn add_cache_records(report: &mut pb::UsageReport, socket: &std::path::Path) {
     let records = match crate::engine::client::EngineClient::connect(socket).await {
@@ -66,9 +75,36 @@ async fn add_cache_records(report: &mut pb::UsageReport, socket: &std::path::Pat
     match records {
         Ok(records) => {
             report.cache_records = u64::try_from(records.len()).unwrap_or(u64::MAX);
-            report.cache_used_bytes = records.iter().map(|r| r.size_bytes).sum();
-            report.cache_reclaimable_bytes = records.iter().filter(|r| !r.in_use && !r.shared).map(|r| r.size_bytes).sum();
+            (report.cache_used_bytes, report.cache_reclaimable_bytes) = cache_totals(&records);
         }
         Err(error) => tracing::debug!(%error, "usage report without cache records: the engine cannot be read"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::client::CacheRecord;
+
+    fn record(size_bytes: u64, in_use: bool) -> CacheRecord {
+        CacheRecord {
+            id: "r".into(),
+            size_bytes,
+            parents: vec![],
+            created_at: None,
+            last_used_at: None,
+            usage_count: 0,
+            in_use,
+            shared: false,
+            mutable: false,
+            record_type: "regular".into(),
+            description: String::new(),
+        }
+    }
+
+    #[test]
+    fn cache_totals_saturate_on_engine_reported_sizes_instead_of_overflowing() {
+        assert_eq!(cache_totals(&[record(1, false), record(2, true)]), (3, 1));
+        assert_eq!(cache_totals(&[record(u64::MAX, false), record(u64::MAX, false), record(5, true)]), (u64::MAX, u64::MAX));
     }
 }

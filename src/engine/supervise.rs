@@ -382,18 +382,44 @@ async fn wait_or_stop(delay: Duration, stop_rx: &mut mpsc::Receiver<StopRequest>
     }
 }
 
+/// The engine's environment before any task variable: what buildkitd needs
+/// to run as the root daemon it is, fixed here rather than inherited from the
+/// agent (whose environment holds its own config overrides and systemd's variables).
+pub const ENGINE_BASE_ENV: &[(&str, &str)] = &[
+    // buildkitd finds runc, the CNI plugins, iptables and the mount helpers on PATH;
+    // a fixed one, so neither the agent's environment nor a task picks which binary runs.
+    ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+    // Go's os.UserHomeDir (registry auth lookups, BuildKit's default paths) fails without it;
+    // the engine runs as root.
+    ("HOME", "/root"),
+];
+
+/// Variables systemd gives the agent alone. Removed last, whatever came before:
+/// buildkitd would otherwise send its own READY=1 and STOPPING=1 as if it were
+/// the agent, or take the agent's activated sockets.
+pub const AGENT_ONLY_ENV: &[&str] = &["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
+
+/// True for a variable the agent sets or removes for the engine itself; no task may set it,
+/// and no config may allow a task to. `LD_*` change which code the engine loads.
+pub fn is_agent_owned_engine_variable(name: &str) -> bool {
+    ENGINE_BASE_ENV.iter().any(|(base, _)| *base == name) || AGENT_ONLY_ENV.contains(&name) || name.starts_with("LD_")
+}
+
+/// The engine's whole environment: the fixed base, then the task's variables
+/// (already checked against the allow-list by task validation), with the
+/// agent's own variables dropped last as a second line of defence.
+pub fn engine_environment(task_env: &BTreeMap<String, String>) -> Vec<(String, String)> {
+    let base = ENGINE_BASE_ENV.iter().map(|(name, value)| ((*name).to_string(), (*value).to_string()));
+    let task = task_env.iter().map(|(name, value)| (name.clone(), value.clone()));
+    base.chain(task.filter(|(name, _)| !is_agent_owned_engine_variable(name))).collect()
+}
+
 fn spawn(spec: &EngineSpec) -> io::Result<Child> {
     let mut cmd = Command::new(&spec.binary);
     cmd.args(&spec.args)
-        // systemd's notify socket and socket activation are the agent's, not the engine's:
-        // buildkitd would otherwise send its own READY=1 and STOPPING=1 as if it were us.
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDNAMES")
-        .envs(&spec.env)
+        // Nothing of the agent's environment reaches the engine.
+        .env_clear()
+        .envs(engine_environment(&spec.env))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -557,6 +583,23 @@ async fn wait_gone(alive: impl Fn() -> bool, limit: Duration) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_engine_environment_is_the_base_then_the_task_without_the_agents_own_variables() {
+        let task: BTreeMap<String, String> =
+            [("HTTPS_PROXY", "http://proxy:3128"), ("PATH", "/tmp/evil"), ("NOTIFY_SOCKET", "/run/x"), ("LD_PRELOAD", "/x.so")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        let env = engine_environment(&task);
+        let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["PATH", "HOME", "HTTPS_PROXY"]);
+        assert_eq!(env[0].1, ENGINE_BASE_ENV[0].1, "a task never replaces the base PATH");
+        for name in ["PATH", "HOME", "NOTIFY_SOCKET", "LISTEN_FDS", "WATCHDOG_USEC", "LD_LIBRARY_PATH"] {
+            assert!(is_agent_owned_engine_variable(name), "{name}");
+        }
+        assert!(!is_agent_owned_engine_variable("HTTP_PROXY"));
+    }
 
     fn policy() -> RestartPolicy {
         RestartPolicy {

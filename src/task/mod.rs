@@ -33,6 +33,20 @@ pub const MAX_MOUNTS: usize = 8;
 /// Enough for proxy settings and a few knobs; a flood of variables is a bad task.
 pub const MAX_ENGINE_ENV: usize = 64;
 const MAX_ENV_VALUE_BYTES: usize = 4096;
+/// Longer than any variable name a program reads.
+pub const MAX_ENV_NAME_BYTES: usize = 128;
+/// The allowed options are ten; a few more leave room for an honest duplicate to be named.
+pub const MAX_MOUNT_OPTIONS: usize = 16;
+/// PATH_MAX: no path the kernel takes is longer.
+const MAX_PATH_BYTES: usize = 4096;
+/// A rejection lists this many problems and counts the rest: it is logged and
+/// sent in every health report, so it must stay small whatever the task holds.
+pub const MAX_LISTED_PROBLEMS: usize = 20;
+/// The largest task message the agent decodes. A valid task is at most about
+/// 600 KiB (three PEMs of 64 KiB, 64 variables of 4 KiB, 8 mounts of 16
+/// options and 4 KiB paths); anything larger is refused by the decoder before
+/// a field is allocated.
+pub const MAX_TASK_MESSAGE_BYTES: usize = 1 << 20;
 const MAX_TASK_ID_LEN: usize = 128;
 /// Smaller than this cannot hold a useful cache (and mkfs.xfs refuses under 300 MiB).
 pub const MIN_VOLUME_BYTES: u64 = 512 * 1024 * 1024;
@@ -43,8 +57,12 @@ const MAX_PARALLELISM: u32 = 1024;
 /// Mount options a task may ask for; anything that changes security
 /// (exec/suid/dev) or ownership semantics is the agent's call, not the task's.
 const ALLOWED_MOUNT_OPTIONS: &[&str] = &["noatime", "nodiratime", "relatime", "lazytime", "discard", "nodiscard", "prjquota", "pquota", "nobarrier"];
-/// Variables a task must not set for the engine: they change which code runs.
-const FORBIDDEN_ENV: &[&str] = &["PATH", "HOME", "BUILDKIT_HOST", "TMPDIR"];
+/// The engine variables any task may set: where the engine's registry and
+/// source fetches go through a proxy. Go reads both cases, so both are allowed.
+/// Any other variable must be named in the agent's config (`engine.allowed_task_env`):
+/// a variable like GODEBUG, SSL_CERT_FILE or OTEL_EXPORTER_OTLP_ENDPOINT changes
+/// what the engine logs, trusts or sends off the machine.
+pub const PROXY_ENV: &[&str] = &["HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"];
 
 /// What the control plane asked for.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +152,14 @@ pub struct TaskLimits {
     /// path may equal, contain or sit inside one, or it would hide the
     /// agent's keys, lock and sockets under a volume.
     pub reserved_paths: Vec<PathBuf>,
+    /// Engine variables a task may set besides [`PROXY_ENV`] (`engine.allowed_task_env`).
+    pub allowed_engine_env: BTreeSet<String>,
+}
+
+impl TaskLimits {
+    fn allows_engine_variable(&self, name: &str) -> bool {
+        PROXY_ENV.contains(&name) || self.allowed_engine_env.contains(name)
+    }
 }
 
 /// One invalid task field: its path in the task and what was wrong.
@@ -143,9 +169,21 @@ pub struct FieldError {
     pub problem: String,
 }
 
-/// Why a task was refused: every bad field.
+/// Why a task was refused: the first [`MAX_LISTED_PROBLEMS`] bad fields, and
+/// how many more were found but not listed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct TaskError(pub Vec<FieldError>);
+pub struct TaskError(pub Vec<FieldError>, pub usize);
+
+impl TaskError {
+    fn one(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self(vec![FieldError { field: field.into(), problem: problem.into() }], 0)
+    }
+
+    /// Problems listed and not.
+    pub fn count(&self) -> usize {
+        self.0.len() + self.1
+    }
+}
 
 impl fmt::Display for TaskError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -154,17 +192,41 @@ impl fmt::Display for TaskError {
             let sep = if i == 0 { " " } else { "; " };
             write!(f, "{sep}{}: {}", e.field, e.problem)?;
         }
+        if self.1 > 0 {
+            write!(f, "; and {} more problem(s) not listed", self.1)?;
+        }
         Ok(())
     }
 }
 
-/// Collects field errors while a task is checked.
+/// Collects field errors while a task is checked: the first
+/// [`MAX_LISTED_PROBLEMS`], and a count of the rest.
 #[derive(Debug, Default)]
-struct Problems(Vec<FieldError>);
+struct Problems {
+    listed: Vec<FieldError>,
+    unlisted: usize,
+}
 
 impl Problems {
     fn add(&mut self, field: impl Into<String>, problem: impl Into<String>) {
-        self.0.push(FieldError { field: field.into(), problem: problem.into() });
+        if self.listed.len() < MAX_LISTED_PROBLEMS {
+            self.listed.push(FieldError { field: field.into(), problem: problem.into() });
+        } else {
+            self.unlisted += 1;
+        }
+    }
+
+    /// Every problem found so far, listed or not.
+    fn total(&self) -> usize {
+        self.listed.len() + self.unlisted
+    }
+
+    fn is_empty(&self) -> bool {
+        self.total() == 0
+    }
+
+    fn into_error(self) -> TaskError {
+        TaskError(self.listed, self.unlisted)
     }
 }
 
@@ -173,7 +235,7 @@ impl Problems {
 pub fn validate_task(task: Option<pb::register_response::Task>, limits: &TaskLimits) -> Result<Task, TaskError> {
     use pb::register_response::Task as T;
     match task {
-        None => Err(TaskError(vec![FieldError { field: "task".into(), problem: "missing: expected pending, buildkit or terminate".into() }])),
+        None => Err(TaskError::one("task", "missing: expected pending, buildkit or terminate")),
         Some(T::Pending(_)) => Ok(Task::Pending),
         Some(T::Terminate(t)) => Ok(Task::Terminate { reason: sanitize_reason(&t.reason) }),
         Some(T::Buildkit(b)) => validate_buildkit(b, limits).map(|t| Task::Buildkit(Box::new(t))),
@@ -205,13 +267,14 @@ pub fn validate_buildkit(task: pb::BuildkitTask, limits: &TaskLimits) -> Result<
             None
         }
         Some(tls) => {
+            let before = p.total();
             check_pem(&mut p, "buildkit.tls.cert_pem", &tls.cert_pem, PemKind::Certificate);
             check_pem(&mut p, "buildkit.tls.key_pem", &tls.key_pem, PemKind::PrivateKey);
             check_pem(&mut p, "buildkit.tls.ca_pem", &tls.ca_pem, PemKind::Certificate);
             let material = TlsMaterial { cert_pem: tls.cert_pem, key_pem: Secret::new(tls.key_pem), ca_pem: tls.ca_pem };
             // The deep check (parses, key matches, dates) only once the PEM shapes are right,
             // so each field gets one clear problem; a bad cert never reaches the engine.
-            if !p.0.iter().any(|e| e.field.starts_with("buildkit.tls")) {
+            if p.total() == before {
                 if let Err(error) = tls::check(&material, std::time::SystemTime::now()) {
                     p.add(error.field().to_string(), error.to_string());
                 }
@@ -248,24 +311,9 @@ pub fn validate_buildkit(task: pb::BuildkitTask, limits: &TaskLimits) -> Result<
         }
     };
 
-    if task.engine_env.len() > MAX_ENGINE_ENV {
-        p.add("buildkit.engine_env", format!("expected at most {MAX_ENGINE_ENV} variables, got {}", task.engine_env.len()));
-    }
-    for (name, value) in &task.engine_env {
-        let field = format!("buildkit.engine_env[{}]", truncate(name));
-        let well_formed = name.bytes().next().is_some_and(|b| b.is_ascii_uppercase() || b == b'_')
-            && name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
-        if !well_formed {
-            p.add(&field, "expected a name of [A-Z_][A-Z0-9_]*");
-        } else if FORBIDDEN_ENV.contains(&name.as_str()) || name.starts_with("LD_") {
-            p.add(&field, "this variable changes how the engine is started; the agent sets it");
-        }
-        if value.len() > MAX_ENV_VALUE_BYTES || value.contains('\0') {
-            p.add(&field, format!("expected a value of at most {MAX_ENV_VALUE_BYTES} bytes without NUL"));
-        }
-    }
+    check_engine_env(&mut p, &task.engine_env, limits);
 
-    match (p.0.is_empty(), tls, listen_address) {
+    match (p.is_empty(), tls, listen_address) {
         (true, Some(tls), Some(listen_address)) => Ok(BuildkitTask {
             id,
             tls,
@@ -277,7 +325,41 @@ pub fn validate_buildkit(task: pb::BuildkitTask, limits: &TaskLimits) -> Result<
             listen_address,
             engine_env: task.engine_env.into_iter().collect(),
         }),
-        _ => Err(TaskError(p.0)),
+        _ => Err(p.into_error()),
+    }
+}
+
+/// The task's engine variables: the count first (a flood is one problem, not
+/// one per entry), then each name against the allow-list and each value's size.
+fn check_engine_env(p: &mut Problems, env: &std::collections::HashMap<String, String>, limits: &TaskLimits) {
+    if env.len() > MAX_ENGINE_ENV {
+        p.add("buildkit.engine_env", format!("expected at most {MAX_ENGINE_ENV} variables, got {}; none was checked", env.len()));
+        return;
+    }
+    for (name, value) in env {
+        let field = format!("buildkit.engine_env[{}]", truncate(name));
+        if name.len() > MAX_ENV_NAME_BYTES || !limits.allows_engine_variable(name) {
+            p.add(&field, format!("not allowed: a task may set {} and the variables the agent's engine.allowed_task_env names", PROXY_ENV.join(", ")));
+        }
+        if value.len() > MAX_ENV_VALUE_BYTES || value.contains('\0') {
+            p.add(&field, format!("expected a value of at most {MAX_ENV_VALUE_BYTES} bytes without NUL"));
+        }
+    }
+}
+
+/// A path field's length first, so a megabyte path is never copied into an error.
+fn check_path(p: &mut Problems, field: &str, path: &str) -> bool {
+    if path.len() > MAX_PATH_BYTES {
+        p.add(field, format!("expected a path of at most {MAX_PATH_BYTES} bytes, got {}", path.len()));
+        return false;
+    }
+    match check_clean_absolute(Path::new(path)) {
+        Ok(()) => true,
+        Err(problem) => {
+            // The problem quotes the path: keep it to a line.
+            p.add(field, excerpt(&problem, 256));
+            false
+        }
     }
 }
 
@@ -334,11 +416,9 @@ fn check_pem(p: &mut Problems, field: &str, pem: &str, kind: PemKind) {
 }
 
 fn validate_mount(p: &mut Problems, field: &str, m: pb::VolumeMount, limits: &TaskLimits) -> Option<VolumeMount> {
-    let errors_before = p.0.len();
+    let errors_before = p.total();
     let mount_path = PathBuf::from(&m.mount_path);
-    if let Err(problem) = check_clean_absolute(&mount_path) {
-        p.add(format!("{field}.mount_path"), problem);
-    } else if !limits.allowed_mount_prefixes.iter().any(|prefix| mount_path.starts_with(prefix)) {
+    if check_path(p, &format!("{field}.mount_path"), &m.mount_path) && !limits.allowed_mount_prefixes.iter().any(|prefix| mount_path.starts_with(prefix)) {
         p.add(
             format!("{field}.mount_path"),
             format!(
@@ -361,9 +441,7 @@ fn validate_mount(p: &mut Problems, field: &str, m: pb::VolumeMount, limits: &Ta
         }
         Some(pb::volume_mount::Source::Device(d)) => {
             let path = PathBuf::from(&d.path);
-            if let Err(problem) = check_clean_absolute(&path) {
-                p.add(format!("{field}.device.path"), problem);
-            } else if !path.starts_with("/dev") || path == Path::new("/dev") {
+            if check_path(p, &format!("{field}.device.path"), &d.path) && (!path.starts_with("/dev") || path == Path::new("/dev")) {
                 p.add(format!("{field}.device.path"), format!("expected a path under /dev, got {:?}", truncate(&d.path)));
             }
             let ebs_volume_id = (!d.ebs_volume_id.is_empty()).then_some(d.ebs_volume_id);
@@ -377,8 +455,8 @@ fn validate_mount(p: &mut Problems, field: &str, m: pb::VolumeMount, limits: &Ta
         }
         Some(pb::volume_mount::Source::File(f)) => {
             let path = PathBuf::from(&f.path);
-            if let Err(problem) = check_clean_absolute(&path) {
-                p.add(format!("{field}.file.path"), problem);
+            if !check_path(p, &format!("{field}.file.path"), &f.path) {
+                // check_path named the problem
             } else if path.starts_with("/dev") || path.starts_with("/proc") || path.starts_with("/sys") {
                 p.add(format!("{field}.file.path"), "expected a regular file path, not under /dev, /proc or /sys");
             } else if !limits.allowed_backing_dirs.iter().any(|dir| path.starts_with(dir) && path != *dir) {
@@ -411,7 +489,14 @@ fn validate_mount(p: &mut Problems, field: &str, m: pb::VolumeMount, limits: &Ta
     };
 
     let mut seen = BTreeSet::new();
-    for (j, option) in m.options.iter().enumerate() {
+    // A flood of options is one problem; none of them is looked at.
+    let options_to_check = if m.options.len() > MAX_MOUNT_OPTIONS {
+        p.add(format!("{field}.options"), format!("expected at most {MAX_MOUNT_OPTIONS} options, got {}; none was checked", m.options.len()));
+        &[][..]
+    } else {
+        &m.options[..]
+    };
+    for (j, option) in options_to_check.iter().enumerate() {
         if !is_allowed_mount_option(option) {
             p.add(
                 format!("{field}.options[{j}]"),
@@ -422,7 +507,7 @@ fn validate_mount(p: &mut Problems, field: &str, m: pb::VolumeMount, limits: &Ta
         }
     }
 
-    match (p.0.len() == errors_before, source, fs_type) {
+    match (p.total() == errors_before, source, fs_type) {
         (true, Some(source), Some(fs_type)) => Some(VolumeMount { mount_path, source, fs_type, options: m.options, skip_trim: m.skip_trim }),
         _ => None,
     }
@@ -586,7 +671,7 @@ struct TaskFileGc {
 
 /// Reads a standalone task file into the wire's message (not yet validated).
 pub fn read_task_file(path: &Path) -> Result<pb::BuildkitTask, TaskError> {
-    let one = |field: &str, problem: String| TaskError(vec![FieldError { field: field.into(), problem }]);
+    let one = |field: &str, problem: String| TaskError::one(field, problem);
     let text = read_regular_text(path, MAX_TASK_FILE_BYTES).map_err(|e| one("<file>", e.to_string()))?;
     let file: TaskFile = serde_path_to_error::deserialize(toml::Deserializer::new(&text))
         .map_err(|e| one(&excerpt(&e.path().to_string(), MAX_QUOTED_CHARS), excerpt(e.inner().message(), MAX_QUOTED_CHARS)))?;
@@ -624,8 +709,8 @@ pub fn read_task_file(path: &Path) -> Result<pb::BuildkitTask, TaskError> {
         };
         mounts.push(pb::VolumeMount { mount_path: m.mount_path, source, fs_type: fs_type as i32, options: m.options, skip_trim: m.skip_trim });
     }
-    if !p.0.is_empty() {
-        return Err(TaskError(p.0));
+    if !p.is_empty() {
+        return Err(p.into_error());
     }
     let g = file.gc;
     Ok(pb::BuildkitTask {
@@ -741,6 +826,7 @@ pub(crate) mod tests {
             allowed_mount_prefixes: vec!["/var/lib/buildkit".into(), "/mnt".into()],
             allowed_backing_dirs: vec!["/var/lib/machine-agent/volumes".into(), "/var/lib/x".into()],
             reserved_paths: vec!["/var/lib/machine-agent".into(), "/run/machine-agent".into()],
+            allowed_engine_env: ["ENGINE_MARKER".to_string()].into(),
         }
     }
 
@@ -910,6 +996,123 @@ pub(crate) mod tests {
     fn missing_task_is_a_named_error() {
         assert_eq!(fields(validate_task(None, &limits()).unwrap_err()), vec!["task"]);
         assert_eq!(validate_task(Some(pb::register_response::Task::Pending(pb::PendingTask {})), &limits()).unwrap(), Task::Pending);
+    }
+
+    #[test]
+    fn engine_variables_outside_the_allow_list_are_refused_by_name() {
+        let forbidden = ["GODEBUG", "SSL_CERT_FILE", "OTEL_EXPORTER_OTLP_ENDPOINT", "NOTIFY_SOCKET", "LISTEN_FDS", "PATH", "HOME", "LD_PRELOAD", "lower_case"];
+        let mut t = good_task();
+        for name in forbidden {
+            t.engine_env.insert(name.into(), "x".into());
+        }
+        let f = fields(validate_buildkit(t, &limits()).unwrap_err());
+        let expected: Vec<String> = forbidden.iter().map(|n| format!("buildkit.engine_env[{n}]")).collect();
+        let mut f_sorted = f.clone();
+        f_sorted.sort();
+        let mut expected_sorted = expected.clone();
+        expected_sorted.sort();
+        assert_eq!(f_sorted, expected_sorted);
+
+        let mut t = good_task();
+        for name in PROXY_ENV.iter().chain(&["ENGINE_MARKER"]) {
+            t.engine_env.insert((*name).into(), "http://proxy.internal:3128".into());
+        }
+        let ok = validate_buildkit(t, &limits()).unwrap();
+        assert_eq!(ok.engine_env.len(), PROXY_ENV.len() + 1);
+    }
+
+    #[test]
+    fn floods_are_one_problem_each_and_no_entry_is_looked_at() {
+        let mut t = good_task();
+        t.mounts[0].options = vec![String::new(); 2_000_000];
+        t.engine_env = (0..100_000).map(|i| (format!("V{i}"), String::new())).collect();
+        let err = validate_buildkit(t, &limits()).unwrap_err();
+        assert_eq!(fields(err), ["buildkit.mounts[0].options", "buildkit.engine_env"]);
+    }
+
+    #[test]
+    fn a_rejection_lists_twenty_problems_and_counts_the_rest() {
+        let mut t = good_task();
+        t.engine_env = (0..MAX_ENGINE_ENV).map(|i| (format!("NOT_ALLOWED_{i}"), "\0".repeat(2))).collect();
+        let err = validate_buildkit(t, &limits()).unwrap_err();
+        assert_eq!(err.0.len(), MAX_LISTED_PROBLEMS);
+        assert_eq!(err.count(), 2 * MAX_ENGINE_ENV);
+        assert!(err.to_string().ends_with(&format!("; and {} more problem(s) not listed", 2 * MAX_ENGINE_ENV - MAX_LISTED_PROBLEMS)), "{err}");
+    }
+
+    #[test]
+    fn a_path_longer_than_path_max_is_refused_by_its_length_and_not_quoted() {
+        let mut t = good_task();
+        t.mounts[0].mount_path = format!("/var/lib/buildkit/{}", "a".repeat(1 << 20));
+        let err = validate_buildkit(t, &limits()).unwrap_err();
+        assert_eq!(fields(err.clone()), ["buildkit.mounts[0].mount_path"]);
+        assert!(err.to_string().len() < 512, "{}", err.to_string().len());
+    }
+
+    /// Text from arbitrary bytes: NULs, control characters, and non-UTF-8
+    /// sequences (replaced, as a decoder that accepted them would have to).
+    fn hostile_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..24).prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+            Just(String::new()),
+            Just("\0".to_string()),
+            Just("HTTP_PROXY".to_string()),
+            Just("noatime".to_string()),
+            (1usize..8_192).prop_map(|n| "x".repeat(n)),
+        ]
+    }
+
+    prop_compose! {
+        fn hostile_task()(
+            mount_count in prop_oneof![0usize..3, 7usize..12, Just(2_000usize)],
+            option_count in prop_oneof![0usize..20, Just(MAX_MOUNT_OPTIONS), Just(MAX_MOUNT_OPTIONS + 1), Just(300_000usize)],
+            option in hostile_text(),
+            env_count in prop_oneof![0usize..70, Just(MAX_ENGINE_ENV + 1), Just(50_000usize)],
+            key in hostile_text(), value in hostile_text(), path in hostile_text(),
+        ) -> pb::BuildkitTask {
+            // Floods repeat a short text (a 1 MiB message holds no more); one long
+            // text rides in the first option, variable and the mount path.
+            let short = |s: &str| s.chars().take(16).collect::<String>();
+            let mut t = good_task();
+            let mut mount = t.mounts[0].clone();
+            let others = vec![mount.clone(); mount_count.saturating_sub(1)];
+            mount.mount_path = format!("/var/lib/buildkit/{path}");
+            mount.options = vec![short(&option); option_count.saturating_sub(1)];
+            t.mounts = vec![mount; mount_count.min(1)];
+            t.mounts.extend(others);
+            if let Some(first) = t.mounts.first_mut() {
+                first.options.push(option);
+            }
+            t.engine_env = (1..env_count).map(|i| (format!("{}{i}", short(&key)), short(&value))).collect();
+            if env_count > 0 {
+                t.engine_env.insert(key, value);
+            }
+            t
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+
+        #[test]
+        fn hostile_task_shapes_never_panic_and_their_rejection_stays_small(task in hostile_task()) {
+            if let Err(err) = validate_buildkit(task, &limits()) {
+                prop_assert!(!err.0.is_empty() && err.0.len() <= MAX_LISTED_PROBLEMS, "{} problems listed", err.0.len());
+                // Twenty problems of a quoted field and a line each.
+                prop_assert!(err.to_string().len() <= 16 * 1024, "{} bytes", err.to_string().len());
+            }
+        }
+    }
+
+    #[test]
+    fn non_utf8_bytes_in_an_engine_variable_are_refused_by_the_decoder() {
+        use prost::Message;
+        let mut task = good_task();
+        task.engine_env.insert("HTTP_PROXY".into(), "AAAA".into());
+        let mut bytes = pb::RegisterResponse { task: Some(pb::register_response::Task::Buildkit(task)), ..Default::default() }.encode_to_vec();
+        let at = bytes.windows(4).position(|w| w == b"AAAA").unwrap();
+        bytes[at] = 0xff;
+        assert!(pb::RegisterResponse::decode(bytes.as_slice()).is_err());
     }
 
     fn arb_string() -> impl Strategy<Value = String> {

@@ -139,6 +139,8 @@ stop_grace_secs = 5
 socket = "{socket}"
 cgroup = "{cgroup}"
 ready_timeout_secs = 60
+# The task's ENGINE_MARKER shows that allowed task variables reach the engine.
+allowed_task_env = ["ENGINE_MARKER"]
 "#,
         prefix = dir.join("mnt").display(),
         // The test's own 0700 directory, where write_task_file puts cache.img.
