@@ -62,12 +62,33 @@ pub fn async_fd(fd: std::os::fd::OwnedFd) -> std::io::Result<tokio::io::unix::As
     unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(std::io::Error::from)
 }
 
-/// openat2(2) relative to `dir`, returning an owned descriptor. nix 0.29
-/// hands back a raw fd; owning it at once means no path can leak or double-close it.
-pub fn openat2(dir: BorrowedFd<'_>, path: &std::path::Path, how: nix::fcntl::OpenHow) -> nix::Result<std::os::fd::OwnedFd> {
-    let raw = nix::fcntl::openat2(dir.as_raw_fd(), path, how)?;
-    // SAFETY: openat2 just returned `raw` as a new descriptor that nothing else
-    // in the process knows of, so this OwnedFd is its only owner.
+/// Opens `name` (one path component) in `dir` with `flags` and `mode`,
+/// resolved with `resolve` by openat2(2). Where the kernel has no openat2
+/// (before Linux 5.6, or under qemu-user), it falls back to openat(2) with
+/// `O_NOFOLLOW` added: for a single component, "beneath its directory and not
+/// through a link" is the same promise. A name of several components is then
+/// refused (EXDEV) rather than walked unchecked.
+pub fn open_beneath(
+    dir: BorrowedFd<'_>,
+    name: &std::path::Path,
+    flags: nix::fcntl::OFlag,
+    mode: nix::sys::stat::Mode,
+    resolve: nix::fcntl::ResolveFlag,
+) -> nix::Result<std::os::fd::OwnedFd> {
+    let how = nix::fcntl::OpenHow::new().flags(flags).mode(mode).resolve(resolve);
+    let raw = match nix::fcntl::openat2(dir.as_raw_fd(), name, how) {
+        Err(nix::errno::Errno::ENOSYS) => {
+            let one_component =
+                name.components().count() == 1 && !matches!(name.components().next(), Some(std::path::Component::ParentDir | std::path::Component::RootDir));
+            if !one_component {
+                return Err(nix::errno::Errno::EXDEV);
+            }
+            nix::fcntl::openat(Some(dir.as_raw_fd()), name, flags | nix::fcntl::OFlag::O_NOFOLLOW, mode)?
+        }
+        other => other?,
+    };
+    // SAFETY: openat2/openat just returned `raw` as a new descriptor that
+    // nothing else in the process knows of, so this OwnedFd is its only owner.
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) })
 }
 

@@ -16,7 +16,7 @@
 
 use super::nofollow::{open_dir, WalkError, NO_LINKS};
 use nix::errno::Errno;
-use nix::fcntl::{OFlag, OpenHow};
+use nix::fcntl::OFlag;
 use nix::sys::stat::{FileStat, Mode};
 use std::ffi::CStr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -79,11 +79,8 @@ pub fn open_backing_file(allowed_dirs: &[PathBuf], path: &Path, size_bytes: u64)
     let dir = open_dir(parent, Some(Mode::S_IRWXU))?;
     check_private_dir(parent, &dir.fd)?;
     let io = |source| BackingError::Io { path: path.into(), source };
-    let create = OpenHow::new()
-        .flags(OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
-        .mode(Mode::S_IRUSR | Mode::S_IWUSR)
-        .resolve(NO_LINKS);
-    let (file, created_file) = match crate::sys::openat2(dir.fd.as_fd(), Path::new(name), create) {
+    let create = OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let (file, created_file) = match crate::sys::open_beneath(dir.fd.as_fd(), Path::new(name), create, Mode::S_IRUSR | Mode::S_IWUSR, NO_LINKS) {
         Ok(file) => {
             if let Err(source) = crate::sys::fsetxattr(file.as_fd(), MARKER_XATTR, MARKER_VALUE) {
                 // An unmarked file would be refused next time; leave none behind.
@@ -133,8 +130,8 @@ fn check_private_dir(dir_path: &Path, dir: &OwnedFd) -> Result<(), BackingError>
 fn open_existing(path: &Path, dir: &OwnedFd, name: &std::ffi::OsStr) -> Result<OwnedFd, BackingError> {
     let io = |source| BackingError::Io { path: path.into(), source };
     // O_PATH first: opening a FIFO or a device for writing could block or act on it.
-    let look = OpenHow::new().flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC).resolve(NO_LINKS);
-    let handle = crate::sys::openat2(dir.as_fd(), Path::new(name), look).map_err(io)?;
+    let look = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let handle = crate::sys::open_beneath(dir.as_fd(), Path::new(name), look, Mode::empty(), NO_LINKS).map_err(io)?;
     let st = nix::sys::stat::fstat(handle.as_raw_fd()).map_err(io)?;
     if let Some(why) = refusal(&st, nix::unistd::geteuid().as_raw()) {
         return match file_kind(st.st_mode) {

@@ -6,7 +6,8 @@
 //! allowed prefix could point the agent's mkdir, mount or file growth at any
 //! place on the host. Here each component is opened with openat2(2)
 //! `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS` relative to the directory opened
-//! before it, so what the caller gets is the directory the clean path names,
+//! before it (openat(2) with `O_NOFOLLOW` where the kernel lacks openat2: the
+//! same promise for one component, see [`crate::sys::open_beneath`]), so what the caller gets is the directory the clean path names,
 //! and an `O_PATH` descriptor of it to act on (mount onto `/proc/self/fd/N`,
 //! create a file in it) rather than the path, which could change meanwhile.
 //!
@@ -14,7 +15,7 @@
 //! removes anything but the empty directories it created itself.
 
 use nix::errno::Errno;
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::fcntl::{OFlag, ResolveFlag};
 use nix::sys::stat::Mode;
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -123,8 +124,7 @@ pub fn open_dir(path: &Path, create_mode: Option<Mode>) -> Result<OpenedDir, Wal
 
 /// One component below `parent`, as an `O_PATH` directory descriptor.
 fn open_child_dir(parent: &OwnedFd, name: &OsStr) -> Result<OwnedFd, Errno> {
-    let how = OpenHow::new().flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC).resolve(NO_LINKS);
-    crate::sys::openat2(parent.as_fd(), Path::new(name), how)
+    crate::sys::open_beneath(parent.as_fd(), Path::new(name), OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty(), NO_LINKS)
 }
 
 /// A failed open, told apart: a link, something other than a directory, or another error.
