@@ -357,8 +357,13 @@ fn read_device_bytes(sys_root: &Path, device: &Path) -> Result<u64, DeviceError>
 }
 
 /// A sysfs `size` attribute (512-byte sectors) in bytes.
-fn parse_sectors(text: &str) -> Option<u64> {
+pub(super) fn parse_sectors(text: &str) -> Option<u64> {
     text.trim().parse::<u64>().ok()?.checked_mul(SECTOR_BYTES)
+}
+
+/// `<sys_root>/sys/devices/.../block/<name>`: sysfs's directory of the block device numbered `dev`.
+pub(super) fn sysfs_block_dir(sys_root: &Path, dev: u64) -> std::io::Result<PathBuf> {
+    std::fs::canonicalize(sys_root.join(format!("sys/dev/block/{}:{}", nix::sys::stat::major(dev), nix::sys::stat::minor(dev))))
 }
 
 /// `losetup --show` prints the device it used, e.g. `/dev/loop7`.

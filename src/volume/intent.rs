@@ -122,10 +122,10 @@ impl IntentStore {
 /// Reads what identifies `device` (block device number `rdev`) from sysfs under `sys_root`.
 pub fn device_identity(sys_root: &Path, device: &Path, rdev: u64) -> Result<DeviceIdentity, IntentError> {
     let sysfs_err = |source| IntentError::Sysfs { device: device.into(), source };
-    let block = sys_root.join(format!("sys/dev/block/{}:{}", nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev)));
-    let block = std::fs::canonicalize(&block).map_err(sysfs_err)?;
+    let block = super::device::sysfs_block_dir(sys_root, rdev).map_err(sysfs_err)?;
     let sectors = std::fs::read_to_string(block.join("size")).map_err(sysfs_err)?;
-    let size_bytes = sectors.trim().parse::<u64>().map_err(|e| sysfs_err(std::io::Error::new(ErrorKind::InvalidData, e)))?.saturating_mul(512);
+    let size_bytes = super::device::parse_sectors(&sectors)
+        .ok_or_else(|| sysfs_err(std::io::Error::new(ErrorKind::InvalidData, format!("{:?} is not a sector count", sectors.trim()))))?;
     let read_trimmed = |rel: &str| std::fs::read_to_string(block.join(rel)).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
     let serial = read_trimmed("device/serial").or_else(|| read_trimmed("wwid")).or_else(|| read_trimmed("device/wwid"));
     let backing = match read_trimmed("loop/backing_file") {

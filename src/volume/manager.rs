@@ -325,8 +325,7 @@ fn refuse_system_device(settings: &VolumeSettings, device: &Path, rdev: u64) -> 
 
 /// `/sys/devices/.../block/vda/vda1` for a device number, if sysfs knows it.
 fn sysfs_path(sys_root: &Path, dev: u64) -> Option<PathBuf> {
-    let link = sys_root.join(format!("sys/dev/block/{}:{}", nix::sys::stat::major(dev), nix::sys::stat::minor(dev)));
-    std::fs::canonicalize(link).ok()
+    super::device::sysfs_block_dir(sys_root, dev).ok()
 }
 
 /// True when our device is the system device or the whole disk it is a partition of.
