@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 use support::loopdev::LoopDevice;
 use support::{agent, base_config, http_get, write_task_file};
@@ -77,7 +77,7 @@ async fn a_task_that_failed_on_a_full_state_dir_is_served_once_space_is_freed() 
     let base = agent.detail_endpoints().await;
     cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
     let filler = state.join("filler");
-    fill(&filler);
+    support::fill_filesystem(&filler);
     cp.push(support::control_plane::buildkit_task("full-state-dir", &w.root.join("mnt")));
 
     agent.wait_for_log("to=degraded").await;
@@ -116,22 +116,6 @@ async fn an_engine_start_that_failed_writing_its_tls_files_succeeds_once_the_pat
 fn run(cmd: &str, args: &[&str]) {
     let out = std::process::Command::new(cmd).args(args).output().unwrap();
     assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Writes `path` until the filesystem is full.
-fn fill(path: &Path) {
-    use std::io::Write;
-    let mut file = std::fs::File::create(path).unwrap();
-    let block = vec![0x5au8; 64 * 1024];
-    loop {
-        match file.write_all(&block) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
-            Err(e) => panic!("filling {}: {e}", path.display()),
-        }
-    }
-    // The last partial block may still fit a few bytes; take them too.
-    while file.write(&[0x5a]).map_or(false, |n| n == 1) {}
 }
 
 /// A path of this test's own under /dev, removed on drop.

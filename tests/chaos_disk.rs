@@ -33,14 +33,6 @@ impl Drop for Loop {
     }
 }
 
-/// Writes `path` until its filesystem is full.
-fn fill(path: &Path) {
-    let mut file = std::fs::File::create(path).unwrap();
-    let block = vec![0xa5u8; 64 * 1024];
-    while file.write_all(&block).is_ok() {}
-    while file.write(&[0xa5]).is_ok_and(|n| n == 1) {}
-}
-
 #[tokio::test]
 async fn a_cache_disk_whose_writes_fail_makes_the_agent_degraded_and_the_drain_report_it_dirty() {
     let w = World::new();
@@ -63,7 +55,7 @@ async fn a_cache_disk_whose_writes_fail_makes_the_agent_degraded_and_the_drain_r
     agent.wait_for_log_within("to=ready", Duration::from_secs(60)).await;
 
     // The device's writes start failing; a build keeps writing to the cache.
-    fill(&disk_fs.join("filler"));
+    support::fill_filesystem(&disk_fs.join("filler"));
     let cache = w.root.join("mnt/cache");
     let mut junk = std::fs::File::create(cache.join("junk")).unwrap();
     for _ in 0..64 {

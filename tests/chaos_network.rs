@@ -12,14 +12,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 use support::control_plane::{control_plane, ControlPlaneDouble};
 use support::proxy::ChaosProxy;
-use support::{agent, base_config, http_get, trace_init, write_private, WAIT};
+use support::{agent, control_plane_config, http_get, trace_init, WAIT};
 use tokio::time::Instant;
 
 const BOOTSTRAP_TOKEN: &str = "bootstrap-token-chaos-5d1e";
 /// The connect timeout every test here configures: TCP, TLS and HTTP/2 setup together.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const CONNECT_TIMEOUT: Duration = support::CP_CONNECT_TIMEOUT;
 /// The reconnect backoff cap every test here configures (the first delay is 200 ms).
-const BACKOFF_CAP: Duration = Duration::from_secs(2);
+const BACKOFF_CAP: Duration = support::CP_BACKOFF_CAP;
 /// Room for a loaded 2-core machine: process start-up, identity, scheduling.
 const SLACK: Duration = Duration::from_secs(3);
 
@@ -32,21 +32,7 @@ struct Setup {
 /// static token; `extra` adds `[control_plane]` keys.
 fn setup(url: &str, cp: &ControlPlaneDouble, extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("cp-ca.pem");
-    std::fs::write(&ca, &cp.pki.ca_pem).unwrap();
-    let token = dir.path().join("token");
-    write_private(&token, BOOTSTRAP_TOKEN);
-    let config = dir.path().join("config.toml");
-    let text = format!(
-        "{base}\n[control_plane]\nurl = \"{url}\"\nca_bundle = \"{ca}\"\nbackoff_initial_ms = 200\nbackoff_max_secs = {cap}\n\
-         connect_timeout_secs = {connect}\n{extra}\n\n[identity]\nmode = \"static_token\"\ntoken_file = \"{token}\"\n",
-        base = base_config(dir.path()),
-        ca = ca.display(),
-        cap = BACKOFF_CAP.as_secs(),
-        connect = CONNECT_TIMEOUT.as_secs(),
-        token = token.display(),
-    );
-    std::fs::write(&config, text).unwrap();
+    let config = control_plane_config(dir.path(), url, &cp.pki.ca_pem, BOOTSTRAP_TOKEN, extra);
     Setup { _dir: dir, config }
 }
 

@@ -13,7 +13,7 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use support::control_plane::{buildkit_task, control_plane, pending, ControlPlaneDouble};
-use support::{agent, base_config, http_get, proc_status_kib, process_alive, trace_init, write_private, AgentProcess};
+use support::{agent, base_config, control_plane_config, http_get, proc_status_kib, process_alive, trace_init, AgentProcess};
 use tokio::time::Instant;
 
 const BOOTSTRAP_TOKEN: &str = "bootstrap-token-hostile-limits";
@@ -27,19 +27,7 @@ struct Setup {
 
 fn setup(cp: &ControlPlaneDouble) -> Setup {
     let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("cp-ca.pem");
-    std::fs::write(&ca, &cp.pki.ca_pem).unwrap();
-    let token = dir.path().join("token");
-    write_private(&token, BOOTSTRAP_TOKEN);
-    let config = dir.path().join("config.toml");
-    let text = format!(
-        "{}\n[control_plane]\nurl = \"{}\"\nca_bundle = \"{}\"\nbackoff_initial_ms = 200\nbackoff_max_secs = 2\nconnect_timeout_secs = 2\n\n[identity]\nmode = \"static_token\"\ntoken_file = \"{}\"\n",
-        base_config(dir.path()),
-        cp.url(),
-        ca.display(),
-        token.display()
-    );
-    std::fs::write(&config, text).unwrap();
+    let config = control_plane_config(dir.path(), &cp.url(), &cp.pki.ca_pem, BOOTSTRAP_TOKEN, "");
     Setup { dir, config }
 }
 

@@ -151,6 +151,49 @@ allowed_task_env = ["ENGINE_MARKER"]
     )
 }
 
+/// The reconnect schedule [`control_plane_config`] sets: 200 ms doubling to this cap.
+pub const CP_BACKOFF_CAP: Duration = Duration::from_secs(2);
+/// The connect timeout (TCP, TLS and HTTP/2 setup) [`control_plane_config`] sets.
+pub const CP_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Writes `dir/config.toml`: [`base_config`] plus a control plane at `url`
+/// (its CA `ca_pem` trusted, quick reconnects, `extra` added to
+/// `[control_plane]`) and a static-token identity (`token`, written 0600).
+pub fn control_plane_config(dir: &Path, url: &str, ca_pem: &str, token: &str, extra: &str) -> PathBuf {
+    let ca = dir.join("cp-ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let token_file = dir.join("token");
+    write_private(&token_file, token);
+    let config = dir.join("config.toml");
+    let text = format!(
+        "{base}\n[control_plane]\nurl = \"{url}\"\nca_bundle = \"{ca}\"\nbackoff_initial_ms = 200\nbackoff_max_secs = {cap}\n\
+         connect_timeout_secs = {connect}\n{extra}\n\n[identity]\nmode = \"static_token\"\ntoken_file = \"{token}\"\n",
+        base = base_config(dir),
+        ca = ca.display(),
+        cap = CP_BACKOFF_CAP.as_secs(),
+        connect = CP_CONNECT_TIMEOUT.as_secs(),
+        token = token_file.display(),
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// Writes `path` until its filesystem is full (ENOSPC); any other error fails the test.
+pub fn fill_filesystem(path: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    let block = vec![0x5au8; 64 * 1024];
+    loop {
+        match file.write_all(&block) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+    // The last partial block may still fit a few bytes; take them too.
+    while file.write(&[0x5a]).is_ok_and(|n| n == 1) {}
+}
+
 /// Where `install-buildkit.sh` puts the real engine.
 pub const BUILDKITD: &str = "/usr/local/bin/buildkitd";
 pub const BUILDCTL: &str = "/usr/local/bin/buildctl";
