@@ -41,7 +41,7 @@ pub fn backstop_policy(task: &BuildkitTask) -> Vec<GcBackstopRule> {
     let min_free_percent = (high_watermark / 2).max(1);
     let min_free = match task.mounts.first().map(|m| &m.source) {
         Some(VolumeSource::File { size_bytes, .. }) => DiskSpace::Bytes((size_bytes / 100).saturating_mul(u64::from(min_free_percent)).max(1)),
-        Some(VolumeSource::Device { .. }) | None => DiskSpace::Percent(u8::try_from(min_free_percent).unwrap_or(u8::MAX)),
+        Some(VolumeSource::Device { .. } | VolumeSource::Rbd(_)) | None => DiskSpace::Percent(u8::try_from(min_free_percent).unwrap_or(u8::MAX)),
     };
     let max_used = DiskSpace::Bytes(keep_bytes.saturating_add(keep_bytes / 100 * BACKSTOP_KEEP_HEADROOM_PERCENT));
     let reserved = DiskSpace::Bytes((keep_bytes / 100 * BACKSTOP_RESERVED_PERCENT_OF_KEEP).max(1));

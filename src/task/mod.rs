@@ -9,6 +9,7 @@
 //! the machine (does the device exist, is it blank) belong to the volume manager.
 
 /// The task's mTLS material: checked, then written atomically where the engine reads it.
+pub mod rbd;
 pub mod tls;
 
 use crate::fsutil::{check_clean_absolute, excerpt, read_regular_text};
@@ -112,6 +113,37 @@ pub struct VolumeMount {
 pub enum VolumeSource {
     Device { path: PathBuf, ebs_volume_id: Option<String> },
     File { path: PathBuf, size_bytes: u64 },
+    Rbd(RbdImage),
+}
+
+/// A Ceph RBD image and how to reach it; every field validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RbdImage {
+    pub pool: String,
+    pub namespace: Option<String>,
+    pub image: String,
+    /// The `<id>` of `client.<id>`.
+    pub client_id: String,
+    pub key: Secret,
+    /// At least one monitor address, from the task's list or its conf's mon_host.
+    pub monitors: Vec<String>,
+    /// Client settings from the task's ceph.conf (allow-listed keys,
+    /// normalised to underscores), mon_host excluded.
+    pub conf: Vec<(String, String)>,
+    /// Create the image with this size when it does not exist.
+    pub create_size_bytes: Option<u64>,
+    /// The owner whose lock this task may break (after blocklisting its clients).
+    pub take_over_from: Option<String>,
+}
+
+impl RbdImage {
+    /// `pool/image` or `pool/namespace/image`: how `rbd` names an image.
+    pub fn spec(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{}/{}/{}", self.pool, ns, self.image),
+            None => format!("{}/{}", self.pool, self.image),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -476,6 +508,7 @@ fn validate_mount(p: &mut Problems, field: &str, m: pb::VolumeMount, limits: &Ta
             }
             Some(VolumeSource::File { path, size_bytes: f.size_bytes })
         }
+        Some(pb::volume_mount::Source::Rbd(r)) => rbd::validate_rbd(p, &format!("{field}.rbd"), r).map(VolumeSource::Rbd),
     };
 
     let fs_type = match pb::FilesystemType::try_from(m.fs_type) {

@@ -269,6 +269,7 @@ async fn prepare_steps(settings: &VolumeSettings, m: &VolumeMount, first: bool, 
             }
             (attached.attachment.device.clone(), Some(attached.attachment))
         }
+        VolumeSource::Rbd(image) => return Err(VolumeError::Refused { device: image.spec().into(), why: "RBD volumes are not mapped yet".into() }),
     };
     let rdev = block_rdev(&device)?;
     refuse_system_device(settings, &device, rdev)?;
