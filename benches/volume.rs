@@ -36,6 +36,11 @@ fn main() {
         system_paths: default_system_paths(),
         intent_dir: std::env::temp_dir().join("machine-agent-bench-intents"),
         allowed_backing_dirs: vec![std::env::temp_dir()],
+        rbd: machine_agent::volume::rbd::RbdSettings {
+            mapper: Default::default(),
+            owner_id: "volume-bench".into(),
+            dir: std::env::temp_dir().join("machine-agent-volume-bench-rbd"),
+        },
     };
     println!("prepare a blank {gib} GiB sparse loop device, median of {runs} runs");
     println!("{:<6} {:>12} {:>14} {:>8} {:>22}", "fs", "agent (ms)", "by hand (ms)", "ratio", "of which probe (ms)");

@@ -61,6 +61,7 @@ impl Scratch {
             system_paths: machine_agent::volume::manager::default_system_paths(),
             intent_dir: self.root.join("state/volume/format-intents"),
             allowed_backing_dirs: vec![self.allowed.clone()],
+            rbd: machine_agent::volume::rbd::RbdSettings { mapper: Default::default(), owner_id: "hostile-task-test".into(), dir: self.allowed.join("rbd") },
         }
     }
 

@@ -28,6 +28,11 @@ fn settings() -> VolumeSettings {
         intent_dir: std::env::temp_dir().join("machine-agent-volume-manager-intents"),
         // Each test's own 0700 temporary directory sits here.
         allowed_backing_dirs: vec![std::env::temp_dir()],
+        rbd: machine_agent::volume::rbd::RbdSettings {
+            mapper: Default::default(),
+            owner_id: "volume-manager-test".into(),
+            dir: std::env::temp_dir().join("machine-agent-volume-manager-rbd"),
+        },
     }
 }
 

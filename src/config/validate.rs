@@ -23,6 +23,7 @@ use crate::observe::connections::ConnectionLimits;
 use crate::observe::http::EndpointSettings;
 use crate::task::{MAX_ENGINE_ENV, MAX_ENV_NAME_BYTES};
 use crate::volume::manager::{default_system_paths, VolumeSettings};
+use crate::volume::rbd::{MapperChoice, RbdSettings};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -246,6 +247,8 @@ fn volume_settings(v: &RawVolume, state_dir: &Path, bad: &mut impl FnMut(&str, S
         system_paths: default_system_paths(),
         intent_dir: state_dir.join(FORMAT_INTENT_DIR),
         allowed_backing_dirs: allowed_backing_dirs(v.allowed_backing_dirs.as_deref(), state_dir, bad),
+        // `volume.rbd_mapper` and `volume.owner_id` are read in the next step.
+        rbd: RbdSettings { mapper: MapperChoice::Auto, owner_id: String::new(), dir: state_dir.join("rbd") },
     }
 }
 

@@ -72,6 +72,7 @@ pub struct VolumeSettings {
     pub intent_dir: PathBuf,
     /// The only directories backing files of file-backed volumes may sit beneath.
     pub allowed_backing_dirs: Vec<PathBuf>,
+    pub rbd: super::rbd::RbdSettings,
 }
 
 /// Why a mount could not be prepared or released. Each names the device or path.

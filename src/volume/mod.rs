@@ -12,6 +12,7 @@ pub mod intent;
 pub mod manager;
 pub mod mountinfo;
 pub mod nofollow;
+pub mod rbd;
 pub mod signature;
 pub mod stats;
 pub mod tool;
