@@ -245,14 +245,27 @@ pub struct AttachedFile {
 /// is reused, after `losetup -c` if its size lags the file's, so calling this
 /// again (an agent restarted after a crash) attaches nothing new.
 pub async fn attach_file(allowed_dirs: &[PathBuf], backing: &Path, size_bytes: u64) -> Result<AttachedFile, DeviceError> {
-    let root = Path::new("/");
     let (allowed, path) = (allowed_dirs.to_vec(), backing.to_path_buf());
     let file = tokio::task::spawn_blocking(move || open_backing_file(&allowed, &path, size_bytes))
         .await
         .map_err(|join| DeviceError::Backing { path: backing.into(), source: std::io::Error::other(join) })??;
-    let (canonical, file_bytes) = (file.path.clone(), file.bytes);
-    let made = |attachment, new_device| AttachedFile { attachment, new_device, created_file: file.created_file, created_dirs: file.created_dirs.clone() };
-    if let Some(device) = find_loop_by_backing(root, &canonical)? {
+    let (attachment, new_device) = attach_loop(&file.path, file.bytes).await?;
+    Ok(AttachedFile { attachment, new_device, created_file: file.created_file, created_dirs: file.created_dirs })
+}
+
+/// A loop device for a file the agent did not make and must not change: an
+/// RBD image that rbd-fuse shows as a file. The same reuse rules as
+/// [`attach_file`]. Returns the attachment and whether it is new.
+pub async fn attach_image_file(path: &Path) -> Result<(LoopAttachment, bool), DeviceError> {
+    let meta = std::fs::metadata(path).map_err(|source| DeviceError::Backing { path: path.into(), source })?;
+    attach_loop(path, meta.len()).await
+}
+
+/// The loop device for `canonical` (a file of `file_bytes`): the one attached
+/// already, told the file's size if it lags, or a new one.
+async fn attach_loop(canonical: &Path, file_bytes: u64) -> Result<(LoopAttachment, bool), DeviceError> {
+    let root = Path::new("/");
+    if let Some(device) = find_loop_by_backing(root, canonical)? {
         let device_bytes = read_device_bytes(root, &device)?;
         // Compared with the file rather than remembered from this call: a
         // previous agent may have grown the file and died before `losetup -c`.
@@ -261,18 +274,18 @@ pub async fn attach_file(allowed_dirs: &[PathBuf], backing: &Path, size_bytes: u
             run_losetup(&["-c".as_ref(), device.as_os_str()]).await?;
         }
         info!(device = %device.display(), backing = %canonical.display(), "reusing the loop device already attached to the backing file");
-        return Ok(made(LoopAttachment { device, backing: canonical }, false));
+        return Ok((LoopAttachment { device, backing: canonical.into() }, false));
     }
     // --nooverlap makes losetup itself reuse a device attached to the file
     // between our sysfs look and now, instead of attaching a second one.
     // losetup opens the path again; the directory is the agent's alone
-    // (checked above), so nobody else can swap the file in between.
+    // (checked by the caller), so nobody else can swap the file in between.
     let args = ["--find".as_ref(), "--show".as_ref(), "--nooverlap".as_ref(), canonical.as_os_str()];
     let out = run_losetup(&args).await?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let device = parse_losetup_show(&stdout).ok_or_else(|| DeviceError::UnexpectedOutput { command: describe(&args), stdout: stdout.trim().to_owned() })?;
     info!(device = %device.display(), backing = %canonical.display(), "attached the backing file");
-    Ok(made(LoopAttachment { device, backing: canonical }, true))
+    Ok((LoopAttachment { device, backing: canonical.into() }, true))
 }
 
 /// The loop device attached to `backing` now, if any (none if the file is gone).

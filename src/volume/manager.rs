@@ -19,6 +19,7 @@ use super::holders::{find_holders, kill_holders};
 use super::intent::{device_identity, same_device, DeviceIdentity, FormatIntent, IntentStore};
 use super::mountinfo::{find_mount, mounts_beneath, read_mountinfo, MountEntry, PROC_SELF_MOUNTINFO};
 use super::nofollow::{open_dir, remove_created};
+use super::rbd::RbdAttachment;
 use super::signature::{plan_prepare, read_device_signature, PrepareAction};
 use super::stats::read_fs_stats;
 use super::tool::run_tool;
@@ -118,6 +119,8 @@ pub enum VolumeError {
     },
     /// {0}
     Walk(#[from] super::nofollow::WalkError),
+    /// {0}
+    Rbd(#[from] super::rbd::RbdError),
     /// {cause}; rolled back: {undone}
     RolledBack { cause: Box<VolumeError>, undone: String },
 }
@@ -133,7 +136,7 @@ impl VolumeError {
 }
 
 /// A mount the manager prepared and must release at drain.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PreparedMount {
     pub mount_path: PathBuf,
     pub device: PathBuf,
@@ -144,6 +147,8 @@ pub struct PreparedMount {
     pub grown: bool,
     pub skip_trim: bool,
     pub loop_attachment: Option<LoopAttachment>,
+    /// The mapped RBD image under the device, if the volume is one.
+    pub rbd: Option<RbdAttachment>,
     /// The executor bind mount under this mount, if any.
     pub executor_bind: Option<PathBuf>,
 }
@@ -184,6 +189,8 @@ pub enum ReleaseError {
     },
     /// {0}
     Detach(#[from] super::device::DeviceError),
+    /// {0}
+    Rbd(#[from] super::rbd::RbdError),
 }
 
 // === prepare ===
@@ -195,6 +202,7 @@ enum UndoStep {
     Detach(LoopAttachment),
     RemoveFile(PathBuf),
     RemoveDirs(Vec<PathBuf>),
+    DetachRbd(Box<RbdAttachment>),
 }
 
 /// The steps a prepare took, undone last first when it fails: without this a
@@ -224,6 +232,13 @@ impl UndoLog {
                     Ok(()) => said.push(format!("removed {}", path.display())),
                     Err(error) => said.push(format!("FAILED to remove {}: {error}", path.display())),
                 },
+                UndoStep::DetachRbd(attachment) => {
+                    let errors = super::rbd::detach(&attachment).await;
+                    if errors.is_empty() {
+                        said.push(format!("unmapped {} and released its lock", attachment.image.spec()));
+                    }
+                    said.extend(errors.into_iter().map(|e| format!("FAILED: {e}")));
+                }
                 UndoStep::RemoveDirs(dirs) => {
                     let failures = remove_created(&dirs);
                     if failures.is_empty() {
@@ -255,9 +270,9 @@ pub async fn prepare_mount(settings: &VolumeSettings, m: &VolumeMount, first: bo
 }
 
 async fn prepare_steps(settings: &VolumeSettings, m: &VolumeMount, first: bool, undo: &mut UndoLog) -> Result<PreparedMount, VolumeError> {
-    let (device, loop_attachment) = match &m.source {
+    let (device, loop_attachment, rbd) = match &m.source {
         VolumeSource::Device { path, ebs_volume_id } => {
-            (wait_for_device(&settings.sys_root, path, ebs_volume_id.as_deref(), settings.device_wait).await?, None)
+            (wait_for_device(&settings.sys_root, path, ebs_volume_id.as_deref(), settings.device_wait).await?, None, None)
         }
         VolumeSource::File { path, size_bytes } => {
             let attached = attach_file(&settings.allowed_backing_dirs, path, *size_bytes).await?;
@@ -268,9 +283,13 @@ async fn prepare_steps(settings: &VolumeSettings, m: &VolumeMount, first: bool, 
             if attached.new_device {
                 undo.push(UndoStep::Detach(attached.attachment.clone()));
             }
-            (attached.attachment.device.clone(), Some(attached.attachment))
+            (attached.attachment.device.clone(), Some(attached.attachment), None)
         }
-        VolumeSource::Rbd(image) => return Err(VolumeError::Refused { device: image.spec().into(), why: "RBD volumes are not mapped yet".into() }),
+        VolumeSource::Rbd(image) => {
+            let attached = super::rbd::attach(&settings.rbd, &settings.sys_root, image).await?;
+            undo.push(UndoStep::DetachRbd(Box::new(attached.clone())));
+            (attached.device.clone(), None, Some(attached))
+        }
     };
     let rdev = block_rdev(&device)?;
     refuse_system_device(settings, &device, rdev)?;
@@ -300,7 +319,7 @@ async fn prepare_steps(settings: &VolumeSettings, m: &VolumeMount, first: bool, 
         (Some(ephemeral), true) => Some(bind_executor(ephemeral, &m.mount_path)?),
         _ => None,
     };
-    Ok(PreparedMount { mount_path: m.mount_path.clone(), device, fs_type, formatted, grown, skip_trim: m.skip_trim, loop_attachment, executor_bind })
+    Ok(PreparedMount { mount_path: m.mount_path.clone(), device, fs_type, formatted, grown, skip_trim: m.skip_trim, loop_attachment, rbd, executor_bind })
 }
 
 fn block_rdev(device: &Path) -> Result<u64, VolumeError> {
@@ -535,6 +554,9 @@ pub async fn release_mount(settings: &VolumeSettings, p: &PreparedMount) -> Rele
             report.errors.push(error.into());
         }
     }
+    if let (true, Some(attachment)) = (report.unmounted, &p.rbd) {
+        report.errors.extend(super::rbd::detach(attachment).await.into_iter().map(ReleaseError::from));
+    }
     report
 }
 
@@ -558,6 +580,9 @@ pub async fn abandon_mount(settings: &VolumeSettings, m: &VolumeMount) -> Releas
             Ok(None) => {}
             Err(error) => report.errors.push(error.into()),
         }
+    }
+    if let (VolumeSource::Rbd(image), true) = (&m.source, report.errors.is_empty()) {
+        report.errors.extend(super::rbd::abandon(&settings.rbd, &settings.sys_root, image).await.into_iter().map(ReleaseError::from));
     }
     report
 }

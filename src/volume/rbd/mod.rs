@@ -1,8 +1,40 @@
-//! Ceph RBD cache volumes: the image's owner lock, the credentials the Ceph
-//! tools read, and the mapper that turns the image into a block device
-//! (krbd, rbd-nbd, or rbd-fuse plus a loop device).
+//! Ceph RBD cache volumes: the image's owner lock ([`lock`]), the credentials
+//! the Ceph tools read ([`credentials`]), their command lines ([`cli`]), and
+//! the mapper that turns the image into a block device: krbd, rbd-nbd, or
+//! rbd-fuse plus a loop device.
+//!
+//! Attach: check the mapper is there, write the credentials, find (or create)
+//! the image, take its lock, map it. Each step is undone when a later one
+//! fails, so a failed attach leaves no lock, mapping or key behind. Detach
+//! (after the manager unmounted): unmap, release the lock, remove the keys.
+//! Both are idempotent: an agent restarted mid-task finds its own lock and
+//! mapping and reuses them.
 
-use std::path::PathBuf;
+pub mod cli;
+pub mod credentials;
+pub mod lock;
+
+use self::cli::{CephClient, DeviceType};
+use self::credentials::{remove_credentials, write_credentials, CephFiles};
+use self::lock::{fence_addresses, lock_id, parse_locks, parse_watchers, plan_lock, ImageLock, LockPlan};
+use super::device::{attach_image_file, detach_file, LoopAttachment};
+use super::format::CommandLine;
+use super::mountinfo::{find_mount, read_mountinfo, PROC_SELF_MOUNTINFO};
+use super::tool::{run_tool, ToolError};
+use crate::backoff::{poll_until, PollGaps};
+use crate::task::RbdImage;
+use nix::mount::{umount2, MntFlags};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Every Ceph tool run is bounded: the conf bounds the client's own waits
+/// (monitor hunt, mon and OSD ops) below this, so this only catches a hang.
+const CEPH_TOOL_TIMEOUT: Duration = Duration::from_secs(60);
+/// rbd-fuse shows the image's file within a moment of mounting.
+const FUSE_FILE_WAIT: Duration = Duration::from_secs(15);
+const FUSE_FILE_POLL: Duration = Duration::from_millis(20);
 
 /// Which mapper turns an image into a block device (`volume.rbd_mapper`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -24,4 +56,502 @@ pub struct RbdSettings {
     pub owner_id: String,
     /// Per-mount keyrings, confs and fuse mount points (`<state_dir>/rbd`).
     pub dir: PathBuf,
+}
+
+/// A way to turn an image into a block device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapper {
+    /// The kernel's rbd driver: `/dev/rbdN`, the production path.
+    Krbd,
+    /// rbd-nbd through the kernel's nbd driver: `/dev/nbdN`.
+    Nbd,
+    /// rbd-fuse shows the image as a file, a loop device makes it a block device.
+    Fuse,
+}
+
+impl Mapper {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Krbd => "krbd",
+            Self::Nbd => "nbd",
+            Self::Fuse => "fuse",
+        }
+    }
+
+    /// Why this machine cannot map with it, or None when it can.
+    pub fn unavailable(self, sys_root: &Path) -> Option<String> {
+        let missing = |path: &str| !sys_root.join(path).exists();
+        match self {
+            Self::Krbd if missing("sys/bus/rbd") => Some("rbd kernel module not available (no /sys/bus/rbd)".into()),
+            Self::Nbd if missing("sys/module/nbd") => Some("nbd kernel module not available (no /sys/module/nbd)".into()),
+            Self::Fuse if missing("dev/fuse") => Some("FUSE not available (no /dev/fuse)".into()),
+            Self::Fuse if !Path::new(cli::RBD_FUSE).exists() => Some(format!("rbd-fuse is not installed ({})", cli::RBD_FUSE)),
+            _ => None,
+        }
+    }
+}
+
+/// The mapper to use: the pinned one if this machine has it, or under `auto`
+/// the first that it has. Pure but for the existence checks.
+pub fn choose_mapper(choice: MapperChoice, sys_root: &Path) -> Result<Mapper, RbdError> {
+    let pinned = match choice {
+        MapperChoice::Auto => None,
+        MapperChoice::Krbd => Some(Mapper::Krbd),
+        MapperChoice::Nbd => Some(Mapper::Nbd),
+        MapperChoice::Fuse => Some(Mapper::Fuse),
+    };
+    if let Some(mapper) = pinned {
+        return match mapper.unavailable(sys_root) {
+            None => Ok(mapper),
+            Some(why) => Err(RbdError::MapperUnavailable { mapper: mapper.as_str(), why }),
+        };
+    }
+    let mut reasons = vec![];
+    for mapper in [Mapper::Krbd, Mapper::Nbd, Mapper::Fuse] {
+        match mapper.unavailable(sys_root) {
+            None => return Ok(mapper),
+            Some(why) => reasons.push(format!("{}: {why}", mapper.as_str())),
+        }
+    }
+    Err(RbdError::NoMapper { reasons: reasons.join("; ") })
+}
+
+/// Why an image could not be attached or detached. Each names the image.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum RbdError {
+    /// no owner id for RBD locks: set volume.owner_id (the default, /etc/machine-id, is missing or invalid)
+    NoOwnerId,
+    /// the rbd mapper {mapper} cannot be used here: {why}
+    MapperUnavailable { mapper: &'static str, why: String },
+    /// no rbd mapper can be used here: {reasons}
+    NoMapper { reasons: String },
+    /// {spec}: rbd-fuse cannot open an image in a namespace; use krbd or nbd
+    FuseNamespace { spec: String },
+    /// {0}
+    Credentials(#[from] credentials::CredentialsError),
+    /// {spec}: the image does not exist and the task gives no size_bytes to create it
+    NoImage { spec: String },
+    /// {spec}: {source}
+    Ceph {
+        spec: String,
+        #[source]
+        source: ToolError,
+    },
+    /// {spec} is locked by {holder}; not mapping it (a task may name that owner in take_over_from)
+    HeldBy { spec: String, holder: String },
+    /// {spec}: {what}
+    Unexpected { spec: String, what: String },
+    /// {spec}: {source}
+    Device {
+        spec: String,
+        #[source]
+        source: super::device::DeviceError,
+    },
+    /// {spec}: rbd-fuse at {mount_point} did not show the image within {waited:?}
+    FuseFileMissing { spec: String, mount_point: PathBuf, waited: Duration },
+    /// {spec}: cannot unmount rbd-fuse at {mount_point}: {source}
+    FuseUnmount {
+        spec: String,
+        mount_point: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    /// {spec}: cannot remove the credentials in {dir}: {source}
+    RemoveCredentials {
+        spec: String,
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// An attached image: what the manager mounts and what detach undoes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RbdAttachment {
+    pub image: RbdImage,
+    pub mapper: Mapper,
+    /// The block device the filesystem is on.
+    pub device: PathBuf,
+    pub files: CephFiles,
+    /// The lock id this agent holds on the image.
+    pub lock_id: String,
+    /// The image was created by this attach.
+    pub created: bool,
+    /// The owner whose lock was broken (after fencing its clients) by this attach.
+    pub took_over_from: Option<String>,
+    /// For the fuse mapper: where rbd-fuse is mounted, and the loop device on its file.
+    pub fuse_mount: Option<PathBuf>,
+    pub loop_attachment: Option<LoopAttachment>,
+}
+
+/// The name of an image's credentials and fuse directories: one path
+/// component. `@` cannot occur in a pool, namespace or image name, so two
+/// images never share one.
+fn dir_name(image: &RbdImage) -> String {
+    format!("{}@{}@{}", image.pool, image.namespace.as_deref().unwrap_or(""), image.image)
+}
+
+/// Where rbd-fuse is mounted for an image: beside the credentials, never
+/// inside a directory that is removed recursively.
+fn fuse_mount_point(settings: &RbdSettings, image: &RbdImage) -> PathBuf {
+    settings.dir.join("fuse").join(dir_name(image))
+}
+
+/// Makes the image a block device this agent owns; see the module docs.
+pub async fn attach(settings: &RbdSettings, sys_root: &Path, image: &RbdImage) -> Result<RbdAttachment, RbdError> {
+    if settings.owner_id.is_empty() {
+        return Err(RbdError::NoOwnerId);
+    }
+    let mapper = choose_mapper(settings.mapper, sys_root)?;
+    if mapper == Mapper::Fuse && image.namespace.is_some() {
+        return Err(RbdError::FuseNamespace { spec: image.spec() });
+    }
+    info!(image = %image.spec(), mapper = mapper.as_str(), owner = %settings.owner_id, "attaching an RBD image");
+    let files = write_credentials(&settings.dir, &dir_name(image), image)?;
+    let client = CephClient { conf: files.conf.clone(), client_id: image.client_id.clone() };
+    match attach_steps(settings, &client, image, mapper, files.clone()).await {
+        Ok(attached) => Ok(attached),
+        Err(error) => {
+            if let Err(e) = remove_credentials(&files) {
+                warn!(error = %e, dir = %files.dir.display(), "cannot remove the credentials of a failed attach");
+            }
+            Err(error)
+        }
+    }
+}
+
+async fn attach_steps(settings: &RbdSettings, client: &CephClient, image: &RbdImage, mapper: Mapper, files: CephFiles) -> Result<RbdAttachment, RbdError> {
+    let created = ensure_image(client, image).await?;
+    let lock_id = lock_id(&settings.owner_id);
+    let (took_over_from, newly_locked) = acquire_lock(client, image, &settings.owner_id, &lock_id).await?;
+    let fuse_mount = (mapper == Mapper::Fuse).then(|| fuse_mount_point(settings, image));
+    let mapped = match mapper {
+        Mapper::Krbd => map_kernel(client, image, DeviceType::Krbd).await.map(|device| (device, None)),
+        Mapper::Nbd => map_kernel(client, image, DeviceType::Nbd).await.map(|device| (device, None)),
+        Mapper::Fuse => map_fuse(client, image, fuse_mount.as_deref().unwrap_or(Path::new("/nonexistent"))).await.map(|att| (att.device.clone(), Some(att))),
+    };
+    let (device, loop_attachment) = match mapped {
+        Ok(mapped) => mapped,
+        Err(error) => {
+            if newly_locked {
+                release_lock(client, image, &lock_id).await.unwrap_or_else(|e| warn!(error = %e, "cannot release the lock of a failed attach"));
+            }
+            return Err(error);
+        }
+    };
+    info!(image = %image.spec(), mapper = mapper.as_str(), device = %device.display(), created, took_over_from = ?took_over_from, "RBD image mapped");
+    Ok(RbdAttachment { image: image.clone(), mapper, device, files, lock_id, created, took_over_from, fuse_mount, loop_attachment })
+}
+
+/// Runs a Ceph tool for `image`; errors name the image.
+async fn ceph(image: &RbdImage, line: CommandLine) -> Result<String, RbdError> {
+    let out = run_tool(&line.program, &line.args, CEPH_TOOL_TIMEOUT).await.map_err(|source| RbdError::Ceph { spec: image.spec(), source })?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The stderr of a failed tool run, if that is what `error` is.
+fn tool_stderr(error: &RbdError) -> Option<&str> {
+    match error {
+        RbdError::Ceph { source: ToolError::Failed { stderr, .. }, .. } => Some(stderr),
+        _ => None,
+    }
+}
+
+/// True when rbd said the image (not its pool) does not exist.
+pub fn is_missing_image(stderr: &str) -> bool {
+    stderr.contains("error opening image") && stderr.contains("No such file or directory")
+}
+
+/// Finds the image, or creates it when the task gives a size. Returns whether it created it.
+async fn ensure_image(client: &CephClient, image: &RbdImage) -> Result<bool, RbdError> {
+    let error = match ceph(image, client.info(image)).await {
+        Ok(_) => return Ok(false),
+        Err(error) => error,
+    };
+    if !tool_stderr(&error).is_some_and(is_missing_image) {
+        return Err(error);
+    }
+    let Some(size_bytes) = image.create_size_bytes else { return Err(RbdError::NoImage { spec: image.spec() }) };
+    ceph(image, client.create(image, size_bytes)).await?;
+    info!(image = %image.spec(), size_bytes, "created the RBD image");
+    Ok(true)
+}
+
+async fn list_locks(client: &CephClient, image: &RbdImage) -> Result<Vec<ImageLock>, RbdError> {
+    parse_locks(&ceph(image, client.lock_list(image)).await?).map_err(|what| RbdError::Unexpected { spec: image.spec(), what })
+}
+
+/// Takes the image's lock for `owner_id` (see [`lock`]). Returns the owner it
+/// took over from, if any, and whether this call took the lock.
+async fn acquire_lock(client: &CephClient, image: &RbdImage, owner_id: &str, lock_id: &str) -> Result<(Option<String>, bool), RbdError> {
+    let locks = list_locks(client, image).await?;
+    match plan_lock(&locks, owner_id, image.take_over_from.as_deref()) {
+        LockPlan::AlreadyOurs(_) => {
+            info!(image = %image.spec(), "this owner holds the image's lock already");
+            Ok((None, false))
+        }
+        LockPlan::Refuse(holder) => Err(RbdError::HeldBy { spec: image.spec(), holder: holder.describe() }),
+        LockPlan::Take => match ceph(image, client.lock_add(image, lock_id)).await {
+            Ok(_) => Ok((None, true)),
+            // Another builder took it between our look and our add: name it.
+            Err(error) if tool_stderr(&error).is_some_and(|e| e.contains("(16)") || e.contains("already held")) => {
+                let holder =
+                    list_locks(client, image).await?.first().map_or_else(|| "another client (the lock was released since)".into(), ImageLock::describe);
+                Err(RbdError::HeldBy { spec: image.spec(), holder })
+            }
+            Err(error) => Err(error),
+        },
+        LockPlan::TakeOver(stale) => {
+            let watchers = parse_watchers(&ceph(image, client.status(image)).await?).map_err(|what| RbdError::Unexpected { spec: image.spec(), what })?;
+            let fenced = fence_addresses(&stale, &watchers, &[]);
+            for address in &fenced {
+                ceph(image, client.blocklist(address)).await?;
+            }
+            warn!(image = %image.spec(), stale = %stale.describe(), fenced = ?fenced, "blocklisted the previous owner's clients; breaking its lock");
+            ceph(image, client.lock_remove(image, &stale.id, &stale.locker)).await?;
+            ceph(image, client.lock_add(image, lock_id)).await?;
+            Ok((stale.owner().map(str::to_string), true))
+        }
+    }
+}
+
+/// Removes this owner's lock from the image, if it is there.
+async fn release_lock(client: &CephClient, image: &RbdImage, lock_id: &str) -> Result<(), RbdError> {
+    for held in list_locks(client, image).await?.into_iter().filter(|l| l.id == lock_id) {
+        ceph(image, client.lock_remove(image, &held.id, &held.locker)).await?;
+        info!(image = %image.spec(), "released the image's lock");
+    }
+    Ok(())
+}
+
+/// One entry of `rbd device list --format json`.
+#[derive(Debug, Deserialize)]
+struct MappedDevice {
+    pool: String,
+    #[serde(default)]
+    namespace: String,
+    name: String,
+    #[serde(default)]
+    snap: String,
+    device: PathBuf,
+}
+
+/// The device the kernel has mapped for this image already (no snapshot), if any.
+pub fn find_mapped(json: &str, image: &RbdImage) -> Result<Option<PathBuf>, String> {
+    let devices: Vec<MappedDevice> = serde_json::from_str(json.trim()).map_err(|e| format!("unexpected `rbd device list` output: {e}"))?;
+    Ok(devices
+        .into_iter()
+        .find(|d| {
+            d.pool == image.pool && d.namespace == image.namespace.as_deref().unwrap_or("") && d.name == image.image && matches!(d.snap.as_str(), "" | "-")
+        })
+        .map(|d| d.device))
+}
+
+/// krbd or nbd: the mapping a previous agent left, or a new exclusive one.
+async fn map_kernel(client: &CephClient, image: &RbdImage, kind: DeviceType) -> Result<PathBuf, RbdError> {
+    let listed = ceph(image, client.device_list(kind)).await?;
+    if let Some(device) = find_mapped(&listed, image).map_err(|what| RbdError::Unexpected { spec: image.spec(), what })? {
+        info!(image = %image.spec(), device = %device.display(), "reusing the image's existing mapping");
+        return Ok(device);
+    }
+    let out = ceph(image, client.device_map(kind, image)).await?;
+    let device = PathBuf::from(out.trim());
+    if !device.starts_with("/dev") {
+        return Err(RbdError::Unexpected { spec: image.spec(), what: format!("`rbd device map` printed {:?}, not a device", out.trim()) });
+    }
+    Ok(device)
+}
+
+/// rbd-fuse at `mount_point` (reused if mounted already) and a loop device on the image's file.
+async fn map_fuse(client: &CephClient, image: &RbdImage, mount_point: &Path) -> Result<LoopAttachment, RbdError> {
+    let device_error = |source| RbdError::Device { spec: image.spec(), source };
+    if !is_fuse_mounted(mount_point) {
+        crate::fsutil::create_private_dir(mount_point.parent().unwrap_or(mount_point))
+            .and_then(|()| crate::fsutil::create_private_dir(mount_point))
+            .map_err(|source| device_error(super::device::DeviceError::Backing { path: mount_point.into(), source }))?;
+        // rbd-fuse mounts, then goes to the background: it outlives this run and the agent.
+        ceph(image, client.fuse(image, mount_point)).await?;
+    } else {
+        info!(image = %image.spec(), mount_point = %mount_point.display(), "reusing the rbd-fuse mount already there");
+    }
+    let file = mount_point.join(&image.image);
+    let shown = poll_until(PollGaps::fixed(FUSE_FILE_POLL), FUSE_FILE_WAIT, || Ok::<_, std::convert::Infallible>(file.exists().then_some(()))).await;
+    if !matches!(shown, Ok(Some(()))) {
+        unmount_fuse(image, mount_point).unwrap_or_else(|e| warn!(error = %e, "cannot unmount rbd-fuse after a failed map"));
+        return Err(RbdError::FuseFileMissing { spec: image.spec(), mount_point: mount_point.into(), waited: FUSE_FILE_WAIT });
+    }
+    match attach_image_file(&file).await {
+        Ok((attachment, _new)) => Ok(attachment),
+        Err(source) => {
+            unmount_fuse(image, mount_point).unwrap_or_else(|e| warn!(error = %e, "cannot unmount rbd-fuse after a failed map"));
+            Err(device_error(source))
+        }
+    }
+}
+
+fn is_fuse_mounted(mount_point: &Path) -> bool {
+    read_mountinfo(Path::new(PROC_SELF_MOUNTINFO))
+        .ok()
+        .is_some_and(|table| find_mount(&table, mount_point).is_some_and(|e| e.mount_point == mount_point && e.fs_type.starts_with("fuse")))
+}
+
+fn unmount_fuse(image: &RbdImage, mount_point: &Path) -> Result<(), RbdError> {
+    if !is_fuse_mounted(mount_point) {
+        return Ok(());
+    }
+    // rbd-fuse exits by itself once its mount is gone.
+    umount2(mount_point, MntFlags::UMOUNT_NOFOLLOW).map_err(|source| RbdError::FuseUnmount { spec: image.spec(), mount_point: mount_point.into(), source })?;
+    let _ = std::fs::remove_dir(mount_point);
+    info!(image = %image.spec(), mount_point = %mount_point.display(), "rbd-fuse unmounted");
+    Ok(())
+}
+
+/// Unmaps the image, releases this owner's lock and removes the credentials.
+/// Runs after the filesystem is unmounted; every step runs even when one
+/// before it failed, and every failure is returned.
+pub async fn detach(a: &RbdAttachment) -> Vec<RbdError> {
+    let image = &a.image;
+    let client = CephClient { conf: a.files.conf.clone(), client_id: image.client_id.clone() };
+    let mut errors = vec![];
+    match a.mapper {
+        Mapper::Krbd | Mapper::Nbd => {
+            let kind = if a.mapper == Mapper::Krbd { DeviceType::Krbd } else { DeviceType::Nbd };
+            if let Err(e) = ceph(image, client.device_unmap(kind, &a.device)).await {
+                errors.push(e);
+            }
+        }
+        Mapper::Fuse => {
+            let detached = match &a.loop_attachment {
+                Some(att) => detach_file(att).await.map_err(|source| RbdError::Device { spec: image.spec(), source }),
+                None => Ok(()),
+            };
+            match detached {
+                Ok(()) => {
+                    if let Err(e) = a.fuse_mount.as_deref().map_or(Ok(()), |m| unmount_fuse(image, m)) {
+                        errors.push(e);
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+    // The lock goes only once nothing of ours can write to the image any more.
+    if errors.is_empty() {
+        if let Err(e) = release_lock(&client, image, &a.lock_id).await {
+            errors.push(e);
+        }
+    }
+    if let Err(source) = remove_credentials(&a.files) {
+        errors.push(RbdError::RemoveCredentials { spec: image.spec(), dir: a.files.dir.clone(), source });
+    }
+    if errors.is_empty() {
+        info!(image = %image.spec(), mapper = a.mapper.as_str(), "RBD image unmapped and its lock released");
+    }
+    errors
+}
+
+/// Undoes what an attach cut short (its task aborted at drain) may have left:
+/// a loop device and rbd-fuse mount, or a kernel mapping, of this image, and
+/// this owner's lock. Best effort; every failure is returned.
+pub async fn abandon(settings: &RbdSettings, sys_root: &Path, image: &RbdImage) -> Vec<RbdError> {
+    let Ok(mapper) = choose_mapper(settings.mapper, sys_root) else { return vec![] };
+    let files = match write_credentials(&settings.dir, &dir_name(image), image) {
+        Ok(files) => files,
+        Err(error) => return vec![error.into()],
+    };
+    let client = CephClient { conf: files.conf.clone(), client_id: image.client_id.clone() };
+    let (mut device, mut fuse_mount, mut loop_attachment) = (PathBuf::new(), None, None);
+    match mapper {
+        Mapper::Fuse => {
+            let mount_point = fuse_mount_point(settings, image);
+            loop_attachment = super::device::find_attachment(&mount_point.join(&image.image)).ok().flatten();
+            fuse_mount = Some(mount_point);
+        }
+        Mapper::Krbd | Mapper::Nbd => {
+            let kind = if mapper == Mapper::Krbd { DeviceType::Krbd } else { DeviceType::Nbd };
+            let listed = ceph(image, client.device_list(kind)).await.ok();
+            match listed.as_deref().map(|json| find_mapped(json, image)) {
+                Some(Ok(Some(mapped))) => device = mapped,
+                // Nothing mapped: only the lock and the keys to clean up.
+                _ => {
+                    let mut errors: Vec<RbdError> = release_lock(&client, image, &lock_id(&settings.owner_id)).await.err().into_iter().collect();
+                    errors.extend(remove_credentials(&files).err().map(|source| RbdError::RemoveCredentials {
+                        spec: image.spec(),
+                        dir: files.dir.clone(),
+                        source,
+                    }));
+                    return errors;
+                }
+            }
+        }
+    }
+    let attachment = RbdAttachment {
+        image: image.clone(),
+        mapper,
+        device,
+        files,
+        lock_id: lock_id(&settings.owner_id),
+        created: false,
+        took_over_from: None,
+        fuse_mount,
+        loop_attachment,
+    };
+    detach(&attachment).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> RbdImage {
+        RbdImage {
+            pool: "cache".into(),
+            namespace: None,
+            image: "proj".into(),
+            client_id: "builder".into(),
+            key: crate::secret::Secret::new("AQ"),
+            monitors: vec!["127.0.0.1:6789".into()],
+            conf: vec![],
+            create_size_bytes: None,
+            take_over_from: None,
+        }
+    }
+
+    #[test]
+    fn a_pinned_mapper_the_machine_lacks_is_a_clear_error_and_auto_falls_through() {
+        let root = tempfile::tempdir().unwrap();
+        let err = choose_mapper(MapperChoice::Krbd, root.path()).unwrap_err();
+        assert_eq!(err.to_string(), "the rbd mapper krbd cannot be used here: rbd kernel module not available (no /sys/bus/rbd)");
+        let err = choose_mapper(MapperChoice::Nbd, root.path()).unwrap_err();
+        assert!(err.to_string().contains("nbd kernel module not available"), "{err}");
+        let err = choose_mapper(MapperChoice::Auto, root.path()).unwrap_err();
+        assert!(err.to_string().starts_with("no rbd mapper can be used here: krbd: rbd kernel module"), "{err}");
+        std::fs::create_dir_all(root.path().join("sys/bus/rbd")).unwrap();
+        assert_eq!(choose_mapper(MapperChoice::Auto, root.path()).unwrap(), Mapper::Krbd);
+    }
+
+    #[test]
+    fn an_existing_mapping_is_found_by_pool_namespace_and_name_never_a_snapshot() {
+        let json = r#"[{"id":"0","pool":"cache","namespace":"","name":"proj","snap":"snap1","device":"/dev/rbd0"},
+                       {"id":"1","pool":"cache","namespace":"","name":"proj","snap":"-","device":"/dev/rbd1"},
+                       {"id":"2","pool":"other","namespace":"","name":"proj","snap":"-","device":"/dev/rbd2"}]"#;
+        assert_eq!(find_mapped(json, &image()).unwrap(), Some(PathBuf::from("/dev/rbd1")));
+        assert_eq!(find_mapped("[]", &image()).unwrap(), None);
+        assert!(find_mapped("rbd: nope", &image()).is_err());
+    }
+
+    #[test]
+    fn only_a_missing_image_counts_as_missing() {
+        assert!(is_missing_image("rbd: error opening image proj: (2) No such file or directory"));
+        assert!(!is_missing_image("rbd: error opening pool 'cache': (2) No such file or directory"));
+        assert!(!is_missing_image("rbd: couldn't connect to the cluster!"));
+    }
+
+    #[test]
+    fn directory_names_are_one_component_and_never_shared() {
+        let mut a = image();
+        assert_eq!(dir_name(&a), "cache@@proj");
+        a.namespace = Some("team".into());
+        assert_eq!(dir_name(&a), "cache@team@proj");
+    }
 }

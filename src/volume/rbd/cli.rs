@@ -1,0 +1,147 @@
+//! The command lines of the Ceph tools, built from an image and the
+//! credentials the agent wrote for it. Pure: [`super`] runs them.
+//!
+//! Every run names the agent's own conf (`-c`, which names the keyring and the
+//! client timeouts) and the client (`--id`): nothing under /etc/ceph is read.
+
+use super::super::format::CommandLine;
+use crate::task::RbdImage;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+pub const RBD: &str = "/usr/bin/rbd";
+pub const CEPH: &str = "/usr/bin/ceph";
+pub const RBD_FUSE: &str = "/usr/bin/rbd-fuse";
+
+/// How the tools reach the cluster as the task's client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CephClient {
+    pub conf: PathBuf,
+    pub client_id: String,
+}
+
+/// The kernel's device types for `rbd device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceType {
+    Krbd,
+    Nbd,
+}
+
+impl DeviceType {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Krbd => "krbd",
+            Self::Nbd => "nbd",
+        }
+    }
+}
+
+impl CephClient {
+    fn line(&self, program: &str, args: &[&str]) -> CommandLine {
+        let mut all: Vec<OsString> = vec!["-c".into(), self.conf.clone().into(), "--id".into(), self.client_id.clone().into()];
+        all.extend(args.iter().map(OsString::from));
+        CommandLine { program: program.into(), args: all }
+    }
+
+    pub fn info(&self, image: &RbdImage) -> CommandLine {
+        self.line(RBD, &["info", "--format", "json", &image.spec()])
+    }
+
+    /// A new image of `size_bytes` (rounded up to whole MiB, rbd's unit), with
+    /// the exclusive-lock feature every writer's client then takes part in.
+    pub fn create(&self, image: &RbdImage, size_bytes: u64) -> CommandLine {
+        let mib = size_bytes.div_ceil(1 << 20);
+        self.line(RBD, &["create", "--size", &format!("{mib}M"), "--image-feature", "layering,exclusive-lock", &image.spec()])
+    }
+
+    pub fn lock_list(&self, image: &RbdImage) -> CommandLine {
+        self.line(RBD, &["lock", "ls", "--format", "json", &image.spec()])
+    }
+
+    /// An exclusive advisory lock: a second `lock add` fails while it stands.
+    pub fn lock_add(&self, image: &RbdImage, lock_id: &str) -> CommandLine {
+        self.line(RBD, &["lock", "add", &image.spec(), lock_id])
+    }
+
+    pub fn lock_remove(&self, image: &RbdImage, lock_id: &str, locker: &str) -> CommandLine {
+        self.line(RBD, &["lock", "rm", &image.spec(), lock_id, locker])
+    }
+
+    pub fn status(&self, image: &RbdImage) -> CommandLine {
+        self.line(RBD, &["status", "--format", "json", &image.spec()])
+    }
+
+    /// Fences a client: the OSDs refuse everything it sends from now on.
+    pub fn blocklist(&self, address: &str) -> CommandLine {
+        self.line(CEPH, &["osd", "blocklist", "add", address])
+    }
+
+    /// `exclusive`: the kernel client takes the image's lock and never hands
+    /// it to another writer (no automatic lock transitions).
+    pub fn device_map(&self, kind: DeviceType, image: &RbdImage) -> CommandLine {
+        self.line(RBD, &["device", "map", "--device-type", kind.as_str(), "--options", "exclusive", &image.spec()])
+    }
+
+    pub fn device_list(&self, kind: DeviceType) -> CommandLine {
+        self.line(RBD, &["device", "list", "--device-type", kind.as_str(), "--format", "json"])
+    }
+
+    pub fn device_unmap(&self, kind: DeviceType, device: &Path) -> CommandLine {
+        self.line(RBD, &["device", "unmap", "--device-type", kind.as_str(), &device.to_string_lossy()])
+    }
+
+    /// rbd-fuse shows the image as a file named after it under `mount_point`.
+    pub fn fuse(&self, image: &RbdImage, mount_point: &Path) -> CommandLine {
+        self.line(RBD_FUSE, &["-p", &image.pool, "-r", &image.image, &mount_point.to_string_lossy()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    fn image(namespace: Option<&str>) -> RbdImage {
+        RbdImage {
+            pool: "cache".into(),
+            namespace: namespace.map(Into::into),
+            image: "project-amd64".into(),
+            client_id: "builder".into(),
+            key: Secret::new("AQ"),
+            monitors: vec!["127.0.0.1:6789".into()],
+            conf: vec![],
+            create_size_bytes: None,
+            take_over_from: None,
+        }
+    }
+
+    fn text(c: &CommandLine) -> String {
+        std::iter::once(c.program.to_string_lossy().into_owned()).chain(c.args.iter().map(|a| a.to_string_lossy().into_owned())).collect::<Vec<_>>().join(" ")
+    }
+
+    #[test]
+    fn every_line_names_the_agents_conf_and_client() {
+        let client = CephClient { conf: "/var/lib/machine-agent/rbd/x/ceph.conf".into(), client_id: "builder".into() };
+        assert_eq!(
+            text(&client.info(&image(None))),
+            "/usr/bin/rbd -c /var/lib/machine-agent/rbd/x/ceph.conf --id builder info --format json cache/project-amd64"
+        );
+        assert_eq!(
+            text(&client.lock_add(&image(Some("team")), "machine-agent:m1")),
+            "/usr/bin/rbd -c /var/lib/machine-agent/rbd/x/ceph.conf --id builder lock add cache/team/project-amd64 machine-agent:m1"
+        );
+        assert!(text(&client.blocklist("127.0.0.1:0/77")).ends_with("--id builder osd blocklist add 127.0.0.1:0/77"));
+    }
+
+    #[test]
+    fn krbd_and_nbd_maps_are_exclusive_and_sizes_round_up_to_mib() {
+        let client = CephClient { conf: "/c".into(), client_id: "b".into() };
+        assert_eq!(
+            text(&client.device_map(DeviceType::Krbd, &image(None))),
+            "/usr/bin/rbd -c /c --id b device map --device-type krbd --options exclusive cache/project-amd64"
+        );
+        assert!(text(&client.device_map(DeviceType::Nbd, &image(None))).contains("--device-type nbd --options exclusive"));
+        assert!(text(&client.create(&image(None), (1 << 30) + 1)).contains("--size 1025M --image-feature layering,exclusive-lock"));
+        assert_eq!(text(&client.fuse(&image(None), Path::new("/m"))), "/usr/bin/rbd-fuse -c /c --id b -p cache -r project-amd64 /m");
+    }
+}
