@@ -5,6 +5,7 @@
 use super::{Agent, AgentError, Input};
 use crate::engine::{EngineState, StopOutcome};
 use crate::lifecycle::Event;
+use crate::observe::status::SharedVolume;
 use crate::proto::v1 as pb;
 use crate::volume::manager::{abandon_mount, release_mount};
 use std::time::Duration;
@@ -26,6 +27,8 @@ struct Drained {
     filesystem_dirty: bool,
     /// One line per problem; empty means a clean drain.
     errors: Vec<String>,
+    /// Shared volumes unmapped and unlocked without a problem.
+    released_volumes: Vec<SharedVolume>,
 }
 
 impl Agent {
@@ -136,6 +139,9 @@ impl Agent {
     async fn release_mounts(&self, drained: &mut Drained) {
         for mount in self.mounts.iter().rev() {
             let report = release_mount(&self.config.volume, mount).await;
+            if let (true, Some(shared)) = (report.unmounted && report.errors.is_empty(), SharedVolume::of(mount, &self.config.volume.rbd.owner_id)) {
+                drained.released_volumes.push(shared);
+            }
             drained.unmounted &= report.unmounted;
             drained.trimmed_bytes += report.trimmed_bytes.unwrap_or(0);
             drained.filesystem_dirty |= report.dirty;
@@ -157,6 +163,7 @@ impl Agent {
             engine_stopped_cleanly: drained.engine_stopped_cleanly,
             trimmed_bytes: drained.trimmed_bytes,
             filesystem_dirty: drained.filesystem_dirty,
+            released_volumes: drained.released_volumes.iter().map(pb::SharedVolume::from).collect(),
         };
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(500));
         match control.report_shutdown(report, &session, left).await {

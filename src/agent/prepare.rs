@@ -11,6 +11,7 @@
 use super::{forward, Agent, Input};
 use crate::engine::EngineState;
 use crate::lifecycle::{Event, State};
+use crate::observe::status::SharedVolume;
 use crate::task::{BuildkitTask, VolumeMount};
 use crate::volume::health::{HealthWatch, Watched};
 use crate::volume::manager::{prepare_mount, PreparedMount, VolumeError, VolumeSettings};
@@ -69,6 +70,8 @@ impl Agent {
     pub(super) fn on_volumes_prepared(&mut self, outcome: PrepareOutcome) {
         self.preparing = false;
         self.mounts = outcome.prepared;
+        let shared: Vec<SharedVolume> = self.mounts.iter().filter_map(|m| SharedVolume::of(m, &self.config.volume.rbd.owner_id)).collect();
+        self.status.send_modify(|s| s.shared_volumes = shared);
         match (outcome.error, self.task.clone()) {
             (Some(error), _) => {
                 let delay = self.retry_later(Step::Prepare, format!("volume: {error}"));

@@ -6,7 +6,7 @@ use crate::engine::EngineState;
 use crate::lifecycle::State;
 use crate::observe::oom_watch::OomKill;
 use crate::observe::sampler::{EngineSample, HostSample};
-use crate::observe::status::{MountFigures, TaskConflict};
+use crate::observe::status::{MountFigures, SharedVolume, TaskConflict};
 use crate::proto::v1 as pb;
 
 impl From<State> for pb::AgentState {
@@ -70,6 +70,19 @@ impl From<&HostSample> for pb::HostResources {
 impl From<&EngineSample> for pb::EngineResources {
     fn from(e: &EngineSample) -> Self {
         Self { pid: e.pid, processes: e.processes, rss_bytes: e.rss_bytes, cpu_seconds_total: e.cpu_seconds_total, cpu_utilisation: e.cpu_utilisation }
+    }
+}
+
+impl From<&SharedVolume> for pb::SharedVolume {
+    fn from(v: &SharedVolume) -> Self {
+        Self {
+            mount_path: v.mount_path.display().to_string(),
+            image: v.image.clone(),
+            mapper: v.mapper.into(),
+            owner_id: v.owner_id.clone(),
+            took_over_from: v.took_over_from.clone().unwrap_or_default(),
+            created: v.created,
+        }
     }
 }
 

@@ -170,5 +170,6 @@ pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64) -> pb::Hea
         task_conflict: status.task_conflict.as_ref().map(pb::TaskConflict::from),
         tasks_rejected_total: status.tasks_rejected,
         last_task_rejection: status.last_task_rejection.clone().unwrap_or_default(),
+        shared_volumes: status.shared_volumes.iter().map(pb::SharedVolume::from).collect(),
     }
 }

@@ -53,6 +53,7 @@ fn usage_report(status: &Status, machine_id: &str, gc_runs_sent: u64) -> Option<
         unix_time_ms: unix_time_ms(),
         cache_mount,
         gc_runs: status.recent_gc.iter().skip(skip).cloned().collect(),
+        shared_volumes: status.shared_volumes.iter().map(pb::SharedVolume::from).collect(),
         ..Default::default()
     })
 }

@@ -151,6 +151,8 @@ struct Readiness {
     task_id: Option<String>,
     /// The last task re-sent under the running task's id with other content.
     task_conflict: Option<crate::observe::status::TaskConflict>,
+    /// The RBD images the cache lives on: image, mapper, lock owner.
+    shared_volumes: Vec<crate::observe::status::SharedVolume>,
     tasks_rejected_total: u64,
     control_plane_connected: bool,
     /// Why the agent is not registered; null while it is (and in standalone mode).
@@ -195,6 +197,7 @@ async fn detail_readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
         resources: st.resources,
         task_id: st.task_id,
         task_conflict: st.task_conflict,
+        shared_volumes: st.shared_volumes,
         tasks_rejected_total: st.tasks_rejected,
         control_plane_connected: s.metrics.control_plane_connected.get() == 1,
         control_plane_error: st.control_plane_error,

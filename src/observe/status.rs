@@ -11,6 +11,7 @@ use super::sampler::Sample;
 use crate::engine::EngineState;
 use crate::lifecycle::State;
 use crate::proto::v1 as pb;
+use crate::volume::manager::PreparedMount;
 use crate::volume::stats::FsStats;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,34 @@ pub const RECENT_OOM_KILLS: usize = 32;
 pub struct MountFigures {
     pub path: PathBuf,
     pub stats: FsStats,
+}
+
+/// A shared cache volume (a Ceph RBD image) the agent holds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SharedVolume {
+    pub mount_path: PathBuf,
+    /// `pool/image` or `pool/namespace/image`.
+    pub image: String,
+    /// `krbd`, `nbd` or `fuse`.
+    pub mapper: &'static str,
+    pub owner_id: String,
+    pub took_over_from: Option<String>,
+    pub created: bool,
+}
+
+impl SharedVolume {
+    /// The shared volume under a prepared mount, if it is one.
+    pub fn of(mount: &PreparedMount, owner_id: &str) -> Option<Self> {
+        let rbd = mount.rbd.as_ref()?;
+        Some(Self {
+            mount_path: mount.mount_path.clone(),
+            image: rbd.image.spec(),
+            mapper: rbd.mapper.as_str(),
+            owner_id: owner_id.into(),
+            took_over_from: rbd.took_over_from.clone(),
+            created: rbd.created,
+        })
+    }
 }
 
 /// A task the control plane re-sent under the running task's id with other
@@ -75,6 +104,8 @@ pub struct Status {
     pub mounts: Vec<MountFigures>,
     /// The cache volume's mount point, once a task names it.
     pub cache_mount: Option<PathBuf>,
+    /// The RBD images the prepared mounts sit on.
+    pub shared_volumes: Vec<SharedVolume>,
     /// The last task re-sent under the running task's id with other content.
     pub task_conflict: Option<TaskConflict>,
     /// Task messages that failed validation since the agent started.
@@ -105,6 +136,7 @@ impl Status {
             watched_paths: vec![state_dir.to_path_buf()],
             mounts: vec![],
             cache_mount: None,
+            shared_volumes: vec![],
             task_conflict: None,
             tasks_rejected: 0,
             last_task_rejection: None,
