@@ -453,19 +453,12 @@ impl Drop for AgentProcess {
 
 /// Unmounts every mount under `dir` (deepest first, never lazily) and detaches
 /// every loop device whose backing file is under `dir`: what an agent killed
-/// mid-task leaves behind. Touches nothing outside `dir`.
+/// mid-task leaves behind. Touches nothing outside `dir`. An rbd-fuse mount
+/// under `dir` stays busy while a loop device holds its file, so what the
+/// first pass could not unmount is tried again after the detaches.
 pub fn cleanup_volumes_under(dir: &Path) {
     let Ok(dir) = dir.canonicalize() else { return };
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<PathBuf> =
-        mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(p.replace("\\040", " "))).filter(|p| p.starts_with(&dir)).collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    for point in points {
-        let out = Command::new("umount").arg(&point).output();
-        if !out.as_ref().is_ok_and(|o| o.status.success()) {
-            eprintln!("cleanup: cannot unmount {}: {out:?}", point.display());
-        }
-    }
+    unmount_all_under(&dir, false);
     for entry in std::fs::read_dir("/sys/block").into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if !name.starts_with("loop") {
@@ -479,6 +472,21 @@ pub fn cleanup_volumes_under(dir: &Path) {
             if !out.as_ref().is_ok_and(|o| o.status.success()) {
                 eprintln!("cleanup: cannot detach /dev/{name}: {out:?}");
             }
+        }
+    }
+    unmount_all_under(&dir, true);
+}
+
+/// One unmount pass over the mounts under `dir`, deepest first; `report` says whether failures are printed.
+fn unmount_all_under(dir: &Path, report: bool) {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<PathBuf> =
+        mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(p.replace("\\040", " "))).filter(|p| p.starts_with(dir)).collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for point in points {
+        let out = Command::new("umount").arg(&point).output();
+        if report && !out.as_ref().is_ok_and(|o| o.status.success()) {
+            eprintln!("cleanup: cannot unmount {}: {out:?}", point.display());
         }
     }
 }
