@@ -58,7 +58,10 @@ async fn monitors_down_at_prepare_degrade_with_a_clear_error_and_the_agent_recov
     assert!(agent.logs().contains("to=degraded"), "{}", agent.logs());
     let fuse_dir = w.root.join("state/rbd/fuse");
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    assert!(!mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).any(|p| Path::new(p).starts_with(&w.root)), "nothing is mounted while the monitors are down");
+    assert!(
+        !mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).any(|p| Path::new(p).starts_with(&w.root)),
+        "nothing is mounted while the monitors are down"
+    );
     assert!(!fuse_dir.exists() || std::fs::read_dir(&fuse_dir).unwrap().all(|e| !e.unwrap().path().join(&image).exists()), "no rbd-fuse mount is left");
 
     c.start_monitor();

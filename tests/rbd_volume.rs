@@ -1,7 +1,7 @@
 //! Ceph RBD cache volumes with a real cluster (one per test binary, see
 //! support::ceph) and the real agent: a blank image is created, formatted once,
 //! mounted and serves a build, then comes back with its data; two builders
-//! never mount one image; a task that names a dead builder takes its image
+//! (or two agents on one machine) never mount one image; a task that names a dead builder takes its image
 //! over and fences it; bad input and a mapper this kernel lacks are clear
 //! errors that leave nothing behind.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly on the first surprise
@@ -193,7 +193,15 @@ async fn two_builders_given_one_image_never_both_mount_it() {
     assert_nothing_mapped(&b);
     assert_eq!(locks(&share)[0]["id"], "machine-agent:builder-a", "the holder keeps its lock");
 
-    for agent in [&mut second, &mut first] {
+    // A second agent on the holder's own machine (another state dir, the same owner id) refuses too.
+    let twin = World::new();
+    use_rbd(&twin, &share, "builder-a", "fuse", "");
+    let mut third = twin.start();
+    let line = third.wait_for_log("volume preparation failed").await;
+    assert!(line.contains("held by another machine-agent on this machine"), "{line}");
+    assert_nothing_mapped(&twin);
+
+    for agent in [&mut third, &mut second, &mut first] {
         agent.signal(Signal::SIGTERM);
         assert!(agent.wait_exit(Duration::from_secs(60)).await.success(), "{}", agent.logs());
     }

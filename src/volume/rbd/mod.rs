@@ -29,6 +29,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tracing::{info, warn};
 
+/// Where agents on this machine lock an image they hold, whatever their
+/// state dirs: the lock on the image names the machine, not the agent, so two
+/// agents on one machine would both take it for their own.
+const HOST_LOCK_DIR: &str = "/run/machine-agent/rbd";
 /// Every Ceph tool run is bounded: the conf bounds the client's own waits
 /// (monitor hunt, mon and OSD ops) below this, so this only catches a hang.
 const CEPH_TOOL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -139,6 +143,12 @@ pub enum RbdError {
     },
     /// {spec} is locked by {holder}; not mapping it (a task may name that owner in take_over_from)
     HeldBy { spec: String, holder: String },
+    /// {spec} is held by another machine-agent on this machine: {source}
+    HeldOnHost {
+        spec: String,
+        #[source]
+        source: crate::instance::LockError,
+    },
     /// {spec}: {what}
     Unexpected { spec: String, what: String },
     /// {spec}: {source}
@@ -182,6 +192,31 @@ pub struct RbdAttachment {
     /// For the fuse mapper: where rbd-fuse is mounted, and the loop device on its file.
     pub fuse_mount: Option<PathBuf>,
     pub loop_attachment: Option<LoopAttachment>,
+    /// This agent's hold on the image among the agents of this machine, released when the last copy drops.
+    pub host_lock: HostLock,
+}
+
+/// A flock on the image's file under [`HOST_LOCK_DIR`], held for as long as
+/// the agent holds the image (and dropped by the kernel if the agent dies).
+#[derive(Debug, Clone)]
+pub struct HostLock(Option<std::sync::Arc<crate::instance::InstanceLock>>);
+
+impl PartialEq for HostLock {
+    /// Two holds are the same hold: there is one per image and process.
+    fn eq(&self, other: &Self) -> bool {
+        self.0.is_some() == other.0.is_some()
+    }
+}
+
+/// Takes this machine's lock on the image, so a second agent here (another
+/// state dir, the same owner id) refuses it.
+fn lock_on_host(image: &RbdImage) -> Result<HostLock, RbdError> {
+    let dir = Path::new(HOST_LOCK_DIR).join(dir_name(image));
+    crate::fsutil::create_private_dir(&dir)
+        .map_err(|source| RbdError::HeldOnHost { spec: image.spec(), source: crate::instance::LockError::Open { path: dir.clone(), source } })?;
+    crate::instance::InstanceLock::acquire(&dir)
+        .map(|lock| HostLock(Some(std::sync::Arc::new(lock))))
+        .map_err(|source| RbdError::HeldOnHost { spec: image.spec(), source })
 }
 
 /// The name of an image's credentials and fuse directories: one path
@@ -224,6 +259,15 @@ async fn attach_steps(settings: &RbdSettings, client: &CephClient, image: &RbdIm
     let created = ensure_image(client, image).await?;
     let lock_id = lock_id(&settings.owner_id);
     let (took_over_from, newly_locked) = acquire_lock(client, image, &settings.owner_id, &lock_id).await?;
+    let host_lock = match lock_on_host(image) {
+        Ok(lock) => lock,
+        Err(error) => {
+            if newly_locked {
+                release_lock(client, image, &lock_id).await.unwrap_or_else(|e| warn!(error = %e, "cannot release the lock of a failed attach"));
+            }
+            return Err(error);
+        }
+    };
     let fuse_mount = (mapper == Mapper::Fuse).then(|| fuse_mount_point(settings, image));
     let mapped = match mapper {
         Mapper::Krbd => map_kernel(client, image, DeviceType::Krbd).await.map(|device| (device, None)),
@@ -240,7 +284,7 @@ async fn attach_steps(settings: &RbdSettings, client: &CephClient, image: &RbdIm
         }
     };
     info!(image = %image.spec(), mapper = mapper.as_str(), device = %device.display(), created, took_over_from = ?took_over_from, "RBD image mapped");
-    Ok(RbdAttachment { image: image.clone(), mapper, device, files, lock_id, created, took_over_from, fuse_mount, loop_attachment })
+    Ok(RbdAttachment { image: image.clone(), mapper, device, files, lock_id, created, took_over_from, fuse_mount, loop_attachment, host_lock })
 }
 
 /// Runs a Ceph tool for `image`; errors name the image.
@@ -366,8 +410,7 @@ async fn map_kernel(client: &CephClient, image: &RbdImage, kind: DeviceType) -> 
 async fn map_fuse(client: &CephClient, image: &RbdImage, mount_point: &Path) -> Result<LoopAttachment, RbdError> {
     let device_error = |source| RbdError::Device { spec: image.spec(), source };
     if !is_fuse_mounted(mount_point) {
-        crate::fsutil::create_private_dir(mount_point.parent().unwrap_or(mount_point))
-            .and_then(|()| crate::fsutil::create_private_dir(mount_point))
+        crate::fsutil::create_private_dir(mount_point)
             .map_err(|source| device_error(super::device::DeviceError::Backing { path: mount_point.into(), source }))?;
         // rbd-fuse mounts, then goes to the background: it outlives this run and the agent.
         ceph(image, client.fuse(image, mount_point)).await?;
@@ -495,6 +538,7 @@ pub async fn abandon(settings: &RbdSettings, sys_root: &Path, image: &RbdImage) 
         took_over_from: None,
         fuse_mount,
         loop_attachment,
+        host_lock: HostLock(None),
     };
     detach(&attachment).await
 }
