@@ -285,7 +285,7 @@ async fn a_wrong_key_an_unknown_pool_or_a_missing_image_is_a_clear_error_that_le
     let share = Share::new();
     cluster().create_image(&share.pool, &share.image, IMAGE_BYTES);
     let cases: [(&str, Box<dyn Fn(&World)>, &str); 3] = [
-        ("wrong key", Box::new(|w: &World| write_private(&w.root.join("rbd.key"), "AQBzR0BnAAAAABAAQ2xGVFNwb2VkS2V5MTIzNDU2Nw=="))), "couldn't connect"),
+        ("wrong key", Box::new(|w: &World| write_private(&w.root.join("rbd.key"), "AQAA8VNlAAAAABAAAAECAwQFBgcICQoLDA0ODw==")), "couldn't connect"),
         (
             "unknown pool",
             Box::new(|w: &World| {
