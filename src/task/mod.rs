@@ -8,8 +8,9 @@
 //! the check can be written, so both halves live together); the checks against
 //! the machine (does the device exist, is it blank) belong to the volume manager.
 
-/// The task's mTLS material: checked, then written atomically where the engine reads it.
+/// A task's Ceph RBD volume: its names, key, monitors and ceph.conf, checked.
 pub mod rbd;
+/// The task's mTLS material: checked, then written atomically where the engine reads it.
 pub mod tls;
 
 use crate::fsutil::{check_clean_absolute, excerpt, read_regular_text};
