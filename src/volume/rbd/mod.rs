@@ -2,6 +2,9 @@
 //! tools read, and the mapper that turns the image into a block device
 //! (krbd, rbd-nbd, or rbd-fuse plus a loop device).
 
+/// The keyring and ceph.conf written for one mount, and their removal.
+pub mod credentials;
+
 use std::path::PathBuf;
 
 /// Which mapper turns an image into a block device (`volume.rbd_mapper`).
