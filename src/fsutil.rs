@@ -152,6 +152,35 @@ pub fn create_private_dir(path: &Path) -> io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(path)
 }
 
+/// Why a private directory could not be made ready. Each names the path.
+#[derive(Debug, displaydoc::Display, thiserror::Error)]
+pub enum PrivateDirError {
+    /// cannot create {path} or set its mode: {source}
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// {path} is not a directory (a symbolic link or a file stands there); refusing to write through it
+    NotADirectory { path: PathBuf },
+}
+
+/// Makes `path` a directory only its owner can use: created 0700 with any
+/// missing parents, an existing one set to exactly 0700. A symbolic link
+/// there is refused even if it points at a directory: it could send private
+/// files anywhere.
+pub fn ensure_private_dir(path: &Path) -> Result<(), PrivateDirError> {
+    use std::os::unix::fs::PermissionsExt;
+    let create = |source| PrivateDirError::Create { path: path.to_path_buf(), source };
+    create_private_dir(path).map_err(create)?;
+    let meta = std::fs::symlink_metadata(path).map_err(create)?;
+    if !meta.is_dir() {
+        return Err(PrivateDirError::NotADirectory { path: path.to_path_buf() });
+    }
+    // An existing dir keeps its old mode through create(); set it exactly.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(create)
+}
+
 /// An absolute path without `.`, `..` or empty components.
 pub fn check_clean_absolute(path: &Path) -> Result<(), String> {
     if !path.is_absolute() {

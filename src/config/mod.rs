@@ -331,6 +331,37 @@ mod tests {
     }
 
     #[test]
+    fn rbd_mapper_and_owner_id_are_read_and_checked() {
+        use crate::volume::rbd::MapperChoice;
+        let base = "[volume]\nallowed_mount_prefixes = [\"/var/lib/buildkit\"]\n";
+        let c = Config::parse(base, &env(&[])).unwrap();
+        assert_eq!(c.volume.rbd.mapper, MapperChoice::Auto);
+        assert_eq!(c.volume.rbd.dir, PathBuf::from("/var/lib/machine-agent/rbd"));
+        for (name, want) in [("auto", MapperChoice::Auto), ("krbd", MapperChoice::Krbd), ("nbd", MapperChoice::Nbd), ("fuse", MapperChoice::Fuse)] {
+            let c = Config::parse(&format!("{base}rbd_mapper = \"{name}\"\nowner_id = \"builder-7.eu:1\"\n"), &env(&[])).unwrap();
+            assert_eq!((c.volume.rbd.mapper, c.volume.rbd.owner_id.as_str()), (want, "builder-7.eu:1"));
+        }
+        let err = Config::parse(&format!("{base}rbd_mapper = \"KRBD\"\nowner_id = \"a b\"\n"), &env(&[])).unwrap_err();
+        let fields: Vec<_> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["volume.rbd_mapper", "volume.owner_id"]);
+        let over = Config::parse(base, &env(&[("MACHINE_AGENT__VOLUME__OWNER_ID", "from-env")])).unwrap();
+        assert_eq!(over.volume.rbd.owner_id, "from-env");
+    }
+
+    #[test]
+    fn owner_id_defaults_to_a_valid_machine_id_and_else_stays_empty() {
+        use super::validate::rbd_owner_id;
+        let mut problems = vec![];
+        let mut bad = |f: &str, p: String| problems.push((f.to_string(), p));
+        assert_eq!(rbd_owner_id(None, || Some("3f2a9c0e5b7d41e8a6c2f0d9b8e7a6c5".into()), &mut bad), "3f2a9c0e5b7d41e8a6c2f0d9b8e7a6c5");
+        assert_eq!(rbd_owner_id(None, || None, &mut bad), "", "no machine-id is no startup error");
+        assert_eq!(rbd_owner_id(None, || Some("not an id\n".into()), &mut bad), "");
+        assert_eq!(rbd_owner_id(Some("op-1"), || panic!("not read when configured"), &mut bad), "op-1");
+        assert_eq!(rbd_owner_id(Some(""), || None, &mut bad), "");
+        assert_eq!(problems.iter().map(|(f, _)| f.as_str()).collect::<Vec<_>>(), ["volume.owner_id"], "only the configured empty id");
+    }
+
+    #[test]
     fn type_errors_and_unknown_fields_name_the_field() {
         let err = Config::parse("[agent]\ndrain_timeout_secs = \"soon\"\n", &env(&[])).unwrap_err();
         assert_eq!(err.problems()[0].field, "agent.drain_timeout_secs");

@@ -169,6 +169,11 @@ pub(super) struct RawVolume {
     pub(super) ext4_bytes_per_inode: Option<u64>,
     /// Unset: `<agent.state_dir>/volumes` (see validate.rs).
     pub(super) allowed_backing_dirs: Option<Vec<PathBuf>>,
+    /// auto, krbd, nbd or fuse.
+    #[serde(default = "default_rbd_mapper")]
+    pub(super) rbd_mapper: String,
+    /// Unset: the host's /etc/machine-id (see validate.rs).
+    pub(super) owner_id: Option<String>,
 }
 
 impl Default for RawVolume {
@@ -181,6 +186,8 @@ impl Default for RawVolume {
             ephemeral_dir: None,
             ext4_bytes_per_inode: None,
             allowed_backing_dirs: None,
+            rbd_mapper: default_rbd_mapper(),
+            owner_id: None,
         }
     }
 }
@@ -273,6 +280,10 @@ fn default_drain_timeout_secs() -> u64 {
 }
 fn default_device_wait_secs() -> u64 {
     DEFAULT_DEVICE_WAIT_SECS
+}
+fn default_rbd_mapper() -> String {
+    // The first mapper the machine offers: krbd where the module loads, else rbd-nbd, else rbd-fuse.
+    "auto".into()
 }
 fn default_unmount_timeout_secs() -> u64 {
     DEFAULT_UNMOUNT_TIMEOUT_SECS

@@ -21,6 +21,7 @@ use crate::fsutil::{check_clean_absolute, excerpt, read_regular_file, read_regul
 use crate::gc::GcSettings;
 use crate::observe::connections::ConnectionLimits;
 use crate::observe::http::EndpointSettings;
+use crate::task::rbd::{is_owner_id, MAX_OWNER_ID_BYTES};
 use crate::task::{MAX_ENGINE_ENV, MAX_ENV_NAME_BYTES};
 use crate::volume::manager::{default_system_paths, VolumeSettings};
 use crate::volume::rbd::{MapperChoice, RbdSettings};
@@ -247,9 +248,58 @@ fn volume_settings(v: &RawVolume, state_dir: &Path, bad: &mut impl FnMut(&str, S
         system_paths: default_system_paths(),
         intent_dir: state_dir.join(FORMAT_INTENT_DIR),
         allowed_backing_dirs: allowed_backing_dirs(v.allowed_backing_dirs.as_deref(), state_dir, bad),
-        // `volume.rbd_mapper` and `volume.owner_id` are read in the next step.
-        rbd: RbdSettings { mapper: MapperChoice::Auto, owner_id: String::new(), dir: state_dir.join("rbd") },
+        rbd: RbdSettings {
+            mapper: rbd_mapper(&v.rbd_mapper, bad),
+            owner_id: rbd_owner_id(v.owner_id.as_deref(), || read_machine_id(Path::new(MACHINE_ID_PATH)), bad),
+            dir: state_dir.join(RBD_SUBDIR),
+        },
     }
+}
+
+/// Per-mount keyrings, confs and fuse mount points, under the state dir (0700).
+const RBD_SUBDIR: &str = "rbd";
+/// systemd's stable host id: the default owner id on image locks.
+const MACHINE_ID_PATH: &str = "/etc/machine-id";
+/// A machine-id is 33 bytes; a larger file is not one.
+const MAX_MACHINE_ID_BYTES: u64 = 4096;
+
+/// `volume.rbd_mapper`: which mapper turns an image into a block device. Pure.
+fn parse_mapper_choice(name: &str) -> Option<MapperChoice> {
+    match name {
+        "auto" => Some(MapperChoice::Auto),
+        "krbd" => Some(MapperChoice::Krbd),
+        "nbd" => Some(MapperChoice::Nbd),
+        "fuse" => Some(MapperChoice::Fuse),
+        _ => None,
+    }
+}
+
+fn rbd_mapper(name: &str, bad: &mut impl FnMut(&str, String)) -> MapperChoice {
+    parse_mapper_choice(name).unwrap_or_else(|| {
+        bad("volume.rbd_mapper", format!("expected \"auto\", \"krbd\", \"nbd\" or \"fuse\", got {:?}", excerpt(name, 64)));
+        MapperChoice::Auto
+    })
+}
+
+/// `volume.owner_id`: a configured id must be a valid owner id. Unset, the
+/// host's machine-id is used if it is one; if not, the id stays empty and is
+/// no startup error (a machine without RBD volumes needs none): preparing an
+/// RBD volume then refuses, saying to set `volume.owner_id`. `machine_id` is
+/// called only when nothing is configured. Pure but for `machine_id`.
+pub(super) fn rbd_owner_id(configured: Option<&str>, machine_id: impl FnOnce() -> Option<String>, bad: &mut impl FnMut(&str, String)) -> String {
+    match configured {
+        Some(id) if is_owner_id(id) => id.to_string(),
+        Some(id) => {
+            bad("volume.owner_id", format!("expected 1..={MAX_OWNER_ID_BYTES} bytes of [A-Za-z0-9._:-], got {:?}", excerpt(id, 64)));
+            String::new()
+        }
+        None => machine_id().filter(|id| is_owner_id(id)).unwrap_or_default(),
+    }
+}
+
+/// The host's machine-id, trimmed; None if it cannot be read.
+fn read_machine_id(path: &Path) -> Option<String> {
+    read_regular_text(path, MAX_MACHINE_ID_BYTES).ok().map(|text| text.trim().to_string())
 }
 
 /// `[agent]`'s drain deadline and intervals.

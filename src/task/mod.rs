@@ -8,8 +8,9 @@
 //! the check can be written, so both halves live together); the checks against
 //! the machine (does the device exist, is it blank) belong to the volume manager.
 
-/// The task's mTLS material: checked, then written atomically where the engine reads it.
+/// A task's Ceph RBD volume: its names, key, monitors and ceph.conf, checked.
 pub mod rbd;
+/// The task's mTLS material: checked, then written atomically where the engine reads it.
 pub mod tls;
 
 use crate::fsutil::{check_clean_absolute, excerpt, read_regular_text};
@@ -468,7 +469,7 @@ fn validate_mount(p: &mut Problems, field: &str, m: pb::VolumeMount, limits: &Ta
 
     let source = match m.source {
         None => {
-            p.add(format!("{field}.source"), "missing: expected a device or a file");
+            p.add(format!("{field}.source"), "missing: expected a device, a file or an rbd image");
             None
         }
         Some(pb::volume_mount::Source::Device(d)) => {
@@ -570,6 +571,8 @@ fn check_mounts_disjoint(p: &mut Problems, mounts: &[VolumeMount]) {
             let same_source = match (&a.source, &b.source) {
                 (VolumeSource::Device { path: x, .. }, VolumeSource::Device { path: y, .. }) => x == y,
                 (VolumeSource::File { path: x, .. }, VolumeSource::File { path: y, .. }) => x == y,
+                // One image mapped twice is two writers on one filesystem, whatever the monitors say.
+                (VolumeSource::Rbd(x), VolumeSource::Rbd(y)) => x.spec() == y.spec(),
                 _ => false,
             };
             if same_source {
@@ -672,6 +675,7 @@ struct TaskFileMount {
     skip_trim: bool,
     device: Option<TaskFileDevice>,
     file: Option<TaskFileBacking>,
+    rbd: Option<TaskFileRbd>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -688,6 +692,30 @@ struct TaskFileBacking {
     path: String,
     size_bytes: u64,
 }
+
+/// An RBD image. The key is only ever read from `key_file` (like the TLS
+/// key): a task file is copied, diffed and printed, and a key inline in it
+/// would travel with it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TaskFileRbd {
+    pool: String,
+    #[serde(default)]
+    namespace: String,
+    image: String,
+    client_name: String,
+    key_file: PathBuf,
+    #[serde(default)]
+    monitors: Vec<String>,
+    ceph_conf_file: Option<PathBuf>,
+    #[serde(default)]
+    size_bytes: u64,
+    #[serde(default)]
+    take_over_from: String,
+}
+
+/// A key file holds one base64 key and perhaps a newline; a keyring section is a few more bytes.
+const MAX_KEY_FILE_BYTES: u64 = 4096;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -710,24 +738,43 @@ pub fn read_task_file(path: &Path) -> Result<pb::BuildkitTask, TaskError> {
         .map_err(|e| one(&excerpt(&e.path().to_string(), MAX_QUOTED_CHARS), excerpt(e.inner().message(), MAX_QUOTED_CHARS)))?;
     let base = path.parent().unwrap_or(Path::new("/"));
     let mut p = Problems::default();
-    let mut read_pem = |field: &str, file: &Path| -> String {
-        read_regular_text(&base.join(file), MAX_PEM_BYTES as u64).unwrap_or_else(|e| {
+    // Every file a task file names is read the same way: relative to it, bounded, a regular file.
+    let read_named = |p: &mut Problems, field: &str, file: &Path, max_bytes: u64| -> String {
+        read_regular_text(&base.join(file), max_bytes).unwrap_or_else(|e| {
             p.add(field, e.to_string());
             String::new()
         })
     };
     let tls = pb::TlsMaterial {
-        cert_pem: read_pem("tls.cert_file", &file.tls.cert_file),
-        key_pem: read_pem("tls.key_file", &file.tls.key_file),
-        ca_pem: read_pem("tls.ca_file", &file.tls.ca_file),
+        cert_pem: read_named(&mut p, "tls.cert_file", &file.tls.cert_file, MAX_PEM_BYTES as u64),
+        key_pem: read_named(&mut p, "tls.key_file", &file.tls.key_file, MAX_PEM_BYTES as u64),
+        ca_pem: read_named(&mut p, "tls.ca_file", &file.tls.ca_file, MAX_PEM_BYTES as u64),
     };
     let mut mounts = vec![];
     for (i, m) in file.mounts.into_iter().enumerate() {
-        let source = match (m.device, m.file) {
-            (Some(d), None) => Some(pb::volume_mount::Source::Device(pb::BlockDevice { path: d.path, ebs_volume_id: d.ebs_volume_id })),
-            (None, Some(f)) => Some(pb::volume_mount::Source::File(pb::FileBackedVolume { path: f.path, size_bytes: f.size_bytes })),
+        let source = match (m.device, m.file, m.rbd) {
+            (Some(d), None, None) => Some(pb::volume_mount::Source::Device(pb::BlockDevice { path: d.path, ebs_volume_id: d.ebs_volume_id })),
+            (None, Some(f), None) => Some(pb::volume_mount::Source::File(pb::FileBackedVolume { path: f.path, size_bytes: f.size_bytes })),
+            (None, None, Some(r)) => {
+                let key = read_named(&mut p, &format!("mounts[{i}].rbd.key_file"), &r.key_file, MAX_KEY_FILE_BYTES).trim().to_string();
+                let ceph_conf = match &r.ceph_conf_file {
+                    Some(conf) => read_named(&mut p, &format!("mounts[{i}].rbd.ceph_conf_file"), conf, rbd::MAX_CEPH_CONF_BYTES as u64),
+                    None => String::new(),
+                };
+                Some(pb::volume_mount::Source::Rbd(pb::RbdVolume {
+                    pool: r.pool,
+                    namespace: r.namespace,
+                    image: r.image,
+                    client_name: r.client_name,
+                    key,
+                    monitors: r.monitors,
+                    ceph_conf,
+                    size_bytes: r.size_bytes,
+                    take_over_from: r.take_over_from,
+                }))
+            }
             _ => {
-                p.add(format!("mounts[{i}]"), "expected exactly one of device or file");
+                p.add(format!("mounts[{i}]"), "expected exactly one of device, file or rbd");
                 None
             }
         };
@@ -906,6 +953,77 @@ pub(crate) mod tests {
         let mut fewer = running.clone();
         fewer.mounts.clear();
         assert_eq!(differing_fields(&running, &fewer), ["buildkit.mounts"]);
+    }
+
+    #[test]
+    fn a_task_file_rbd_mount_loads_into_the_same_image_as_the_proto() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for (name, text) in [("cert.pem", cert().to_string()), ("key.pem", key().to_string()), ("ca.pem", ca().to_string())] {
+            std::fs::write(d.join(name), text).unwrap();
+        }
+        let proto = rbd::tests::good_rbd();
+        std::fs::create_dir(d.join("ceph")).unwrap();
+        std::fs::write(d.join("ceph/buildkit.key"), format!("{}\n", proto.key)).unwrap();
+        std::fs::write(d.join("ceph/ceph.conf"), &proto.ceph_conf).unwrap();
+        let task_file = d.join("task.toml");
+        std::fs::write(
+            &task_file,
+            r#"
+task_id = "task-1"
+listen_address = "0.0.0.0:443"
+cache_size_bytes = 53687091200
+[tls]
+cert_file = "cert.pem"
+key_file = "key.pem"
+ca_file = "ca.pem"
+[[mounts]]
+mount_path = "/mnt/rbd"
+fs_type = "xfs"
+[mounts.rbd]
+pool = "builds"
+namespace = "team-a"
+image = "cache-01"
+client_name = "client.buildkit"
+key_file = "ceph/buildkit.key"
+monitors = ["10.0.0.1:6789", "[v2:10.0.0.2:3300,v1:10.0.0.2:6789]"]
+ceph_conf_file = "ceph/ceph.conf"
+size_bytes = 10737418240
+take_over_from = "3f2a9c0e5b7d41e8a6c2f0d9b8e7a6c5"
+"#,
+        )
+        .unwrap();
+        let read = read_task_file(&task_file).unwrap();
+        assert_eq!(read.mounts[0].source, Some(pb::volume_mount::Source::Rbd(proto.clone())));
+        let loaded = load_task_file(&task_file, &limits()).unwrap();
+        let mut p = Problems::default();
+        let expected = rbd::validate_rbd(&mut p, "x", proto).unwrap();
+        assert_eq!(loaded.mounts[0].source, VolumeSource::Rbd(expected));
+
+        // An inline key is an unknown field; a missing key file is named.
+        let text = std::fs::read_to_string(&task_file).unwrap();
+        std::fs::write(&task_file, text.replace("key_file = \"ceph/buildkit.key\"", "key = \"AQBMd0BlAAAAABAAb9Ih5QBoRGXmqrxl0QWUZQ==\"")).unwrap();
+        let err = read_task_file(&task_file).unwrap_err();
+        assert!(!err.to_string().contains("AQBMd0Bl"), "{err}");
+        std::fs::write(&task_file, text.replace("ceph/buildkit.key", "ceph/missing.key")).unwrap();
+        assert_eq!(fields(read_task_file(&task_file).unwrap_err()), ["mounts[0].rbd.key_file"]);
+        std::fs::write(&task_file, text.replace("[mounts.rbd]", "file = { path = \"/var/lib/x/a.img\", size_bytes = 1073741824 }\n[mounts.rbd]")).unwrap();
+        assert_eq!(fields(read_task_file(&task_file).unwrap_err()), ["mounts[0]"]);
+    }
+
+    #[test]
+    fn one_rbd_image_on_two_mounts_is_refused() {
+        let mut t = good_task();
+        let rbd_mount = |path: &str| pb::VolumeMount {
+            mount_path: path.into(),
+            source: Some(pb::volume_mount::Source::Rbd(rbd::tests::good_rbd())),
+            fs_type: pb::FilesystemType::Xfs as i32,
+            options: vec![],
+            skip_trim: false,
+        };
+        t.mounts.push(rbd_mount("/mnt/a"));
+        t.mounts.push(rbd_mount("/mnt/b"));
+        assert_eq!(fields(validate_buildkit(t, &limits()).unwrap_err()), ["buildkit.mounts[2].source"]);
     }
 
     #[test]
@@ -1102,6 +1220,7 @@ pub(crate) mod tests {
             option in hostile_text(),
             env_count in prop_oneof![0usize..70, Just(MAX_ENGINE_ENV + 1), Just(50_000usize)],
             key in hostile_text(), value in hostile_text(), path in hostile_text(),
+            rbd_text in hostile_text(), rbd_field in 0usize..9, monitor_count in prop_oneof![0usize..3, Just(rbd::MAX_MONITORS + 1), Just(100_000usize)],
         ) -> pb::BuildkitTask {
             // Floods repeat a short text (a 1 MiB message holds no more); one long
             // text rides in the first option, variable and the mount path.
@@ -1120,6 +1239,27 @@ pub(crate) mod tests {
             if env_count > 0 {
                 t.engine_env.insert(key, value);
             }
+            // One RBD mount with a good shape, one field of it hostile, and a monitor flood.
+            let mut r = rbd::tests::good_rbd();
+            r.monitors = vec![short(&rbd_text); monitor_count];
+            match rbd_field {
+                0 => r.pool = rbd_text,
+                1 => r.namespace = rbd_text,
+                2 => r.image = rbd_text,
+                3 => r.client_name = rbd_text,
+                4 => r.key = rbd_text,
+                5 => r.ceph_conf = format!("[global]\n{rbd_text} = {rbd_text}\n"),
+                6 => r.ceph_conf = rbd_text.repeat(3),
+                7 => r.take_over_from = rbd_text,
+                _ => r.monitors.push(rbd_text),
+            }
+            t.mounts.push(pb::VolumeMount {
+                mount_path: "/mnt/rbd".into(),
+                source: Some(pb::volume_mount::Source::Rbd(r)),
+                fs_type: pb::FilesystemType::Xfs as i32,
+                options: vec![],
+                skip_trim: false,
+            });
             t
         }
     }
@@ -1161,17 +1301,45 @@ pub(crate) mod tests {
         ]
     }
 
+    /// Strings an RBD field might hold: good values of each field, hostile text, and arbitrary text.
+    fn arb_rbd_string() -> BoxedStrategy<String> {
+        // Boxed: nine of these in a mount, ten mounts in a task, overflow the test thread's stack unboxed.
+        prop_oneof![
+            arb_string(),
+            Just("builds".to_string()),
+            Just("client.buildkit".to_string()),
+            Just(rbd::tests::good_key()),
+            Just("10.0.0.1:6789".to_string()),
+            Just("[v2:10.0.0.2:3300,v1:10.0.0.2:6789]".to_string()),
+            Just("[global]\nmon_host = 10.0.0.1:6789\nrbd cache = true\n".to_string()),
+            Just("[client]\nadmin socket = /run/x.asok\n".to_string()),
+            hostile_text(),
+        ]
+        .boxed()
+    }
+
+    prop_compose! {
+        fn arb_rbd()(
+            pool in arb_rbd_string(), namespace in arb_rbd_string(), image in arb_rbd_string(), client_name in arb_rbd_string(),
+            key in arb_rbd_string(), monitors in proptest::collection::vec(arb_rbd_string(), 0..4), ceph_conf in arb_rbd_string(),
+            size_bytes in prop_oneof![Just(0u64), Just(1u64 << 30), any::<u64>()], take_over_from in arb_rbd_string(),
+        ) -> pb::RbdVolume {
+            pb::RbdVolume { pool, namespace, image, client_name, key, monitors, ceph_conf, size_bytes, take_over_from }
+        }
+    }
+
     prop_compose! {
         fn arb_mount()(
             mount_path in arb_string(), dev in arb_string(), ebs in arb_string(), file_size in any::<u64>(),
-            use_file in any::<Option<bool>>(), fs_type in -2i32..6, options in proptest::collection::vec(arb_string(), 0..4),
+            kind in 0u8..4, rbd in arb_rbd().boxed(), fs_type in -2i32..6, options in proptest::collection::vec(arb_string(), 0..4),
             skip_trim in any::<bool>()
         ) -> pb::VolumeMount {
-            let source = use_file.map(|f| if f {
-                pb::volume_mount::Source::File(pb::FileBackedVolume { path: dev.clone(), size_bytes: file_size })
-            } else {
-                pb::volume_mount::Source::Device(pb::BlockDevice { path: dev.clone(), ebs_volume_id: ebs.clone() })
-            });
+            let source = match kind {
+                0 => None,
+                1 => Some(pb::volume_mount::Source::File(pb::FileBackedVolume { path: dev.clone(), size_bytes: file_size })),
+                2 => Some(pb::volume_mount::Source::Device(pb::BlockDevice { path: dev.clone(), ebs_volume_id: ebs.clone() })),
+                _ => Some(pb::volume_mount::Source::Rbd(rbd)),
+            };
             pb::VolumeMount { mount_path, source, fs_type, options, skip_trim }
         }
     }

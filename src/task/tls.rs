@@ -45,7 +45,6 @@ pub const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(5 * 60);
 const PUBLIC_FILE_MODE: u32 = 0o644;
 /// The key is secret: readable by root (buildkitd) only.
 const KEY_FILE_MODE: u32 = 0o600;
-const DIR_MODE: u32 = 0o700;
 /// Subjects quoted in errors are cut: a certificate is untrusted input.
 const MAX_SUBJECT_CHARS: usize = 128;
 
@@ -321,16 +320,11 @@ pub fn write(dir: &Path, checked: &CheckedTls) -> Result<TlsPaths, TlsError> {
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), TlsError> {
-    use std::os::unix::fs::PermissionsExt;
-    let create = |source| TlsError::CreateDir { path: dir.to_path_buf(), source };
-    crate::fsutil::create_private_dir(dir).map_err(create)?;
-    // A symlink here could send the key elsewhere: only a real directory will do.
-    let meta = std::fs::symlink_metadata(dir).map_err(create)?;
-    if !meta.is_dir() {
-        return Err(TlsError::NotADirectory { path: dir.to_path_buf() });
-    }
-    // An existing dir keeps its old mode through create(); set it exactly.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE)).map_err(create)
+    use crate::fsutil::PrivateDirError;
+    crate::fsutil::ensure_private_dir(dir).map_err(|e| match e {
+        PrivateDirError::Create { path, source } => TlsError::CreateDir { path, source },
+        PrivateDirError::NotADirectory { path } => TlsError::NotADirectory { path },
+    })
 }
 
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {

@@ -39,6 +39,8 @@ const CEPH_TOOL_TIMEOUT: Duration = Duration::from_secs(60);
 /// rbd-fuse shows the image's file within a moment of mounting.
 const FUSE_FILE_WAIT: Duration = Duration::from_secs(15);
 const FUSE_FILE_POLL: Duration = Duration::from_millis(20);
+/// How much of the image's name a directory name keeps.
+const DIR_NAME_IMAGE_BYTES: usize = 24;
 
 /// Which mapper turns an image into a block device (`volume.rbd_mapper`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -219,11 +221,20 @@ fn lock_on_host(image: &RbdImage) -> Result<HostLock, RbdError> {
         .map_err(|source| RbdError::HeldOnHost { spec: image.spec(), source })
 }
 
-/// The name of an image's credentials and fuse directories: one path
-/// component. `@` cannot occur in a pool, namespace or image name, so two
-/// images never share one.
+/// The name of an image's credentials, fuse and host-lock directories: one
+/// short path component (admin sockets beneath it must fit 108 bytes), the
+/// start of the image's name for a reader and a hash of its whole spec for
+/// uniqueness (`@` cannot occur in a name). Stable across agent versions: a
+/// restarted agent finds its mapping by it.
 fn dir_name(image: &RbdImage) -> String {
-    format!("{}@{}@{}", image.pool, image.namespace.as_deref().unwrap_or(""), image.image)
+    // Names are ASCII (validated), so any byte is a char boundary.
+    let start = &image.image[..image.image.len().min(DIR_NAME_IMAGE_BYTES)];
+    format!("{start}@{:016x}", fnv1a64(image.spec().as_bytes()))
+}
+
+/// FNV-1a, 64 bits: a fixed hash (std's hasher may change between releases).
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Where rbd-fuse is mounted for an image: beside the credentials, never
@@ -592,10 +603,14 @@ mod tests {
     }
 
     #[test]
-    fn directory_names_are_one_component_and_never_shared() {
+    fn directory_names_are_one_component_stable_and_never_shared() {
         let mut a = image();
-        assert_eq!(dir_name(&a), "cache@@proj");
+        assert_eq!(dir_name(&a), "proj@166b982f2ecd82dd");
         a.namespace = Some("team".into());
-        assert_eq!(dir_name(&a), "cache@team@proj");
+        assert_ne!(dir_name(&a), dir_name(&image()));
+        let (mut b, mut c) = (image(), image());
+        (b.pool, b.image, c.pool, c.image) = ("a.b".into(), "c".into(), "a".into(), "b.c".into());
+        assert_ne!(dir_name(&b), dir_name(&c), "names with dots in them never collide");
+        assert!(!dir_name(&a).contains('/'));
     }
 }
