@@ -49,10 +49,12 @@ impl Builder {
     }
 
     fn write_conf(&self, path: &Path, mon_host: &str) {
+        // log file: rbd-fuse (a daemon to Ceph) otherwise logs to /var/log/ceph/ceph-client.<id>.log,
+        // and a blocklisted one writes there without end (1.3 GB in 10 minutes here).
+        let dir = self.dir.path().display();
         let text = format!(
-            "[global]\nmon_host = {mon_host}\nkeyring = {}\nadmin socket = {}/$cluster-$name.$pid.$cctid.asok\n",
-            self.keyring().display(),
-            self.dir.path().display()
+            "[global]\nmon_host = {mon_host}\nkeyring = {}\nadmin socket = {dir}/$cluster-$name.$pid.$cctid.asok\nlog file = {dir}/$name.$pid.log\n",
+            self.keyring().display()
         );
         std::fs::write(path, text).unwrap();
     }
