@@ -12,7 +12,8 @@
 //!   which runs `atexit` handlers; ours kills the daemons by pid and removes
 //!   the directory;
 //! - SIGKILL of the test process: no handler runs, but every process spawned
-//!   through [`spawn`] has `PR_SET_PDEATHSIG(SIGKILL)` set and dies with it.
+//!   through [`spawn`] has `PR_SET_PDEATHSIG(SIGKILL)` set and dies with it
+//!   (checked: the OSD goes at once); only the directory stays behind.
 //!
 //! Tests that mount (rbd-fuse, loop devices) clean up after themselves; the
 //! atexit handler only knows the daemons and the directory.
