@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bare_engine;
+pub mod ceph;
 pub mod control_plane;
 pub mod engine;
 pub mod loopdev;
