@@ -5,6 +5,7 @@
 //! client timeouts) and the client (`--id`): nothing under /etc/ceph is read.
 
 use super::super::format::CommandLine;
+use super::lock::LOCK_NAME;
 use crate::task::RbdImage;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 pub const RBD: &str = "/usr/bin/rbd";
 pub const CEPH: &str = "/usr/bin/ceph";
 pub const RBD_FUSE: &str = "/usr/bin/rbd-fuse";
+pub const RADOS: &str = "/usr/bin/rados";
 
 /// How the tools reach the cluster as the task's client.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,17 +56,45 @@ impl CephClient {
         self.line(RBD, &["create", "--size", &format!("{mib}M"), "--image-feature", "layering,exclusive-lock", &image.spec()])
     }
 
-    pub fn lock_list(&self, image: &RbdImage) -> CommandLine {
-        self.line(RBD, &["lock", "ls", "--format", "json", &image.spec()])
+    /// `rados` on the image's pool and namespace.
+    fn rados(&self, image: &RbdImage, args: &[&str]) -> CommandLine {
+        let mut all = vec!["-p", image.pool.as_str()];
+        if let Some(ns) = &image.namespace {
+            all.extend(["--namespace", ns.as_str()]);
+        }
+        all.extend(args);
+        self.line(RADOS, &all)
     }
 
-    /// An exclusive advisory lock: a second `lock add` fails while it stands.
-    pub fn lock_add(&self, image: &RbdImage, lock_id: &str) -> CommandLine {
-        self.line(RBD, &["lock", "add", &image.spec(), lock_id])
+    /// The holders of the owner lock on the image's header object (see [`super::lock`]).
+    pub fn lock_info(&self, image: &RbdImage, header: &str) -> CommandLine {
+        self.rados(image, &["--format", "json", "lock", "info", header, LOCK_NAME])
     }
 
-    pub fn lock_remove(&self, image: &RbdImage, lock_id: &str, locker: &str) -> CommandLine {
-        self.line(RBD, &["lock", "rm", &image.spec(), lock_id, locker])
+    /// Takes the owner lock: fails (EBUSY) while anyone holds it, the same owner included.
+    pub fn lock_get(&self, image: &RbdImage, header: &str, owner_id: &str) -> CommandLine {
+        let description = format!("machine-agent owner {owner_id}");
+        self.rados(
+            image,
+            &[
+                "lock",
+                "get",
+                header,
+                LOCK_NAME,
+                "--lock-type",
+                "exclusive",
+                "--lock-cookie",
+                owner_id,
+                "--lock-tag",
+                owner_id,
+                "--lock-description",
+                &description,
+            ],
+        )
+    }
+
+    pub fn lock_break(&self, image: &RbdImage, header: &str, locker: &str, owner_id: &str) -> CommandLine {
+        self.rados(image, &["lock", "break", header, LOCK_NAME, locker, "--lock-cookie", owner_id])
     }
 
     pub fn status(&self, image: &RbdImage) -> CommandLine {
@@ -127,8 +157,9 @@ mod tests {
             "/usr/bin/rbd -c /var/lib/machine-agent/rbd/x/ceph.conf --id builder info --format json cache/project-amd64"
         );
         assert_eq!(
-            text(&client.lock_add(&image(Some("team")), "machine-agent:m1")),
-            "/usr/bin/rbd -c /var/lib/machine-agent/rbd/x/ceph.conf --id builder lock add cache/team/project-amd64 machine-agent:m1"
+            text(&client.lock_get(&image(Some("team")), "rbd_header.1f2e", "m1")),
+            "/usr/bin/rados -c /var/lib/machine-agent/rbd/x/ceph.conf --id builder -p cache --namespace team lock get rbd_header.1f2e machine-agent \
+             --lock-type exclusive --lock-cookie m1 --lock-tag m1 --lock-description machine-agent owner m1"
         );
         assert!(text(&client.blocklist("127.0.0.1:0/77")).ends_with("--id builder osd blocklist add 127.0.0.1:0/77"));
     }

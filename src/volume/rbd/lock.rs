@@ -1,73 +1,61 @@
-//! Who owns an image: the advisory exclusive lock every agent takes on an RBD
-//! image before its first write, named for the owner (`machine-agent:<owner
-//! id>`), so a second builder finds the holder and refuses instead of
-//! mounting the same filesystem twice.
+//! Who owns an image: an exclusive lock every agent takes on the image's
+//! header object before the first write, its cookie the owner id, so a second
+//! builder finds the holder and refuses instead of mounting the same
+//! filesystem twice.
 //!
-//! Why an advisory lock and not only the image's `exclusive-lock` feature:
-//! that feature hands the lock to whichever client writes next (two plain
-//! writers trade it back and forth and corrupt the filesystem). The advisory
-//! lock is taken once, by a short `rbd lock add`, and stays until the owner
-//! releases it at drain or a task names the owner in `take_over_from`. A take
-//! over blocklists the old owner's clients first, so a half-dead builder can
-//! never write again.
+//! Why this lock and not the image's own locks:
+//! - the `exclusive-lock` feature hands its lock to whichever client writes
+//!   next (two plain writers trade it back and forth and corrupt the
+//!   filesystem);
+//! - `rbd lock add` takes that same lock (`rbd_lock`) with a foreign tag, and
+//!   librbd then waits forever for it before its first write: the mapper's
+//!   own writes hang (verified here with rbd-fuse: losetup's fsync never
+//!   returned).
 //!
-//! Parsing and planning here are pure; the `rbd` runs are in [`super`].
+//! A lock of our own name on the header (`rados lock get ... machine-agent`)
+//! sits beside librbd's and takes no part in its hand-offs. It is taken once,
+//! by a short `rados` run, and stays until the owner releases it at drain or
+//! a task names the owner in `take_over_from`. A take-over blocklists the old
+//! owner's clients first, so a half-dead builder can never write again.
+//!
+//! Parsing and planning here are pure; the `rados` runs are in [`super`].
 
 use serde::Deserialize;
 
-/// The prefix of every lock id this agent takes; what follows is the owner id.
-const LOCK_ID_PREFIX: &str = "machine-agent:";
+/// The name of the lock on the image's header object.
+pub const LOCK_NAME: &str = "machine-agent";
 
-/// One lock on an image, as `rbd lock ls --format json` lists it.
+/// One holder of the lock, as `rados lock info --format json` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct ImageLock {
-    /// The lock id (cookie) given to `rbd lock add`.
-    pub id: String,
     /// The client that took it, e.g. `client.4123`.
+    #[serde(rename = "name")]
     pub locker: String,
+    /// The owner id of the agent that took it.
+    #[serde(rename = "cookie")]
+    pub owner: String,
     /// That client's address, e.g. `127.0.0.1:0/3012345`.
+    #[serde(rename = "addr")]
     pub address: String,
 }
 
 impl ImageLock {
-    /// The owner id, when an agent took this lock.
-    pub fn owner(&self) -> Option<&str> {
-        self.id.strip_prefix(LOCK_ID_PREFIX)
-    }
-
-    /// Names the holder for an operator: the owner id, or the foreign lock id, and its client.
+    /// Names the holder for an operator: the owner id and its client.
     pub fn describe(&self) -> String {
-        match self.owner() {
-            Some(owner) => format!("owner {owner} ({} at {})", self.locker, self.address),
-            None => format!("a lock not taken by machine-agent: id {:?} ({} at {})", self.id, self.locker, self.address),
-        }
+        format!("owner {} ({} at {})", self.owner, self.locker, self.address)
     }
 }
 
-/// The lock id an owner takes.
-pub fn lock_id(owner_id: &str) -> String {
-    format!("{LOCK_ID_PREFIX}{owner_id}")
-}
-
-/// Parses `rbd lock ls --format json`: a list of locks (Pacific and later),
-/// or an object keyed by lock id (older releases).
+/// Parses `rados lock info --format json <header> machine-agent`: the holders
+/// (none when the lock was never taken or was released).
 pub fn parse_locks(json: &str) -> Result<Vec<ImageLock>, String> {
     #[derive(Deserialize)]
-    struct Keyed {
-        locker: String,
-        address: String,
+    struct Info {
+        #[serde(default)]
+        lockers: Vec<ImageLock>,
     }
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Listing {
-        List(Vec<ImageLock>),
-        Keyed(std::collections::BTreeMap<String, Keyed>),
-    }
-    let listing: Listing = serde_json::from_str(json.trim()).map_err(|e| format!("unexpected `rbd lock ls` output: {e}"))?;
-    Ok(match listing {
-        Listing::List(locks) => locks,
-        Listing::Keyed(map) => map.into_iter().map(|(id, k)| ImageLock { id, locker: k.locker, address: k.address }).collect(),
-    })
+    let info: Info = serde_json::from_str(json.trim()).map_err(|e| format!("unexpected `rados lock info` output: {e}"))?;
+    Ok(info.lockers)
 }
 
 /// What to do about the image's lock before mapping it.
@@ -83,17 +71,17 @@ pub enum LockPlan {
     Refuse(ImageLock),
 }
 
-/// Decides from the image's locks. A lock that is neither ours nor the one the
-/// task may take over is never broken, whoever took it.
+/// Decides from the lock's holders. A lock held by another owner is broken
+/// only when the task names that owner.
 pub fn plan_lock(locks: &[ImageLock], owner_id: &str, take_over_from: Option<&str>) -> LockPlan {
-    let Some(first) = locks.first() else { return LockPlan::Take };
-    if let Some(ours) = locks.iter().find(|l| l.owner() == Some(owner_id)) {
+    if let Some(ours) = locks.iter().find(|l| l.owner == owner_id) {
         return LockPlan::AlreadyOurs(ours.clone());
     }
-    match (first.owner(), take_over_from) {
-        // An exclusive lock has one holder; a shared lock list is not ours to break.
-        (Some(holder), Some(stale)) if holder == stale && locks.len() == 1 => LockPlan::TakeOver(first.clone()),
-        _ => LockPlan::Refuse(first.clone()),
+    match (locks.first(), take_over_from) {
+        (None, _) => LockPlan::Take,
+        // An exclusive lock has one holder; anything else is not ours to break.
+        (Some(holder), Some(stale)) if holder.owner == stale && locks.len() == 1 => LockPlan::TakeOver(holder.clone()),
+        (Some(holder), _) => LockPlan::Refuse(holder.clone()),
     }
 }
 
@@ -125,46 +113,38 @@ pub fn parse_watchers(json: &str) -> Result<Vec<String>, String> {
 mod tests {
     use super::*;
 
-    fn lock(id: &str) -> ImageLock {
-        ImageLock { id: id.into(), locker: "client.4123".into(), address: "127.0.0.1:0/3012345".into() }
+    fn lock(owner: &str) -> ImageLock {
+        ImageLock { locker: "client.4123".into(), owner: owner.into(), address: "127.0.0.1:0/3012345".into() }
     }
 
     #[test]
-    fn both_listing_shapes_parse() {
-        let list = r#"[{"id":"machine-agent:a","locker":"client.4123","address":"127.0.0.1:0/3012345"}]"#;
-        assert_eq!(parse_locks(list).unwrap(), vec![lock("machine-agent:a")]);
-        let keyed = r#"{"machine-agent:a":{"locker":"client.4123","address":"127.0.0.1:0/3012345"}}"#;
-        assert_eq!(parse_locks(keyed).unwrap(), vec![lock("machine-agent:a")]);
-        assert_eq!(parse_locks("[]\n").unwrap(), vec![]);
-        assert!(parse_locks("rbd: error").unwrap_err().contains("rbd lock ls"));
+    fn holders_are_read_from_rados_lock_info() {
+        let held = r#"{"name":"machine-agent","type":"exclusive","tag":"a","lockers":[{"name":"client.4123","cookie":"a","description":"machine-agent owner a","expiration":"0.000000","addr":"127.0.0.1:0/3012345"}]}"#;
+        assert_eq!(parse_locks(held).unwrap(), vec![lock("a")]);
+        assert_eq!(parse_locks(r#"{"name":"machine-agent","type":"none","tag":"","lockers":[]}"#).unwrap(), vec![]);
+        assert!(parse_locks("ERROR: nope").unwrap_err().contains("rados lock info"));
     }
 
     #[test]
     fn a_free_image_is_taken_and_our_own_lock_is_kept() {
         assert_eq!(plan_lock(&[], "a", None), LockPlan::Take);
-        assert_eq!(plan_lock(&[lock("machine-agent:a")], "a", None), LockPlan::AlreadyOurs(lock("machine-agent:a")));
+        assert_eq!(plan_lock(&[], "a", Some("b")), LockPlan::Take);
+        assert_eq!(plan_lock(&[lock("a")], "a", None), LockPlan::AlreadyOurs(lock("a")));
     }
 
     #[test]
     fn another_owner_is_refused_unless_the_task_names_it() {
-        let theirs = lock("machine-agent:b");
+        let theirs = lock("b");
         assert_eq!(plan_lock(&[theirs.clone()], "a", None), LockPlan::Refuse(theirs.clone()));
         assert_eq!(plan_lock(&[theirs.clone()], "a", Some("c")), LockPlan::Refuse(theirs.clone()));
-        assert_eq!(plan_lock(&[theirs.clone()], "a", Some("b")), LockPlan::TakeOver(theirs));
-    }
-
-    #[test]
-    fn a_lock_someone_else_took_is_never_broken() {
-        let foreign = lock("backup-job");
-        assert_eq!(plan_lock(&[foreign.clone()], "a", Some("backup-job")), LockPlan::Refuse(foreign.clone()));
-        assert!(foreign.describe().contains("not taken by machine-agent"), "{}", foreign.describe());
-        let shared = [lock("machine-agent:b"), lock("machine-agent:c")];
-        assert!(matches!(plan_lock(&shared, "a", Some("b")), LockPlan::Refuse(_)));
+        assert_eq!(plan_lock(&[theirs.clone()], "a", Some("b")), LockPlan::TakeOver(theirs.clone()));
+        assert!(theirs.describe().starts_with("owner b (client.4123"), "{}", theirs.describe());
+        assert!(matches!(plan_lock(&[lock("b"), lock("c")], "a", Some("b")), LockPlan::Refuse(_)), "several holders are never broken");
     }
 
     #[test]
     fn the_fence_covers_the_locker_and_every_watcher_but_ours() {
-        let stale = lock("machine-agent:b");
+        let stale = lock("b");
         let watchers = vec!["127.0.0.1:0/77".to_string(), "127.0.0.1:0/3012345".to_string(), "127.0.0.1:0/99".to_string()];
         assert_eq!(fence_addresses(&stale, &watchers, &["127.0.0.1:0/99".to_string()]), vec!["127.0.0.1:0/3012345", "127.0.0.1:0/77"]);
     }

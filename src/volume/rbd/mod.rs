@@ -16,7 +16,7 @@ pub mod lock;
 
 use self::cli::{CephClient, DeviceType};
 use self::credentials::{remove_credentials, write_credentials, CephFiles};
-use self::lock::{fence_addresses, lock_id, parse_locks, parse_watchers, plan_lock, ImageLock, LockPlan};
+use self::lock::{fence_addresses, parse_locks, parse_watchers, plan_lock, ImageLock, LockPlan};
 use super::device::{attach_image_file, detach_file, LoopAttachment};
 use super::format::CommandLine;
 use super::mountinfo::{find_mount, read_mountinfo, PROC_SELF_MOUNTINFO};
@@ -185,8 +185,10 @@ pub struct RbdAttachment {
     /// The block device the filesystem is on.
     pub device: PathBuf,
     pub files: CephFiles,
-    /// The lock id this agent holds on the image.
-    pub lock_id: String,
+    /// The image's header object, which carries the owner lock.
+    pub header: String,
+    /// The owner id this agent holds the image's lock under.
+    pub owner_id: String,
     /// The image was created by this attach.
     pub created: bool,
     /// The owner whose lock was broken (after fencing its clients) by this attach.
@@ -267,14 +269,14 @@ pub async fn attach(settings: &RbdSettings, sys_root: &Path, image: &RbdImage) -
 }
 
 async fn attach_steps(settings: &RbdSettings, client: &CephClient, image: &RbdImage, mapper: Mapper, files: CephFiles) -> Result<RbdAttachment, RbdError> {
-    let created = ensure_image(client, image).await?;
-    let lock_id = lock_id(&settings.owner_id);
-    let (took_over_from, newly_locked) = acquire_lock(client, image, &settings.owner_id, &lock_id).await?;
+    let (header, created) = ensure_image(client, image).await?;
+    let owner_id = settings.owner_id.clone();
+    let (took_over_from, newly_locked) = acquire_lock(client, image, &header, &owner_id).await?;
     let host_lock = match lock_on_host(image) {
         Ok(lock) => lock,
         Err(error) => {
             if newly_locked {
-                release_lock(client, image, &lock_id).await.unwrap_or_else(|e| warn!(error = %e, "cannot release the lock of a failed attach"));
+                release_lock(client, image, &header, &owner_id).await.unwrap_or_else(|e| warn!(error = %e, "cannot release the lock of a failed attach"));
             }
             return Err(error);
         }
@@ -289,13 +291,13 @@ async fn attach_steps(settings: &RbdSettings, client: &CephClient, image: &RbdIm
         Ok(mapped) => mapped,
         Err(error) => {
             if newly_locked {
-                release_lock(client, image, &lock_id).await.unwrap_or_else(|e| warn!(error = %e, "cannot release the lock of a failed attach"));
+                release_lock(client, image, &header, &owner_id).await.unwrap_or_else(|e| warn!(error = %e, "cannot release the lock of a failed attach"));
             }
             return Err(error);
         }
     };
     info!(image = %image.spec(), mapper = mapper.as_str(), device = %device.display(), created, took_over_from = ?took_over_from, "RBD image mapped");
-    Ok(RbdAttachment { image: image.clone(), mapper, device, files, lock_id, created, took_over_from, fuse_mount, loop_attachment, host_lock })
+    Ok(RbdAttachment { image: image.clone(), mapper, device, files, header, owner_id, created, took_over_from, fuse_mount, loop_attachment, host_lock })
 }
 
 /// Runs a Ceph tool for `image`; errors name the image.
@@ -317,41 +319,58 @@ pub fn is_missing_image(stderr: &str) -> bool {
     stderr.contains("error opening image") && stderr.contains("No such file or directory")
 }
 
-/// Finds the image, or creates it when the task gives a size. Returns whether it created it.
-async fn ensure_image(client: &CephClient, image: &RbdImage) -> Result<bool, RbdError> {
-    let error = match ceph(image, client.info(image)).await {
-        Ok(_) => return Ok(false),
-        Err(error) => error,
+/// Finds the image, or creates it when the task gives a size. Returns its
+/// header object and whether it created it.
+async fn ensure_image(client: &CephClient, image: &RbdImage) -> Result<(String, bool), RbdError> {
+    let (info, created) = match ceph(image, client.info(image)).await {
+        Ok(info) => (info, false),
+        Err(error) if tool_stderr(&error).is_some_and(is_missing_image) => {
+            let Some(size_bytes) = image.create_size_bytes else { return Err(RbdError::NoImage { spec: image.spec() }) };
+            ceph(image, client.create(image, size_bytes)).await?;
+            info!(image = %image.spec(), size_bytes, "created the RBD image");
+            (ceph(image, client.info(image)).await?, true)
+        }
+        Err(error) => return Err(error),
     };
-    if !tool_stderr(&error).is_some_and(is_missing_image) {
-        return Err(error);
-    }
-    let Some(size_bytes) = image.create_size_bytes else { return Err(RbdError::NoImage { spec: image.spec() }) };
-    ceph(image, client.create(image, size_bytes)).await?;
-    info!(image = %image.spec(), size_bytes, "created the RBD image");
-    Ok(true)
+    let header = header_object(&info).map_err(|what| RbdError::Unexpected { spec: image.spec(), what })?;
+    Ok((header, created))
 }
 
-async fn list_locks(client: &CephClient, image: &RbdImage) -> Result<Vec<ImageLock>, RbdError> {
-    parse_locks(&ceph(image, client.lock_list(image)).await?).map_err(|what| RbdError::Unexpected { spec: image.spec(), what })
+/// The header object of an image from `rbd info --format json`: `rbd_header.<id>`.
+/// Only format 2 images have one (format 1 is long deprecated).
+pub fn header_object(info_json: &str) -> Result<String, String> {
+    #[derive(Deserialize)]
+    struct Info {
+        #[serde(default)]
+        id: String,
+    }
+    let info: Info = serde_json::from_str(info_json.trim()).map_err(|e| format!("unexpected `rbd info` output: {e}"))?;
+    if info.id.is_empty() || !info.id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(format!("the image has no usable id ({:?}): only format 2 images can be locked", info.id));
+    }
+    Ok(format!("rbd_header.{}", info.id))
+}
+
+async fn list_locks(client: &CephClient, image: &RbdImage, header: &str) -> Result<Vec<ImageLock>, RbdError> {
+    parse_locks(&ceph(image, client.lock_info(image, header)).await?).map_err(|what| RbdError::Unexpected { spec: image.spec(), what })
 }
 
 /// Takes the image's lock for `owner_id` (see [`lock`]). Returns the owner it
 /// took over from, if any, and whether this call took the lock.
-async fn acquire_lock(client: &CephClient, image: &RbdImage, owner_id: &str, lock_id: &str) -> Result<(Option<String>, bool), RbdError> {
-    let locks = list_locks(client, image).await?;
+async fn acquire_lock(client: &CephClient, image: &RbdImage, header: &str, owner_id: &str) -> Result<(Option<String>, bool), RbdError> {
+    let locks = list_locks(client, image, header).await?;
     match plan_lock(&locks, owner_id, image.take_over_from.as_deref()) {
         LockPlan::AlreadyOurs(_) => {
             info!(image = %image.spec(), "this owner holds the image's lock already");
             Ok((None, false))
         }
         LockPlan::Refuse(holder) => Err(RbdError::HeldBy { spec: image.spec(), holder: holder.describe() }),
-        LockPlan::Take => match ceph(image, client.lock_add(image, lock_id)).await {
+        LockPlan::Take => match ceph(image, client.lock_get(image, header, owner_id)).await {
             Ok(_) => Ok((None, true)),
-            // Another builder took it between our look and our add: name it.
-            Err(error) if tool_stderr(&error).is_some_and(|e| e.contains("(16)") || e.contains("already held")) => {
+            // Another builder took it between our look and our get: name it.
+            Err(error) if tool_stderr(&error).is_some_and(|e| e.contains("(16)")) => {
                 let holder =
-                    list_locks(client, image).await?.first().map_or_else(|| "another client (the lock was released since)".into(), ImageLock::describe);
+                    list_locks(client, image, header).await?.first().map_or_else(|| "another client (the lock was released since)".into(), ImageLock::describe);
                 Err(RbdError::HeldBy { spec: image.spec(), holder })
             }
             Err(error) => Err(error),
@@ -363,17 +382,17 @@ async fn acquire_lock(client: &CephClient, image: &RbdImage, owner_id: &str, loc
                 ceph(image, client.blocklist(address)).await?;
             }
             warn!(image = %image.spec(), stale = %stale.describe(), fenced = ?fenced, "blocklisted the previous owner's clients; breaking its lock");
-            ceph(image, client.lock_remove(image, &stale.id, &stale.locker)).await?;
-            ceph(image, client.lock_add(image, lock_id)).await?;
-            Ok((stale.owner().map(str::to_string), true))
+            ceph(image, client.lock_break(image, header, &stale.locker, &stale.owner)).await?;
+            ceph(image, client.lock_get(image, header, owner_id)).await?;
+            Ok((Some(stale.owner), true))
         }
     }
 }
 
 /// Removes this owner's lock from the image, if it is there.
-async fn release_lock(client: &CephClient, image: &RbdImage, lock_id: &str) -> Result<(), RbdError> {
-    for held in list_locks(client, image).await?.into_iter().filter(|l| l.id == lock_id) {
-        ceph(image, client.lock_remove(image, &held.id, &held.locker)).await?;
+async fn release_lock(client: &CephClient, image: &RbdImage, header: &str, owner_id: &str) -> Result<(), RbdError> {
+    for held in list_locks(client, image, header).await?.into_iter().filter(|l| l.owner == owner_id) {
+        ceph(image, client.lock_break(image, header, &held.locker, owner_id)).await?;
         info!(image = %image.spec(), "released the image's lock");
     }
     Ok(())
@@ -468,9 +487,10 @@ pub async fn detach(a: &RbdAttachment) -> Vec<RbdError> {
     let client = CephClient { conf: a.files.conf.clone(), client_id: image.client_id.clone() };
     let mut errors = vec![];
     match a.mapper {
+        // No device: an abandoned attach that never mapped.
+        Mapper::Krbd | Mapper::Nbd if a.device.as_os_str().is_empty() => {}
         Mapper::Krbd | Mapper::Nbd => {
-            let kind = if a.mapper == Mapper::Krbd { DeviceType::Krbd } else { DeviceType::Nbd };
-            if let Err(e) = ceph(image, client.device_unmap(kind, &a.device)).await {
+            if let Err(e) = ceph(image, client.device_unmap(kernel_device_type(a.mapper), &a.device)).await {
                 errors.push(e);
             }
         }
@@ -491,7 +511,7 @@ pub async fn detach(a: &RbdAttachment) -> Vec<RbdError> {
     }
     // The lock goes only once nothing of ours can write to the image any more.
     if errors.is_empty() {
-        if let Err(e) = release_lock(&client, image, &a.lock_id).await {
+        if let Err(e) = release_lock(&client, image, &a.header, &a.owner_id).await {
             errors.push(e);
         }
     }
@@ -514,6 +534,14 @@ pub async fn abandon(settings: &RbdSettings, sys_root: &Path, image: &RbdImage) 
         Err(error) => return vec![error.into()],
     };
     let client = CephClient { conf: files.conf.clone(), client_id: image.client_id.clone() };
+    let header =
+        match ceph(image, client.info(image)).await.and_then(|info| header_object(&info).map_err(|what| RbdError::Unexpected { spec: image.spec(), what })) {
+            Ok(header) => header,
+            Err(error) => {
+                let _ = remove_credentials(&files);
+                return vec![error];
+            }
+        };
     let (mut device, mut fuse_mount, mut loop_attachment) = (PathBuf::new(), None, None);
     match mapper {
         Mapper::Fuse => {
@@ -522,20 +550,9 @@ pub async fn abandon(settings: &RbdSettings, sys_root: &Path, image: &RbdImage) 
             fuse_mount = Some(mount_point);
         }
         Mapper::Krbd | Mapper::Nbd => {
-            let kind = if mapper == Mapper::Krbd { DeviceType::Krbd } else { DeviceType::Nbd };
-            let listed = ceph(image, client.device_list(kind)).await.ok();
-            match listed.as_deref().map(|json| find_mapped(json, image)) {
-                Some(Ok(Some(mapped))) => device = mapped,
-                // Nothing mapped: only the lock and the keys to clean up.
-                _ => {
-                    let mut errors: Vec<RbdError> = release_lock(&client, image, &lock_id(&settings.owner_id)).await.err().into_iter().collect();
-                    errors.extend(remove_credentials(&files).err().map(|source| RbdError::RemoveCredentials {
-                        spec: image.spec(),
-                        dir: files.dir.clone(),
-                        source,
-                    }));
-                    return errors;
-                }
+            let listed = ceph(image, client.device_list(kernel_device_type(mapper))).await.ok();
+            if let Some(Ok(Some(mapped))) = listed.as_deref().map(|json| find_mapped(json, image)) {
+                device = mapped;
             }
         }
     }
@@ -544,7 +561,8 @@ pub async fn abandon(settings: &RbdSettings, sys_root: &Path, image: &RbdImage) 
         mapper,
         device,
         files,
-        lock_id: lock_id(&settings.owner_id),
+        header,
+        owner_id: settings.owner_id.clone(),
         created: false,
         took_over_from: None,
         fuse_mount,
@@ -552,6 +570,14 @@ pub async fn abandon(settings: &RbdSettings, sys_root: &Path, image: &RbdImage) 
         host_lock: HostLock(None),
     };
     detach(&attachment).await
+}
+
+fn kernel_device_type(mapper: Mapper) -> DeviceType {
+    if mapper == Mapper::Nbd {
+        DeviceType::Nbd
+    } else {
+        DeviceType::Krbd
+    }
 }
 
 #[cfg(test)]
@@ -593,6 +619,14 @@ mod tests {
         assert_eq!(find_mapped(json, &image()).unwrap(), Some(PathBuf::from("/dev/rbd1")));
         assert_eq!(find_mapped("[]", &image()).unwrap(), None);
         assert!(find_mapped("rbd: nope", &image()).is_err());
+    }
+
+    #[test]
+    fn the_header_object_is_named_by_the_images_id() {
+        let info = r#"{"name":"img","id":"104bcd9c27d8","size":268435456,"format":2,"features":["layering","exclusive-lock"]}"#;
+        assert_eq!(header_object(info).unwrap(), "rbd_header.104bcd9c27d8");
+        assert!(header_object(r#"{"name":"old","format":1}"#).unwrap_err().contains("format 2"));
+        assert!(header_object(r#"{"id":"../x"}"#).is_err(), "an id is never a path");
     }
 
     #[test]
