@@ -104,8 +104,13 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn locks(share: &Share) -> serde_json::Value {
-    serde_json::from_str(&cluster().lock_holders(&share.spec())).unwrap()
+/// The owner ids holding the agents' lock on the image's header object.
+fn lock_owners(share: &Share) -> Vec<String> {
+    let c = cluster();
+    let info: serde_json::Value = serde_json::from_str(&c.run_ok("rbd", &["info", "--format", "json", &share.spec()])).unwrap();
+    let header = format!("rbd_header.{}", info["id"].as_str().unwrap());
+    let held: serde_json::Value = serde_json::from_str(&c.run_ok("rados", &["-p", &share.pool, "--format", "json", "lock", "info", &header, "machine-agent"])).unwrap();
+    held["lockers"].as_array().unwrap().iter().map(|l| l["cookie"].as_str().unwrap().to_string()).collect()
 }
 
 /// Writes `bytes` of random data to `path` and syncs it to the device; the data.
@@ -140,8 +145,7 @@ async fn a_blank_image_is_created_formatted_once_serves_a_build_and_comes_back_w
     assert_eq!(shared["image"], share.spec().as_str(), "{body}");
     assert_eq!(shared["mapper"], "fuse", "{body}");
     assert_eq!(shared["owner_id"], "builder-a", "{body}");
-    let held = locks(&share);
-    assert_eq!(held[0]["id"], "machine-agent:builder-a", "the image is locked under the owner id: {held}");
+    assert_eq!(lock_owners(&share), ["builder-a"], "the image is locked under the owner id");
 
     // A real build over mTLS, its cache on the image.
     let ctx = build_context(&first.root, "echo rbd > /out.txt", 1 << 20);
@@ -154,7 +158,7 @@ async fn a_blank_image_is_created_formatted_once_serves_a_build_and_comes_back_w
     assert!(status.success(), "drain failed: {status}\n{}", agent.logs());
     assert!(agent.logs().contains("RBD image unmapped and its lock released"), "{}", agent.logs());
     assert_nothing_mapped(&first);
-    assert_eq!(locks(&share), serde_json::json!([]), "the lock is released at drain");
+    assert_eq!(lock_owners(&share), Vec::<String>::new(), "the lock is released at drain");
 
     // A second run (another builder's agent, the same owner id) finds the data and formats nothing.
     let second = World::new();
@@ -191,7 +195,7 @@ async fn two_builders_given_one_image_never_both_mount_it() {
     assert_eq!(body["state"], "degraded", "{body}");
     assert!(body["reason"].as_str().unwrap().contains("owner builder-a"), "{body}");
     assert_nothing_mapped(&b);
-    assert_eq!(locks(&share)[0]["id"], "machine-agent:builder-a", "the holder keeps its lock");
+    assert_eq!(lock_owners(&share), ["builder-a"], "the holder keeps its lock");
 
     // A second agent on the holder's own machine (another state dir, the same owner id) refuses too.
     let twin = World::new();
@@ -206,7 +210,7 @@ async fn two_builders_given_one_image_never_both_mount_it() {
         assert!(agent.wait_exit(Duration::from_secs(60)).await.success(), "{}", agent.logs());
     }
     assert_nothing_mapped(&a);
-    let fsck = fsck_image(&share);
+    let (fsck, _) = fsck_image(&share, 0);
     assert!(fsck.status.success(), "the image's filesystem is clean: {}", String::from_utf8_lossy(&fsck.stdout));
 }
 
@@ -220,8 +224,9 @@ impl Drop for FuseMount {
 }
 
 /// `e2fsck -fn` of the image's filesystem, read through an rbd-fuse mount of
-/// the admin's own and a read-only loop device; everything undone after.
-fn fsck_image(share: &Share) -> std::process::Output {
+/// the admin's own and a read-only loop device, and the image's 4 KiB block
+/// number `block`; everything undone after.
+fn fsck_image(share: &Share, block: u64) -> (std::process::Output, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let c = cluster();
     let fuse = Command::new("rbd-fuse")
@@ -237,7 +242,10 @@ fn fsck_image(share: &Share) -> std::process::Output {
     let fsck = Command::new("e2fsck").args(["-f", "-n", &device]).output().unwrap();
     let detach = Command::new("losetup").args(["-d", &device]).output().unwrap();
     assert!(detach.status.success(), "losetup -d {device}");
-    fsck
+    let mut contents = vec![0u8; 4096];
+    let image = std::fs::File::open(&file).unwrap();
+    std::os::unix::fs::FileExt::read_exact_at(&image, &mut contents, block * 4096).unwrap();
+    (fsck, contents)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -250,9 +258,17 @@ async fn a_task_that_names_a_dead_builder_fences_it_and_takes_its_image_with_the
     let first = a.start();
     wait_ready(&first).await;
     let marker = write_synced(&a.cache().join("marker"), 4 << 20);
-    let a_image_file = walk(&rbd_dir(&a).join("fuse")).into_iter().find(|p| p.file_name().is_some_and(|n| n == share.image.as_str())).unwrap();
-    // The builder dies: its agent is SIGKILLed, its mapping stays (rbd-fuse runs on).
+    let a_fuse = walk(&rbd_dir(&a).join("fuse")).into_iter().find(|p| p.join(&share.image).exists()).expect("builder A's rbd-fuse mount");
+    let _abort_a = FuseAbort(a_fuse.clone());
+
+    // Builder A dies: its agent and engine are SIGKILLed, its Ceph client
+    // (rbd-fuse) runs on, holding the image open. On a real fleet A's kernel
+    // is on another machine; here its filesystem and loop device come off
+    // first, because I/O a fence leaves hanging on this machine's loop
+    // devices would stall every losetup here, builder B's included.
     first.signal(Signal::SIGKILL);
+    support::cleanup_engine_of(&a.root);
+    unmount_and_detach_filesystems_under(&a.root);
 
     let b = World::new();
     use_rbd(&b, &share, "builder-b", "fuse", ", take_over_from = \"builder-a\"");
@@ -262,21 +278,67 @@ async fn a_task_that_names_a_dead_builder_fences_it_and_takes_its_image_with_the
     assert_holds(&b.cache().join("marker"), &marker, "the dead builder's synced data is intact");
     let (_, body) = readyz(&detail).await;
     assert_eq!(body["shared_volumes"][0]["took_over_from"], "builder-a", "{body}");
-    assert_eq!(locks(&share)[0]["id"], "machine-agent:builder-b");
+    assert_eq!(lock_owners(&share), ["builder-b"]);
 
-    // The dead builder's client can no longer write to the image.
-    let write = Command::new("dd")
-        .args(["if=/dev/zero", "bs=4096", "count=1", "oflag=direct,sync", "conv=notrunc"])
-        .arg(format!("of={}", a_image_file.display()))
-        .arg(format!("seek={}", IMAGE_BYTES / 4096 - 1))
-        .output()
-        .unwrap();
-    assert!(!write.status.success(), "a write through the fenced builder's rbd-fuse succeeded");
+    // A's client can no longer write: a write through its rbd-fuse fails or
+    // never completes, and the block it aimed at is untouched.
+    let last_block = IMAGE_BYTES / 4096 - 1;
+    let mut write = Command::new("timeout");
+    write
+        .args(["-s", "KILL", "5", "dd", "if=/dev/urandom", "bs=4096", "count=1", "oflag=direct,sync", "conv=notrunc"])
+        .arg(format!("of={}", a_fuse.join(&share.image).display()))
+        .arg(format!("seek={last_block}"));
+    let write = write.output().unwrap();
+    assert!(!write.status.success(), "a write through the fenced builder's client succeeded");
 
     second.signal(Signal::SIGTERM);
     assert!(second.wait_exit(Duration::from_secs(60)).await.success(), "{}", second.logs());
     assert_nothing_mapped(&b);
-    drop(first); // its Drop undoes the dead builder's leftovers under its own dir
+    let (fsck, last) = fsck_image(&share, last_block);
+    assert!(fsck.status.success(), "the image's filesystem is clean after the take-over: {}", String::from_utf8_lossy(&fsck.stdout));
+    assert!(last.iter().all(|&b| b == 0), "the fenced builder's write reached the image");
+}
+
+/// Unmounts what an agent mounted under `dir` (not its rbd-fuse mounts) and
+/// detaches the loop devices on files under it.
+fn unmount_and_detach_filesystems_under(dir: &Path) {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let mut points: Vec<(String, String)> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            let fs = fields.iter().skip_while(|f| **f != "-").nth(1)?;
+            Some((fields.get(4)?.to_string(), fs.to_string()))
+        })
+        .filter(|(p, fs)| Path::new(p).starts_with(dir) && !fs.starts_with("fuse"))
+        .collect();
+    points.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+    for (point, _) in points {
+        let out = Command::new("umount").arg(&point).output().unwrap();
+        assert!(out.status.success(), "umount {point}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    for name in loops_backed_under(dir) {
+        let out = Command::new("losetup").args(["-d", &format!("/dev/{name}")]).output().unwrap();
+        assert!(out.status.success(), "losetup -d /dev/{name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// Aborts the FUSE connection of a mount on drop: a fenced rbd-fuse can keep
+/// requests waiting forever, and only an abort (fusectl) ends them.
+struct FuseAbort(PathBuf);
+
+impl Drop for FuseAbort {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(meta) = std::fs::metadata(&self.0) else { return };
+        let connections = Path::new("/sys/fs/fuse/connections");
+        if std::fs::read_dir(connections).map_or(true, |mut d| d.next().is_none()) {
+            let _ = Command::new("mount").args(["-t", "fusectl", "fusectl"]).arg(connections).output();
+        }
+        let minor = nix::sys::stat::minor(meta.dev());
+        let _ = std::fs::write(connections.join(minor.to_string()).join("abort"), "1");
+        let _ = Command::new("umount").arg(&self.0).output();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,7 +376,7 @@ async fn a_wrong_key_an_unknown_pool_or_a_missing_image_is_a_clear_error_that_le
         agent.signal(Signal::SIGTERM);
         agent.wait_exit(Duration::from_secs(30)).await;
     }
-    assert_eq!(locks(&share), serde_json::json!([]), "no failed attach left a lock");
+    assert_eq!(lock_owners(&share), Vec::<String>::new(), "no failed attach left a lock");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,5 +394,5 @@ async fn a_mapper_this_kernel_lacks_is_a_clear_error_and_auto_falls_back_to_fuse
         agent.signal(Signal::SIGTERM);
         agent.wait_exit(Duration::from_secs(30)).await;
     }
-    assert_eq!(locks(&share), serde_json::json!([]), "a mapper refused before anything was locked");
+    assert_eq!(lock_owners(&share), Vec::<String>::new(), "a mapper refused before anything was locked");
 }
