@@ -80,7 +80,7 @@ fn main() {
             image: image.into(),
             client_id: client.clone(),
             key: Secret::new(key.clone()),
-            monitors: vec![c.monitor_addrs()[1].clone()],
+            monitors: vec![c.monitor_addrs()[0].clone()],
             conf: vec![],
             create_size_bytes: None,
             take_over_from: None,

@@ -42,7 +42,7 @@ async fn monitors_down_at_prepare_degrade_with_a_clear_error_and_the_agent_recov
     let file_line = task.lines().find(|l| l.starts_with("file = ")).unwrap().to_string();
     let rbd_line = format!(
         "rbd = {{ pool = \"{pool}\", image = \"{image}\", client_name = \"client.{client}\", key_file = \"rbd.key\", monitors = [\"{}\"] }}",
-        c.monitor_addrs()[1]
+        c.monitor_addrs()[0]
     );
     std::fs::write(&w.task, task.replace(&file_line, &rbd_line)).unwrap();
     let config = std::fs::read_to_string(&w.config).unwrap();

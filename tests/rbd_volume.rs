@@ -54,7 +54,7 @@ fn use_rbd(world: &World, share: &Share, owner: &str, mapper: &str, extra: &str)
         share.pool,
         share.image,
         share.client,
-        cluster().monitor_addrs()[1],
+        cluster().monitor_addrs()[0], // v2, which a plain host:port means
     );
     std::fs::write(&world.task, task.replace(&file_line, &rbd_line)).unwrap();
     let config = std::fs::read_to_string(&world.config).unwrap();
@@ -109,7 +109,8 @@ fn lock_owners(share: &Share) -> Vec<String> {
     let c = cluster();
     let info: serde_json::Value = serde_json::from_str(&c.run_ok("rbd", &["info", "--format", "json", &share.spec()])).unwrap();
     let header = format!("rbd_header.{}", info["id"].as_str().unwrap());
-    let held: serde_json::Value = serde_json::from_str(&c.run_ok("rados", &["-p", &share.pool, "--format", "json", "lock", "info", &header, "machine-agent"])).unwrap();
+    let held: serde_json::Value =
+        serde_json::from_str(&c.run_ok("rados", &["-p", &share.pool, "--format", "json", "lock", "info", &header, "machine-agent"])).unwrap();
     held["lockers"].as_array().unwrap().iter().map(|l| l["cookie"].as_str().unwrap().to_string()).collect()
 }
 
@@ -139,7 +140,7 @@ async fn a_blank_image_is_created_formatted_once_serves_a_build_and_comes_back_w
     let logs = agent.logs();
     assert!(logs.contains("created the RBD image"), "the agent creates an absent image the task gives a size for");
     assert_eq!(logs.matches("formatting blank device").count(), 1, "formatted exactly once");
-    assert!(logs.contains("mapper=fuse"), "this kernel has neither rbd nor nbd: auto chooses rbd-fuse");
+    assert!(logs.contains("mapper=\"fuse\""), "this kernel has neither rbd nor nbd: auto chooses rbd-fuse");
     let (_, body) = readyz(&detail).await;
     let shared = &body["shared_volumes"][0];
     assert_eq!(shared["image"], share.spec().as_str(), "{body}");
@@ -280,16 +281,31 @@ async fn a_task_that_names_a_dead_builder_fences_it_and_takes_its_image_with_the
     assert_eq!(body["shared_volumes"][0]["took_over_from"], "builder-a", "{body}");
     assert_eq!(lock_owners(&share), ["builder-b"]);
 
-    // A's client can no longer write: a write through its rbd-fuse fails or
-    // never completes, and the block it aimed at is untouched.
+    // A's client can no longer write: a write through its rbd-fuse fails, or
+    // waits in the kernel until its FUSE connection is aborted, and the block
+    // it aimed at is untouched.
     let last_block = IMAGE_BYTES / 4096 - 1;
-    let mut write = Command::new("timeout");
-    write
-        .args(["-s", "KILL", "5", "dd", "if=/dev/urandom", "bs=4096", "count=1", "oflag=direct,sync", "conv=notrunc"])
+    let mut write = Command::new("dd")
+        .args(["if=/dev/urandom", "bs=4096", "count=1", "oflag=direct,sync", "conv=notrunc"])
         .arg(format!("of={}", a_fuse.join(&share.image).display()))
-        .arg(format!("seek={last_block}"));
-    let write = write.output().unwrap();
-    assert!(!write.status.success(), "a write through the fenced builder's client succeeded");
+        .arg(format!("seek={last_block}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut status = write.try_wait().unwrap();
+    while status.is_none() && std::time::Instant::now() < deadline {
+        // Polling a child's exit: std has no async reaping.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status = write.try_wait().unwrap();
+    }
+    if status.is_none() {
+        // Waiting in request_wait_answer, past even SIGKILL: only an abort ends it.
+        abort_fuse(&a_fuse);
+    }
+    let status = write.wait().unwrap();
+    assert!(!status.success(), "a write through the fenced builder's client succeeded");
 
     second.signal(Signal::SIGTERM);
     assert!(second.wait_exit(Duration::from_secs(60)).await.success(), "{}", second.logs());
@@ -329,16 +345,29 @@ struct FuseAbort(PathBuf);
 
 impl Drop for FuseAbort {
     fn drop(&mut self) {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(meta) = std::fs::metadata(&self.0) else { return };
-        let connections = Path::new("/sys/fs/fuse/connections");
-        if std::fs::read_dir(connections).map_or(true, |mut d| d.next().is_none()) {
-            let _ = Command::new("mount").args(["-t", "fusectl", "fusectl"]).arg(connections).output();
-        }
-        let minor = nix::sys::stat::minor(meta.dev());
-        let _ = std::fs::write(connections.join(minor.to_string()).join("abort"), "1");
+        abort_fuse(&self.0);
         let _ = Command::new("umount").arg(&self.0).output();
     }
+}
+
+/// Aborts the FUSE connection of the mount at `mount_point` (fusectl mounted if need be).
+fn abort_fuse(mount_point: &Path) {
+    let connections = Path::new("/sys/fs/fuse/connections");
+    // The connection's number is the mount's minor device number, from mountinfo
+    // (a stat of the mount point would itself wait on the stuck daemon).
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let Some(minor) = mountinfo
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.get(4).is_some_and(|p| Path::new(p) == mount_point))
+        .and_then(|f| f.get(2).and_then(|dev| dev.split(':').nth(1)).map(str::to_string))
+    else {
+        return;
+    };
+    if std::fs::read_dir(connections).map_or(true, |mut d| d.next().is_none()) {
+        let _ = Command::new("mount").args(["-t", "fusectl", "fusectl"]).arg(connections).output();
+    }
+    let _ = std::fs::write(connections.join(minor).join("abort"), "1");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

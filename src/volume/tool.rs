@@ -28,6 +28,17 @@ pub fn describe<S: AsRef<OsStr>>(program: &Path, args: &[S]) -> String {
     std::iter::once(program.as_os_str()).chain(args.iter().map(AsRef::as_ref)).map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
 }
 
+/// The last lines of a tool's stderr on one line: what a tool says last is
+/// its error (Ceph's tools print pages of timestamped noise before it), and a
+/// log line or a `/readyz` reason must stay one line.
+fn stderr_summary(stderr: &str) -> String {
+    const LINES: usize = 3;
+    const MAX_CHARS: usize = 1000;
+    let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let kept = lines[lines.len().saturating_sub(LINES)..].join(" | ");
+    crate::fsutil::excerpt(&kept, MAX_CHARS)
+}
+
 /// Runs `program` with `args`; Ok only on exit status 0.
 pub async fn run_tool<S: AsRef<OsStr>>(program: &Path, args: &[S], timeout: Duration) -> Result<Output, ToolError> {
     let command = describe(program, args);
@@ -48,7 +59,7 @@ pub async fn run_tool<S: AsRef<OsStr>>(program: &Path, args: &[S], timeout: Dura
         return Err(ToolError::Failed {
             command,
             status: crate::describe::describe_exit(out.status),
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            stderr: stderr_summary(&String::from_utf8_lossy(&out.stderr)),
         });
     }
     Ok(out)
@@ -66,6 +77,8 @@ mod tests {
         assert!(matches!(err, ToolError::Timeout { .. }), "{err}");
         let err = run_tool(Path::new("/nonexistent/tool"), &["x"], Duration::from_secs(1)).await.unwrap_err();
         assert!(err.to_string().starts_with("cannot run /nonexistent/tool x"), "{err}");
+        let err = run_tool(Path::new("/bin/sh"), &["-c", "printf 'a\\nb\\n\\nc\\nd\\n' >&2; exit 1"], Duration::from_secs(10)).await.unwrap_err();
+        assert!(err.to_string().ends_with("failed (exit code 1): b | c | d"), "the last lines on one line: {err}");
         let out = run_tool(Path::new("/bin/echo"), &["hi"], Duration::from_secs(10)).await.unwrap();
         assert_eq!(out.stdout, b"hi\n");
     }
