@@ -213,14 +213,23 @@ impl PartialEq for HostLock {
 }
 
 /// Takes this machine's lock on the image, so a second agent here (another
-/// state dir, the same owner id) refuses it.
+/// state dir, the same owner id) refuses it. This process's own hold is
+/// shared, not refused: a prepare run again (a retry after a later mount
+/// failed) finds the image held by itself. flock belongs to an open file, so
+/// the process keeps one per image and hands out clones.
 fn lock_on_host(image: &RbdImage) -> Result<HostLock, RbdError> {
+    static HELD: std::sync::Mutex<std::collections::BTreeMap<PathBuf, std::sync::Weak<crate::instance::InstanceLock>>> =
+        std::sync::Mutex::new(std::collections::BTreeMap::new());
     let dir = Path::new(HOST_LOCK_DIR).join(dir_name(image));
+    let mut held = HELD.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(lock) = held.get(&dir).and_then(std::sync::Weak::upgrade) {
+        return Ok(HostLock(Some(lock)));
+    }
     crate::fsutil::create_private_dir(&dir)
         .map_err(|source| RbdError::HeldOnHost { spec: image.spec(), source: crate::instance::LockError::Open { path: dir.clone(), source } })?;
-    crate::instance::InstanceLock::acquire(&dir)
-        .map(|lock| HostLock(Some(std::sync::Arc::new(lock))))
-        .map_err(|source| RbdError::HeldOnHost { spec: image.spec(), source })
+    let lock = std::sync::Arc::new(crate::instance::InstanceLock::acquire(&dir).map_err(|source| RbdError::HeldOnHost { spec: image.spec(), source })?);
+    held.insert(dir, std::sync::Arc::downgrade(&lock));
+    Ok(HostLock(Some(lock)))
 }
 
 /// The name of an image's credentials, fuse and host-lock directories: one
@@ -619,6 +628,17 @@ mod tests {
         assert_eq!(find_mapped(json, &image()).unwrap(), Some(PathBuf::from("/dev/rbd1")));
         assert_eq!(find_mapped("[]", &image()).unwrap(), None);
         assert!(find_mapped("rbd: nope", &image()).is_err());
+    }
+
+    #[test]
+    fn this_process_shares_its_own_hold_on_an_image() {
+        let mut img = image();
+        img.image = format!("host-lock-test-{}", std::process::id());
+        let first = lock_on_host(&img).unwrap();
+        let again = lock_on_host(&img).expect("a prepare run again finds the image held by itself");
+        assert_eq!(first, again);
+        drop((first, again));
+        let _ = std::fs::remove_dir_all(Path::new(HOST_LOCK_DIR).join(dir_name(&img)));
     }
 
     #[test]
