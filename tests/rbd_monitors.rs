@@ -55,7 +55,7 @@ async fn monitors_down_at_prepare_degrade_with_a_clear_error_and_the_agent_recov
     let line = agent.wait_for_log_within("volume preparation failed", Duration::from_secs(90)).await;
     assert!(line.contains(&format!("{pool}/{image}")), "the error names the image: {line}");
     assert!(line.contains("rbd"), "the error quotes the Ceph tool that failed: {line}");
-    assert!(agent.logs().contains("to=degraded"), "{}", agent.logs());
+    agent.wait_for_log("to=degraded").await;
     let fuse_dir = w.root.join("state/rbd/fuse");
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(
