@@ -56,6 +56,9 @@ impl Agent {
         self.stop_engine(deadline, &mut drained).await;
         self.wait_for_prepare(deadline, inputs, &mut drained).await;
         self.release_mounts(&mut drained).await;
+        // What the drain released is no longer held: /readyz and a last health report say so.
+        let released: Vec<std::path::PathBuf> = drained.released_volumes.iter().map(|v| v.mount_path.clone()).collect();
+        self.status.send_modify(|s| s.shared_volumes.retain(|v| !released.contains(&v.mount_path)));
         self.report_shutdown(&reason, started, deadline, &drained).await;
 
         let elapsed = started.elapsed();
