@@ -142,7 +142,7 @@ impl Agent {
     async fn release_mounts(&self, drained: &mut Drained) {
         for mount in self.mounts.iter().rev() {
             let report = release_mount(&self.config.volume, mount).await;
-            if let (true, Some(shared)) = (report.unmounted && report.errors.is_empty(), SharedVolume::of(mount, &self.config.volume.rbd.owner_id)) {
+            if let (true, Some(shared)) = (report.unmounted && report.errors.is_empty(), SharedVolume::of(mount)) {
                 drained.released_volumes.push(shared);
             }
             drained.unmounted &= report.unmounted;

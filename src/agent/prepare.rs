@@ -70,7 +70,7 @@ impl Agent {
     pub(super) fn on_volumes_prepared(&mut self, outcome: PrepareOutcome) {
         self.preparing = false;
         self.mounts = outcome.prepared;
-        let shared: Vec<SharedVolume> = self.mounts.iter().filter_map(|m| SharedVolume::of(m, &self.config.volume.rbd.owner_id)).collect();
+        let shared: Vec<SharedVolume> = self.mounts.iter().filter_map(|m| SharedVolume::of(m)).collect();
         self.status.send_modify(|s| s.shared_volumes = shared);
         match (outcome.error, self.task.clone()) {
             (Some(error), _) => {

@@ -45,13 +45,13 @@ pub struct SharedVolume {
 
 impl SharedVolume {
     /// The shared volume under a prepared mount, if it is one.
-    pub fn of(mount: &PreparedMount, owner_id: &str) -> Option<Self> {
+    pub fn of(mount: &PreparedMount) -> Option<Self> {
         let rbd = mount.rbd.as_ref()?;
         Some(Self {
             mount_path: mount.mount_path.clone(),
             image: rbd.image.spec(),
             mapper: rbd.mapper.as_str(),
-            owner_id: owner_id.into(),
+            owner_id: rbd.owner_id.clone(),
             took_over_from: rbd.took_over_from.clone(),
             created: rbd.created,
         })

@@ -291,10 +291,9 @@ async fn attach_steps(settings: &RbdSettings, client: &CephClient, image: &RbdIm
         }
     };
     let fuse_mount = (mapper == Mapper::Fuse).then(|| fuse_mount_point(settings, image));
-    let mapped = match mapper {
-        Mapper::Krbd => map_kernel(client, image, DeviceType::Krbd).await.map(|device| (device, None)),
-        Mapper::Nbd => map_kernel(client, image, DeviceType::Nbd).await.map(|device| (device, None)),
-        Mapper::Fuse => map_fuse(client, image, fuse_mount.as_deref().unwrap_or(Path::new("/nonexistent"))).await.map(|att| (att.device.clone(), Some(att))),
+    let mapped = match &fuse_mount {
+        Some(mount_point) => map_fuse(client, image, mount_point).await.map(|att| (att.device.clone(), Some(att))),
+        None => map_kernel(client, image, kernel_device_type(mapper)).await.map(|device| (device, None)),
     };
     let (device, loop_attachment) = match mapped {
         Ok(mapped) => mapped,
