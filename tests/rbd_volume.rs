@@ -364,10 +364,12 @@ fn abort_fuse(mount_point: &Path) {
     else {
         return;
     };
-    if std::fs::read_dir(connections).map_or(true, |mut d| d.next().is_none()) {
-        let _ = Command::new("mount").args(["-t", "fusectl", "fusectl"]).arg(connections).output();
-    }
+    let mounted_here = std::fs::read_dir(connections).map_or(true, |mut d| d.next().is_none())
+        && Command::new("mount").args(["-t", "fusectl", "fusectl"]).arg(connections).output().is_ok_and(|o| o.status.success());
     let _ = std::fs::write(connections.join(minor).join("abort"), "1");
+    if mounted_here {
+        let _ = Command::new("umount").arg(connections).output();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -456,7 +456,9 @@ impl Drop for AgentProcess {
 /// every loop device whose backing file is under `dir`: what an agent killed
 /// mid-task leaves behind. Touches nothing outside `dir`. An rbd-fuse mount
 /// under `dir` stays busy while a loop device holds its file, so what the
-/// first pass could not unmount is tried again after the detaches.
+/// first pass could not unmount is tried again after the detaches; an
+/// rbd-fuse left serving a mount point under `dir` (one a fence left stuck
+/// does not exit when unmounted) is killed by pid.
 pub fn cleanup_volumes_under(dir: &Path) {
     let Ok(dir) = dir.canonicalize() else { return };
     unmount_all_under(&dir, false);
@@ -476,6 +478,25 @@ pub fn cleanup_volumes_under(dir: &Path) {
         }
     }
     unmount_all_under(&dir, true);
+    for pid in rbd_fuse_pids_under(&dir) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// The pids of rbd-fuse processes whose mount point (their last argument) is under `dir`.
+fn rbd_fuse_pids_under(dir: &Path) -> Vec<u32> {
+    let mut pids = vec![];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).filter(|a| !a.is_empty()).collect();
+        let is_rbd_fuse = args.first().is_some_and(|a| a.ends_with(b"rbd-fuse"));
+        let serves_dir = args.last().and_then(|a| std::str::from_utf8(a).ok()).is_some_and(|a| Path::new(a).starts_with(dir));
+        if is_rbd_fuse && serves_dir {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// One unmount pass over the mounts under `dir`, deepest first; `report` says whether failures are printed.
