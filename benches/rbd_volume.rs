@@ -70,7 +70,7 @@ fn main() {
         system_paths: default_system_paths(),
         intent_dir: root.join("intents"),
         allowed_backing_dirs: vec![root.clone()],
-        rbd: RbdSettings { mapper: MapperChoice::Fuse, owner_id: "rbd-bench".into(), dir: root.join("rbd") },
+        rbd: RbdSettings { mapper: MapperChoice::Fuse, owner_id: "rbd-bench".into(), dir: root.join("rbd"), keep_snapshots: 2 },
     };
     let rbd_mount = |image: &str| VolumeMount {
         mount_path: root.join("mnt/rbd"),
@@ -88,6 +88,7 @@ fn main() {
         fs_type: FsType::Ext4,
         options: vec!["noatime".into()],
         skip_trim: true,
+        cache_mode: Default::default(),
     };
     let file_mount = |n: usize| VolumeMount {
         mount_path: root.join("mnt/file"),
@@ -95,6 +96,7 @@ fn main() {
         fs_type: FsType::Ext4,
         options: vec!["noatime".into()],
         skip_trim: true,
+        cache_mode: Default::default(),
     };
 
     let (mut rbd_blank, mut rbd_existing, mut file_blank, mut file_existing) = (vec![], vec![], vec![], vec![]);

@@ -40,6 +40,7 @@ fn main() {
             mapper: Default::default(),
             owner_id: "volume-bench".into(),
             dir: std::env::temp_dir().join("machine-agent-volume-bench-rbd"),
+            keep_snapshots: 2,
         },
     };
     println!("prepare a blank {gib} GiB sparse loop device, median of {runs} runs");
@@ -62,6 +63,7 @@ fn main() {
                 fs_type: fs,
                 options: vec!["noatime".into()],
                 skip_trim: true,
+                cache_mode: Default::default(),
             };
             let started = std::time::Instant::now();
             let p = rt.block_on(prepare_mount(&settings, &m, true)).unwrap();

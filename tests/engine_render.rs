@@ -127,6 +127,7 @@ impl Engine {
                 fs_type: FsType::Ext4,
                 options: vec![],
                 skip_trim: false,
+                cache_mode: Default::default(),
             }],
             cache_size_bytes: 20 << 30,
             gc: GcOverrides::default(),

@@ -61,7 +61,12 @@ impl Scratch {
             system_paths: machine_agent::volume::manager::default_system_paths(),
             intent_dir: self.root.join("state/volume/format-intents"),
             allowed_backing_dirs: vec![self.allowed.clone()],
-            rbd: machine_agent::volume::rbd::RbdSettings { mapper: Default::default(), owner_id: "hostile-task-test".into(), dir: self.allowed.join("rbd") },
+            rbd: machine_agent::volume::rbd::RbdSettings {
+                mapper: Default::default(),
+                owner_id: "hostile-task-test".into(),
+                dir: self.allowed.join("rbd"),
+                keep_snapshots: 2,
+            },
         }
     }
 
@@ -72,6 +77,7 @@ impl Scratch {
             fs_type: FsType::Ext4,
             options: vec![],
             skip_trim: true,
+            cache_mode: Default::default(),
         }
     }
 
@@ -354,6 +360,7 @@ fn valid_task(mount_path: &Path, backing: &Path) -> machine_agent::proto::v1::Bu
             fs_type: pb::FilesystemType::Ext4 as i32,
             options: vec![],
             skip_trim: true,
+            cache_mode: 0,
         }],
         cache_size_bytes: 10 << 30,
         listen_address: "127.0.0.1:1234".into(),

@@ -75,6 +75,7 @@ fn vm_task(pki: &TestPki) -> pb::register_response::Task {
             fs_type: pb::FilesystemType::Ext4 as i32,
             options: vec!["noatime".into()],
             skip_trim: false,
+            cache_mode: 0,
         }],
         cache_size_bytes: 2 << 30,
         gc: None,

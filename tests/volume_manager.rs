@@ -32,6 +32,7 @@ fn settings() -> VolumeSettings {
             mapper: Default::default(),
             owner_id: "volume-manager-test".into(),
             dir: std::env::temp_dir().join("machine-agent-volume-manager-rbd"),
+            keep_snapshots: 2,
         },
     }
 }
@@ -43,6 +44,7 @@ fn device_mount(dev: &Path, at: &Path, fs: FsType) -> VolumeMount {
         fs_type: fs,
         options: vec!["noatime".into()],
         skip_trim: false,
+        cache_mode: Default::default(),
     }
 }
 
@@ -225,6 +227,7 @@ async fn file_backed_volume_is_created_attached_and_detached_and_keeps_its_data(
         fs_type: FsType::Ext4,
         options: vec![],
         skip_trim: true,
+        cache_mode: Default::default(),
     };
     let first = prepare_mount(&settings(), &m, true).await.unwrap();
     let guard = Prepared(Some(first.clone()));

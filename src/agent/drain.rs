@@ -29,6 +29,10 @@ struct Drained {
     errors: Vec<String>,
     /// Shared volumes unmapped and unlocked without a problem.
     released_volumes: Vec<SharedVolume>,
+    /// Each primary mount's commit (or why there was none).
+    commits: Vec<pb::VolumeCommit>,
+    /// Clone and isolated volumes destroyed.
+    destroyed_volumes: Vec<String>,
 }
 
 impl Agent {
@@ -58,7 +62,10 @@ impl Agent {
         self.release_mounts(&mut drained).await;
         // What the drain released is no longer held: /readyz and a last health report say so.
         let released: Vec<std::path::PathBuf> = drained.released_volumes.iter().map(|v| v.mount_path.clone()).collect();
-        self.status.send_modify(|s| s.shared_volumes.retain(|v| !released.contains(&v.mount_path)));
+        self.status.send_modify(|s| {
+            s.shared_volumes.retain(|v| !released.contains(&v.mount_path));
+            s.cache_volumes.clear();
+        });
         self.report_shutdown(&reason, started, deadline, &drained).await;
 
         let elapsed = started.elapsed();
@@ -149,6 +156,15 @@ impl Agent {
             drained.trimmed_bytes += report.trimmed_bytes.unwrap_or(0);
             drained.filesystem_dirty |= report.dirty;
             drained.errors.extend(report.errors.iter().map(ToString::to_string));
+            if let Some(commit) = report.commit {
+                drained.commits.push(pb::VolumeCommit {
+                    mount_path: mount.mount_path.display().to_string(),
+                    source: commit.source,
+                    copy: commit.copy.clone().unwrap_or_default(),
+                    skipped: commit.copy.err().unwrap_or_default(),
+                });
+            }
+            drained.destroyed_volumes.extend(report.destroyed);
         }
     }
 
@@ -167,6 +183,8 @@ impl Agent {
             trimmed_bytes: drained.trimmed_bytes,
             filesystem_dirty: drained.filesystem_dirty,
             released_volumes: drained.released_volumes.iter().map(pb::SharedVolume::from).collect(),
+            commits: drained.commits.clone(),
+            destroyed_volumes: drained.destroyed_volumes.clone(),
         };
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(500));
         match control.report_shutdown(report, &session, left).await {

@@ -11,7 +11,7 @@
 use super::{forward, Agent, Input};
 use crate::engine::EngineState;
 use crate::lifecycle::{Event, State};
-use crate::observe::status::SharedVolume;
+use crate::observe::status::{CacheVolume, SharedVolume};
 use crate::task::{BuildkitTask, VolumeMount};
 use crate::volume::health::{HealthWatch, Watched};
 use crate::volume::manager::{prepare_mount, PreparedMount, VolumeError, VolumeSettings};
@@ -58,9 +58,9 @@ impl Agent {
 
     fn start_prepare(&mut self, task: &BuildkitTask) {
         self.preparing = true;
-        let (settings, mounts, inputs) = (self.config.volume.clone(), task.mounts.clone(), self.inputs.clone());
+        let (settings, mounts, inputs, task_id) = (self.config.volume.clone(), task.mounts.clone(), self.inputs.clone(), task.id.clone());
         let prepare = async move {
-            let outcome = prepare_all(&settings, &mounts).await;
+            let outcome = prepare_all(&settings, &mounts, &task_id).await;
             let _ = inputs.send(Input::VolumesPrepared(outcome)).await;
         };
         self.prepare_task = Some(tokio::spawn(prepare.instrument(tracing::info_span!("volume"))));
@@ -71,7 +71,11 @@ impl Agent {
         self.preparing = false;
         self.mounts = outcome.prepared;
         let shared: Vec<SharedVolume> = self.mounts.iter().filter_map(|m| SharedVolume::of(m)).collect();
-        self.status.send_modify(|s| s.shared_volumes = shared);
+        let volumes: Vec<CacheVolume> = self.mounts.iter().map(CacheVolume::of).collect();
+        self.status.send_modify(|s| {
+            s.shared_volumes = shared;
+            s.cache_volumes = volumes;
+        });
         match (outcome.error, self.task.clone()) {
             (Some(error), _) => {
                 let delay = self.retry_later(Step::Prepare, format!("volume: {error}"));
@@ -167,12 +171,13 @@ impl Agent {
 }
 
 /// Prepares the mounts in order, the first holding the engine's root; stops at the first error.
-async fn prepare_all(settings: &VolumeSettings, mounts: &[VolumeMount]) -> PrepareOutcome {
+async fn prepare_all(settings: &VolumeSettings, mounts: &[VolumeMount], task_id: &str) -> PrepareOutcome {
     let mut prepared = vec![];
     for (i, m) in mounts.iter().enumerate() {
         match prepare_mount(settings, m, i == 0).await {
-            Ok(p) => {
-                info!(mount_path = %p.mount_path.display(), device = %p.device.display(), fs = %p.fs_type, formatted = p.formatted, grown = p.grown, "volume ready");
+            Ok(mut p) => {
+                p.task_id = task_id.to_string();
+                info!(mount_path = %p.mount_path.display(), device = %p.device.display(), fs = %p.fs_type, formatted = p.formatted, grown = p.grown, mode = p.cache_mode.as_str(), uuid = ?p.fs_uuid, "volume ready");
                 prepared.push(p);
             }
             Err(error) => return PrepareOutcome { prepared, error: Some(error) },

@@ -174,6 +174,9 @@ pub(super) struct RawVolume {
     pub(super) rbd_mapper: String,
     /// Unset: the host's /etc/machine-id (see validate.rs).
     pub(super) owner_id: Option<String>,
+    /// Committed snapshots a primary RBD image keeps (1..=64).
+    #[serde(default = "default_keep_snapshots")]
+    pub(super) keep_snapshots: u32,
 }
 
 impl Default for RawVolume {
@@ -188,6 +191,7 @@ impl Default for RawVolume {
             allowed_backing_dirs: None,
             rbd_mapper: default_rbd_mapper(),
             owner_id: None,
+            keep_snapshots: default_keep_snapshots(),
         }
     }
 }
@@ -281,6 +285,10 @@ fn default_drain_timeout_secs() -> u64 {
 fn default_device_wait_secs() -> u64 {
     DEFAULT_DEVICE_WAIT_SECS
 }
+fn default_keep_snapshots() -> u32 {
+    crate::volume::rbd::DEFAULT_KEEP_SNAPSHOTS
+}
+
 fn default_rbd_mapper() -> String {
     // The first mapper the machine offers: krbd where the module loads, else rbd-nbd, else rbd-fuse.
     "auto".into()

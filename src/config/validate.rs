@@ -227,6 +227,7 @@ fn allowed_backing_dirs(dirs: Option<&[PathBuf]>, state_dir: &Path, bad: &mut im
 fn volume_settings(v: &RawVolume, state_dir: &Path, bad: &mut impl FnMut(&str, String)) -> VolumeSettings {
     check_range(bad, "volume.device_wait_secs", v.device_wait_secs, 1, 3600);
     check_range(bad, "volume.unmount_timeout_secs", v.unmount_timeout_secs, 1, 600);
+    check_range(bad, "volume.keep_snapshots", u64::from(v.keep_snapshots), 1, 64);
     if let Some(dir) = &v.ephemeral_dir {
         if let Err(problem) = check_clean_absolute(dir) {
             bad("volume.ephemeral_dir", problem);
@@ -252,6 +253,7 @@ fn volume_settings(v: &RawVolume, state_dir: &Path, bad: &mut impl FnMut(&str, S
             mapper: rbd_mapper(&v.rbd_mapper, bad),
             owner_id: rbd_owner_id(v.owner_id.as_deref(), || read_machine_id(Path::new(MACHINE_ID_PATH)), bad),
             dir: state_dir.join(RBD_SUBDIR),
+            keep_snapshots: v.keep_snapshots,
         },
     }
 }

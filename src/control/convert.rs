@@ -46,6 +46,7 @@ impl From<&MountFigures> for pb::MountStats {
             free_bytes: m.stats.free_bytes,
             total_inodes: m.stats.total_inodes,
             free_inodes: m.stats.free_inodes,
+            ..Self::default()
         }
     }
 }

@@ -165,11 +165,12 @@ pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64) -> pb::Hea
         engine_state: pb::EngineState::from(status.engine) as i32,
         engine_restarts: status.engine_restarts,
         engine_last_exit: status.engine_last_exit.clone().unwrap_or_default(),
-        mounts: status.mounts.iter().map(pb::MountStats::from).collect(),
+        mounts: status.mounts.iter().map(|m| status.mount_stats(m)).collect(),
         task_id: status.task_id.clone().unwrap_or_default(),
         task_conflict: status.task_conflict.as_ref().map(pb::TaskConflict::from),
         tasks_rejected_total: status.tasks_rejected,
         last_task_rejection: status.last_task_rejection.clone().unwrap_or_default(),
         shared_volumes: status.shared_volumes.iter().map(pb::SharedVolume::from).collect(),
+        cache_reset: status.cache_reset.clone(),
     }
 }

@@ -44,7 +44,7 @@ impl UsageReporter {
 /// The report of `status`, with the GC runs numbered above `gc_runs_sent`.
 fn usage_report(status: &Status, machine_id: &str, gc_runs_sent: u64) -> Option<pb::UsageReport> {
     let task_id = status.task_id.clone()?;
-    let cache_mount = status.cache_mount.as_deref().and_then(|path| status.mount(path)).map(pb::MountStats::from);
+    let cache_mount = status.cache_mount.as_deref().and_then(|path| status.mount(path)).map(|m| status.mount_stats(m));
     let unsent = usize::try_from(status.gc_runs.saturating_sub(gc_runs_sent)).unwrap_or(usize::MAX);
     let skip = status.recent_gc.len().saturating_sub(unsent);
     Some(pb::UsageReport {

@@ -290,7 +290,7 @@ fn go_duration(d: Duration) -> Option<String> {
 pub(crate) mod tests {
     use super::*;
     use crate::secret::Secret;
-    use crate::task::{FsType, GcOverrides, TlsMaterial, VolumeMount, VolumeSource};
+    use crate::task::{CacheMode, FsType, GcOverrides, TlsMaterial, VolumeMount, VolumeSource};
 
     pub fn task() -> BuildkitTask {
         BuildkitTask {
@@ -302,6 +302,7 @@ pub(crate) mod tests {
                 fs_type: FsType::Ext4,
                 options: vec![],
                 skip_trim: false,
+                cache_mode: CacheMode::Primary,
             }],
             cache_size_bytes: 100 << 30,
             gc: GcOverrides::default(),

@@ -58,6 +58,23 @@ impl SharedVolume {
     }
 }
 
+/// A prepared cache mount as the reports name it: its mode, kind and filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CacheVolume {
+    pub mount_path: PathBuf,
+    /// `primary`, `clone` or `isolated`.
+    pub mode: &'static str,
+    /// `device`, `file` or `rbd`.
+    pub kind: &'static str,
+    pub filesystem_uuid: Option<String>,
+}
+
+impl CacheVolume {
+    pub fn of(mount: &PreparedMount) -> Self {
+        Self { mount_path: mount.mount_path.clone(), mode: mount.cache_mode.as_str(), kind: mount.kind, filesystem_uuid: mount.fs_uuid.clone() }
+    }
+}
+
 /// A task the control plane re-sent under the running task's id with other
 /// content: which fields differed the last time, and how often it happened.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -106,6 +123,10 @@ pub struct Status {
     pub cache_mount: Option<PathBuf>,
     /// The RBD images the prepared mounts sit on.
     pub shared_volumes: Vec<SharedVolume>,
+    /// The prepared cache mounts: mode, kind, filesystem UUID.
+    pub cache_volumes: Vec<CacheVolume>,
+    /// The last cache reset's result.
+    pub cache_reset: Option<pb::CacheResetResult>,
     /// The last task re-sent under the running task's id with other content.
     pub task_conflict: Option<TaskConflict>,
     /// Task messages that failed validation since the agent started.
@@ -137,6 +158,8 @@ impl Status {
             mounts: vec![],
             cache_mount: None,
             shared_volumes: vec![],
+            cache_volumes: vec![],
+            cache_reset: None,
             task_conflict: None,
             tasks_rejected: 0,
             last_task_rejection: None,
@@ -149,6 +172,18 @@ impl Status {
     pub fn oom_kills_after(&self, sent: u64) -> impl Iterator<Item = &OomKill> {
         let unsent = usize::try_from(self.oom_entries.saturating_sub(sent)).unwrap_or(usize::MAX);
         self.recent_ooms.iter().skip(self.recent_ooms.len().saturating_sub(unsent))
+    }
+
+    /// The figures of a watched filesystem for the wire, named with the cache
+    /// mode, kind and UUID when it is a prepared cache mount.
+    pub fn mount_stats(&self, figures: &MountFigures) -> pb::MountStats {
+        let mut stats = pb::MountStats::from(figures);
+        if let Some(v) = self.cache_volumes.iter().find(|v| v.mount_path == figures.path) {
+            stats.cache_mode = v.mode.into();
+            stats.volume_kind = v.kind.into();
+            stats.filesystem_uuid = v.filesystem_uuid.clone().unwrap_or_default();
+        }
+        stats
     }
 
     /// The figures of the filesystem watched at `path`, if the last tick read it.

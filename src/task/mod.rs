@@ -108,6 +108,51 @@ pub struct VolumeMount {
     pub fs_type: FsType,
     pub options: Vec<String>,
     pub skip_trim: bool,
+    pub cache_mode: CacheMode,
+}
+
+/// How a builder uses a cache volume; see the proto's `CacheMode` for what
+/// each mode does with each kind of source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// The project cache: read-write, exclusive, committed at a clean drain.
+    #[default]
+    Primary,
+    /// A copy-on-write clone of the primary's newest commit; destroyed at drain.
+    Clone,
+    /// A fresh blank volume; destroyed at drain.
+    Isolated,
+}
+
+impl CacheMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Primary => "primary",
+            Self::Clone => "clone",
+            Self::Isolated => "isolated",
+        }
+    }
+
+    /// Parses the task file's and the proto's names ("primary", "clone", "isolated").
+    pub fn parse(name: &str) -> Option<Self> {
+        [Self::Primary, Self::Clone, Self::Isolated].into_iter().find(|m| m.as_str() == name)
+    }
+
+    /// Whether the volume is destroyed at drain (it never outlives its task).
+    pub fn is_disposable(self) -> bool {
+        self != Self::Primary
+    }
+}
+
+impl VolumeSource {
+    /// "device", "file" or "rbd": for reports and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Device { .. } => "device",
+            Self::File { .. } => "file",
+            Self::Rbd(_) => "rbd",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -541,9 +586,46 @@ fn validate_mount(p: &mut Problems, field: &str, m: pb::VolumeMount, limits: &Ta
         }
     }
 
-    match (p.total() == errors_before, source, fs_type) {
-        (true, Some(source), Some(fs_type)) => Some(VolumeMount { mount_path, source, fs_type, options: m.options, skip_trim: m.skip_trim }),
+    let cache_mode = validate_cache_mode(p, field, m.cache_mode, source.as_ref());
+
+    match (p.total() == errors_before, source, fs_type, cache_mode) {
+        (true, Some(source), Some(fs_type), Some(cache_mode)) => {
+            Some(VolumeMount { mount_path, source, fs_type, options: m.options, skip_trim: m.skip_trim, cache_mode })
+        }
         _ => None,
+    }
+}
+
+/// The mount's cache mode, refused where its source cannot do it.
+fn validate_cache_mode(p: &mut Problems, field: &str, mode: i32, source: Option<&VolumeSource>) -> Option<CacheMode> {
+    let field = format!("{field}.cache_mode");
+    let mode = match pb::CacheMode::try_from(mode) {
+        Ok(pb::CacheMode::Unspecified | pb::CacheMode::Primary) => CacheMode::Primary,
+        Ok(pb::CacheMode::Clone) => CacheMode::Clone,
+        Ok(pb::CacheMode::Isolated) => CacheMode::Isolated,
+        Err(_) => {
+            p.add(field, format!("expected primary, clone or isolated, got enum value {mode}"));
+            return None;
+        }
+    };
+    let refusal = match (mode, source) {
+        (CacheMode::Clone, Some(VolumeSource::Device { .. })) => {
+            Some("a block device cannot be cloned (it has no snapshots): clone an rbd image or a file on xfs or btrfs")
+        }
+        (CacheMode::Clone | CacheMode::Isolated, Some(VolumeSource::Rbd(image))) if image.take_over_from.is_some() => {
+            Some("a clone or an isolated volume never takes a lock from another builder: take_over_from is for primary mounts")
+        }
+        (CacheMode::Isolated, Some(VolumeSource::Rbd(image))) if image.create_size_bytes.is_none() => {
+            Some("an isolated rbd image is created by the agent: give its size_bytes")
+        }
+        _ => None,
+    };
+    match refusal {
+        Some(why) => {
+            p.add(field, why);
+            None
+        }
+        None => Some(mode),
     }
 }
 
@@ -673,6 +755,9 @@ struct TaskFileMount {
     options: Vec<String>,
     #[serde(default)]
     skip_trim: bool,
+    /// "primary" (the default), "clone" or "isolated".
+    #[serde(default)]
+    cache_mode: Option<String>,
     device: Option<TaskFileDevice>,
     file: Option<TaskFileBacking>,
     rbd: Option<TaskFileRbd>,
@@ -787,7 +872,23 @@ pub fn read_task_file(path: &Path) -> Result<pb::BuildkitTask, TaskError> {
                 pb::FilesystemType::Unspecified
             }
         };
-        mounts.push(pb::VolumeMount { mount_path: m.mount_path, source, fs_type: fs_type as i32, options: m.options, skip_trim: m.skip_trim });
+        let cache_mode = match m.cache_mode.as_deref().map(|name| (name, CacheMode::parse(name))) {
+            None | Some((_, Some(CacheMode::Primary))) => pb::CacheMode::Primary,
+            Some((_, Some(CacheMode::Clone))) => pb::CacheMode::Clone,
+            Some((_, Some(CacheMode::Isolated))) => pb::CacheMode::Isolated,
+            Some((other, None)) => {
+                p.add(format!("mounts[{i}].cache_mode"), format!("expected primary, clone or isolated, got {:?}", truncate(other)));
+                pb::CacheMode::Unspecified
+            }
+        };
+        mounts.push(pb::VolumeMount {
+            mount_path: m.mount_path,
+            source,
+            fs_type: fs_type as i32,
+            options: m.options,
+            skip_trim: m.skip_trim,
+            cache_mode: cache_mode as i32,
+        });
     }
     if !p.is_empty() {
         return Err(p.into_error());
@@ -841,12 +942,13 @@ pub fn differing_fields(running: &BuildkitTask, offered: &BuildkitTask) -> Vec<S
     check("tls.ca_pem", *ca_pem == offered.tls.ca_pem);
     if mounts.len() == offered.mounts.len() {
         for (i, (mine, theirs)) in mounts.iter().zip(&offered.mounts).enumerate() {
-            let VolumeMount { mount_path, source, fs_type, options, skip_trim } = mine;
+            let VolumeMount { mount_path, source, fs_type, options, skip_trim, cache_mode } = mine;
             check(&format!("mounts[{i}].mount_path"), *mount_path == theirs.mount_path);
             check(&format!("mounts[{i}].source"), *source == theirs.source);
             check(&format!("mounts[{i}].fs_type"), *fs_type == theirs.fs_type);
             check(&format!("mounts[{i}].options"), *options == theirs.options);
             check(&format!("mounts[{i}].skip_trim"), *skip_trim == theirs.skip_trim);
+            check(&format!("mounts[{i}].cache_mode"), *cache_mode == theirs.cache_mode);
         }
     } else {
         check("mounts", false);
@@ -920,6 +1022,7 @@ pub(crate) mod tests {
                 fs_type: pb::FilesystemType::Ext4 as i32,
                 options: vec!["noatime".into()],
                 skip_trim: false,
+                cache_mode: 0,
             }],
             cache_size_bytes: 50 << 30,
             gc: None,
@@ -1020,6 +1123,7 @@ take_over_from = "3f2a9c0e5b7d41e8a6c2f0d9b8e7a6c5"
             fs_type: pb::FilesystemType::Xfs as i32,
             options: vec![],
             skip_trim: false,
+            cache_mode: 0,
         };
         t.mounts.push(rbd_mount("/mnt/a"));
         t.mounts.push(rbd_mount("/mnt/b"));
@@ -1258,7 +1362,7 @@ take_over_from = "3f2a9c0e5b7d41e8a6c2f0d9b8e7a6c5"
                 source: Some(pb::volume_mount::Source::Rbd(r)),
                 fs_type: pb::FilesystemType::Xfs as i32,
                 options: vec![],
-                skip_trim: false,
+                skip_trim: false, cache_mode: 0,
             });
             t
         }
@@ -1340,7 +1444,7 @@ take_over_from = "3f2a9c0e5b7d41e8a6c2f0d9b8e7a6c5"
                 2 => Some(pb::volume_mount::Source::Device(pb::BlockDevice { path: dev.clone(), ebs_volume_id: ebs.clone() })),
                 _ => Some(pb::volume_mount::Source::Rbd(rbd)),
             };
-            pb::VolumeMount { mount_path, source, fs_type, options, skip_trim }
+            pb::VolumeMount { mount_path, source, fs_type, options, skip_trim, cache_mode: 0 }
         }
     }
 

@@ -25,7 +25,7 @@ use super::stats::read_fs_stats;
 use super::tool::run_tool;
 use super::trim::{fstrim, TrimError};
 use crate::backoff::PollGaps;
-use crate::task::{FsType, VolumeMount, VolumeSource};
+use crate::task::{CacheMode, FsType, VolumeMount, VolumeSource};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -37,6 +37,8 @@ use tracing::{info, warn};
 /// mkfs of a lazily initialised filesystem takes seconds even on a large disk;
 /// ten minutes means the device is hung.
 const MKFS_TIMEOUT: Duration = Duration::from_secs(600);
+/// blkid reads a superblock.
+const BLKID_TIMEOUT: Duration = Duration::from_secs(30);
 /// Online grow touches metadata only.
 const GROW_TIMEOUT: Duration = Duration::from_secs(300);
 /// A busy mount is tried again soon (a straggler exits in milliseconds), then
@@ -151,6 +153,15 @@ pub struct PreparedMount {
     pub rbd: Option<RbdAttachment>,
     /// The executor bind mount under this mount, if any.
     pub executor_bind: Option<PathBuf>,
+    /// How the task uses the volume: what release does with it after the unmount.
+    pub cache_mode: CacheMode,
+    /// "device", "file" or "rbd".
+    pub kind: &'static str,
+    /// The filesystem's UUID, read after mounting (None if blkid could not say):
+    /// the guard a cache reset must name.
+    pub fs_uuid: Option<String>,
+    /// The task the mount serves (names a primary's commits); set by the caller.
+    pub task_id: String,
 }
 
 /// What a release did.
@@ -162,6 +173,21 @@ pub struct ReleaseReport {
     pub errors: Vec<ReleaseError>,
     /// The filesystem is known to hold errors (a failed flush, errors recorded by the kernel).
     pub dirty: bool,
+    /// A primary's commit: the copy made, or why none was (None: not a primary,
+    /// or the release did not get that far).
+    pub commit: Option<Commit>,
+    /// What a clone's or an isolated volume's destruction removed ("pool/image",
+    /// the backing file, the discarded device), once done.
+    pub destroyed: Option<String>,
+}
+
+/// A primary's point-in-time copy at a clean release, for clones to start from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Commit {
+    /// What was copied: "pool/image" or the backing file.
+    pub source: String,
+    /// The copy, "pool/image@snapshot" or the reflinked file; Err says why none was made.
+    pub copy: Result<String, String>,
 }
 
 /// Why a release left a mount or a loop device behind.
@@ -319,7 +345,34 @@ async fn prepare_steps(settings: &VolumeSettings, m: &VolumeMount, first: bool, 
         (Some(ephemeral), true) => Some(bind_executor(ephemeral, &m.mount_path)?),
         _ => None,
     };
-    Ok(PreparedMount { mount_path: m.mount_path.clone(), device, fs_type, formatted, grown, skip_trim: m.skip_trim, loop_attachment, rbd, executor_bind })
+    let fs_uuid = read_fs_uuid(&device).await;
+    Ok(PreparedMount {
+        mount_path: m.mount_path.clone(),
+        device,
+        fs_type,
+        formatted,
+        grown,
+        skip_trim: m.skip_trim,
+        loop_attachment,
+        rbd,
+        executor_bind,
+        cache_mode: m.cache_mode,
+        kind: m.source.kind(),
+        fs_uuid,
+        task_id: String::new(),
+    })
+}
+
+/// The UUID of the filesystem on `device`, by blkid's low-level probe (never its cache).
+pub async fn read_fs_uuid(device: &Path) -> Option<String> {
+    let args = ["-p".into(), "-s".into(), "UUID".into(), "-o".into(), "value".into(), device.as_os_str().to_owned()];
+    match run_tool(Path::new("/usr/sbin/blkid"), &args, BLKID_TIMEOUT).await {
+        Ok(out) => Some(String::from_utf8_lossy(&out.stdout).trim().to_string()).filter(|u| !u.is_empty()),
+        Err(error) => {
+            warn!(%error, device = %device.display(), "cannot read the filesystem's UUID");
+            None
+        }
+    }
 }
 
 fn block_rdev(device: &Path) -> Result<u64, VolumeError> {
@@ -400,6 +453,9 @@ async fn format_if_blank(settings: &VolumeSettings, device: &Path, rdev: u64, m:
     let found = read_device_signature(device).await?;
     match plan_prepare(found.as_ref(), m.fs_type) {
         PrepareAction::Refuse(why) => Err(VolumeError::Refused { device: device.into(), why }),
+        PrepareAction::Mount { fs_type, .. } if m.cache_mode == CacheMode::Isolated => {
+            Err(VolumeError::Refused { device: device.into(), why: format!("an isolated volume must start blank, and this one holds a {fs_type} filesystem") })
+        }
         PrepareAction::Mount { fs_type, requested_differs } => {
             if requested_differs {
                 warn!(device = %device.display(), found = fs_type, requested = m.fs_type.as_str(), "device holds another filesystem type than the task asked for; mounting it as it is, never reformatting");

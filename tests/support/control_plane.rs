@@ -179,6 +179,7 @@ pub fn buildkit_task(id: &str, prefix: &std::path::Path) -> pb::register_respons
             fs_type: pb::FilesystemType::Ext4 as i32,
             options: vec!["noatime".into()],
             skip_trim: false,
+            cache_mode: pb::CacheMode::Primary as i32,
         }],
         cache_size_bytes: 1 << 30,
         gc: None,

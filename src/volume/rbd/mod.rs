@@ -62,7 +62,13 @@ pub struct RbdSettings {
     pub owner_id: String,
     /// Per-mount keyrings, confs and fuse mount points (`<state_dir>/rbd`).
     pub dir: PathBuf,
+    /// The newest committed snapshots of a primary image kept at each commit
+    /// (`volume.keep_snapshots`); older ones are removed unless a clone uses them.
+    pub keep_snapshots: u32,
 }
+
+/// The snapshots a primary keeps when the config does not say.
+pub const DEFAULT_KEEP_SNAPSHOTS: u32 = 2;
 
 /// A way to turn an image into a block device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
