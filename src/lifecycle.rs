@@ -79,6 +79,9 @@ pub enum Event {
     PrepareRetried,
     /// An engine start that failed is tried again.
     EngineStartRetried,
+    /// The control plane asked to wipe a cache mount: the engine stops and the
+    /// volume is prepared again, empty.
+    CacheResetStarted,
     /// SIGTERM/SIGINT, should_terminate, or a terminate task.
     DrainRequested,
     /// The drain finished (cleanly or at its deadline).
@@ -111,6 +114,7 @@ pub fn next(state: State, event: Event) -> Result<State, IllegalTransition> {
         // Degraded is a state to leave: the failed step runs again while the task stands.
         (S::Degraded, E::PrepareRetried) => S::Preparing,
         (S::Degraded, E::EngineStartRetried) => S::StartingEngine,
+        (S::StartingEngine | S::Ready | S::Degraded, E::CacheResetStarted) => S::Preparing,
         // A drain can start from anywhere before it, and a second request joins the first.
         (S::Starting | S::Registering | S::Pending | S::Preparing | S::StartingEngine | S::Ready | S::Degraded | S::Draining, E::DrainRequested) => S::Draining,
         (S::Draining, E::Drained) => S::Stopped,
@@ -125,7 +129,7 @@ mod tests {
     use Event as E;
     use State as S;
 
-    const EVENTS: [Event; 11] = [
+    const EVENTS: [Event; 12] = [
         E::RegistrationStarted,
         E::TaskPending,
         E::TaskAccepted,
@@ -135,6 +139,7 @@ mod tests {
         E::Degraded,
         E::PrepareRetried,
         E::EngineStartRetried,
+        E::CacheResetStarted,
         E::DrainRequested,
         E::Drained,
     ];
@@ -168,6 +173,9 @@ mod tests {
         (S::Degraded, E::DrainRequested, S::Draining),
         (S::Draining, E::DrainRequested, S::Draining),
         (S::Draining, E::Drained, S::Stopped),
+        (S::StartingEngine, E::CacheResetStarted, S::Preparing),
+        (S::Ready, E::CacheResetStarted, S::Preparing),
+        (S::Degraded, E::CacheResetStarted, S::Preparing),
     ];
 
     #[test]

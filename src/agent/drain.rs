@@ -16,6 +16,8 @@ use tracing::{info, warn};
 /// Part of the drain deadline kept for the shutdown report, so a slow engine
 /// stop cannot starve the one message that tells the control plane what happened.
 const SHUTDOWN_REPORT_RESERVE: Duration = Duration::from_secs(2);
+/// A SIGKILLed process is gone in milliseconds; one in uninterruptible I/O may take seconds.
+const LEFTOVER_KILL_WAIT: Duration = Duration::from_secs(10);
 
 /// What the drain did, for the shutdown report and the exit code.
 #[derive(Debug, Default)]
@@ -66,6 +68,7 @@ impl Agent {
             s.shared_volumes.retain(|v| !released.contains(&v.mount_path));
             s.cache_volumes.clear();
         });
+        self.metrics.set_cache_volumes(&[]);
         self.report_shutdown(&reason, started, deadline, &drained).await;
 
         let elapsed = started.elapsed();
@@ -83,18 +86,29 @@ impl Agent {
 
     /// SIGTERM, the grace, SIGKILL; the report's reserve is kept out of the budget.
     async fn stop_engine(&mut self, deadline: Instant, drained: &mut Drained) {
+        let budget = deadline.saturating_duration_since(Instant::now()).saturating_sub(SHUTDOWN_REPORT_RESERVE);
+        let grace = self.config.engine.stop_grace.min(budget);
+        let problem = match tokio::time::timeout(budget.max(grace), self.stop_engine_within(grace)).await {
+            Ok(problem) => problem,
+            Err(_) => {
+                self.set_engine_state(EngineState::Stopped);
+                Some("engine stop did not finish within the drain deadline".to_string())
+            }
+        };
+        if let Some(problem) = problem {
+            drained.engine_stopped_cleanly = false;
+            drained.errors.push(problem);
+        }
+    }
+
+    /// Stops the engine with SIGTERM, `grace`, SIGKILL, kills the build steps
+    /// left in its cgroup, and removes the cgroup. Returns what went wrong, if anything.
+    pub(super) async fn stop_engine_within(&mut self, grace: std::time::Duration) -> Option<String> {
+        let mut problem = None;
         if let Some(engine) = self.engine.take() {
             self.set_engine_state(EngineState::Stopping);
-            let budget = deadline.saturating_duration_since(Instant::now()).saturating_sub(SHUTDOWN_REPORT_RESERVE);
-            let grace = self.config.engine.stop_grace.min(budget);
-            let problem = match tokio::time::timeout(budget.max(grace), engine.stop(grace)).await {
-                Ok(StopOutcome::Clean) => None,
-                Ok(StopOutcome::Killed) => Some(format!("engine needed SIGKILL after {grace:?}")),
-                Err(_) => Some("engine stop did not finish within the drain deadline".to_string()),
-            };
-            if let Some(problem) = problem {
-                drained.engine_stopped_cleanly = false;
-                drained.errors.push(problem);
+            if engine.stop(grace).await == StopOutcome::Killed {
+                problem = Some(format!("engine needed SIGKILL after {grace:?}"));
             }
             self.status.send_modify(|s| {
                 s.engine = EngineState::Stopped;
@@ -103,10 +117,19 @@ impl Agent {
             self.metrics.engine_up.set(0);
         }
         if let Some(cgroup) = self.engine_cgroup.take() {
+            // The engine's build steps outlive it (runc puts them in cgroups of their own):
+            // left running they would keep the cache busy and write to it.
+            match cgroup.kill_leftovers(LEFTOVER_KILL_WAIT).await {
+                Ok(killed) if killed.is_empty() => {}
+                Ok(killed) => warn!(pids = ?killed, "build steps left in the engine cgroup were killed"),
+                Err(left) => problem = Some(format!("processes {left:?} still in the engine cgroup after SIGKILL")),
+            }
             if let Err(error) = cgroup.remove() {
                 warn!(%error, "engine cgroup left in place");
             }
         }
+        self.engine_cgroup_watch.send_replace(None);
+        problem
     }
 
     /// A prepare in flight finishes first: killing mkfs or mount halfway helps nobody.

@@ -64,6 +64,8 @@ impl Agent {
             ControlEvent::TaskRejected(error) => self.on_task_rejected(&error),
             ControlEvent::Registered => self.status.send_modify(|s| s.control_plane_error = None),
             ControlEvent::NotRegistered(why) => self.status.send_modify(|s| s.control_plane_error = Some(why)),
+            // Handled by the main loop itself (it awaits the engine's stop and start).
+            ControlEvent::CacheReset(_) => {}
         }
         None
     }

@@ -16,6 +16,7 @@ mod drain;
 mod handle;
 mod loops;
 mod prepare;
+mod reset;
 
 use crate::backoff::PollGaps;
 use crate::config::Config;
@@ -144,6 +145,19 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
     let reason = loop {
         tokio::select! {
             Some(input) = inputs.recv() => {
+                if let Input::Control(ControlEvent::CacheReset(request)) = input {
+                    // Awaited here with the heartbeat still beating: a reset stops and
+                    // starts the engine, which the main loop owns.
+                    let reset = agent.reset_cache(request);
+                    tokio::pin!(reset);
+                    loop {
+                        tokio::select! {
+                            () = &mut reset => break,
+                            () = pulse.tick() => {}
+                        }
+                    }
+                    continue;
+                }
                 if let Some(reason) = agent.handle(input) {
                     break reason;
                 }

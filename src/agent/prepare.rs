@@ -56,7 +56,7 @@ impl Agent {
         self.task = Some(task);
     }
 
-    fn start_prepare(&mut self, task: &BuildkitTask) {
+    pub(super) fn start_prepare(&mut self, task: &BuildkitTask) {
         self.preparing = true;
         let (settings, mounts, inputs, task_id) = (self.config.volume.clone(), task.mounts.clone(), self.inputs.clone(), task.id.clone());
         let prepare = async move {
@@ -70,8 +70,9 @@ impl Agent {
     pub(super) fn on_volumes_prepared(&mut self, outcome: PrepareOutcome) {
         self.preparing = false;
         self.mounts = outcome.prepared;
-        let shared: Vec<SharedVolume> = self.mounts.iter().filter_map(|m| SharedVolume::of(m)).collect();
+        let shared: Vec<SharedVolume> = self.mounts.iter().filter_map(SharedVolume::of).collect();
         let volumes: Vec<CacheVolume> = self.mounts.iter().map(CacheVolume::of).collect();
+        self.metrics.set_cache_volumes(&volumes);
         self.status.send_modify(|s| {
             s.shared_volumes = shared;
             s.cache_volumes = volumes;
@@ -92,7 +93,7 @@ impl Agent {
     }
 
     /// Watches the prepared mounts for a failing disk, for as long as the agent runs.
-    fn start_volume_watch(&mut self) {
+    pub(super) fn start_volume_watch(&mut self) {
         if self.volume_watch.is_some() {
             return;
         }
@@ -141,7 +142,7 @@ impl Agent {
         }
     }
 
-    fn start_engine(&mut self, task: &BuildkitTask) {
+    pub(super) fn start_engine(&mut self, task: &BuildkitTask) {
         self.set_engine_state(EngineState::Starting);
         let (events_tx, events_rx) = mpsc::channel(16);
         let backstop = crate::gc::backstop::backstop_policy(task);

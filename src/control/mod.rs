@@ -183,6 +183,9 @@ pub enum ControlEvent {
     Registered,
     /// The task stream failed or could not be opened; why, for /readyz.
     NotRegistered(String),
+    /// A request to wipe a cache mount, as it came (the agent checks it and
+    /// answers with a CacheResetResult either way).
+    CacheReset(crate::proto::v1::CacheReset),
 }
 
 /// The identity the control plane gave this machine, and the token for later calls.

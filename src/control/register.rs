@@ -104,7 +104,7 @@ impl Registration {
         let mut stream = self.control.call_on(&conn, "RegisterMachine", timeout, |mut client| async move { client.register_machine(request).await }).await?;
         let mut registered = false;
         loop {
-            let message = match tokio::time::timeout(idle_timeout, stream.message()).await {
+            let mut message = match tokio::time::timeout(idle_timeout, stream.message()).await {
                 Ok(Ok(Some(m))) => m,
                 Ok(Ok(None)) => return Ok(()),
                 Ok(Err(status)) => {
@@ -122,7 +122,14 @@ impl Registration {
                     return Err(fail(error));
                 }
             };
-            if message.task.is_none() && message.keepalive.is_some() {
+            let reset = message.reset_cache.take();
+            let reset_only = reset.is_some() && message.task.is_none();
+            if let Some(reset) = reset {
+                if self.events.send(ControlEvent::CacheReset(reset)).await.is_err() {
+                    return Ok(()); // the agent is gone
+                }
+            }
+            if message.task.is_none() && (message.keepalive.is_some() || reset_only) {
                 debug!("task stream keepalive");
                 continue;
             }

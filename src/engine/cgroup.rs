@@ -168,6 +168,30 @@ impl EngineCgroup {
         Ok(pids)
     }
 
+    /// SIGKILLs every process left in the engine's cgroup tree (build steps
+    /// run by runc in `buildkit/<id>` are not in the engine's process group,
+    /// so stopping the engine leaves them running, holding the cache busy) and
+    /// waits up to `limit` for the tree to empty, killing again what a dying
+    /// step forked meanwhile. Returns the pids killed; Err with those left.
+    pub async fn kill_leftovers(&self, limit: std::time::Duration) -> Result<Vec<i32>, Vec<i32>> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut killed = vec![];
+        loop {
+            let left = self.pids().unwrap_or_default();
+            if left.is_empty() {
+                return Ok(killed);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(left);
+            }
+            for pid in &left {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), nix::sys::signal::Signal::SIGKILL);
+            }
+            killed.extend(left.into_iter().filter(|p| !killed.contains(p)).collect::<Vec<_>>());
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// OOM kills in the whole engine cgroup: on v2 the subtree's kills; on v1
     /// only kills of processes placed directly in it (v1 counts locally).
     pub fn oom_kills(&self) -> Result<u64, CgroupError> {

@@ -554,16 +554,10 @@ async fn stop_orphans(spec: &EngineSpec, grace: Duration) {
     }
     remove_pidfile(&spec.pidfile);
     if let Some(cgroup) = &spec.cgroup {
-        let leftovers = cgroup.pids().unwrap_or_default();
-        if !leftovers.is_empty() {
-            tracing::warn!(pids = ?leftovers, "processes left in the engine cgroup: killing them");
-            for pid in &leftovers {
-                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
-            }
-            let gone = wait_gone(|| cgroup.pids().is_ok_and(|p| !p.is_empty()), Duration::from_secs(5)).await;
-            if !gone {
-                tracing::error!("processes still in the engine cgroup after SIGKILL");
-            }
+        match cgroup.kill_leftovers(Duration::from_secs(5)).await {
+            Ok(killed) if killed.is_empty() => {}
+            Ok(killed) => tracing::warn!(pids = ?killed, "processes left in the engine cgroup were killed"),
+            Err(left) => tracing::error!(pids = ?left, "processes still in the engine cgroup after SIGKILL"),
         }
     }
 }

@@ -153,6 +153,8 @@ struct Readiness {
     task_conflict: Option<crate::observe::status::TaskConflict>,
     /// The RBD images the cache lives on: image, mapper, lock owner.
     shared_volumes: Vec<crate::observe::status::SharedVolume>,
+    /// The last cache reset asked for: its outcome, and the new filesystem's UUID.
+    cache_reset: Option<CacheResetReadiness>,
     tasks_rejected_total: u64,
     control_plane_connected: bool,
     /// Why the agent is not registered; null while it is (and in standalone mode).
@@ -167,6 +169,22 @@ struct VolumeReadiness {
     free_bytes: u64,
     total_inodes: u64,
     free_inodes: u64,
+    /// For a task's cache mount: `primary`, `clone` or `isolated`.
+    cache_mode: Option<&'static str>,
+    /// For a task's cache mount: `device`, `file` or `rbd`.
+    kind: Option<&'static str>,
+    /// For a task's cache mount: what a cache reset must name.
+    filesystem_uuid: Option<String>,
+}
+
+#[derive(serde::Serialize)]
+struct CacheResetReadiness {
+    request_id: String,
+    mount_path: String,
+    outcome: String,
+    error: String,
+    filesystem_uuid: String,
+    unix_time_ms: i64,
 }
 
 async fn detail_readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
@@ -186,18 +204,32 @@ async fn detail_readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
         volumes: st
             .mounts
             .iter()
-            .map(|m| VolumeReadiness {
-                path: m.path.display().to_string(),
-                total_bytes: m.stats.total_bytes,
-                free_bytes: m.stats.free_bytes,
-                total_inodes: m.stats.total_inodes,
-                free_inodes: m.stats.free_inodes,
+            .map(|m| {
+                let cache = st.cache_volumes.iter().find(|v| v.mount_path == m.path);
+                VolumeReadiness {
+                    path: m.path.display().to_string(),
+                    total_bytes: m.stats.total_bytes,
+                    free_bytes: m.stats.free_bytes,
+                    total_inodes: m.stats.total_inodes,
+                    free_inodes: m.stats.free_inodes,
+                    cache_mode: cache.map(|v| v.mode),
+                    kind: cache.map(|v| v.kind),
+                    filesystem_uuid: cache.and_then(|v| v.filesystem_uuid.clone()),
+                }
             })
             .collect(),
         resources: st.resources,
         task_id: st.task_id,
         task_conflict: st.task_conflict,
         shared_volumes: st.shared_volumes,
+        cache_reset: st.cache_reset.map(|r| CacheResetReadiness {
+            request_id: r.request_id,
+            mount_path: r.mount_path,
+            outcome: r.outcome,
+            error: r.error,
+            filesystem_uuid: r.filesystem_uuid,
+            unix_time_ms: r.unix_time_ms,
+        }),
         tasks_rejected_total: st.tasks_rejected,
         control_plane_connected: s.metrics.control_plane_connected.get() == 1,
         control_plane_error: st.control_plane_error,

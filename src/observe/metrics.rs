@@ -35,6 +35,9 @@ pub struct Metrics {
     pub volume_free_bytes: GaugeVec,
     pub volume_inodes: GaugeVec,
     pub volume_free_inodes: GaugeVec,
+    /// 1 for each prepared cache mount, labelled with its cache mode and source kind.
+    pub volume_info: GaugeVec,
+    pub cache_resets: IntCounterVec,
     /// Host and engine-tree CPU and memory, from the sampler.
     resources: ResourceMetrics,
 }
@@ -186,8 +189,39 @@ impl Metrics {
                 "Inodes of the filesystem at each watched mount (0 where the filesystem has no fixed count).",
             ),
             volume_free_inodes: volume_gauge(&registry, "volume_free_inodes", "Free inodes of the filesystem at each watched mount."),
+            volume_info: register(
+                &registry,
+                GaugeVec::new(
+                    Opts::new("volume_info", "1 for each prepared cache mount: its cache mode (primary, clone, isolated) and source kind (device, file, rbd)."),
+                    &["mount", "mode", "kind"],
+                )
+                .expect("valid"),
+            ),
+            cache_resets: {
+                let resets = register(
+                    &registry,
+                    IntCounterVec::new(
+                        Opts::new("cache_resets_total", "Cache reset requests from the control plane, by outcome (done, refused, failed)."),
+                        &["outcome"],
+                    )
+                    .expect("valid"),
+                );
+                for outcome in ["done", "refused", "failed"] {
+                    resets.with_label_values(&[outcome]);
+                }
+                resets
+            },
             resources: ResourceMetrics::new(&registry),
             registry,
+        }
+    }
+
+    /// Names the prepared cache mounts: one `volume_info` series each, the
+    /// series of mounts no longer prepared removed.
+    pub fn set_cache_volumes(&self, volumes: &[crate::observe::status::CacheVolume]) {
+        self.volume_info.reset();
+        for v in volumes {
+            self.volume_info.with_label_values(&[&v.mount_path.display().to_string(), v.mode, v.kind]).set(1.0);
         }
     }
 

@@ -10,6 +10,7 @@
 
 /// A task's Ceph RBD volume: its names, key, monitors and ceph.conf, checked.
 pub mod rbd;
+pub mod reset;
 /// The task's mTLS material: checked, then written atomically where the engine reads it.
 pub mod tls;
 

@@ -37,6 +37,8 @@ use tracing::{info, warn};
 /// mkfs of a lazily initialised filesystem takes seconds even on a large disk;
 /// ten minutes means the device is hung.
 const MKFS_TIMEOUT: Duration = Duration::from_secs(600);
+/// A discard is a metadata operation on thin devices; a large SSD takes seconds.
+const DISCARD_TIMEOUT: Duration = Duration::from_secs(300);
 /// blkid reads a superblock.
 const BLKID_TIMEOUT: Duration = Duration::from_secs(30);
 /// Online grow touches metadata only.
@@ -566,6 +568,54 @@ fn bind_executor(ephemeral: &Path, mount_path: &Path) -> Result<PathBuf, VolumeE
         info!(from = %source.display(), to = %target.display(), "executor dir bound to the ephemeral disk");
     }
     Ok(target)
+}
+
+// === reset ===
+
+/// Wipes a prepared mount and prepares it again, empty: the cache reset.
+/// The filesystem must still carry `expected_uuid` when looked at on the
+/// device after the unmount, or nothing is wiped. The device keeps its
+/// attachment (loop device, RBD mapping and lock): only the filesystem goes.
+/// Discard first (so a thin device gives its blocks back), then mkfs under a
+/// recorded intent, so a crash mid-format is finished by the next prepare.
+/// The engine must be stopped.
+pub async fn wipe_mount(settings: &VolumeSettings, m: &VolumeMount, p: &PreparedMount, expected_uuid: &str) -> Result<PreparedMount, VolumeError> {
+    let refuse = |why: String| VolumeError::Refused { device: p.device.clone(), why };
+    if p.fs_uuid.as_deref() != Some(expected_uuid) {
+        return Err(refuse(format!("the filesystem mounted at {} is {:?}, not {expected_uuid}", p.mount_path.display(), p.fs_uuid)));
+    }
+    unmount_all_beneath(settings, &p.mount_path).await.map_err(|e| refuse(format!("cannot unmount for the reset: {e}")))?;
+    let rdev = block_rdev(&p.device)?;
+    let on_device = read_fs_uuid(&p.device).await;
+    if on_device.as_deref() != Some(expected_uuid) {
+        return Err(refuse(format!("the device now holds filesystem {on_device:?}, not {expected_uuid}; not wiped")));
+    }
+    let fs = [FsType::Ext4, FsType::Xfs, FsType::Btrfs].into_iter().find(|f| f.as_str() == p.fs_type).unwrap_or(m.fs_type);
+    warn!(device = %p.device.display(), mount_path = %p.mount_path.display(), uuid = expected_uuid, fs = fs.as_str(), "cache reset: wiping the filesystem");
+    match discard_device(&p.device).await {
+        Ok(()) => info!(device = %p.device.display(), "cache reset: device discarded"),
+        Err(error) => info!(%error, device = %p.device.display(), "cache reset: no discard; mkfs overwrites"),
+    }
+    let intents = IntentStore::new(&settings.intent_dir);
+    let identity = device_identity(&settings.sys_root, &p.device, rdev)?;
+    format(settings, &intents, identity, fs, &p.mount_path, Redo::Overwrite).await?;
+    let mut undo = UndoLog::default();
+    mount_device(&p.device, &p.mount_path, fs.as_str(), &m.options, &mut undo)?;
+    verify_mounted(&p.device, rdev, &p.mount_path)?;
+    let executor_bind = match (&settings.ephemeral_dir, &p.executor_bind) {
+        (Some(ephemeral), Some(_)) => Some(bind_executor(ephemeral, &p.mount_path)?),
+        _ => None,
+    };
+    let fs_uuid = read_fs_uuid(&p.device).await;
+    info!(device = %p.device.display(), mount_path = %p.mount_path.display(), uuid = ?fs_uuid, "cache reset: new filesystem mounted");
+    Ok(PreparedMount { fs_type: fs.as_str().into(), formatted: true, grown: false, executor_bind, fs_uuid, ..p.clone() })
+}
+
+/// BLKDISCARD over the whole device: a thin device (RBD, a sparse file,
+/// an SSD) gets its blocks back and reads zeros after.
+pub async fn discard_device(device: &Path) -> Result<(), VolumeError> {
+    run_tool(Path::new("/usr/sbin/blkdiscard"), &[device.as_os_str().to_owned()], DISCARD_TIMEOUT).await?;
+    Ok(())
 }
 
 // === release ===

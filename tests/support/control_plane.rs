@@ -314,6 +314,14 @@ impl ControlPlaneDouble {
         tx.try_send(Ok(response(task))).unwrap();
     }
 
+    /// Sends a cache reset request, with no task, on the newest task stream.
+    pub fn push_reset(&self, reset: pb::CacheReset) {
+        let tx = self.shared.task_stream.lock().unwrap().clone();
+        let tx = tx.expect("no registration yet: wait_for a registration first");
+        let message = pb::RegisterResponse { machine_id: MACHINE_ID.into(), token: MACHINE_TOKEN.into(), reset_cache: Some(reset), ..Default::default() };
+        tx.try_send(Ok(message)).unwrap();
+    }
+
     /// Sends every task on the newest task stream, as fast as the stream
     /// takes them (waiting when it is full); returns how many were sent.
     pub async fn push_all(&self, tasks: impl IntoIterator<Item = pb::register_response::Task>) -> usize {
