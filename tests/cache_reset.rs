@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::control_plane::{buildkit_task, control_plane, ControlPlaneDouble};
 use support::engine::{build_context, buildctl_build, readyz, unix_addr, wait_ready, World};
-use support::{agent, eventually, trace_init, AgentProcess, BUILDCTL};
+use support::{agent, eventually, http_get, metric_value, trace_init, AgentProcess, BUILDCTL};
 
 const TASK_ID: &str = "task-reset";
 
@@ -92,6 +92,18 @@ async fn a_reset_empties_the_cache_and_the_engine_serves_again_while_a_wrong_uui
     std::fs::write(&marker, "data").unwrap();
     let uuid = cache_uuid(&base, &w.cache()).await;
     let engine = agent.children();
+    // The health stream names the mount's mode, kind and filesystem as /readyz does.
+    let cache = w.cache().display().to_string();
+    let rec = cp
+        .wait_for("a health report naming the cache's filesystem", |r| {
+            r.health.iter().any(|h| h.mounts.iter().any(|m| m.path == cache && !m.filesystem_uuid.is_empty()))
+        })
+        .await;
+    let stats = rec.health.iter().rev().find_map(|h| h.mounts.iter().find(|m| m.path == cache)).unwrap();
+    assert_eq!((stats.cache_mode.as_str(), stats.volume_kind.as_str(), stats.filesystem_uuid.as_str()), ("primary", "file", uuid.as_str()));
+    let scrape = http_get(&base, "/metrics").await.1;
+    let info = format!("machine_agent_volume_info{{kind=\"file\",mode=\"primary\",mount=\"{cache}\"}}");
+    assert_eq!(metric_value(&scrape, &info), Some(1.0), "{info} in:\n{scrape}");
 
     // A UUID that is not the mounted filesystem's: stale or misrouted. Nothing moves.
     cp.push_reset(reset("r-wrong-uuid", TASK_ID, &w.cache(), "00000000-0000-4000-8000-000000000000", false));
@@ -132,6 +144,11 @@ async fn a_reset_empties_the_cache_and_the_engine_serves_again_while_a_wrong_uui
     let output = String::from_utf8_lossy(&again.stderr);
     assert!(!output.contains("CACHED"), "nothing of the old cache is left to reuse:\n{output}");
     assert_eq!(agent.logs().matches("cache reset requested").count(), 3, "the repeat was ignored");
+    let scrape = http_get(&base, "/metrics").await.1;
+    for (outcome, count) in [("done", 1.0), ("refused", 2.0), ("failed", 0.0)] {
+        let series = format!("machine_agent_cache_resets_total{{outcome=\"{outcome}\"}}");
+        assert_eq!(metric_value(&scrape, &series), Some(count), "{series}");
+    }
 }
 
 /// True when a process whose command line holds `tag` runs on this host.

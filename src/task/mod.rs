@@ -1094,6 +1094,11 @@ monitors = ["10.0.0.1:6789", "[v2:10.0.0.2:3300,v1:10.0.0.2:6789]"]
 ceph_conf_file = "ceph/ceph.conf"
 size_bytes = 10737418240
 take_over_from = "3f2a9c0e5b7d41e8a6c2f0d9b8e7a6c5"
+[[mounts]]
+mount_path = "/mnt/isolated"
+fs_type = "ext4"
+cache_mode = "isolated"
+file = { path = "/var/lib/machine-agent/volumes/pr-17.img", size_bytes = 1073741824 }
 "#,
         )
         .unwrap();
@@ -1103,6 +1108,11 @@ take_over_from = "3f2a9c0e5b7d41e8a6c2f0d9b8e7a6c5"
         let mut p = Problems::default();
         let expected = rbd::validate_rbd(&mut p, "x", proto).unwrap();
         assert_eq!(loaded.mounts[0].source, VolumeSource::Rbd(expected));
+        assert_eq!((loaded.mounts[0].cache_mode, loaded.mounts[1].cache_mode), (CacheMode::Primary, CacheMode::Isolated));
+        let text = std::fs::read_to_string(&task_file).unwrap();
+        std::fs::write(&task_file, text.replace("\"isolated\"", "\"shared\"")).unwrap();
+        assert_eq!(fields(read_task_file(&task_file).unwrap_err()), ["mounts[1].cache_mode"]);
+        std::fs::write(&task_file, text).unwrap();
 
         // An inline key is an unknown field; a missing key file is named.
         let text = std::fs::read_to_string(&task_file).unwrap();
@@ -1129,6 +1139,42 @@ take_over_from = "3f2a9c0e5b7d41e8a6c2f0d9b8e7a6c5"
         t.mounts.push(rbd_mount("/mnt/a"));
         t.mounts.push(rbd_mount("/mnt/b"));
         assert_eq!(fields(validate_buildkit(t, &limits()).unwrap_err()), ["buildkit.mounts[2].source"]);
+    }
+
+    #[test]
+    fn each_cache_mode_is_taken_where_its_source_can_do_it_and_refused_by_name_where_not() {
+        let with = |source: pb::volume_mount::Source, mode: pb::CacheMode| {
+            let mut t = good_task();
+            t.mounts[0].source = Some(source);
+            t.mounts[0].cache_mode = mode as i32;
+            validate_buildkit(t, &limits())
+        };
+        let device = || pb::volume_mount::Source::Device(pb::BlockDevice { path: "/dev/nvme1n1".into(), ebs_volume_id: String::new() });
+        let file = || pb::volume_mount::Source::File(pb::FileBackedVolume { path: "/var/lib/machine-agent/volumes/a.img".into(), size_bytes: 1 << 30 });
+        let rbd = |size_bytes: u64, take_over_from: &str| {
+            pb::volume_mount::Source::Rbd(pb::RbdVolume { size_bytes, take_over_from: take_over_from.into(), ..rbd::tests::good_rbd() })
+        };
+        let mode_of = |r: Result<BuildkitTask, TaskError>| r.map(|t| t.mounts[0].cache_mode).map_err(fields);
+        assert_eq!(mode_of(with(device(), pb::CacheMode::Unspecified)), Ok(CacheMode::Primary), "unset is primary");
+        assert_eq!(mode_of(with(device(), pb::CacheMode::Isolated)), Ok(CacheMode::Isolated));
+        assert_eq!(mode_of(with(file(), pb::CacheMode::Clone)), Ok(CacheMode::Clone));
+        assert_eq!(mode_of(with(rbd(1 << 30, ""), pb::CacheMode::Clone)), Ok(CacheMode::Clone));
+        assert_eq!(mode_of(with(rbd(1 << 30, ""), pb::CacheMode::Isolated)), Ok(CacheMode::Isolated));
+        let refused = vec!["buildkit.mounts[0].cache_mode".to_string()];
+        assert_eq!(mode_of(with(device(), pb::CacheMode::Clone)), Err(refused.clone()), "a device has no snapshots to clone");
+        assert_eq!(mode_of(with(rbd(0, ""), pb::CacheMode::Isolated)), Err(refused.clone()), "an isolated image is created: it needs a size");
+        assert_eq!(mode_of(with(rbd(1 << 30, "other"), pb::CacheMode::Clone)), Err(refused.clone()), "a clone never takes a lock over");
+        let mut t = good_task();
+        t.mounts[0].cache_mode = 9;
+        assert_eq!(fields(validate_buildkit(t, &limits()).unwrap_err()), refused, "an unknown mode");
+    }
+
+    #[test]
+    fn a_cache_mode_differs_like_any_other_field() {
+        let running = validate_buildkit(good_task(), &limits()).unwrap();
+        let mut offered = running.clone();
+        offered.mounts[0].cache_mode = CacheMode::Isolated;
+        assert_eq!(differing_fields(&running, &offered), ["buildkit.mounts[0].cache_mode"]);
     }
 
     #[test]
