@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::control_plane::{buildkit_task, control_plane, ControlPlaneDouble};
-use support::engine::{build_context, buildctl_build, readyz, unix_addr, wait_ready, World};
+use support::engine::{build_context, buildctl_build, readyz, step_running, unix_addr, wait_ready, World};
 use support::{agent, eventually, http_get, metric_value, trace_init, AgentProcess, BUILDCTL};
 
 const TASK_ID: &str = "task-reset";
@@ -149,11 +149,6 @@ async fn a_reset_empties_the_cache_and_the_engine_serves_again_while_a_wrong_uui
         let series = format!("machine_agent_cache_resets_total{{outcome=\"{outcome}\"}}");
         assert_eq!(metric_value(&scrape, &series), Some(count), "{series}");
     }
-}
-
-/// True when a process whose command line holds `tag` runs on this host.
-fn step_running(tag: &str) -> bool {
-    std::fs::read_dir("/proc").unwrap().flatten().any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(tag)))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -169,6 +169,50 @@ async fn a_stopped_engine_is_detected_as_hung_killed_and_restarted_without_a_zom
 }
 
 #[tokio::test]
+async fn an_agent_killed_under_a_running_engine_is_succeeded_by_one_that_adopts_it_and_a_build_in_flight_finishes() {
+    let w = World::new();
+    let mut first = w.start();
+    wait_ready(&first).await;
+    let ctx = build_context(&w.root, "/bin/busybox echo cached > /marker", 256 << 10);
+    let built = buildctl_build(&unix_addr(&w), &ctx, &w.root.join("out"));
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let socket = engine_socket(&w.root);
+    let before = record_ids(&socket).await;
+
+    // A build in flight when the agent dies: it must finish on the same engine.
+    let slow = build_context(&w.root, "sleep 4; echo slow > /slow", 1024);
+    let (addr, out) = (unix_addr(&w), w.root.join("out-slow"));
+    let build = tokio::task::spawn_blocking(move || buildctl_build(&addr, &slow, &out));
+    eventually("the slow step to run", Duration::from_secs(60), || support::engine::step_running("sleep 4")).await;
+    let engine = engine_pid(&w.root).unwrap();
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(Duration::from_secs(10)).await;
+    first.keep_volumes();
+
+    let second = w.start();
+    let base = wait_ready(&second).await;
+    let logs = second.logs();
+    assert!(logs.contains("engine_adopted"), "{logs}");
+    assert!(process_alive(engine), "the engine kept running");
+    assert_eq!(engine_pid(&w.root), Some(engine), "the same engine, adopted");
+    assert_eq!(buildkitd_processes_for(&w.root), vec![engine], "exactly one engine on this root");
+    let (_, body) = readyz(&base).await;
+    assert_eq!((body["engine_adopted"].as_bool(), body["engine_pid"].as_u64()), (Some(true), Some(u64::from(engine))), "{body}");
+    let slow = build.await.unwrap();
+    assert!(slow.status.success(), "the build in flight finished across the agent's crash: {}", String::from_utf8_lossy(&slow.stderr));
+    let after = record_ids(&socket).await;
+    assert!(before.iter().all(|id| after.contains(id)), "cache records intact across the agent crash");
+
+    // The adopted engine is supervised as any: killed, it is restarted.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(engine as i32), Signal::SIGKILL).unwrap();
+    eventually("the engine to be restarted", Duration::from_secs(60), || {
+        engine_pid(&w.root).is_some_and(|p| p != engine) && second.logs().matches("to=ready").count() >= 2
+    })
+    .await;
+    drop(first);
+}
+
+#[tokio::test]
 async fn an_agent_killed_under_a_running_engine_comes_back_to_exactly_one_engine_with_the_cache_intact() {
     let w = World::new();
     let mut first = w.start();
@@ -186,9 +230,13 @@ async fn an_agent_killed_under_a_running_engine_comes_back_to_exactly_one_engine
     assert!(process_alive(orphan), "killing the agent leaves the engine running");
     first.keep_volumes();
 
+    // The next agent's task differs (another max_parallelism): the old engine is not adopted.
+    let task = std::fs::read_to_string(&w.task).unwrap();
+    std::fs::write(&w.task, task.replace("max_parallelism = 2", "max_parallelism = 3")).unwrap();
     let second = w.start();
     wait_ready(&second).await;
     let logs = second.logs();
+    assert!(logs.contains("engine not adopted: it was started with another configuration"), "{logs}");
     assert!(logs.contains("an engine from a previous agent is still running"), "{logs}");
     assert!(!process_alive(orphan), "the orphan was stopped");
     let engines = buildkitd_processes_for(&w.root);

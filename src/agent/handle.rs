@@ -112,10 +112,14 @@ impl Agent {
 
     fn on_engine_event(&mut self, event: EngineEvent) {
         match event {
-            EngineEvent::Spawned { pid } => {
+            EngineEvent::Spawned { pid, adopted } => {
+                if adopted {
+                    self.metrics.engine_adoptions.inc();
+                }
                 self.status.send_modify(|s| {
                     s.engine = EngineState::Starting;
                     s.engine_pid = Some(pid);
+                    s.engine_adopted = adopted;
                 });
             }
             EngineEvent::Ready { .. } => {

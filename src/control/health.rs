@@ -164,6 +164,7 @@ pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64) -> pb::Hea
         state_reason: status.reason.clone(),
         engine_state: pb::EngineState::from(status.engine) as i32,
         engine_restarts: status.engine_restarts,
+        engine_adopted: status.engine_adopted,
         engine_last_exit: status.engine_last_exit.clone().unwrap_or_default(),
         mounts: status.mounts.iter().map(|m| status.mount_stats(m)).collect(),
         task_id: status.task_id.clone().unwrap_or_default(),

@@ -10,6 +10,8 @@
 pub mod cgroup;
 /// BuildKit's own gRPC API (Control, health) over the engine's unix socket.
 pub mod client;
+/// The engine's output file and its tail into the agent's log.
+pub mod log_file;
 /// buildkitd.toml from typed structs.
 pub mod render;
 /// Restart policy and the supervision loop.
@@ -20,7 +22,6 @@ use cgroup::EngineCgroup;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use supervise::{EngineEvent, EngineSpec, Supervisor};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::sync::mpsc;
 
 /// Why the engine could not be started; nothing was spawned.
@@ -81,6 +82,8 @@ pub struct EngineFiles {
     pub config: PathBuf,
     pub tls_dir: PathBuf,
     pub pidfile: PathBuf,
+    /// The engine's stdout and stderr.
+    pub log: PathBuf,
     /// The GC settings the running agent uses, for `machine-agent gc --dry-run`.
     pub gc_run: PathBuf,
 }
@@ -88,7 +91,14 @@ pub struct EngineFiles {
 impl EngineFiles {
     pub fn under(state_dir: &Path) -> Self {
         let dir = state_dir.join("engine");
-        Self { config: dir.join("buildkitd.toml"), tls_dir: dir.join("tls"), pidfile: dir.join("buildkitd.pid"), gc_run: dir.join("gc-run.json"), dir }
+        Self {
+            config: dir.join("buildkitd.toml"),
+            tls_dir: dir.join("tls"),
+            pidfile: dir.join("buildkitd.pid"),
+            log: dir.join("buildkitd.log"),
+            gc_run: dir.join("gc-run.json"),
+            dir,
+        }
     }
 }
 
@@ -137,13 +147,16 @@ pub fn start(
     let otel_socket = config.socket.with_file_name("otel-grpc.sock");
     let mut args = vec!["--config".to_string(), files.config.display().to_string(), "--otel-socket-path".to_string(), otel_socket.display().to_string()];
     args.extend(config.args.iter().cloned());
+    let digest = start_digest(&config.binary, &args, &task.engine_env, &text, task);
     let spec = EngineSpec {
+        digest,
         binary: config.binary.clone(),
         args,
         env: task.engine_env.clone(),
         root,
         socket: config.socket.clone(),
         pidfile: files.pidfile.clone(),
+        log_file: files.log.clone(),
         cgroup: cgroup.clone(),
         ready_timeout: config.ready_timeout,
         probe: config.probe.clone(),
@@ -151,6 +164,33 @@ pub fn start(
     };
     let supervisor = Supervisor::start(spec, events, config.stop_grace)?;
     Ok(StartedEngine { supervisor, cgroup, config_path: files.config })
+}
+
+/// SHA-256 (hex) of everything an engine is started with: binary, arguments,
+/// environment, the rendered config, the TLS material and the mounts. Equal
+/// digests mean a running engine already serves this task as this agent
+/// would start it, so a restarted agent adopts it instead of restarting it.
+pub fn start_digest(binary: &Path, args: &[String], env: &std::collections::BTreeMap<String, String>, config_text: &str, task: &BuildkitTask) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut add = |part: &[u8]| {
+        // Length-prefixed, so no two different inputs concatenate alike.
+        ctx.update(&(part.len() as u64).to_le_bytes());
+        ctx.update(part);
+    };
+    add(binary.as_os_str().as_encoded_bytes());
+    for arg in args {
+        add(arg.as_bytes());
+    }
+    for (name, value) in env {
+        add(name.as_bytes());
+        add(value.as_bytes());
+    }
+    add(config_text.as_bytes());
+    add(task.tls.cert_pem.as_bytes());
+    add(task.tls.key_pem.expose().as_bytes());
+    add(task.tls.ca_pem.as_bytes());
+    add(format!("{:?}", task.mounts).as_bytes());
+    ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// MemTotal from /proc/meminfo, in bytes.
@@ -199,70 +239,9 @@ pub enum StopOutcome {
     Killed,
 }
 
-/// Output lines longer than this are cut: a runaway log line must not grow the agent's memory.
-const MAX_LOG_LINE_BYTES: usize = 4096;
-
-/// One tracing event per output line, under the `engine` target, cut at MAX_LOG_LINE_BYTES.
-async fn forward_lines(stream: impl AsyncRead + Unpin, stream_name: &'static str) {
-    let mut reader = BufReader::new(stream);
-    let mut line = Vec::with_capacity(256);
-    loop {
-        line.clear();
-        match read_line_bounded(&mut reader, &mut line, MAX_LOG_LINE_BYTES).await {
-            Ok(0) => return,
-            Ok(_) => {
-                let text = String::from_utf8_lossy(&line);
-                tracing::info!(target: "engine", stream = stream_name, "{}", text.trim_end());
-            }
-            Err(error) => {
-                tracing::warn!(target: "engine", stream = stream_name, %error, "cannot read engine output");
-                return;
-            }
-        }
-    }
-}
-
-/// Reads one line into `line`, keeping at most `max` bytes of it and discarding
-/// the rest up to the newline. Returns the bytes consumed (0 at end of stream).
-async fn read_line_bounded<R: AsyncBufReadExt + Unpin>(reader: &mut R, line: &mut Vec<u8>, max: usize) -> std::io::Result<usize> {
-    let mut consumed = 0;
-    loop {
-        let buf = reader.fill_buf().await?;
-        if buf.is_empty() {
-            return Ok(consumed);
-        }
-        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (&buf[..i], i + 1),
-            None => (buf, buf.len()),
-        };
-        let room = max.saturating_sub(line.len());
-        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        let found_newline = done > chunk.len();
-        reader.consume(done);
-        consumed += done;
-        if found_newline {
-            return Ok(consumed);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn long_lines_are_cut_and_the_rest_of_the_line_skipped() {
-        let input = format!("{}\nshort\n", "x".repeat(10_000));
-        let mut reader = BufReader::with_capacity(64, input.as_bytes());
-        let mut line = vec![];
-        assert_eq!(read_line_bounded(&mut reader, &mut line, 100).await.unwrap(), 10_001);
-        assert_eq!(line.len(), 100);
-        line.clear();
-        read_line_bounded(&mut reader, &mut line, 100).await.unwrap();
-        assert_eq!(line, b"short");
-        line.clear();
-        assert_eq!(read_line_bounded(&mut reader, &mut line, 100).await.unwrap(), 0);
-    }
 
     #[test]
     fn mem_total_parses_in_bytes() {

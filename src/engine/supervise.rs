@@ -8,7 +8,7 @@
 
 use super::cgroup::EngineCgroup;
 use super::client::{self, EngineClient};
-use super::{forward_lines, StopOutcome};
+use super::StopOutcome;
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, VecDeque};
@@ -89,6 +89,8 @@ pub enum EngineExit {
     OomKilled,
     /// Killed by the supervisor: it never became ready, or stopped answering probes.
     Unresponsive,
+    /// An adopted engine (not the agent's child) ended; its status is not the agent's to read.
+    Vanished,
 }
 
 impl EngineExit {
@@ -100,6 +102,7 @@ impl EngineExit {
             Self::Signal(_) => "signal",
             Self::OomKilled => "oom_killed",
             Self::Unresponsive => "unresponsive",
+            Self::Vanished => "vanished",
         }
     }
 }
@@ -112,6 +115,7 @@ impl std::fmt::Display for EngineExit {
             Self::Signal(sig) => write!(f, "killed by {}", crate::describe::describe_signal(*sig)),
             Self::OomKilled => f.write_str("OOM-killed by the kernel"),
             Self::Unresponsive => f.write_str("killed by the agent: not answering"),
+            Self::Vanished => f.write_str("ended while adopted (its exit status went to its old parent)"),
         }
     }
 }
@@ -130,32 +134,16 @@ pub fn classify_exit(status: ExitStatus, oom_kills_during_run: u64) -> EngineExi
 /// What the supervisor tells the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineEvent {
-    Spawned {
-        pid: u32,
-    },
+    /// An engine runs: spawned now, or (`adopted`) found running for this task.
+    Spawned { pid: u32, adopted: bool },
     /// The engine answers health checks and has a worker.
-    Ready {
-        pid: u32,
-        version: String,
-        workers: usize,
-    },
+    Ready { pid: u32, version: String, workers: usize },
     /// Probes failed this many times in a row; the engine is being killed.
-    Hung {
-        pid: u32,
-        failures: u32,
-    },
+    Hung { pid: u32, failures: u32 },
     /// The engine is gone; the supervisor restarts it after `decision.delay`.
-    Exited {
-        pid: u32,
-        exit: EngineExit,
-        ran_for: Duration,
-        decision: RestartDecision,
-    },
+    Exited { pid: u32, exit: EngineExit, ran_for: Duration, decision: RestartDecision },
     /// It could not even be spawned; retried after `decision.delay`.
-    SpawnFailed {
-        error: String,
-        decision: RestartDecision,
-    },
+    SpawnFailed { error: String, decision: RestartDecision },
 }
 
 /// Everything the supervisor needs to run one engine.
@@ -168,8 +156,14 @@ pub struct EngineSpec {
     pub root: PathBuf,
     /// The unix socket the agent's client dials.
     pub socket: PathBuf,
-    /// `<pid> <start time>` of the running engine, so a restarted agent finds an orphan.
+    /// `<pid> <start time> <digest>` of the running engine, so a restarted
+    /// agent finds it and knows what it was started with.
     pub pidfile: PathBuf,
+    /// SHA-256 (hex) of everything the engine is started with: a restarted
+    /// agent adopts a running engine only when its task gives the same one.
+    pub digest: String,
+    /// Where the engine's stdout and stderr go (see [`super::log_file`]).
+    pub log_file: PathBuf,
     pub cgroup: Option<EngineCgroup>,
     pub ready_timeout: Duration,
     pub probe: ProbeSettings,
@@ -214,10 +208,13 @@ impl Supervisor {
             crate::fsutil::create_private_dir(parent).map_err(|source| SuperviseError::SocketDir { path: parent.into(), source })?;
         }
         let (stop_tx, stop_rx) = mpsc::channel(1);
+        let (tail_stop, tail_stopped) = oneshot::channel();
+        tokio::spawn(super::log_file::tail(spec.log_file.clone(), tail_stopped));
         tokio::spawn(async move {
-            stop_orphans(&spec, orphan_grace).await;
-            run(spec, events, stop_rx).await;
+            let adopted = adopt_or_stop_orphan(&spec, orphan_grace).await;
+            run(spec, events, stop_rx, adopted).await;
             drop(lock); // released only once the engine is gone
+            let _ = tail_stop.send(());
         });
         Ok(Self { stop_tx })
     }
@@ -235,12 +232,16 @@ impl Supervisor {
 type StopRequest = (Duration, oneshot::Sender<StopOutcome>);
 
 /// The supervision loop: spawn, wait for ready, probe, restart; until a stop request.
-async fn run(spec: EngineSpec, events: mpsc::Sender<EngineEvent>, mut stop_rx: mpsc::Receiver<StopRequest>) {
+async fn run(spec: EngineSpec, events: mpsc::Sender<EngineEvent>, mut stop_rx: mpsc::Receiver<StopRequest>, mut adopted: Option<Adopted>) {
     let mut history = CrashHistory::default();
     loop {
         let started = Instant::now();
         let oom_before = daemon_oom_kills(&spec);
-        let mut child = match spawn(&spec) {
+        let spawned = match adopted.take() {
+            Some(engine) => Ok(Engine::Adopted(engine)),
+            None => spawn(&spec).map(Engine::Child),
+        };
+        let mut child = match spawned {
             Ok(child) => child,
             Err(error) => {
                 let decision = history.record(&spec.restart, Instant::now(), Duration::ZERO);
@@ -253,10 +254,13 @@ async fn run(spec: EngineSpec, events: mpsc::Sender<EngineEvent>, mut stop_rx: m
                 continue;
             }
         };
-        let pid = child.id().unwrap_or_default();
-        write_pidfile(&spec.pidfile, pid);
-        tracing::info!(pid, binary = %spec.binary.display(), "engine spawned");
-        let _ = events.send(EngineEvent::Spawned { pid }).await;
+        let pid = child.id();
+        let adopted = matches!(child, Engine::Adopted(_));
+        if !adopted {
+            write_pidfile(&spec.pidfile, pid, &spec.digest);
+            tracing::info!(pid, binary = %spec.binary.display(), "engine spawned");
+        }
+        let _ = events.send(EngineEvent::Spawned { pid, adopted }).await;
 
         let end = watch_run(&spec, &mut child, pid, &events, &mut stop_rx).await;
         let status = match end {
@@ -276,9 +280,12 @@ async fn run(spec: EngineSpec, events: mpsc::Sender<EngineEvent>, mut stop_rx: m
         remove_pidfile(&spec.pidfile);
         // Children of a dead engine (runc, build steps) must not outlive it.
         kill_group(pid, Signal::SIGKILL);
-        let exit = match status {
-            Some(status) => classify_exit(status, daemon_oom_kills(&spec).saturating_sub(oom_before)),
-            None => EngineExit::Unresponsive,
+        let oom_kills = daemon_oom_kills(&spec).saturating_sub(oom_before);
+        let exit = match (status, adopted) {
+            (Some(status), _) => classify_exit(status, oom_kills),
+            (None, true) if oom_kills > 0 => EngineExit::OomKilled,
+            (None, true) => EngineExit::Vanished,
+            (None, false) => EngineExit::Unresponsive,
         };
         let ran_for = started.elapsed();
         let decision = history.record(&spec.restart, Instant::now(), ran_for);
@@ -293,7 +300,43 @@ async fn run(spec: EngineSpec, events: mpsc::Sender<EngineEvent>, mut stop_rx: m
     }
 }
 
+/// The engine being watched: spawned by this supervisor, or adopted from an
+/// agent before it (not our child: watched through a pidfd, its status unknown).
+enum Engine {
+    Child(Child),
+    Adopted(Adopted),
+}
+
+impl Engine {
+    fn id(&self) -> u32 {
+        match self {
+            Self::Child(child) => child.id().unwrap_or_default(),
+            Self::Adopted(adopted) => u32::try_from(adopted.id.pid).unwrap_or_default(),
+        }
+    }
+
+    /// Waits for the engine to end: the exit status of a child, None for an adopted engine.
+    async fn wait(&mut self) -> Option<ExitStatus> {
+        match self {
+            Self::Child(child) => child.wait().await.ok(),
+            Self::Adopted(adopted) => {
+                // A pidfd turns readable when the process ends.
+                let _ = adopted.pidfd.readable().await;
+                None
+            }
+        }
+    }
+}
+
+/// A running engine a previous agent started with what this task starts.
+#[derive(Debug)]
+struct Adopted {
+    id: ProcessId,
+    pidfd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
 enum RunEnd {
+    /// The engine ended (with its status, when it was our child).
     Exited(Option<ExitStatus>),
     Stop(Duration, oneshot::Sender<StopOutcome>),
     Unresponsive,
@@ -301,9 +344,9 @@ enum RunEnd {
 
 /// One run of the engine: wait until it is ready, then probe it, until it
 /// exits, hangs, or a stop is requested.
-async fn watch_run(spec: &EngineSpec, child: &mut Child, pid: u32, events: &mpsc::Sender<EngineEvent>, stop_rx: &mut mpsc::Receiver<StopRequest>) -> RunEnd {
+async fn watch_run(spec: &EngineSpec, child: &mut Engine, pid: u32, events: &mpsc::Sender<EngineEvent>, stop_rx: &mut mpsc::Receiver<StopRequest>) -> RunEnd {
     let ready = tokio::select! {
-        status = child.wait() => return RunEnd::Exited(status.ok()),
+        status = child.wait() => return RunEnd::Exited(status),
         Some((grace, done)) = stop_rx.recv() => return RunEnd::Stop(grace, done),
         ready = client::wait_ready(&spec.socket, spec.ready_timeout) => ready,
     };
@@ -324,7 +367,7 @@ async fn watch_run(spec: &EngineSpec, child: &mut Child, pid: u32, events: &mpsc
     let mut failures = 0u32;
     loop {
         tokio::select! {
-            status = child.wait() => return RunEnd::Exited(status.ok()),
+            status = child.wait() => return RunEnd::Exited(status),
             Some((grace, done)) = stop_rx.recv() => return RunEnd::Stop(grace, done),
             _ = ticker.tick() => {
                 match probe(&spec.socket, &mut client, spec.probe.timeout).await {
@@ -415,14 +458,15 @@ pub fn engine_environment(task_env: &BTreeMap<String, String>) -> Vec<(String, S
 }
 
 fn spawn(spec: &EngineSpec) -> io::Result<Child> {
+    let log = super::log_file::open_for_engine(&spec.log_file)?;
     let mut cmd = Command::new(&spec.binary);
     cmd.args(&spec.args)
         // Nothing of the agent's environment reaches the engine.
         .env_clear()
         .envs(engine_environment(&spec.env))
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stdout(Stdio::from(log.try_clone()?))
+        .stderr(Stdio::from(log))
         // Its own process group: a stop reaches the engine and all it forked,
         // and a Ctrl-C in the agent's terminal does not hit it directly.
         .process_group(0)
@@ -431,24 +475,17 @@ fn spawn(spec: &EngineSpec) -> io::Result<Child> {
         let procs = std::fs::OpenOptions::new().write(true).open(cgroup.daemon_procs_file())?;
         crate::sys::join_cgroup_before_exec(&mut cmd, procs);
     }
-    let mut child = cmd.spawn()?;
-    if let Some(out) = child.stdout.take() {
-        tokio::spawn(forward_lines(out, "stdout"));
-    }
-    if let Some(err) = child.stderr.take() {
-        tokio::spawn(forward_lines(err, "stderr"));
-    }
-    Ok(child)
+    cmd.spawn()
 }
 
-async fn terminate(child: &mut Child, pid: u32, grace: Duration) -> StopOutcome {
+async fn terminate(child: &mut Engine, pid: u32, grace: Duration) -> StopOutcome {
     tracing::info!(pid, grace_secs = grace.as_secs_f64(), "stopping engine: SIGTERM to its process group");
     kill_group(pid, Signal::SIGTERM);
     // A stopped (SIGSTOPped, hung) engine only acts on SIGTERM once continued.
     kill_group(pid, Signal::SIGCONT);
     match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => {
-            let exit = status.map(|s| classify_exit(s, 0).to_string()).unwrap_or_default();
+            let exit = status.map(|s| classify_exit(s, 0).to_string()).unwrap_or_else(|| EngineExit::Vanished.to_string());
             tracing::info!(pid, exit = %exit, "engine stopped");
             kill_group(pid, Signal::SIGKILL); // children that ignored SIGTERM
             StopOutcome::Clean
@@ -504,6 +541,11 @@ pub fn parse_pidfile(text: &str) -> Option<ProcessId> {
     Some(ProcessId { pid, start_time })
 }
 
+/// The digest after the pid and start time; None from agents that wrote none.
+pub fn pidfile_digest(text: &str) -> Option<&str> {
+    text.split_whitespace().nth(2)
+}
+
 /// From /proc/<pid>/stat: (state, start time). The command name may hold
 /// spaces and parentheses, so fields are counted from the last `)`.
 pub fn parse_proc_stat(stat: &str) -> Option<(char, u64)> {
@@ -519,10 +561,10 @@ fn read_stat(pid: i32) -> Option<(char, u64)> {
     parse_proc_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
-fn write_pidfile(path: &Path, pid: u32) {
+fn write_pidfile(path: &Path, pid: u32, digest: &str) {
     let Ok(raw) = i32::try_from(pid) else { return };
     let Some((_, start_time)) = read_stat(raw) else { return };
-    if let Err(error) = crate::fsutil::write_atomic(path, format!("{pid} {start_time}\n").as_bytes(), 0o600) {
+    if let Err(error) = crate::fsutil::write_atomic(path, format!("{pid} {start_time} {digest}\n").as_bytes(), 0o600) {
         tracing::warn!(path = %path.display(), %error, "cannot write the engine pidfile");
     }
 }
@@ -536,11 +578,43 @@ fn is_alive(id: ProcessId) -> bool {
     matches!(read_stat(id.pid), Some((state, start)) if start == id.start_time && state != 'Z' && state != 'X')
 }
 
+/// Adopts the engine a previous agent left running when it was started with
+/// exactly what this task starts (the digests match) and it can be watched;
+/// otherwise stops it (SIGTERM, grace, SIGKILL) and kills whatever else still
+/// sits in the engine's cgroup (orphaned build steps).
+async fn adopt_or_stop_orphan(spec: &EngineSpec, grace: Duration) -> Option<Adopted> {
+    let text = std::fs::read_to_string(&spec.pidfile).unwrap_or_default();
+    let orphan = parse_pidfile(&text).filter(|id| is_alive(*id));
+    if let Some(id) = orphan {
+        match pidfile_digest(&text) {
+            Some(digest) if digest == spec.digest => match watch_pid(id) {
+                Ok(pidfd) => {
+                    tracing::info!(pid = id.pid, digest, "engine_adopted: the engine a previous agent started for this task keeps running");
+                    return Some(Adopted { id, pidfd });
+                }
+                Err(error) => tracing::warn!(pid = id.pid, %error, "engine not adopted: it cannot be watched; stopping it"),
+            },
+            Some(_) => tracing::warn!(pid = id.pid, "engine not adopted: it was started with another configuration than this task's; stopping it"),
+            None => tracing::warn!(pid = id.pid, "engine not adopted: its pidfile records no configuration; stopping it"),
+        }
+    }
+    stop_orphans(spec, orphan, grace).await;
+    None
+}
+
+/// A pidfd for `id`, checked to still be that process (not a reused pid) once open.
+fn watch_pid(id: ProcessId) -> io::Result<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    let fd = crate::sys::pidfd_open(id.pid)?;
+    if !is_alive(id) {
+        return Err(io::Error::other("the process ended (or its pid was reused) while it was being adopted"));
+    }
+    crate::sys::async_fd(fd)
+}
+
 /// Stops an engine a previous agent left running (SIGTERM, grace, SIGKILL), then
 /// kills whatever else still sits in the engine's cgroup (orphaned build steps).
-async fn stop_orphans(spec: &EngineSpec, grace: Duration) {
-    let orphan = std::fs::read_to_string(&spec.pidfile).ok().as_deref().and_then(parse_pidfile);
-    if let Some(id) = orphan.filter(|id| is_alive(*id)) {
+async fn stop_orphans(spec: &EngineSpec, orphan: Option<ProcessId>, grace: Duration) {
+    if let Some(id) = orphan {
         tracing::warn!(pid = id.pid, "an engine from a previous agent is still running: stopping it before starting a new one");
         let group = Pid::from_raw(id.pid);
         let _ = killpg(group, Signal::SIGTERM);

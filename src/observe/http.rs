@@ -138,6 +138,8 @@ struct Readiness {
     reason: String,
     engine: &'static str,
     engine_pid: Option<u32>,
+    /// The engine was started by an agent before this one, and adopted.
+    engine_adopted: bool,
     engine_restarts: u64,
     engine_last_exit: Option<String>,
     last_gc: Option<String>,
@@ -196,6 +198,7 @@ async fn detail_readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
         reason: st.reason,
         engine: st.engine.as_str(),
         engine_pid: st.engine_pid,
+        engine_adopted: st.engine_adopted,
         engine_restarts: st.engine_restarts,
         engine_last_exit: st.engine_last_exit,
         last_gc: st.recent_gc.back().map(|r| r.summary.clone()),

@@ -38,6 +38,7 @@ pub struct Metrics {
     /// 1 for each prepared cache mount, labelled with its cache mode and source kind.
     pub volume_info: GaugeVec,
     pub cache_resets: IntCounterVec,
+    pub engine_adoptions: IntCounter,
     /// Host and engine-tree CPU and memory, from the sampler.
     resources: ResourceMetrics,
 }
@@ -196,6 +197,11 @@ impl Metrics {
                     &["mount", "mode", "kind"],
                 )
                 .expect("valid"),
+            ),
+            engine_adoptions: register(
+                &registry,
+                IntCounter::new("engine_adoptions_total", "Engines a starting agent found running for its task and adopted instead of restarting.")
+                    .expect("valid"),
             ),
             cache_resets: {
                 let resets = register(

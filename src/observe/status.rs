@@ -94,6 +94,8 @@ pub struct Status {
     pub engine: EngineState,
     /// The engine's pid while one runs.
     pub engine_pid: Option<u32>,
+    /// The running engine was started by an agent before this one, and adopted.
+    pub engine_adopted: bool,
     /// Engine exits since the task started (each one was followed by a restart).
     pub engine_restarts: u64,
     /// How the engine last exited, for /readyz and the health stream.
@@ -144,6 +146,7 @@ impl Status {
             reason: String::new(),
             engine: EngineState::NotStarted,
             engine_pid: None,
+            engine_adopted: false,
             engine_restarts: 0,
             engine_last_exit: None,
             recent_gc: VecDeque::new(),

@@ -191,3 +191,8 @@ pub fn buildctl_build_cache_only(addr_args: &[String], ctx: &Path) -> std::proce
         .output()
         .unwrap()
 }
+
+/// True when a process whose command line holds `tag` runs on this host (a build step, say).
+pub fn step_running(tag: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(tag)))
+}
