@@ -13,6 +13,7 @@ pub mod manager;
 pub mod mountinfo;
 pub mod nofollow;
 pub mod rbd;
+pub mod reflink;
 pub mod signature;
 pub mod stats;
 pub mod tool;
