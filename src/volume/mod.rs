@@ -5,6 +5,7 @@
 
 pub mod backing;
 pub mod device;
+pub mod file_modes;
 pub mod format;
 pub mod health;
 pub mod holders;
