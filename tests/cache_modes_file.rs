@@ -79,12 +79,7 @@ impl Host {
             system_paths: machine_agent::volume::manager::default_system_paths(),
             intent_dir: self.root.join("intents"),
             allowed_backing_dirs: vec![self.volumes.clone()],
-            rbd: machine_agent::volume::rbd::RbdSettings {
-                mapper: Default::default(),
-                owner_id: owner.into(),
-                dir: self.root.join("rbd"),
-                keep_snapshots: 2,
-            },
+            rbd: machine_agent::volume::rbd::RbdSettings { mapper: Default::default(), owner_id: owner.into(), dir: self.root.join("rbd"), keep_snapshots: 2 },
         }
     }
 
@@ -233,7 +228,8 @@ async fn on_ext4_a_primary_drains_cleanly_without_a_commit_and_a_clone_is_refuse
     let err = prepare_mount(&host.settings("builder-b"), &host.file_mount("cache.img", CacheMode::Clone), true).await.unwrap_err();
     let text = err.to_string();
     assert!(text.contains(&format!("cannot clone {} here: {} is on ext4, which has no reflinks", backing.display(), host.volumes.display())), "{text}");
-    let leftovers: Vec<_> = std::fs::read_dir(&host.volumes).unwrap().flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().contains(".clone.")).collect();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(&host.volumes).unwrap().flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().contains(".clone.")).collect();
     assert!(leftovers.is_empty(), "the half-made clone is removed: {leftovers:?}");
 }
 
@@ -311,7 +307,8 @@ fn use_host_file(world: &World, host: &Host, owner: &str, mode: CacheMode) -> Pa
     let line = format!("file = {{ path = \"{}\", size_bytes = {E2E_VOLUME_BYTES} }}\ncache_mode = \"{}\"", backing.display(), mode.as_str());
     std::fs::write(&world.task, task.replace(&file_line, &line)).unwrap();
     let config = std::fs::read_to_string(&world.config).unwrap();
-    let config = config.replace(&format!("allowed_backing_dirs = [\"{}\"]", world.root.display()), &format!("allowed_backing_dirs = [\"{}\"]", host.volumes.display()));
+    let config =
+        config.replace(&format!("allowed_backing_dirs = [\"{}\"]", world.root.display()), &format!("allowed_backing_dirs = [\"{}\"]", host.volumes.display()));
     std::fs::write(&world.config, config.replace("[volume]\n", &format!("[volume]\nowner_id = \"{owner}\"\n"))).unwrap();
     backing
 }

@@ -65,6 +65,8 @@ pub fn fs_type_name(magic: i64) -> String {
 /// The filesystem type of the open file or directory `fd`, named; for messages.
 pub fn read_fs_type(fd: BorrowedFd<'_>) -> String {
     match nix::sys::statfs::fstatfs(fd) {
+        // f_type is a C long: i64 here, i32 on 32-bit targets, where this widens.
+        #[allow(clippy::useless_conversion)]
         Ok(st) => fs_type_name(i64::from(st.filesystem_type().0)),
         Err(errno) => format!("a filesystem statfs cannot name ({errno})"),
     }
