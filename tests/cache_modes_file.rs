@@ -13,7 +13,7 @@
 mod support;
 
 use machine_agent::task::{CacheMode, FsType, VolumeMount, VolumeSource};
-use machine_agent::volume::manager::{prepare_mount, release_mount, PreparedMount, VolumeSettings};
+use machine_agent::volume::manager::{abandon_mount, prepare_mount, release_mount, PreparedMount, VolumeSettings};
 use nix::sys::signal::Signal;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -26,6 +26,7 @@ use support::loopdev::{LoopDevice, TestMount};
 const HOST_BYTES: u64 = 3 << 30;
 /// A volume the manager tests format (ext4: mkfs is quick on a loop device).
 const VOLUME_BYTES: u64 = 256 << 20;
+const XFS_VOLUME_BYTES: u64 = 320 << 20;
 /// The end-to-end primary: room for buildkit's state and a few small builds.
 const E2E_VOLUME_BYTES: u64 = 1 << 30;
 
@@ -84,10 +85,16 @@ impl Host {
     }
 
     fn file_mount(&self, name: &str, mode: CacheMode) -> VolumeMount {
+        self.file_mount_of(name, mode, FsType::Ext4)
+    }
+
+    fn file_mount_of(&self, name: &str, mode: CacheMode, fs_type: FsType) -> VolumeMount {
+        // xfs needs at least 300 MiB.
+        let size_bytes = if fs_type == FsType::Xfs { XFS_VOLUME_BYTES } else { VOLUME_BYTES };
         VolumeMount {
             mount_path: self.root.join("mnt").join(format!("{name}-{}", mode.as_str())),
-            source: VolumeSource::File { path: self.volumes.join(name), size_bytes: VOLUME_BYTES },
-            fs_type: FsType::Ext4,
+            source: VolumeSource::File { path: self.volumes.join(name), size_bytes },
+            fs_type,
             options: vec![],
             skip_trim: false,
             cache_mode: mode,
@@ -205,6 +212,39 @@ async fn a_primary_on_xfs_is_committed_and_a_clone_starts_from_the_commit_and_is
     assert_eq!(loops_backed_by(&clone_file), Vec::<String>::new());
     assert_eq!(sha256(&backing), primary_sum, "the primary's file never changes while a clone lives");
     assert_eq!(sha256(&committed), primary_sum, "nor does its commit");
+}
+
+#[tokio::test]
+async fn an_xfs_clone_gets_its_own_uuid_and_mounts_beside_its_primary_and_an_abandoned_clone_is_destroyed() {
+    let host = Host::new("xfs");
+    let settings = host.settings("builder-a");
+    let primary = host.file_mount_of("cache.img", CacheMode::Primary, FsType::Xfs);
+    let prepared = prepare_and_write(&settings, &primary, "layer", b"primary data").await;
+    let primary_uuid = prepared.fs_uuid.clone().unwrap();
+    let report = release_mount(&settings, &prepared).await;
+    assert!(report.commit.as_ref().is_some_and(|c| c.copy.is_ok()), "{report:?}");
+    let again = prepare_mount(&settings, &primary, true).await.unwrap();
+    assert_eq!(again.fs_uuid.as_deref(), Some(primary_uuid.as_str()));
+
+    // The primary is mounted again on this machine: the clone's filesystem must not share its UUID.
+    let clone_settings = host.settings("builder-b");
+    let clone_mount = host.file_mount_of("cache.img", CacheMode::Clone, FsType::Xfs);
+    let cloned = prepare_mount(&clone_settings, &clone_mount, true).await.unwrap_or_else(|e| panic!("clone beside its mounted primary: {e}"));
+    assert_ne!(cloned.fs_uuid.as_deref(), Some(primary_uuid.as_str()), "the clone has a UUID of its own");
+    assert_eq!(std::fs::read(clone_mount.mount_path.join("layer")).unwrap(), b"primary data");
+    let clone_file = cloned.loop_attachment.as_ref().unwrap().backing.clone();
+
+    // A drain that cuts the clone's task short: abandoned, never committed, and destroyed.
+    let report = abandon_mount(&clone_settings, &clone_mount).await;
+    assert!(report.errors.is_empty(), "{report:?}");
+    assert_eq!(report.commit, None);
+    assert_eq!(report.destroyed, Some(clone_file.display().to_string()));
+    assert!(!clone_file.exists());
+    assert_eq!(loops_backed_by(&clone_file), Vec::<String>::new());
+    assert!(!is_mounted(&clone_mount.mount_path));
+    assert!(is_mounted(&primary.mount_path), "the primary is left alone");
+    let report = release_mount(&settings, &again).await;
+    assert!(report.errors.is_empty(), "{report:?}");
 }
 
 #[tokio::test]

@@ -57,6 +57,11 @@ const DISCARD_TIMEOUT: Duration = Duration::from_secs(600);
 const WIPEFS_TIMEOUT: Duration = Duration::from_secs(60);
 const BLKDISCARD: &str = "/usr/sbin/blkdiscard";
 const WIPEFS: &str = "/usr/sbin/wipefs";
+const BLKID: &str = "/usr/sbin/blkid";
+const XFS_ADMIN: &str = "/usr/sbin/xfs_admin";
+const BTRFSTUNE: &str = "/usr/bin/btrfstune";
+/// blkid reads a superblock; xfs_admin and btrfstune -m rewrite one (or a few).
+const UUID_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Why a mode's step on a file or device failed. Each names the file, the directory or the device.
 #[derive(Debug, displaydoc::Display, thiserror::Error)]
@@ -332,6 +337,29 @@ pub async fn wipe_device(device: &Path) -> Result<Wiped, ModeError> {
     run_tool(Path::new(WIPEFS), &["--all".as_ref(), device.as_os_str()], WIPEFS_TIMEOUT).await?;
     info!(device = %device.display(), wiped = ?wiped, "wiped the isolated device");
     Ok(wiped)
+}
+
+/// Gives a new clone's filesystem its own UUID before its first mount. The
+/// clone is a copy of the primary's filesystem, UUID included, and it lives on
+/// the primary's machine (reflinks never leave a filesystem): xfs refuses to
+/// mount a filesystem whose UUID is mounted already ("duplicate UUID"), and
+/// btrfs would take the two for devices of one filesystem. ext4 mounts
+/// duplicates, and `tune2fs -U` would first want a fresh fsck: left as it is.
+/// Returns the filesystem type found.
+pub async fn renew_clone_uuid(device: &Path) -> Result<Option<String>, ModeError> {
+    let args = ["-p".as_ref(), "-s".as_ref(), "TYPE".as_ref(), "-o".as_ref(), "value".as_ref(), device.as_os_str()];
+    let out = run_tool(Path::new(BLKID), &args, UUID_TIMEOUT).await?;
+    let fs_type = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (program, args): (&str, Vec<&OsStr>) = match fs_type.as_str() {
+        // Needs a clean log: the commit was made only after a clean unmount.
+        "xfs" => (XFS_ADMIN, vec!["-U".as_ref(), "generate".as_ref(), device.as_os_str()]),
+        // -m: a new fsid kept as metadata_uuid, without rewriting every block.
+        "btrfs" => (BTRFSTUNE, vec!["-f".as_ref(), "-m".as_ref(), device.as_os_str()]),
+        _ => return Ok(Some(fs_type).filter(|t| !t.is_empty())),
+    };
+    run_tool(Path::new(program), &args, UUID_TIMEOUT).await?;
+    info!(device = %device.display(), fs = %fs_type, "gave the clone's filesystem a UUID of its own");
+    Ok(Some(fs_type))
 }
 
 // === what release and prepare report (async edges for the manager) ===

@@ -325,6 +325,10 @@ async fn prepare_steps(settings: &VolumeSettings, m: &VolumeMount, first: bool, 
             if attached.new_device {
                 undo.push(UndoStep::Detach(attached.attachment.clone()));
             }
+            // A fresh loop device: the clone is not mounted anywhere, so its UUID may change.
+            if m.cache_mode == CacheMode::Clone && attached.new_device {
+                file_modes::renew_clone_uuid(&attached.attachment.device).await?;
+            }
             (attached.attachment.device.clone(), Some(attached.attachment), None)
         }
         VolumeSource::Rbd(image) => {
