@@ -405,3 +405,23 @@ async fn a_clone_of_a_committed_primary_builds_fully_cached_and_leaves_the_prima
     }
     assert_eq!(sha256(&backing), primary_sum, "the primary's file is unchanged by its clone's life");
 }
+
+#[tokio::test]
+async fn an_isolated_file_serves_a_build_and_is_gone_after_the_drain() {
+    support::trace_init();
+    let host = Host::new("xfs");
+    let world = World::new();
+    let file = use_host_file(&world, &host, "builder-a", CacheMode::Isolated);
+    let mut agent = world.start();
+    wait_ready(&agent).await;
+    assert!(agent.logs().contains("created the isolated volume's file"), "{}", agent.logs());
+    let ctx = build_context(&host.root, "echo isolated > /out.txt", 64 << 10);
+    let out = buildctl_build(&world.buildctl_tls_args(true), &ctx, &world.root.join("out"));
+    assert!(out.status.success(), "build on the isolated volume failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(world.root.join("out/out.txt")).unwrap(), "isolated\n");
+    drain(&mut agent).await;
+    assert!(agent.logs().contains("removed the disposable volume's file"), "{}", agent.logs());
+    assert!(!file.exists(), "the isolated file is removed at drain");
+    assert_eq!(loops_backed_by(&file), Vec::<String>::new(), "no loop device left on it");
+    assert!(!is_mounted(&world.cache()));
+}
