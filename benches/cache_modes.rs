@@ -4,7 +4,8 @@
 //! reflink at a primary's release) on its own, median of RUNS.
 //!
 //! `cargo bench --bench cache_modes` (root; BENCH_FILL_GIB and BENCH_RUNS to
-//! change the data written and the count).
+//! change the data written and the count, BENCH_FILE_KIB to write it as many
+//! files of that size, which fragments the backing file like a real cache).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench fails loudly
 #![allow(clippy::disallowed_types)] // wall-clock timing is the point of a bench; no paused clock here
@@ -56,17 +57,27 @@ fn mount_of(root: &Path, backing: &Path, mode: CacheMode, size_bytes: u64) -> Vo
     }
 }
 
-/// Writes `bytes` of varied data into `path` and syncs it.
-fn fill(path: &Path, bytes: u64) {
-    let mut f = std::fs::File::create(path).unwrap();
-    let mut chunk = vec![0u8; 8 << 20];
-    for i in 0..bytes / chunk.len() as u64 {
+/// Writes `bytes` of varied data under `dir`: one file, or files of
+/// `file_bytes` each (many small files scatter the backing file's extents
+/// the way a real cache does), then syncs the filesystem.
+fn fill(dir: &Path, bytes: u64, file_bytes: Option<u64>) {
+    let chunk_len = file_bytes.unwrap_or(8 << 20).min(8 << 20) as usize;
+    let mut chunk = vec![0u8; chunk_len];
+    let mut f = std::fs::File::create(dir.join("data")).unwrap();
+    let mut in_file = 0u64;
+    for i in 0..bytes / chunk_len as u64 {
+        if file_bytes.is_some_and(|n| in_file >= n) {
+            f = std::fs::File::create(dir.join(format!("data-{i}"))).unwrap();
+            in_file = 0;
+        }
         for (j, b) in chunk.iter_mut().enumerate().step_by(4096) {
-            *b = (i as usize ^ j) as u8;
+            *b = (i ^ j as u64).to_le_bytes()[0];
         }
         f.write_all(&chunk).unwrap();
+        in_file += chunk_len as u64;
     }
-    f.sync_all().unwrap();
+    drop(f);
+    nix::unistd::sync();
 }
 
 struct Cleanup(PathBuf);
@@ -79,6 +90,7 @@ impl Drop for Cleanup {
 
 fn main() {
     let fill_gib: u64 = std::env::var("BENCH_FILL_GIB").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+    let file_bytes: Option<u64> = std::env::var("BENCH_FILE_KIB").ok().and_then(|s| s.parse::<u64>().ok()).map(|k| k << 10);
     let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
     let volume_bytes = (fill_gib + 2) << 30;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -101,7 +113,7 @@ fn main() {
     // The primary's data, then its first commit.
     let p = rt.block_on(prepare_mount(&primary_settings, &primary, true)).unwrap();
     let started = Instant::now();
-    fill(&primary.mount_path.join("data"), fill_gib << 30);
+    fill(&primary.mount_path, fill_gib << 30, file_bytes);
     let fill_time = started.elapsed();
     let report = rt.block_on(release_mount(&primary_settings, &p));
     assert!(report.commit.as_ref().is_some_and(|c| c.copy.is_ok()), "{report:?}");
@@ -129,8 +141,9 @@ fn main() {
         commit_primary(&primary_settings.allowed_backing_dirs, &backing).unwrap();
         commit_times.push(started.elapsed());
     }
+    let files = file_bytes.map_or("one file".to_string(), |n| format!("files of {} KiB", n >> 10));
     println!(
-        "file-backed ext4 volume of {} GiB on xfs, {fill_gib} GiB written ({:.0} ms to write; backing file in {extents} extents), median of {runs} runs",
+        "file-backed ext4 volume of {} GiB on xfs, {fill_gib} GiB written as {files} ({:.0} ms to write; backing file in {extents} extents), median of {runs} runs",
         volume_bytes >> 30,
         ms(fill_time)
     );
