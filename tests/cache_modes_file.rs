@@ -13,6 +13,7 @@
 mod support;
 
 use machine_agent::task::{CacheMode, FsType, VolumeMount, VolumeSource};
+use machine_agent::volume::file_modes;
 use machine_agent::volume::manager::{abandon_mount, prepare_mount, release_mount, PreparedMount, VolumeSettings};
 use nix::sys::signal::Signal;
 use std::os::unix::fs::PermissionsExt;
@@ -289,6 +290,17 @@ async fn an_isolated_file_is_created_blank_and_removed_at_release_and_an_existin
     assert!(!file.exists(), "the isolated file is removed");
     assert_eq!(loops_backed_by(&file), Vec::<String>::new());
 
+    // An agent that died after the unmount and detach left its isolated file (ours, disposable):
+    // the next prepare empties it, so the volume starts blank again.
+    let left = prepare_and_write(&settings, &isolated, "old", b"from the dead agent").await;
+    assert!(Command::new("umount").arg(&isolated.mount_path).status().unwrap().success());
+    assert!(Command::new("losetup").arg("-d").arg(&left.device).status().unwrap().success());
+    support::eventually("the loop device to detach", Duration::from_secs(10), || loops_backed_by(&file).is_empty()).await;
+    let again = prepare_mount(&settings, &isolated, true).await.unwrap();
+    assert!(again.formatted, "a left-over isolated file is blank again");
+    assert!(!isolated.mount_path.join("old").exists());
+    assert_eq!(release_mount(&settings, &again).await.destroyed, Some(file.display().to_string()));
+
     // A primary's backing file (holding a filesystem) named as an isolated volume: refused, unchanged.
     let primary = host.file_mount("cache.img", CacheMode::Primary);
     let VolumeSource::File { path: backing, .. } = primary.source.clone() else { unreachable!() };
@@ -399,9 +411,9 @@ async fn a_clone_of_a_committed_primary_builds_fully_cached_and_leaves_the_prima
     assert!(logs.contains("removed the disposable volume's file"), "{logs}");
     let leftovers: Vec<_> = std::fs::read_dir(&host.volumes).unwrap().flatten().map(|e| e.path()).filter(|p| p.to_string_lossy().contains(".clone.")).collect();
     assert!(leftovers.is_empty(), "the clone is removed: {leftovers:?}");
-    for name in ["project.img", "project.img.committed"] {
-        let path = host.volumes.join(name);
-        assert_eq!(loops_backed_by(&path), Vec::<String>::new(), "no loop device left on {name}");
+    let clone_file = file_modes::clone_path(&backing, &file_modes::owner_tag("builder-b").unwrap());
+    for path in [backing.clone(), committed.clone(), clone_file] {
+        assert_eq!(loops_backed_by(&path), Vec::<String>::new(), "no loop device left on {}", path.display());
     }
     assert_eq!(sha256(&backing), primary_sum, "the primary's file is unchanged by its clone's life");
 }
