@@ -437,3 +437,27 @@ async fn an_isolated_file_serves_a_build_and_is_gone_after_the_drain() {
     assert_eq!(loops_backed_by(&file), Vec::<String>::new(), "no loop device left on it");
     assert!(!is_mounted(&world.cache()));
 }
+
+#[tokio::test]
+async fn an_unclean_release_skips_the_commit_saying_why_and_a_task_cannot_name_a_committed_copy() {
+    let host = Host::new("xfs");
+    let settings = host.settings("builder-a");
+    let primary = host.file_mount("cache.img", CacheMode::Primary);
+    let VolumeSource::File { path: backing, .. } = primary.source.clone() else { unreachable!() };
+    let prepared = prepare_and_write(&settings, &primary, "layer", b"data").await;
+    // A file held open keeps the mount busy past the unmount timeout.
+    let held = std::fs::File::open(primary.mount_path.join("layer")).unwrap();
+    let report = release_mount(&settings, &prepared).await;
+    assert!(!report.unmounted, "{report:?}");
+    assert_eq!(report.commit.unwrap().copy, Err("commit skipped: the volume is still mounted".to_string()));
+    let committed = PathBuf::from(format!("{}.committed", backing.display()));
+    assert!(!committed.exists());
+    drop(held);
+    let report = release_mount(&settings, &prepared).await;
+    assert_eq!(report.commit.unwrap().copy, Ok(committed.display().to_string()), "released cleanly, it commits");
+
+    // The committed copy carries the agent's mark, but no task may mount it.
+    let err = prepare_mount(&settings, &host.file_mount("cache.img.committed", CacheMode::Primary), true).await.unwrap_err();
+    assert!(err.to_string().contains("the name is one the agent gives a committed copy or a clone"), "{err}");
+    assert_eq!(loops_backed_by(&committed), Vec::<String>::new());
+}
