@@ -26,6 +26,8 @@ pub struct FstrimRange {
 mod raw {
     // FITRIM is _IOWR('X', 121, struct fstrim_range).
     nix::ioctl_readwrite!(fitrim, b'X', 121, super::FstrimRange);
+    // FICLONE is _IOW(0x94, 9, int): the argument is the source descriptor itself.
+    nix::ioctl_write_int!(ficlone, 0x94, 9);
 }
 
 /// FITRIM (ioctl_fitrim(2)): discards the unused blocks of the filesystem that
@@ -37,6 +39,16 @@ pub fn fitrim(fd: BorrowedFd<'_>, range: &mut FstrimRange) -> nix::Result<()> {
     // the size encoded in the request; the kernel reads and writes only those
     // 24 bytes and keeps no pointer to them after returning.
     unsafe { raw::fitrim(fd.as_raw_fd(), range) }.map(drop)
+}
+
+/// FICLONE (ioctl_ficlone(2)): makes `dest` share all of `src`'s data
+/// copy-on-write (a reflink). Both must be regular files on one filesystem
+/// that supports it; `dest` must be open for writing.
+pub fn ficlone(dest: BorrowedFd<'_>, src: BorrowedFd<'_>) -> nix::Result<()> {
+    let src = nix::sys::ioctl::ioctl_param_type::try_from(src.as_raw_fd()).map_err(|_| nix::errno::Errno::EBADF)?;
+    // SAFETY: `dest` is open for the whole call (borrowed); the request passes
+    // the source descriptor by value, so the kernel reads no memory of ours.
+    unsafe { raw::ficlone(dest.as_raw_fd(), src) }.map(drop)
 }
 
 /// Makes the child that `command` spawns join the cgroup whose `cgroup.procs`
@@ -126,6 +138,13 @@ mod tests {
     fn fitrim_request_code_is_the_kernels() {
         // FITRIM as <linux/fs.h> defines it on these architectures.
         assert_eq!(nix::request_code_readwrite!(b'X', 121, std::mem::size_of::<FstrimRange>()), 0xC018_5879);
+    }
+
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    #[test]
+    fn ficlone_request_code_is_the_kernels() {
+        // FICLONE as <linux/fs.h> defines it: _IOW(0x94, 9, int).
+        assert_eq!(nix::request_code_write!(0x94, 9, std::mem::size_of::<nix::libc::c_int>()), 0x4004_9409);
     }
 
     #[test]

@@ -114,7 +114,7 @@ pub fn open_backing_file(allowed_dirs: &[PathBuf], path: &Path, size_bytes: u64)
 
 /// The directory holding backing files must be the agent's alone: anyone else
 /// who can write there could swap the file between the checks and losetup.
-fn check_private_dir(dir_path: &Path, dir: &OwnedFd) -> Result<(), BackingError> {
+pub(super) fn check_private_dir(dir_path: &Path, dir: &OwnedFd) -> Result<(), BackingError> {
     let st = nix::sys::stat::fstat(dir.as_raw_fd()).map_err(|source| BackingError::Io { path: dir_path.into(), source })?;
     let why = if st.st_uid != nix::unistd::geteuid().as_raw() {
         Some(format!("it belongs to uid {}, not to the agent", st.st_uid))

@@ -14,6 +14,7 @@
 //! left as it is at once: never waited for, never killed for.
 
 use super::device::{attach_file, detach_file, find_attachment, wait_for_device, LoopAttachment};
+use super::file_modes;
 use super::format::{mkfs_command, mount_options};
 use super::holders::{find_holders, kill_holders};
 use super::intent::{device_identity, same_device, DeviceIdentity, FormatIntent, IntentStore};
@@ -125,6 +126,8 @@ pub enum VolumeError {
     Walk(#[from] super::nofollow::WalkError),
     /// {0}
     Rbd(#[from] super::rbd::RbdError),
+    /// {0}
+    Mode(#[from] super::file_modes::ModeError),
     /// {cause}; rolled back: {undone}
     RolledBack { cause: Box<VolumeError>, undone: String },
 }
@@ -219,6 +222,13 @@ pub enum ReleaseError {
     Detach(#[from] super::device::DeviceError),
     /// {0}
     Rbd(#[from] super::rbd::RbdError),
+    /// cannot destroy the {mode} volume {what}: {source}
+    Destroy {
+        mode: &'static str,
+        what: PathBuf,
+        #[source]
+        source: super::file_modes::ModeError,
+    },
 }
 
 // === prepare ===
@@ -303,13 +313,23 @@ async fn prepare_steps(settings: &VolumeSettings, m: &VolumeMount, first: bool, 
             (wait_for_device(&settings.sys_root, path, ebs_volume_id.as_deref(), settings.device_wait).await?, None, None)
         }
         VolumeSource::File { path, size_bytes } => {
-            let attached = attach_file(&settings.allowed_backing_dirs, path, *size_bytes).await?;
+            // The mode decides which file is attached: the task's, or a clone of its commit.
+            let file = file_modes::prepare_file_async(&settings.allowed_backing_dirs, &settings.rbd.owner_id, path, m.cache_mode).await?;
+            undo.push(UndoStep::RemoveDirs(file.created_dirs.clone()));
+            if file.created {
+                undo.push(UndoStep::RemoveFile(file.backing.clone()));
+            }
+            let attached = attach_file(&settings.allowed_backing_dirs, &file.backing, *size_bytes).await?;
             undo.push(UndoStep::RemoveDirs(attached.created_dirs.clone()));
             if attached.created_file {
-                undo.push(UndoStep::RemoveFile(path.clone()));
+                undo.push(UndoStep::RemoveFile(file.backing.clone()));
             }
             if attached.new_device {
                 undo.push(UndoStep::Detach(attached.attachment.clone()));
+            }
+            // A fresh loop device: the clone is not mounted anywhere, so its UUID may change.
+            if m.cache_mode == CacheMode::Clone && attached.new_device {
+                file_modes::renew_clone_uuid(&attached.attachment.device).await?;
             }
             (attached.attachment.device.clone(), Some(attached.attachment), None)
         }
@@ -655,10 +675,19 @@ pub async fn release_mount(settings: &VolumeSettings, p: &PreparedMount) -> Rele
             false
         }
     };
-    if let (true, Some(att)) = (report.unmounted, &p.loop_attachment) {
-        if let Err(error) = detach_file(att).await {
-            report.errors.push(error.into());
-        }
+    if let Some(att) = &p.loop_attachment {
+        let detached = report.unmounted
+            && match detach_file(att).await {
+                Ok(()) => true,
+                Err(error) => {
+                    report.errors.push(error.into());
+                    false
+                }
+            };
+        release_file_mode(settings, p, att, detached, &mut report).await;
+    }
+    if p.kind == "device" {
+        release_device_mode(p, &mut report).await;
     }
     if let (true, Some(attachment)) = (report.unmounted, &p.rbd) {
         report.errors.extend(super::rbd::detach(attachment).await.into_iter().map(ReleaseError::from));
@@ -677,7 +706,9 @@ pub async fn abandon_mount(settings: &VolumeSettings, m: &VolumeMount) -> Releas
         report.errors.push(error);
     }
     if let VolumeSource::File { path, .. } = &m.source {
-        match find_attachment(path) {
+        // A clone's loop device is on the clone, not on the primary's file the task names.
+        let attached = file_modes::attached_path(path, m.cache_mode, &settings.rbd.owner_id).unwrap_or_else(|| path.clone());
+        match find_attachment(&attached) {
             Ok(Some(att)) => {
                 if let Err(error) = detach_file(&att).await {
                     report.errors.push(error.into());
@@ -686,11 +717,63 @@ pub async fn abandon_mount(settings: &VolumeSettings, m: &VolumeMount) -> Releas
             Ok(None) => {}
             Err(error) => report.errors.push(error.into()),
         }
+        // Never a commit; a disposable volume this builder made is destroyed,
+        // anything else (a file the prepare refused) is left as it is.
+        if m.cache_mode.is_disposable() && report.errors.is_empty() {
+            match file_modes::destroy_file_async(&settings.allowed_backing_dirs, &settings.rbd.owner_id, &attached).await {
+                Ok(()) => report.destroyed = Some(attached.display().to_string()),
+                Err(file_modes::ModeError::Refused { path, why }) => {
+                    info!(backing = %path.display(), %why, "not destroyed: not this builder's disposable volume")
+                }
+                Err(source) => report.errors.push(ReleaseError::Destroy { mode: m.cache_mode.as_str(), what: attached, source }),
+            }
+        }
     }
     if let (VolumeSource::Rbd(image), true) = (&m.source, report.errors.is_empty()) {
         report.errors.extend(super::rbd::abandon(&settings.rbd, &settings.sys_root, image).await.into_iter().map(ReleaseError::from));
     }
     report
+}
+
+/// After a file-backed volume's loop device is (or could not be) detached: a
+/// primary is committed if the release was clean, a clone or an isolated
+/// volume is destroyed once detached.
+async fn release_file_mode(settings: &VolumeSettings, p: &PreparedMount, att: &LoopAttachment, detached: bool, report: &mut ReleaseReport) {
+    match p.cache_mode {
+        CacheMode::Primary => {
+            let unclean = if !report.unmounted {
+                Some("the volume is still mounted".to_string())
+            } else if !detached {
+                Some("the loop device is still attached".to_string())
+            } else if report.dirty {
+                Some("the filesystem may hold errors".to_string())
+            } else {
+                report.errors.first().map(ToString::to_string)
+            };
+            report.commit = Some(file_modes::commit_file(&settings.allowed_backing_dirs, &att.backing, unclean).await);
+        }
+        CacheMode::Clone | CacheMode::Isolated if detached => {
+            match file_modes::destroy_file_async(&settings.allowed_backing_dirs, &settings.rbd.owner_id, &att.backing).await {
+                Ok(()) => report.destroyed = Some(att.backing.display().to_string()),
+                Err(source) => report.errors.push(ReleaseError::Destroy { mode: p.cache_mode.as_str(), what: att.backing.clone(), source }),
+            }
+        }
+        CacheMode::Clone | CacheMode::Isolated => warn!(backing = %att.backing.display(), "the disposable volume is still attached; not destroyed"),
+    }
+}
+
+/// After a device volume's unmount: a primary reports that it has no commit,
+/// an isolated device is wiped (never removed).
+async fn release_device_mode(p: &PreparedMount, report: &mut ReleaseReport) {
+    match p.cache_mode {
+        CacheMode::Primary => report.commit = Some(file_modes::device_commit(&p.device)),
+        CacheMode::Isolated if report.unmounted => match file_modes::wipe_device(&p.device).await {
+            Ok(_) => report.destroyed = Some(p.device.display().to_string()),
+            Err(source) => report.errors.push(ReleaseError::Destroy { mode: "isolated", what: p.device.clone(), source }),
+        },
+        // Still mounted: the unmount's error says so; a clone of a device is refused at validation.
+        CacheMode::Isolated | CacheMode::Clone => {}
+    }
 }
 
 /// Unmounts every mount at or below `path`, deepest first; each EBUSY is

@@ -5,6 +5,7 @@
 
 pub mod backing;
 pub mod device;
+pub mod file_modes;
 pub mod format;
 pub mod health;
 pub mod holders;
@@ -13,6 +14,7 @@ pub mod manager;
 pub mod mountinfo;
 pub mod nofollow;
 pub mod rbd;
+pub mod reflink;
 pub mod signature;
 pub mod stats;
 pub mod tool;
