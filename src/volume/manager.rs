@@ -38,8 +38,6 @@ use tracing::{info, warn};
 /// mkfs of a lazily initialised filesystem takes seconds even on a large disk;
 /// ten minutes means the device is hung.
 const MKFS_TIMEOUT: Duration = Duration::from_secs(600);
-/// A discard is a metadata operation on thin devices; a large SSD takes seconds.
-const DISCARD_TIMEOUT: Duration = Duration::from_secs(300);
 /// blkid reads a superblock.
 const BLKID_TIMEOUT: Duration = Duration::from_secs(30);
 /// Online grow touches metadata only.
@@ -612,10 +610,7 @@ pub async fn wipe_mount(settings: &VolumeSettings, m: &VolumeMount, p: &Prepared
     }
     let fs = [FsType::Ext4, FsType::Xfs, FsType::Btrfs].into_iter().find(|f| f.as_str() == p.fs_type).unwrap_or(m.fs_type);
     warn!(device = %p.device.display(), mount_path = %p.mount_path.display(), uuid = expected_uuid, fs = fs.as_str(), "cache reset: wiping the filesystem");
-    match discard_device(&p.device).await {
-        Ok(()) => info!(device = %p.device.display(), "cache reset: device discarded"),
-        Err(error) => info!(%error, device = %p.device.display(), "cache reset: no discard; mkfs overwrites"),
-    }
+    file_modes::wipe_device(&p.device).await?;
     let intents = IntentStore::new(&settings.intent_dir);
     let identity = device_identity(&settings.sys_root, &p.device, rdev)?;
     format(settings, &intents, identity, fs, &p.mount_path, Redo::Overwrite).await?;
@@ -629,13 +624,6 @@ pub async fn wipe_mount(settings: &VolumeSettings, m: &VolumeMount, p: &Prepared
     let fs_uuid = read_fs_uuid(&p.device).await;
     info!(device = %p.device.display(), mount_path = %p.mount_path.display(), uuid = ?fs_uuid, "cache reset: new filesystem mounted");
     Ok(PreparedMount { fs_type: fs.as_str().into(), formatted: true, grown: false, executor_bind, fs_uuid, ..p.clone() })
-}
-
-/// BLKDISCARD over the whole device: a thin device (RBD, a sparse file,
-/// an SSD) gets its blocks back and reads zeros after.
-pub async fn discard_device(device: &Path) -> Result<(), VolumeError> {
-    run_tool(Path::new("/usr/sbin/blkdiscard"), &[device.as_os_str().to_owned()], DISCARD_TIMEOUT).await?;
-    Ok(())
 }
 
 // === release ===
