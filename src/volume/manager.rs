@@ -228,7 +228,9 @@ enum UndoStep {
     Detach(LoopAttachment),
     RemoveFile(PathBuf),
     RemoveDirs(Vec<PathBuf>),
-    DetachRbd(Box<RbdAttachment>),
+    /// With what the detach does after the unmap: a clone or an isolated
+    /// volume this prepare readied is removed again (it is disposable).
+    DetachRbd(Box<RbdAttachment>, super::rbd::Finish),
 }
 
 /// The steps a prepare took, undone last first when it fails: without this a
@@ -258,12 +260,13 @@ impl UndoLog {
                     Ok(()) => said.push(format!("removed {}", path.display())),
                     Err(error) => said.push(format!("FAILED to remove {}: {error}", path.display())),
                 },
-                UndoStep::DetachRbd(attachment) => {
-                    let errors = super::rbd::detach(&attachment).await;
-                    if errors.is_empty() {
+                UndoStep::DetachRbd(attachment, finish) => {
+                    let detached = super::rbd::detach(&attachment, &finish).await;
+                    if detached.errors.is_empty() {
                         said.push(format!("unmapped {} and released its lock", attachment.image.spec()));
                     }
-                    said.extend(errors.into_iter().map(|e| format!("FAILED: {e}")));
+                    said.extend(detached.destroyed.map(|image| format!("removed the disposable image {image}")));
+                    said.extend(detached.errors.into_iter().map(|e| format!("FAILED: {e}")));
                 }
                 UndoStep::RemoveDirs(dirs) => {
                     let failures = remove_created(&dirs);
@@ -312,8 +315,9 @@ async fn prepare_steps(settings: &VolumeSettings, m: &VolumeMount, first: bool, 
             (attached.attachment.device.clone(), Some(attached.attachment), None)
         }
         VolumeSource::Rbd(image) => {
-            let attached = super::rbd::attach(&settings.rbd, &settings.sys_root, image).await?;
-            undo.push(UndoStep::DetachRbd(Box::new(attached.clone())));
+            let attached = super::rbd::prepare(&settings.rbd, &settings.sys_root, image, m.cache_mode).await?;
+            let finish = if m.cache_mode.is_disposable() { super::rbd::Finish::Destroy } else { super::rbd::Finish::Release };
+            undo.push(UndoStep::DetachRbd(Box::new(attached.clone()), finish));
             (attached.device.clone(), None, Some(attached))
         }
     };
@@ -610,10 +614,37 @@ pub async fn release_mount(settings: &VolumeSettings, p: &PreparedMount) -> Rele
             report.errors.push(error.into());
         }
     }
-    if let (true, Some(attachment)) = (report.unmounted, &p.rbd) {
-        report.errors.extend(super::rbd::detach(attachment).await.into_iter().map(ReleaseError::from));
+    if let Some(attachment) = &p.rbd {
+        let (finish, skipped) = rbd_finish(settings, p, &report);
+        if let Some(why) = skipped {
+            warn!(image = %attachment.image.spec(), why, "the primary is not committed");
+            report.commit = Some(Commit { source: attachment.image.spec(), copy: Err(why.to_string()) });
+        }
+        if report.unmounted {
+            let detached = super::rbd::detach(attachment, &finish).await;
+            report.errors.extend(detached.errors.into_iter().map(ReleaseError::from));
+            if let Some(copy) = detached.commit {
+                report.commit = Some(Commit { source: attachment.image.spec(), copy });
+            }
+            report.destroyed = detached.destroyed;
+        }
     }
     report
+}
+
+/// What the detach of an RBD mount does after the unmap: a primary is
+/// committed only when everything before was clean (so the snapshot holds a
+/// consistent filesystem; otherwise the reason it was not); a clone or an
+/// isolated volume is destroyed.
+fn rbd_finish(settings: &VolumeSettings, p: &PreparedMount, report: &ReleaseReport) -> (super::rbd::Finish, Option<&'static str>) {
+    use super::rbd::Finish;
+    match p.cache_mode {
+        CacheMode::Clone | CacheMode::Isolated => (Finish::Destroy, None),
+        CacheMode::Primary if !report.unmounted => (Finish::Release, Some("commit skipped: the filesystem did not unmount cleanly")),
+        CacheMode::Primary if report.dirty => (Finish::Release, Some("commit skipped: the filesystem is dirty (a flush failed or the kernel recorded errors)")),
+        CacheMode::Primary if !report.errors.is_empty() => (Finish::Release, Some("commit skipped: the release had errors before the unmap")),
+        CacheMode::Primary => (Finish::Commit { task_id: p.task_id.clone(), keep: settings.rbd.keep_snapshots }, None),
+    }
 }
 
 /// Undoes what a prepare the drain had to cut short left behind (its task
@@ -638,7 +669,7 @@ pub async fn abandon_mount(settings: &VolumeSettings, m: &VolumeMount) -> Releas
         }
     }
     if let (VolumeSource::Rbd(image), true) = (&m.source, report.errors.is_empty()) {
-        report.errors.extend(super::rbd::abandon(&settings.rbd, &settings.sys_root, image).await.into_iter().map(ReleaseError::from));
+        report.errors.extend(super::rbd::abandon(&settings.rbd, &settings.sys_root, image, m.cache_mode).await.into_iter().map(ReleaseError::from));
     }
     report
 }
