@@ -179,6 +179,8 @@ pub enum RbdError {
     NoCommit { spec: String },
     /// {what} must be a new image: {spec} already exists ({owner})
     NotNew { spec: String, what: &'static str, owner: String },
+    /// {spec} is still open by a client ({watchers}) after {waited:?}; not snapshotting it
+    StillOpen { spec: String, watchers: String, waited: Duration },
     /// {spec} is not this owner's disposable image ({owner}); never removing it
     NotDisposable { spec: String, owner: String },
     /// {spec}: cannot remove the credentials in {dir}: {source}

@@ -29,6 +29,10 @@ const CLONE_INFIX: &str = ".clone.";
 const REMOVE_WAIT: Duration = Duration::from_secs(45);
 const REMOVE_RETRY_MIN: Duration = Duration::from_millis(100);
 const REMOVE_RETRY_MAX: Duration = Duration::from_secs(2);
+/// How long a commit waits for the image to have no client: rbd-fuse exits
+/// (closing the image, flushing librbd's cache to RADOS) a moment after its
+/// unmount; the same 30 s watch timeout bounds a client that died.
+const CLOSE_WAIT: Duration = Duration::from_secs(45);
 
 /// One snapshot from `rbd snap ls --format json`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -229,6 +233,12 @@ async fn mark_disposable(client: &CephClient, image: &RbdImage, owner_id: &str) 
 /// and this owner's lock still held: snapshot, protect, prune. Returns
 /// `pool/image@snapshot`. A failed prune is only logged: the commit is made.
 pub(super) async fn commit(client: &CephClient, image: &RbdImage, task_id: &str, keep: u32) -> Result<String, RbdError> {
+    // The unmount of rbd-fuse returns before rbd-fuse has closed the image:
+    // writes still in librbd's cache reach RADOS only at that close. A
+    // snapshot taken before it misses them (seen here under load: a clone
+    // lacked the primary's last BuildKit writes). No watcher left means no
+    // client has the image open, so every write is in.
+    wait_unwatched(client, image, CLOSE_WAIT).await?;
     let name = snapshot_name(task_id, crate::clock::unix_time_ms().div_euclid(1000));
     ceph(image, client.snap_create(image, &name)).await?;
     ceph(image, client.snap_protect(image, &name)).await?;
@@ -240,12 +250,34 @@ pub(super) async fn commit(client: &CephClient, image: &RbdImage, task_id: &str,
     Ok(copy)
 }
 
+/// Waits until no client watches the image (none has it open).
+async fn wait_unwatched(client: &CephClient, image: &RbdImage, within: Duration) -> Result<(), RbdError> {
+    let deadline = Instant::now() + within;
+    let mut gaps = crate::backoff::PollGaps::doubling(REMOVE_RETRY_MIN, REMOVE_RETRY_MAX);
+    loop {
+        let watchers =
+            super::lock::parse_watchers(&ceph(image, client.status(image)).await?).map_err(|what| RbdError::Unexpected { spec: image.spec(), what })?;
+        if watchers.is_empty() {
+            if Instant::now() + within > deadline + REMOVE_RETRY_MIN {
+                info!(image = %image.spec(), waited_ms = (within - deadline.saturating_duration_since(Instant::now())).as_millis(), "the image's last client closed it");
+            }
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(RbdError::StillOpen { spec: image.spec(), watchers: watchers.join(", "), waited: within });
+        }
+        tokio::time::sleep(gaps.next_gap().min(deadline.saturating_duration_since(Instant::now()))).await;
+    }
+}
+
 /// Removes the commits past the newest `keep` that no clone uses.
 async fn prune(client: &CephClient, image: &RbdImage, keep: u32) -> Result<(), RbdError> {
     let snapshots = parse_snapshots(&ceph(image, client.snap_list(image)).await?).map_err(|what| RbdError::Unexpected { spec: image.spec(), what })?;
     let mut children = BTreeMap::new();
     for snap in prune_candidates(&snapshots, keep) {
-        let listed = ceph(image, client.children(image, &snap.name)).await.and_then(|json| parse_children(&json).map_err(|what| RbdError::Unexpected { spec: image.spec(), what }));
+        let listed = ceph(image, client.children(image, &snap.name))
+            .await
+            .and_then(|json| parse_children(&json).map_err(|what| RbdError::Unexpected { spec: image.spec(), what }));
         match listed {
             Ok(clones) => {
                 children.insert(snap.name.clone(), clones);
