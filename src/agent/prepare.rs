@@ -70,7 +70,7 @@ impl Agent {
     pub(super) fn on_volumes_prepared(&mut self, outcome: PrepareOutcome) {
         self.preparing = false;
         self.mounts = outcome.prepared;
-        let shared: Vec<SharedVolume> = self.mounts.iter().filter_map(|m| SharedVolume::of(m)).collect();
+        let shared: Vec<SharedVolume> = self.mounts.iter().filter_map(SharedVolume::of).collect();
         let volumes: Vec<CacheVolume> = self.mounts.iter().map(CacheVolume::of).collect();
         self.status.send_modify(|s| {
             s.shared_volumes = shared;

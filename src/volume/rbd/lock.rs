@@ -135,9 +135,9 @@ mod tests {
     #[test]
     fn another_owner_is_refused_unless_the_task_names_it() {
         let theirs = lock("b");
-        assert_eq!(plan_lock(&[theirs.clone()], "a", None), LockPlan::Refuse(theirs.clone()));
-        assert_eq!(plan_lock(&[theirs.clone()], "a", Some("c")), LockPlan::Refuse(theirs.clone()));
-        assert_eq!(plan_lock(&[theirs.clone()], "a", Some("b")), LockPlan::TakeOver(theirs.clone()));
+        assert_eq!(plan_lock(std::slice::from_ref(&theirs), "a", None), LockPlan::Refuse(theirs.clone()));
+        assert_eq!(plan_lock(std::slice::from_ref(&theirs), "a", Some("c")), LockPlan::Refuse(theirs.clone()));
+        assert_eq!(plan_lock(std::slice::from_ref(&theirs), "a", Some("b")), LockPlan::TakeOver(theirs.clone()));
         assert!(theirs.describe().starts_with("owner b (client.4123"), "{}", theirs.describe());
         assert!(matches!(plan_lock(&[lock("b"), lock("c")], "a", Some("b")), LockPlan::Refuse(_)), "several holders are never broken");
     }
