@@ -615,7 +615,7 @@ pub async fn release_mount(settings: &VolumeSettings, p: &PreparedMount) -> Rele
         }
     }
     if let Some(attachment) = &p.rbd {
-        let (finish, skipped) = rbd_finish(settings, p, &report);
+        let (finish, skipped) = rbd_finish(p.cache_mode, &p.task_id, settings.rbd.keep_snapshots, &report);
         if let Some(why) = skipped {
             warn!(image = %attachment.image.spec(), why, "the primary is not committed");
             report.commit = Some(Commit { source: attachment.image.spec(), copy: Err(why.to_string()) });
@@ -636,14 +636,14 @@ pub async fn release_mount(settings: &VolumeSettings, p: &PreparedMount) -> Rele
 /// committed only when everything before was clean (so the snapshot holds a
 /// consistent filesystem; otherwise the reason it was not); a clone or an
 /// isolated volume is destroyed.
-fn rbd_finish(settings: &VolumeSettings, p: &PreparedMount, report: &ReleaseReport) -> (super::rbd::Finish, Option<&'static str>) {
+fn rbd_finish(mode: CacheMode, task_id: &str, keep: u32, report: &ReleaseReport) -> (super::rbd::Finish, Option<&'static str>) {
     use super::rbd::Finish;
-    match p.cache_mode {
+    match mode {
         CacheMode::Clone | CacheMode::Isolated => (Finish::Destroy, None),
         CacheMode::Primary if !report.unmounted => (Finish::Release, Some("commit skipped: the filesystem did not unmount cleanly")),
         CacheMode::Primary if report.dirty => (Finish::Release, Some("commit skipped: the filesystem is dirty (a flush failed or the kernel recorded errors)")),
         CacheMode::Primary if !report.errors.is_empty() => (Finish::Release, Some("commit skipped: the release had errors before the unmap")),
-        CacheMode::Primary => (Finish::Commit { task_id: p.task_id.clone(), keep: settings.rbd.keep_snapshots }, None),
+        CacheMode::Primary => (Finish::Commit { task_id: task_id.to_string(), keep }, None),
     }
 }
 
@@ -741,5 +741,21 @@ mod tests {
         assert!(!is_same_or_parent_disk(Some(nvme), Some(&vda1)));
         assert!(!is_same_or_parent_disk(Some(&vda1), Some(vda)), "a partition does not contain its disk");
         assert!(!is_same_or_parent_disk(None, Some(vda)));
+    }
+
+    #[test]
+    fn an_rbd_primary_is_committed_only_after_a_clean_release_and_a_disposable_volume_is_destroyed() {
+        use super::super::rbd::Finish;
+        let clean = ReleaseReport { unmounted: true, ..Default::default() };
+        assert_eq!(rbd_finish(CacheMode::Primary, "t1", 2, &clean), (Finish::Commit { task_id: "t1".into(), keep: 2 }, None));
+        let busy = ReleaseReport::default();
+        assert_eq!(rbd_finish(CacheMode::Primary, "t1", 2, &busy), (Finish::Release, Some("commit skipped: the filesystem did not unmount cleanly")));
+        let dirty = ReleaseReport { unmounted: true, dirty: true, ..Default::default() };
+        assert!(matches!(rbd_finish(CacheMode::Primary, "t1", 2, &dirty), (Finish::Release, Some(why)) if why.contains("dirty")));
+        let errors = ReleaseReport { unmounted: true, errors: vec![ReleaseError::FsErrors { mount_point: "/m".into(), count: 1 }], ..Default::default() };
+        assert!(matches!(rbd_finish(CacheMode::Primary, "t1", 2, &errors), (Finish::Release, Some(_))));
+        for mode in [CacheMode::Clone, CacheMode::Isolated] {
+            assert_eq!(rbd_finish(mode, "t1", 2, &busy), (Finish::Destroy, None), "never committed; destroyed once unmounted");
+        }
     }
 }

@@ -290,7 +290,26 @@ pub async fn prepare(settings: &RbdSettings, sys_root: &Path, image: &RbdImage, 
         }
         return Err(error);
     }
-    attach(settings, sys_root, &target).await
+    match attach(settings, sys_root, &target).await {
+        Ok(attached) => Ok(attached),
+        Err(error) => {
+            // The image is this owner's and disposable; left, only a later
+            // task of this owner would ever reuse or remove it.
+            let removed = match write_credentials(&settings.dir, &dir_name(&target), &target) {
+                Ok(files) => {
+                    let client = CephClient { conf: files.conf.clone(), client_id: image.client_id.clone() };
+                    let removed = modes::destroy(&client, &target, &settings.owner_id).await;
+                    let _ = remove_credentials(&files);
+                    removed
+                }
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = removed {
+                warn!(error = %e, image = %target.spec(), "cannot remove the disposable image of a failed attach");
+            }
+            Err(error)
+        }
+    }
 }
 
 /// Makes the image a block device this agent owns; see the module docs.
