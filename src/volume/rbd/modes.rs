@@ -232,7 +232,7 @@ async fn mark_disposable(client: &CephClient, image: &RbdImage, owner_id: &str) 
 /// A primary's commit, with the image unmapped (everything flushed to RADOS)
 /// and this owner's lock still held: snapshot, protect, prune. Returns
 /// `pool/image@snapshot`. A failed prune is only logged: the commit is made.
-pub(super) async fn commit(client: &CephClient, image: &RbdImage, task_id: &str, keep: u32) -> Result<String, RbdError> {
+pub async fn commit(client: &CephClient, image: &RbdImage, task_id: &str, keep: u32) -> Result<String, RbdError> {
     // The unmount of rbd-fuse returns before rbd-fuse has closed the image:
     // writes still in librbd's cache reach RADOS only at that close. A
     // snapshot taken before it misses them (seen here under load: a clone
