@@ -6,9 +6,11 @@
 //! Attach: check the mapper is there, write the credentials, find (or create)
 //! the image, take its lock, map it. Each step is undone when a later one
 //! fails, so a failed attach leaves no lock, mapping or key behind. Detach
-//! (after the manager unmounted): unmap, release the lock, remove the keys.
-//! Both are idempotent: an agent restarted mid-task finds its own lock and
-//! mapping and reuses them.
+//! (after the manager unmounted): unmap, commit a clean primary (see
+//! [`modes`]) while the lock still keeps other writers out, release the lock,
+//! remove a clone's or an isolated volume's image, remove the keys. Both are
+//! idempotent: an agent restarted mid-task finds its own lock and mapping
+//! (and its own disposable image) and reuses them.
 
 pub mod cli;
 pub mod credentials;
