@@ -92,7 +92,7 @@ fn pool_and_builder() -> (String, Builder) {
 }
 
 fn show(what: &str, out: &Output, took: Duration) {
-    println!("FACT {what}: exit {:?} in {took:?}\n  stdout: {}\n  stderr: {}", out.status.code(), stdout(&out).trim(), stderr(&out).trim());
+    println!("FACT {what}: exit {:?} in {took:?}\n  stdout: {}\n  stderr: {}", out.status.code(), stdout(out).trim(), stderr(out).trim());
 }
 
 #[test]

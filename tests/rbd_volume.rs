@@ -293,9 +293,9 @@ async fn a_task_that_names_a_dead_builder_fences_it_and_takes_its_image_with_the
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     let mut status = write.try_wait().unwrap();
-    while status.is_none() && std::time::Instant::now() < deadline {
+    while status.is_none() && tokio::time::Instant::now() < deadline {
         // Polling a child's exit: std has no async reaping.
         tokio::time::sleep(Duration::from_millis(50)).await;
         status = write.try_wait().unwrap();
@@ -377,7 +377,8 @@ async fn a_wrong_key_an_unknown_pool_or_a_missing_image_is_a_clear_error_that_le
     trace_init();
     let share = Share::new();
     cluster().create_image(&share.pool, &share.image, IMAGE_BYTES);
-    let cases: [(&str, Box<dyn Fn(&World)>, &str); 3] = [
+    type Spoil<'a> = Box<dyn Fn(&World) + 'a>;
+    let cases: [(&str, Spoil, &str); 3] = [
         ("wrong key", Box::new(|w: &World| write_private(&w.root.join("rbd.key"), "AQAA8VNlAAAAABAAAAECAwQFBgcICQoLDA0ODw==")), "couldn't connect"),
         (
             "unknown pool",

@@ -238,7 +238,9 @@ enum UndoStep {
     Detach(LoopAttachment),
     RemoveFile(PathBuf),
     RemoveDirs(Vec<PathBuf>),
-    DetachRbd(Box<RbdAttachment>),
+    /// With what the detach does after the unmap: a clone or an isolated
+    /// volume this prepare readied is removed again (it is disposable).
+    DetachRbd(Box<RbdAttachment>, super::rbd::Finish),
 }
 
 /// The steps a prepare took, undone last first when it fails: without this a
@@ -268,12 +270,13 @@ impl UndoLog {
                     Ok(()) => said.push(format!("removed {}", path.display())),
                     Err(error) => said.push(format!("FAILED to remove {}: {error}", path.display())),
                 },
-                UndoStep::DetachRbd(attachment) => {
-                    let errors = super::rbd::detach(&attachment).await;
-                    if errors.is_empty() {
+                UndoStep::DetachRbd(attachment, finish) => {
+                    let detached = super::rbd::detach(&attachment, &finish).await;
+                    if detached.errors.is_empty() {
                         said.push(format!("unmapped {} and released its lock", attachment.image.spec()));
                     }
-                    said.extend(errors.into_iter().map(|e| format!("FAILED: {e}")));
+                    said.extend(detached.destroyed.map(|image| format!("removed the disposable image {image}")));
+                    said.extend(detached.errors.into_iter().map(|e| format!("FAILED: {e}")));
                 }
                 UndoStep::RemoveDirs(dirs) => {
                     let failures = remove_created(&dirs);
@@ -332,8 +335,9 @@ async fn prepare_steps(settings: &VolumeSettings, m: &VolumeMount, first: bool, 
             (attached.attachment.device.clone(), Some(attached.attachment), None)
         }
         VolumeSource::Rbd(image) => {
-            let attached = super::rbd::attach(&settings.rbd, &settings.sys_root, image).await?;
-            undo.push(UndoStep::DetachRbd(Box::new(attached.clone())));
+            let attached = super::rbd::prepare(&settings.rbd, &settings.sys_root, image, m.cache_mode).await?;
+            let finish = if m.cache_mode.is_disposable() { super::rbd::Finish::Destroy } else { super::rbd::Finish::Release };
+            undo.push(UndoStep::DetachRbd(Box::new(attached.clone()), finish));
             (attached.device.clone(), None, Some(attached))
         }
     };
@@ -677,10 +681,37 @@ pub async fn release_mount(settings: &VolumeSettings, p: &PreparedMount) -> Rele
     if p.kind == "device" {
         release_device_mode(p, &mut report).await;
     }
-    if let (true, Some(attachment)) = (report.unmounted, &p.rbd) {
-        report.errors.extend(super::rbd::detach(attachment).await.into_iter().map(ReleaseError::from));
+    if let Some(attachment) = &p.rbd {
+        let (finish, skipped) = rbd_finish(p.cache_mode, &p.task_id, settings.rbd.keep_snapshots, &report);
+        if let Some(why) = skipped {
+            warn!(image = %attachment.image.spec(), why, "the primary is not committed");
+            report.commit = Some(Commit { source: attachment.image.spec(), copy: Err(why.to_string()) });
+        }
+        if report.unmounted {
+            let detached = super::rbd::detach(attachment, &finish).await;
+            report.errors.extend(detached.errors.into_iter().map(ReleaseError::from));
+            if let Some(copy) = detached.commit {
+                report.commit = Some(Commit { source: attachment.image.spec(), copy });
+            }
+            report.destroyed = detached.destroyed;
+        }
     }
     report
+}
+
+/// What the detach of an RBD mount does after the unmap: a primary is
+/// committed only when everything before was clean (so the snapshot holds a
+/// consistent filesystem; otherwise the reason it was not); a clone or an
+/// isolated volume is destroyed.
+fn rbd_finish(mode: CacheMode, task_id: &str, keep: u32, report: &ReleaseReport) -> (super::rbd::Finish, Option<&'static str>) {
+    use super::rbd::Finish;
+    match mode {
+        CacheMode::Clone | CacheMode::Isolated => (Finish::Destroy, None),
+        CacheMode::Primary if !report.unmounted => (Finish::Release, Some("commit skipped: the filesystem did not unmount cleanly")),
+        CacheMode::Primary if report.dirty => (Finish::Release, Some("commit skipped: the filesystem is dirty (a flush failed or the kernel recorded errors)")),
+        CacheMode::Primary if !report.errors.is_empty() => (Finish::Release, Some("commit skipped: the release had errors before the unmap")),
+        CacheMode::Primary => (Finish::Commit { task_id: task_id.to_string(), keep }, None),
+    }
 }
 
 /// Undoes what a prepare the drain had to cut short left behind (its task
@@ -718,7 +749,7 @@ pub async fn abandon_mount(settings: &VolumeSettings, m: &VolumeMount) -> Releas
         }
     }
     if let (VolumeSource::Rbd(image), true) = (&m.source, report.errors.is_empty()) {
-        report.errors.extend(super::rbd::abandon(&settings.rbd, &settings.sys_root, image).await.into_iter().map(ReleaseError::from));
+        report.errors.extend(super::rbd::abandon(&settings.rbd, &settings.sys_root, image, m.cache_mode).await.into_iter().map(ReleaseError::from));
     }
     report
 }
@@ -831,5 +862,21 @@ mod tests {
         assert!(!is_same_or_parent_disk(Some(nvme), Some(&vda1)));
         assert!(!is_same_or_parent_disk(Some(&vda1), Some(vda)), "a partition does not contain its disk");
         assert!(!is_same_or_parent_disk(None, Some(vda)));
+    }
+
+    #[test]
+    fn an_rbd_primary_is_committed_only_after_a_clean_release_and_a_disposable_volume_is_destroyed() {
+        use super::super::rbd::Finish;
+        let clean = ReleaseReport { unmounted: true, ..Default::default() };
+        assert_eq!(rbd_finish(CacheMode::Primary, "t1", 2, &clean), (Finish::Commit { task_id: "t1".into(), keep: 2 }, None));
+        let busy = ReleaseReport::default();
+        assert_eq!(rbd_finish(CacheMode::Primary, "t1", 2, &busy), (Finish::Release, Some("commit skipped: the filesystem did not unmount cleanly")));
+        let dirty = ReleaseReport { unmounted: true, dirty: true, ..Default::default() };
+        assert!(matches!(rbd_finish(CacheMode::Primary, "t1", 2, &dirty), (Finish::Release, Some(why)) if why.contains("dirty")));
+        let errors = ReleaseReport { unmounted: true, errors: vec![ReleaseError::FsErrors { mount_point: "/m".into(), count: 1 }], ..Default::default() };
+        assert!(matches!(rbd_finish(CacheMode::Primary, "t1", 2, &errors), (Finish::Release, Some(_))));
+        for mode in [CacheMode::Clone, CacheMode::Isolated] {
+            assert_eq!(rbd_finish(mode, "t1", 2, &busy), (Finish::Destroy, None), "never committed; destroyed once unmounted");
+        }
     }
 }

@@ -120,6 +120,61 @@ impl CephClient {
         self.line(RBD, &["device", "unmap", "--device-type", kind.as_str(), &device.to_string_lossy()])
     }
 
+    /// `pool/image@snapshot`, how `rbd` names a snapshot.
+    fn snap_spec(image: &RbdImage, snapshot: &str) -> String {
+        format!("{}@{snapshot}", image.spec())
+    }
+
+    pub fn snap_list(&self, image: &RbdImage) -> CommandLine {
+        self.line(RBD, &["snap", "ls", "--format", "json", &image.spec()])
+    }
+
+    pub fn snap_create(&self, image: &RbdImage, snapshot: &str) -> CommandLine {
+        self.line(RBD, &["snap", "create", &Self::snap_spec(image, snapshot)])
+    }
+
+    /// A protected snapshot cannot be removed, and clone format 1 clones only a protected one.
+    pub fn snap_protect(&self, image: &RbdImage, snapshot: &str) -> CommandLine {
+        self.line(RBD, &["snap", "protect", &Self::snap_spec(image, snapshot)])
+    }
+
+    /// Fails (EBUSY) while a clone of the snapshot exists.
+    pub fn snap_unprotect(&self, image: &RbdImage, snapshot: &str) -> CommandLine {
+        self.line(RBD, &["snap", "unprotect", &Self::snap_spec(image, snapshot)])
+    }
+
+    pub fn snap_remove(&self, image: &RbdImage, snapshot: &str) -> CommandLine {
+        self.line(RBD, &["snap", "rm", &Self::snap_spec(image, snapshot)])
+    }
+
+    /// The images cloned from a snapshot.
+    pub fn children(&self, image: &RbdImage, snapshot: &str) -> CommandLine {
+        self.line(RBD, &["children", "--format", "json", &Self::snap_spec(image, snapshot)])
+    }
+
+    /// A copy-on-write clone of `parent@snapshot` named `child`, with the
+    /// features an image the agent creates has. The clone format is left to
+    /// `rbd_default_clone_format` (auto: format 2 only when the cluster
+    /// requires mimic clients, else format 1, which needs the snapshot
+    /// protected; the agent always protects its commits, so both work).
+    pub fn clone_image(&self, parent: &RbdImage, snapshot: &str, child: &RbdImage) -> CommandLine {
+        self.line(RBD, &["clone", "--image-feature", "layering,exclusive-lock", &Self::snap_spec(parent, snapshot), &child.spec()])
+    }
+
+    /// The image's metadata as a JSON object (rbd prints nothing when there is none).
+    pub fn meta_list(&self, image: &RbdImage) -> CommandLine {
+        self.line(RBD, &["image-meta", "list", "--format", "json", &image.spec()])
+    }
+
+    pub fn meta_set(&self, image: &RbdImage, key: &str, value: &str) -> CommandLine {
+        self.line(RBD, &["image-meta", "set", &image.spec(), key, value])
+    }
+
+    /// Removes the image and its data; refused (EBUSY) while a client still watches it.
+    pub fn remove(&self, image: &RbdImage) -> CommandLine {
+        self.line(RBD, &["rm", "--no-progress", &image.spec()])
+    }
+
     /// rbd-fuse shows the image as a file named after it under `mount_point`.
     pub fn fuse(&self, image: &RbdImage, mount_point: &Path) -> CommandLine {
         self.line(RBD_FUSE, &["-p", &image.pool, "-r", &image.image, &mount_point.to_string_lossy()])
@@ -174,5 +229,20 @@ mod tests {
         assert!(text(&client.device_map(DeviceType::Nbd, &image(None))).contains("--device-type nbd --options exclusive"));
         assert!(text(&client.create(&image(None), (1 << 30) + 1)).contains("--size 1025M --image-feature layering,exclusive-lock"));
         assert_eq!(text(&client.fuse(&image(None), Path::new("/m"))), "/usr/bin/rbd-fuse -c /c --id b -p cache -r project-amd64 /m");
+    }
+
+    #[test]
+    fn snapshot_clone_and_metadata_lines_name_the_image_and_snapshot() {
+        let client = CephClient { conf: "/c".into(), client_id: "b".into() };
+        let (primary, mut clone) = (image(None), image(None));
+        clone.image = "project-amd64.clone.0123456789ab".into();
+        assert_eq!(text(&client.snap_create(&primary, "machine-agent.t.1")), "/usr/bin/rbd -c /c --id b snap create cache/project-amd64@machine-agent.t.1");
+        assert!(text(&client.snap_protect(&primary, "s")).ends_with("snap protect cache/project-amd64@s"));
+        assert!(text(&client.children(&primary, "s")).ends_with("children --format json cache/project-amd64@s"));
+        assert!(text(&client.clone_image(&primary, "s", &clone))
+            .ends_with("clone --image-feature layering,exclusive-lock cache/project-amd64@s cache/project-amd64.clone.0123456789ab"));
+        assert!(text(&client.meta_set(&clone, "machine-agent.disposable", "m1"))
+            .ends_with("image-meta set cache/project-amd64.clone.0123456789ab machine-agent.disposable m1"));
+        assert!(text(&client.remove(&image(Some("team")))).ends_with("rm --no-progress cache/team/project-amd64"));
     }
 }

@@ -6,13 +6,16 @@
 //! Attach: check the mapper is there, write the credentials, find (or create)
 //! the image, take its lock, map it. Each step is undone when a later one
 //! fails, so a failed attach leaves no lock, mapping or key behind. Detach
-//! (after the manager unmounted): unmap, release the lock, remove the keys.
-//! Both are idempotent: an agent restarted mid-task finds its own lock and
-//! mapping and reuses them.
+//! (after the manager unmounted): unmap, commit a clean primary (see
+//! [`modes`]) while the lock still keeps other writers out, release the lock,
+//! remove a clone's or an isolated volume's image, remove the keys. Both are
+//! idempotent: an agent restarted mid-task finds its own lock and mapping
+//! (and its own disposable image) and reuses them.
 
 pub mod cli;
 pub mod credentials;
 pub mod lock;
+pub mod modes;
 
 use self::cli::{CephClient, DeviceType};
 use self::credentials::{remove_credentials, write_credentials, CephFiles};
@@ -22,7 +25,7 @@ use super::format::CommandLine;
 use super::mountinfo::{find_mount, read_mountinfo, PROC_SELF_MOUNTINFO};
 use super::tool::{run_tool, ToolError};
 use crate::backoff::{poll_until, PollGaps};
-use crate::task::RbdImage;
+use crate::task::{CacheMode, RbdImage};
 use nix::mount::{umount2, MntFlags};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -174,6 +177,14 @@ pub enum RbdError {
         #[source]
         source: nix::Error,
     },
+    /// the primary {spec} has no committed snapshot to clone; a primary must drain cleanly first
+    NoCommit { spec: String },
+    /// {what} must be a new image: {spec} already exists ({owner})
+    NotNew { spec: String, what: &'static str, owner: String },
+    /// {spec} is still open by a client ({watchers}) after {waited:?}; not snapshotting it
+    StillOpen { spec: String, watchers: String, waited: Duration },
+    /// {spec} is not this owner's disposable image ({owner}); never removing it
+    NotDisposable { spec: String, owner: String },
     /// {spec}: cannot remove the credentials in {dir}: {source}
     RemoveCredentials {
         spec: String,
@@ -258,6 +269,49 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 /// inside a directory that is removed recursively.
 fn fuse_mount_point(settings: &RbdSettings, image: &RbdImage) -> PathBuf {
     settings.dir.join("fuse").join(dir_name(image))
+}
+
+/// Readies the image a mount of `mode` uses ([`modes`]: this owner's clone
+/// of the task's primary, or the isolated volume's new image) and attaches
+/// it. A clone never attaches, locks or writes the primary.
+pub async fn prepare(settings: &RbdSettings, sys_root: &Path, image: &RbdImage, mode: CacheMode) -> Result<RbdAttachment, RbdError> {
+    if mode == CacheMode::Primary {
+        return attach(settings, sys_root, image).await;
+    }
+    let target = modes::attached_image(settings, image, mode)?;
+    // Checked before anything is made: a clone this machine cannot map is not made.
+    let mapper = choose_mapper(settings.mapper, sys_root)?;
+    if mapper == Mapper::Fuse && target.namespace.is_some() {
+        return Err(RbdError::FuseNamespace { spec: target.spec() });
+    }
+    let files = write_credentials(&settings.dir, &dir_name(&target), &target)?;
+    let client = CephClient { conf: files.conf.clone(), client_id: image.client_id.clone() };
+    if let Err(error) = modes::ready_image(settings, &client, image, mode).await {
+        if let Err(e) = remove_credentials(&files) {
+            warn!(error = %e, dir = %files.dir.display(), "cannot remove the credentials of a failed prepare");
+        }
+        return Err(error);
+    }
+    match attach(settings, sys_root, &target).await {
+        Ok(attached) => Ok(attached),
+        Err(error) => {
+            // The image is this owner's and disposable; left, only a later
+            // task of this owner would ever reuse or remove it.
+            let removed = match write_credentials(&settings.dir, &dir_name(&target), &target) {
+                Ok(files) => {
+                    let client = CephClient { conf: files.conf.clone(), client_id: image.client_id.clone() };
+                    let removed = modes::destroy(&client, &target, &settings.owner_id).await;
+                    let _ = remove_credentials(&files);
+                    removed
+                }
+                Err(e) => Err(e.into()),
+            };
+            if let Err(e) = removed {
+                warn!(error = %e, image = %target.spec(), "cannot remove the disposable image of a failed attach");
+            }
+            Err(error)
+        }
+    }
 }
 
 /// Makes the image a block device this agent owns; see the module docs.
@@ -493,10 +547,35 @@ fn unmount_fuse(image: &RbdImage, mount_point: &Path) -> Result<(), RbdError> {
     Ok(())
 }
 
-/// Unmaps the image, releases this owner's lock and removes the credentials.
-/// Runs after the filesystem is unmounted; every step runs even when one
-/// before it failed, and every failure is returned.
-pub async fn detach(a: &RbdAttachment) -> Vec<RbdError> {
+/// What a detach does besides unmapping and unlocking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// Nothing: the image stays as it is.
+    Release,
+    /// A primary's clean release: snapshot, protect and prune (see
+    /// [`modes`]) after the unmap, while the lock still keeps other writers out.
+    Commit { task_id: String, keep: u32 },
+    /// A clone's or an isolated volume's: remove the image after the unlock,
+    /// if it carries this owner's disposable mark.
+    Destroy,
+}
+
+/// What a detach did.
+#[derive(Debug, Default)]
+pub struct Detached {
+    pub errors: Vec<RbdError>,
+    /// For [`Finish::Commit`]: `pool/image@snapshot`, or why no commit was made.
+    pub commit: Option<Result<String, String>>,
+    /// For [`Finish::Destroy`]: the image removed (`pool/image`).
+    pub destroyed: Option<String>,
+}
+
+/// Unmaps the image, commits or destroys it as `finish` says, releases this
+/// owner's lock and removes the credentials. Runs after the filesystem is
+/// unmounted; every step runs even when one before it failed (except the
+/// ones that need the image unmapped), and every failure is returned. A
+/// failed commit is not an error of the release: it is reported in `commit`.
+pub async fn detach(a: &RbdAttachment, finish: &Finish) -> Detached {
     let image = &a.image;
     let client = CephClient { conf: a.files.conf.clone(), client_id: image.client_id.clone() };
     let mut errors = vec![];
@@ -523,10 +602,28 @@ pub async fn detach(a: &RbdAttachment) -> Vec<RbdError> {
             }
         }
     }
+    // Unmapped (krbd's unmap, or the loop device gone and rbd-fuse unmounted):
+    // every write is in RADOS, so a snapshot now holds all of them, and the
+    // lock, still ours, keeps any other writer out until it is taken.
+    let commit = match finish {
+        Finish::Commit { task_id, keep } if errors.is_empty() => Some(modes::commit(&client, image, task_id, *keep).await.map_err(|error| {
+            warn!(%error, image = %image.spec(), "the primary's commit failed; the release goes on");
+            format!("commit failed: {error}")
+        })),
+        Finish::Commit { .. } => Some(Err("commit skipped: the image could not be unmapped".to_string())),
+        Finish::Release | Finish::Destroy => None,
+    };
     // The lock goes only once nothing of ours can write to the image any more.
     if errors.is_empty() {
         if let Err(e) = release_lock(&client, image, &a.header, &a.owner_id).await {
             errors.push(e);
+        }
+    }
+    let mut destroyed = None;
+    if *finish == Finish::Destroy && errors.is_empty() {
+        match modes::destroy(&client, image, &a.owner_id).await {
+            Ok(_) => destroyed = Some(image.spec()),
+            Err(e) => errors.push(e),
         }
     }
     if let Err(source) = remove_credentials(&a.files) {
@@ -535,14 +632,19 @@ pub async fn detach(a: &RbdAttachment) -> Vec<RbdError> {
     if errors.is_empty() {
         info!(image = %image.spec(), mapper = a.mapper.as_str(), "RBD image unmapped and its lock released");
     }
-    errors
+    Detached { errors, commit, destroyed }
 }
 
 /// Undoes what an attach cut short (its task aborted at drain) may have left:
 /// a loop device and rbd-fuse mount, or a kernel mapping, of this image, and
-/// this owner's lock. Best effort; every failure is returned.
-pub async fn abandon(settings: &RbdSettings, sys_root: &Path, image: &RbdImage) -> Vec<RbdError> {
+/// this owner's lock. For a clone, the image is this owner's clone, never the
+/// primary. Best effort; every failure is returned.
+pub async fn abandon(settings: &RbdSettings, sys_root: &Path, image: &RbdImage, mode: CacheMode) -> Vec<RbdError> {
     let Ok(mapper) = choose_mapper(settings.mapper, sys_root) else { return vec![] };
+    let image = &match modes::attached_image(settings, image, mode) {
+        Ok(target) => target,
+        Err(error) => return vec![error],
+    };
     let files = match write_credentials(&settings.dir, &dir_name(image), image) {
         Ok(files) => files,
         Err(error) => return vec![error.into()],
@@ -583,7 +685,7 @@ pub async fn abandon(settings: &RbdSettings, sys_root: &Path, image: &RbdImage) 
         loop_attachment,
         host_lock: HostLock(None),
     };
-    detach(&attachment).await
+    detach(&attachment, &Finish::Release).await.errors
 }
 
 fn kernel_device_type(mapper: Mapper) -> DeviceType {
