@@ -119,8 +119,7 @@ pub fn owner_tag(owner_id: &str) -> Option<String> {
     if owner_id.is_empty() {
         return None;
     }
-    let hash = owner_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-    Some(format!("{hash:016x}"))
+    Some(format!("{:016x}", super::fnv1a64(owner_id.as_bytes())))
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {

@@ -19,3 +19,9 @@ pub mod signature;
 pub mod stats;
 pub mod tool;
 pub mod trim;
+
+/// FNV-1a, 64 bits: short stable names from ids, fixed across releases
+/// (std's hasher may change); never for security.
+pub fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}

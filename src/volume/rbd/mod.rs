@@ -257,12 +257,7 @@ fn lock_on_host(image: &RbdImage) -> Result<HostLock, RbdError> {
 fn dir_name(image: &RbdImage) -> String {
     // Names are ASCII (validated), so any byte is a char boundary.
     let start = &image.image[..image.image.len().min(DIR_NAME_IMAGE_BYTES)];
-    format!("{start}@{:016x}", fnv1a64(image.spec().as_bytes()))
-}
-
-/// FNV-1a, 64 bits: a fixed hash (std's hasher may change between releases).
-fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    format!("{start}@{:016x}", crate::volume::fnv1a64(image.spec().as_bytes()))
 }
 
 /// Where rbd-fuse is mounted for an image: beside the credentials, never

@@ -9,8 +9,9 @@
 //! ([`DISPOSABLE_KEY`]), set when the agent created it.
 
 use super::cli::CephClient;
-use super::{ceph, fnv1a64, is_missing_image, tool_stderr, RbdError, RbdSettings};
+use super::{ceph, is_missing_image, tool_stderr, RbdError, RbdSettings};
 use crate::task::{CacheMode, RbdImage};
+use crate::volume::fnv1a64;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::time::Duration;
