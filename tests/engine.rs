@@ -168,16 +168,23 @@ async fn a_stopped_engine_is_detected_as_hung_killed_and_restarted_without_a_zom
     }
 }
 
-#[tokio::test]
-async fn an_agent_killed_under_a_running_engine_is_succeeded_by_one_that_adopts_it_and_a_build_in_flight_finishes() {
-    let w = World::new();
-    let mut first = w.start();
-    wait_ready(&first).await;
+/// An agent of `w` ready after one build; its engine's socket and cache record ids.
+async fn ready_after_a_build(w: &World) -> (support::AgentProcess, std::path::PathBuf, Vec<String>) {
+    let agent = w.start();
+    wait_ready(&agent).await;
     let ctx = build_context(&w.root, "/bin/busybox echo cached > /marker", 256 << 10);
-    let built = buildctl_build(&unix_addr(&w), &ctx, &w.root.join("out"));
+    let built = buildctl_build(&unix_addr(w), &ctx, &w.root.join("out"));
     assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
     let socket = engine_socket(&w.root);
     let before = record_ids(&socket).await;
+    assert!(!before.is_empty(), "the build left cache records");
+    (agent, socket, before)
+}
+
+#[tokio::test]
+async fn an_agent_killed_under_a_running_engine_is_succeeded_by_one_that_adopts_it_and_a_build_in_flight_finishes() {
+    let w = World::new();
+    let (mut first, socket, before) = ready_after_a_build(&w).await;
 
     // A build in flight when the agent dies: it must finish on the same engine.
     let slow = build_context(&w.root, "sleep 4; echo slow > /slow", 1024);
@@ -215,14 +222,7 @@ async fn an_agent_killed_under_a_running_engine_is_succeeded_by_one_that_adopts_
 #[tokio::test]
 async fn an_agent_killed_under_a_running_engine_comes_back_to_exactly_one_engine_with_the_cache_intact() {
     let w = World::new();
-    let mut first = w.start();
-    wait_ready(&first).await;
-    let ctx = build_context(&w.root, "/bin/busybox echo cached > /marker", 256 << 10);
-    let built = buildctl_build(&unix_addr(&w), &ctx, &w.root.join("out"));
-    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
-    let socket = engine_socket(&w.root);
-    let before = record_ids(&socket).await;
-    assert!(!before.is_empty(), "the build left cache records");
+    let (mut first, socket, before) = ready_after_a_build(&w).await;
 
     let orphan = engine_pid(&w.root).unwrap();
     first.signal(Signal::SIGKILL);

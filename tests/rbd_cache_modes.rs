@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 use support::ceph::{cluster, unique_name};
 use support::engine::{build_context, buildctl_build, readyz, wait_ready, World};
-use support::{trace_init, write_private, AgentProcess};
+use support::{loops_backed_under, mounted_under, trace_init, write_private, AgentProcess};
 
 /// The primary's size: a build's cache fits many times, and an export for a checksum stays quick.
 const IMAGE_BYTES: u64 = 1 << 30;
@@ -67,23 +67,6 @@ fn use_rbd(world: &World, share: &Share, owner: &str, mode: &str, extra: &str, k
 
 fn size(bytes: u64) -> String {
     format!(", size_bytes = {bytes}")
-}
-
-fn mounted_under(dir: &Path) -> Vec<String> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| Path::new(p).starts_with(dir)).map(String::from).collect()
-}
-
-fn loops_backed_under(dir: &Path) -> Vec<String> {
-    let mut found = vec![];
-    for entry in std::fs::read_dir("/sys/block").unwrap().flatten() {
-        if let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
-            if Path::new(backing.trim()).starts_with(dir) {
-                found.push(entry.file_name().to_string_lossy().into_owned());
-            }
-        }
-    }
-    found
 }
 
 /// Nothing of any image is left on this machine by `world`'s agent: no mount, no loop device.

@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 use support::ceph::{cluster, unique_name};
 use support::engine::{build_context, buildctl_build, readyz, wait_ready, World};
-use support::{trace_init, write_private};
+use support::{loops_backed_under, mounted_under, trace_init, write_private};
 
 /// An image the agent may create: small, a build's cache fits many times.
 const IMAGE_BYTES: u64 = 2 << 30;
@@ -64,23 +64,6 @@ fn use_rbd(world: &World, share: &Share, owner: &str, mapper: &str, extra: &str)
 /// Where the agent of `world` keeps an image's fuse mount and credentials.
 fn rbd_dir(world: &World) -> PathBuf {
     world.root.join("state/rbd")
-}
-
-fn mounted_under(dir: &Path) -> Vec<String> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| Path::new(p).starts_with(dir)).map(String::from).collect()
-}
-
-fn loops_backed_under(dir: &Path) -> Vec<String> {
-    let mut found = vec![];
-    for entry in std::fs::read_dir("/sys/block").unwrap().flatten() {
-        if let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
-            if Path::new(backing.trim()).starts_with(dir) {
-                found.push(entry.file_name().to_string_lossy().into_owned());
-            }
-        }
-    }
-    found
 }
 
 /// Nothing of the image is left on this machine by `world`'s agent: no

@@ -452,6 +452,25 @@ impl Drop for AgentProcess {
     }
 }
 
+/// Mount points under `dir`, as this process's mountinfo lists them.
+pub fn mounted_under(dir: &Path) -> Vec<String> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).filter(|p| Path::new(p).starts_with(dir)).map(String::from).collect()
+}
+
+/// Loop devices whose backing file sits under `dir`.
+pub fn loops_backed_under(dir: &Path) -> Vec<String> {
+    let mut found = vec![];
+    for entry in std::fs::read_dir("/sys/block").unwrap().flatten() {
+        if let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
+            if Path::new(backing.trim()).starts_with(dir) {
+                found.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    found
+}
+
 /// Unmounts every mount under `dir` (deepest first, never lazily) and detaches
 /// every loop device whose backing file is under `dir`: what an agent killed
 /// mid-task leaves behind. Touches nothing outside `dir`. An rbd-fuse mount
