@@ -90,6 +90,23 @@ impl InstanceLock {
     }
 }
 
+/// The pid of the live agent holding `state_dir`'s lock; None when no agent
+/// holds it. Looks only: takes no lock that outlives the call, writes nothing.
+pub fn running_agent(state_dir: &Path) -> io::Result<Option<u32>> {
+    let path = state_dir.join(LOCK_FILE_NAME);
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // A shared lock is refused only while an agent holds its exclusive one.
+    match file.try_lock_shared() {
+        Ok(()) => Ok(None),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(read_holder_pid(&path)),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// The pid a lock file records, if it records one. `path` may be a
 /// `/proc/<pid>/fd/<n>` link: that reads the file the process has open.
 pub fn read_holder_pid(path: &Path) -> Option<u32> {

@@ -37,6 +37,9 @@ enum Exit {
     /// Bad command line, config or task file, or another agent already holds
     /// the state dir: fix the input or the deployment, do not restart.
     Usage = 2,
+    /// Handed off (SIGUSR2, `machine-agent handoff`): restart me, the engine
+    /// runs on. EX_TEMPFAIL; the unit's Restart=always restarts it.
+    HandedOff = 75,
 }
 
 #[derive(Debug, Parser)]
@@ -73,6 +76,12 @@ enum Command {
         #[arg(long, required = true)]
         dry_run: bool,
     },
+    /// Make the running agent exit at once without draining (for an upgrade):
+    /// the engine, its mounts and cgroup stay, and the next agent adopts them.
+    Handoff {
+        #[arg(long, env = "MACHINE_AGENT_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
     /// Print the agent's version and architecture.
     Version,
 }
@@ -88,6 +97,7 @@ fn main() -> ExitCode {
         Command::Check { config, task } => check(&config, task.as_deref()),
         Command::Run { config, standalone } => run(&config, standalone.as_deref()),
         Command::Gc { config, dry_run: _ } => gc_dry_run(&config),
+        Command::Handoff { config } => handoff(&config),
     };
     ExitCode::from(exit as u8)
 }
@@ -248,5 +258,60 @@ fn exit_code(e: &AgentError) -> Exit {
         AgentError::Instance(LockError::Held { .. }) => Exit::Usage,
         AgentError::Instance(LockError::Open { .. } | LockError::Record { .. }) => Exit::Runtime,
         AgentError::Http(_) | AgentError::Control(_) | AgentError::Signals(_) | AgentError::StateDir { .. } | AgentError::DrainIncomplete(_) => Exit::Runtime,
+        AgentError::HandedOff => Exit::HandedOff,
     }
+}
+
+/// How long `handoff` waits for the agent to be gone: it exits at once, without a drain.
+const HANDOFF_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Sends the running agent SIGUSR2 and waits until it has exited.
+fn handoff(config_path: &std::path::Path) -> Exit {
+    let config = match Config::load(config_path, &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            print_config_error(config_path, &e);
+            return Exit::Usage;
+        }
+    };
+    let pid = match machine_agent::instance::running_agent(&config.state_dir) {
+        Ok(Some(pid)) => pid,
+        Ok(None) => {
+            complain!("no agent holds {}: nothing to hand off", config.state_dir.display());
+            return Exit::Runtime;
+        }
+        Err(e) => {
+            complain!("cannot read the agent lock in {}: {e}", config.state_dir.display());
+            return Exit::Runtime;
+        }
+    };
+    let target = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(0));
+    if let Err(e) = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGUSR2) {
+        complain!("cannot signal the agent (pid {pid}): {e}");
+        return Exit::Runtime;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            complain!("cannot start the async runtime: {e}");
+            return Exit::Runtime;
+        }
+    };
+    let still_there = || {
+        std::path::Path::new(&format!("/proc/{pid}")).exists() && matches!(machine_agent::instance::running_agent(&config.state_dir), Ok(Some(p)) if p == pid)
+    };
+    let gone = runtime.block_on(async {
+        tokio::time::timeout(HANDOFF_WAIT, async {
+            while still_there() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    });
+    if gone.is_err() {
+        complain!("the agent (pid {pid}) did not exit within {HANDOFF_WAIT:?}");
+        return Exit::Runtime;
+    }
+    say!("handed off: the agent (pid {pid}) exited; the engine keeps running for the next agent to adopt");
+    Exit::Clean
 }

@@ -54,13 +54,20 @@ pub fn ficlone(dest: BorrowedFd<'_>, src: BorrowedFd<'_>) -> nix::Result<()> {
 /// Makes the child that `command` spawns join the cgroup whose `cgroup.procs`
 /// is open as `procs`, between fork and exec: the engine is inside its cgroup
 /// before it runs a single instruction, so nothing it forks can escape.
-pub fn join_cgroup_before_exec(command: &mut tokio::process::Command, procs: std::fs::File) {
+pub fn join_cgroup_before_exec(command: &mut tokio::process::Command, procs: std::fs::File, also: Vec<std::fs::File>) {
     // SAFETY: the closure runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: it makes one write(2) of a static
-    // buffer to a descriptor opened by the parent, and allocates nothing.
-    // Writing "0" to cgroup.procs moves the writing process (v1 and v2).
+    // async-signal-safe calls are allowed: it makes write(2)s of a static
+    // buffer to descriptors opened by the parent, and allocates nothing
+    // (`also` is only iterated). Writing "0" to cgroup.procs moves the writing
+    // process (v1 and v2). A failure to join one of `also` is ignored: the
+    // parent already warned about the hierarchies it could not prepare.
     unsafe {
-        command.pre_exec(move || nix::unistd::write(&procs, b"0").map(drop).map_err(std::io::Error::from));
+        command.pre_exec(move || {
+            for other in &also {
+                let _ = nix::unistd::write(other, b"0");
+            }
+            nix::unistd::write(&procs, b"0").map(drop).map_err(std::io::Error::from)
+        });
     }
 }
 

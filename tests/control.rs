@@ -332,3 +332,21 @@ async fn sigterm_and_a_terminate_task_take_the_same_drain_path() {
         assert_eq!(cp.recorded().shutdowns.iter().map(|r| r.reason.as_str()).collect::<Vec<_>>(), vec![expected]);
     }
 }
+
+#[tokio::test]
+async fn an_agent_after_a_crash_registers_as_the_machine_it_was() {
+    trace_init();
+    let cp = control_plane().initial(vec![pending()]).start();
+    let s = static_token_setup(&cp);
+    let mut first = agent(&s.config).start();
+    let rec = cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
+    assert_eq!(rec.registrations[0].previous_machine_id, "", "a new machine");
+    let kept = s.dir.path().join("state/control-plane-machine-id");
+    eventually("the machine id to be kept in the state dir", Duration::from_secs(10), || kept.exists()).await;
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    first.wait_exit(Duration::from_secs(10)).await;
+
+    let _second = agent(&s.config).start();
+    let rec = cp.wait_for("a second registration", |r| r.registrations.len() >= 2).await;
+    assert_eq!(rec.registrations[1].previous_machine_id, MACHINE_ID, "a reconnect of the same machine, not a new one");
+}

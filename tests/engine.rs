@@ -192,6 +192,13 @@ async fn an_agent_killed_under_a_running_engine_is_succeeded_by_one_that_adopts_
     let build = tokio::task::spawn_blocking(move || buildctl_build(&addr, &slow, &out));
     eventually("the slow step to run", Duration::from_secs(60), || support::engine::step_running("sleep 4")).await;
     let engine = engine_pid(&w.root).unwrap();
+    // Outside the agent's cgroup in every hierarchy, `name=systemd` and the
+    // unified tree included: where systemd looks for a unit's processes to kill.
+    let expected = format!("/{}/daemon", support::test_cgroup_name(&w.root));
+    let placed = std::fs::read_to_string(format!("/proc/{engine}/cgroup")).unwrap();
+    for line in placed.lines() {
+        assert!(line.ends_with(&format!(":{expected}")), "the engine is outside {expected} in {line:?}:\n{placed}");
+    }
     first.signal(Signal::SIGKILL);
     first.wait_exit(Duration::from_secs(10)).await;
     first.keep_volumes();
@@ -304,4 +311,38 @@ fn buildkitd_processes_for(root: &Path) -> Vec<u32> {
         }
     }
     pids
+}
+
+#[tokio::test]
+async fn a_handoff_exits_at_once_leaving_engine_and_mounts_and_the_next_agent_adopts_them() {
+    let w = World::new();
+    let handoff = || Command::new(env!("CARGO_BIN_EXE_machine-agent")).args(["handoff", "--config", w.config.to_str().unwrap()]).output().unwrap();
+    let mut first = w.start();
+    wait_ready(&first).await;
+    let engine = engine_pid(&w.root).unwrap();
+
+    let out = handoff();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("handed off"), "{out:?}");
+    let status = first.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(75), "the exit status the unit restarts: {status:?}");
+    first.keep_volumes();
+    let logs = first.logs();
+    assert!(logs.contains("handoff: exiting at once"), "{logs}");
+    assert!(!logs.contains("draining"), "a handoff never drains");
+    assert!(process_alive(engine), "the engine runs on");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(mountinfo.contains(&format!(" {} ", w.cache().display())), "the cache stays mounted");
+
+    let second = w.start();
+    wait_ready(&second).await;
+    assert!(second.logs().contains("engine_adopted"), "{}", second.logs());
+    assert_eq!(engine_pid(&w.root), Some(engine));
+    drop(second);
+
+    // With no agent running there is nothing to hand off, and it says so.
+    let out = handoff();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to hand off"), "{out:?}");
+    drop(first);
 }

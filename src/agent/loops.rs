@@ -23,6 +23,9 @@ use tracing::{info, warn, Instrument};
 /// How often the OOM watcher checks the kernel's counters against the lines it read.
 const OOM_RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The control plane's machine id, kept in the state dir for the next agent.
+const MACHINE_ID_FILE: &str = "control-plane-machine-id";
+
 impl Agent {
     /// Registration (the task stream), the health stream and usage reports.
     pub(super) fn start_control_loops(&mut self, session_tx: watch::Sender<Option<Session>>, status: &watch::Receiver<Status>, liveness: &Liveness) {
@@ -36,6 +39,7 @@ impl Agent {
             limits: self.config.task_limits(),
             session: session_tx,
             events: events_tx.clone(),
+            machine_id_file: self.config.state_dir.join(MACHINE_ID_FILE),
         };
         tokio::spawn(registration.run().instrument(tracing::info_span!("register")));
         let health = HealthStream {

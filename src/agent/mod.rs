@@ -33,7 +33,7 @@ use crate::observe::oom_watch::OomKill;
 use crate::observe::sample_loop::Tick;
 use crate::observe::status::Status;
 use crate::proto::v1 as pb;
-use crate::signal::ShutdownSignals;
+use crate::signal::{ShutdownSignals, Stop};
 use crate::systemd::Notifier;
 use crate::task::BuildkitTask;
 use crate::volume::manager::PreparedMount;
@@ -101,6 +101,8 @@ pub enum AgentError {
     },
     /// the drain did not finish cleanly: {0}
     DrainIncomplete(String),
+    /// handed off: the agent exited without a drain, for the next agent to adopt the engine
+    HandedOff,
 }
 
 /// Runs the agent until it has drained. Ok means a clean drain (exit 0).
@@ -162,10 +164,17 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
                     break reason;
                 }
             }
-            signal = signals.recv() => {
-                info!(signal, "shutdown signal received");
-                break signal.to_ascii_lowercase();
-            }
+            stop = signals.recv() => match stop {
+                Stop::Drain(signal) => {
+                    info!(signal, "shutdown signal received");
+                    break signal.to_ascii_lowercase();
+                }
+                Stop::Handoff => {
+                    // Nothing is stopped, unmounted or unlocked: the next agent adopts it all.
+                    warn!(engine_pid = ?agent.status.borrow().engine_pid, "handoff: exiting at once; the engine, its mounts and cgroup stay for the next agent");
+                    return Err(AgentError::HandedOff);
+                }
+            },
             () = pulse.tick() => {}
         }
     };

@@ -14,6 +14,7 @@ use crate::proto::v1 as pb;
 use crate::secret::Secret;
 use crate::task::{validate_task, TaskLimits};
 use rand::SeedableRng;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -32,6 +33,10 @@ pub struct Registration {
     pub limits: TaskLimits,
     pub session: watch::Sender<Option<Session>>,
     pub events: mpsc::Sender<ControlEvent>,
+    /// Where the machine id the control plane gave is kept across agent
+    /// restarts (a crash, a handoff), so the next agent's first registration
+    /// names it in `previous_machine_id`: a reconnect, not a new machine.
+    pub machine_id_file: PathBuf,
 }
 
 impl Registration {
@@ -86,7 +91,10 @@ impl Registration {
             e
         };
         let proof = self.identity.prove().await.map_err(|e| fail(e.into()))?;
-        let previous_machine_id = self.session.borrow().as_ref().map(|s| s.machine_id.clone()).unwrap_or_default();
+        let previous_machine_id = match self.session.borrow().as_ref() {
+            Some(session) => session.machine_id.clone(),
+            None => read_machine_id(&self.machine_id_file),
+        };
         let idle_timeout = self.control.settings.task_stream_idle_timeout;
         let request = pb::RegisterRequest {
             connection_id: uuid::Uuid::new_v4().to_string(),
@@ -139,6 +147,9 @@ impl Registration {
             let session = Session { machine_id: message.machine_id, token: Secret::new(message.token) };
             if self.session.borrow().as_ref().map(|s| &s.machine_id) != Some(&session.machine_id) {
                 info!(machine_id = %session.machine_id, "registered");
+                if let Err(error) = crate::fsutil::write_atomic(&self.machine_id_file, session.machine_id.as_bytes(), 0o600) {
+                    warn!(path = %self.machine_id_file.display(), %error, "cannot keep the machine id for the next agent");
+                }
             }
             self.session.send_replace(Some(session));
             metrics.control_plane_connected.set(1);
@@ -161,6 +172,20 @@ impl Registration {
         }
     }
 }
+
+/// The machine id an agent before this one was given; empty when none (or not one).
+fn read_machine_id(path: &Path) -> String {
+    let text = crate::fsutil::read_regular_text(path, MAX_MACHINE_ID_BYTES).unwrap_or_default();
+    let id = text.trim();
+    if id.bytes().all(|b| b.is_ascii_graphic()) {
+        id.to_string()
+    } else {
+        String::new()
+    }
+}
+
+/// A machine id is a short token; a larger file is not one.
+const MAX_MACHINE_ID_BYTES: u64 = 256;
 
 /// The keepalive interval the agent asks for: a third of its idle deadline
 /// (at least a second), so one late keepalive never costs a re-registration.

@@ -16,7 +16,11 @@
 //! v2 is used when the unified hierarchy at /sys/fs/cgroup offers the memory
 //! controller; otherwise the v1 memory hierarchy. The cgroup lives at the
 //! hierarchy's root, outside the agent's own (systemd unit) cgroup, so an agent
-//! restart does not take the engine down with it.
+//! restart does not take the engine down with it. On a v1 or hybrid host the
+//! engine joins `<name>/daemon` in every other mounted hierarchy too
+//! ([`EngineCgroup::other_daemon_procs`]): systemd finds a unit's processes in
+//! `name=systemd` (v1) or the unified tree (hybrid), and would kill an engine
+//! left there with the agent's unit (`KillMode=mixed`).
 
 use std::fs;
 use std::io::{self, Write};
@@ -157,6 +161,30 @@ impl EngineCgroup {
     /// The file a process writes "0" to in order to join the daemon cgroup.
     pub fn daemon_procs_file(&self) -> PathBuf {
         self.daemon_dir().join("cgroup.procs")
+    }
+
+    /// The `cgroup.procs` of `<name>/daemon` in every mounted hierarchy other
+    /// than the memory one, created as needed (a new cpuset cgroup gets its
+    /// parent's CPUs and memory nodes, or nothing could join it). Returns the
+    /// paths it could not prepare with why, beside those it did: a hierarchy
+    /// the engine cannot join is a warning, never a failed start.
+    pub fn other_daemon_procs(&self) -> (Vec<PathBuf>, Vec<String>) {
+        let Ok(mounts) = crate::volume::mountinfo::read_mountinfo(Path::new("/proc/self/mountinfo")) else {
+            return (vec![], vec!["cannot read /proc/self/mountinfo".into()]);
+        };
+        let name = self.relative.trim_start_matches('/');
+        let memory_root = self.dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        let (mut ready, mut failed) = (vec![], vec![]);
+        for mount in mounts.iter().filter(|m| (m.fs_type == "cgroup" || m.fs_type == "cgroup2") && m.mount_point != memory_root) {
+            let engine = mount.mount_point.join(name);
+            let daemon = engine.join("daemon");
+            let prepared = [&engine, &daemon].into_iter().try_for_each(|dir| make_dir(dir).and_then(|()| inherit_cpuset(dir)));
+            match prepared {
+                Ok(()) => ready.push(daemon.join("cgroup.procs")),
+                Err(error) => failed.push(error.to_string()),
+            }
+        }
+        (ready, failed)
     }
 
     /// Every process in the engine's cgroup and its descendants.
@@ -310,6 +338,21 @@ fn enable_memory_controller(dir: &Path) -> Result<(), CgroupError> {
         return Ok(());
     }
     write_value(&path, "+memory")
+}
+
+/// A v1 cpuset cgroup starts with no CPUs and no memory nodes, and refuses
+/// processes until given some: its parent's. Other hierarchies have no such files.
+fn inherit_cpuset(dir: &Path) -> Result<(), CgroupError> {
+    for file in ["cpuset.cpus", "cpuset.mems"] {
+        let path = dir.join(file);
+        let Ok(current) = fs::read_to_string(&path) else { continue };
+        if current.trim().is_empty() {
+            let parent = dir.parent().map(|p| p.join(file)).unwrap_or_default();
+            let value = fs::read_to_string(&parent).map_err(|source| CgroupError::Read { path: parent, source })?;
+            write_value(&path, value.trim())?;
+        }
+    }
+    Ok(())
 }
 
 fn make_dir(path: &Path) -> Result<(), CgroupError> {

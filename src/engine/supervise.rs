@@ -473,7 +473,12 @@ fn spawn(spec: &EngineSpec) -> io::Result<Child> {
         .kill_on_drop(false);
     if let Some(cgroup) = &spec.cgroup {
         let procs = std::fs::OpenOptions::new().write(true).open(cgroup.daemon_procs_file())?;
-        crate::sys::join_cgroup_before_exec(&mut cmd, procs);
+        let (others, failed) = cgroup.other_daemon_procs();
+        if !failed.is_empty() {
+            tracing::warn!(failed = %failed.join("; "), "the engine stays in the agent's cgroup in these hierarchies: a stop of the agent's unit may stop it too");
+        }
+        let also = others.iter().filter_map(|p| std::fs::OpenOptions::new().write(true).open(p).ok()).collect();
+        crate::sys::join_cgroup_before_exec(&mut cmd, procs, also);
     }
     cmd.spawn()
 }
