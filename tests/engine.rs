@@ -320,6 +320,12 @@ async fn a_handoff_exits_at_once_leaving_engine_and_mounts_and_the_next_agent_ad
     let mut first = w.start();
     wait_ready(&first).await;
     let engine = engine_pid(&w.root).unwrap();
+    // A build in flight across the handoff, as in an upgrade.
+    let tag = format!("handoff-{}", support::engine::rand_suffix());
+    let slow = build_context(&w.root, &format!("sleep 3; echo {tag} > /out.txt"), 1024);
+    let (addr, out_dir) = (unix_addr(&w), w.root.join("out-handoff"));
+    let build = tokio::task::spawn_blocking(move || buildctl_build(&addr, &slow, &out_dir));
+    eventually("the slow step to run", Duration::from_secs(60), || support::engine::step_running(&tag)).await;
 
     let out = handoff();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -338,11 +344,40 @@ async fn a_handoff_exits_at_once_leaving_engine_and_mounts_and_the_next_agent_ad
     wait_ready(&second).await;
     assert!(second.logs().contains("engine_adopted"), "{}", second.logs());
     assert_eq!(engine_pid(&w.root), Some(engine));
+    let built = build.await.unwrap();
+    assert!(built.status.success(), "the build in flight finished across the handoff: {}", String::from_utf8_lossy(&built.stderr));
+    assert_eq!(std::fs::read_to_string(w.root.join("out-handoff/out.txt")).unwrap().trim(), tag, "its output is complete");
     drop(second);
 
     // With no agent running there is nothing to hand off, and it says so.
     let out = handoff();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to hand off"), "{out:?}");
+    drop(first);
+}
+
+#[tokio::test]
+async fn an_engine_killed_while_no_agent_runs_is_restarted_by_the_next_agent_which_says_why() {
+    let w = World::new();
+    let (mut first, socket, before) = ready_after_a_build(&w).await;
+    let engine = engine_pid(&w.root).unwrap();
+    first.signal(Signal::SIGKILL);
+    first.wait_exit(Duration::from_secs(10)).await;
+    first.keep_volumes();
+    kill(Pid::from_raw(engine as i32), Signal::SIGKILL).unwrap();
+    eventually("the engine to be gone", Duration::from_secs(10), || !process_alive(engine)).await;
+
+    let second = w.start();
+    let base = wait_ready(&second).await;
+    let logs = second.logs();
+    assert!(logs.contains("ended while no agent ran"), "{logs}");
+    assert!(!logs.contains("engine_adopted"), "{logs}");
+    let (_, body) = readyz(&base).await;
+    assert_eq!(body["engine_restarts"], 1, "{body}");
+    assert_eq!(body["engine_last_exit"], "ended while not the agent's child (exit status unknown)", "{body}");
+    assert_ne!(engine_pid(&w.root), Some(engine), "a new engine");
+    let after = record_ids(&socket).await;
+    assert!(before.iter().all(|id| after.contains(id)), "the cache survived the engine's kill");
+    drop(second);
     drop(first);
 }

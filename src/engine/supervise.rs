@@ -89,7 +89,8 @@ pub enum EngineExit {
     OomKilled,
     /// Killed by the supervisor: it never became ready, or stopped answering probes.
     Unresponsive,
-    /// An adopted engine (not the agent's child) ended; its status is not the agent's to read.
+    /// An engine that was not the agent's child (adopted, or found dead at
+    /// start) ended; its exit status went to its old parent.
     Vanished,
 }
 
@@ -115,7 +116,7 @@ impl std::fmt::Display for EngineExit {
             Self::Signal(sig) => write!(f, "killed by {}", crate::describe::describe_signal(*sig)),
             Self::OomKilled => f.write_str("OOM-killed by the kernel"),
             Self::Unresponsive => f.write_str("killed by the agent: not answering"),
-            Self::Vanished => f.write_str("ended while adopted (its exit status went to its old parent)"),
+            Self::Vanished => f.write_str("ended while not the agent's child (exit status unknown)"),
         }
     }
 }
@@ -211,7 +212,16 @@ impl Supervisor {
         let (tail_stop, tail_stopped) = oneshot::channel();
         tokio::spawn(super::log_file::tail(spec.log_file.clone(), tail_stopped));
         tokio::spawn(async move {
-            let adopted = adopt_or_stop_orphan(&spec, orphan_grace).await;
+            let adopted = match adopt_or_stop_orphan(&spec, orphan_grace).await {
+                Found::Adopt(engine) => Some(engine),
+                Found::DiedUnwatched { pid, exit } => {
+                    // Said as an exit, so the restart count and the last exit tell the operator.
+                    let decision = RestartDecision { delay: Duration::ZERO, recent_crashes: 1, crash_loop: false };
+                    let _ = events.send(EngineEvent::Exited { pid, exit, ran_for: Duration::ZERO, decision }).await;
+                    None
+                }
+                Found::Nothing => None,
+            };
             run(spec, events, stop_rx, adopted).await;
             drop(lock); // released only once the engine is gone
             let _ = tail_stop.send(());
@@ -257,7 +267,7 @@ async fn run(spec: EngineSpec, events: mpsc::Sender<EngineEvent>, mut stop_rx: m
         let pid = child.id();
         let adopted = matches!(child, Engine::Adopted(_));
         if !adopted {
-            write_pidfile(&spec.pidfile, pid, &spec.digest);
+            write_pidfile(&spec.pidfile, pid, &spec.digest, oom_before);
             tracing::info!(pid, binary = %spec.binary.display(), "engine spawned");
         }
         let _ = events.send(EngineEvent::Spawned { pid, adopted }).await;
@@ -551,6 +561,11 @@ pub fn pidfile_digest(text: &str) -> Option<&str> {
     text.split_whitespace().nth(2)
 }
 
+/// The daemon cgroup's OOM kills when the engine was spawned (0 if not recorded).
+pub fn pidfile_oom_kills(text: &str) -> u64 {
+    text.split_whitespace().nth(3).and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
 /// From /proc/<pid>/stat: (state, start time). The command name may hold
 /// spaces and parentheses, so fields are counted from the last `)`.
 pub fn parse_proc_stat(stat: &str) -> Option<(char, u64)> {
@@ -566,10 +581,10 @@ fn read_stat(pid: i32) -> Option<(char, u64)> {
     parse_proc_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
-fn write_pidfile(path: &Path, pid: u32, digest: &str) {
+fn write_pidfile(path: &Path, pid: u32, digest: &str, oom_kills: u64) {
     let Ok(raw) = i32::try_from(pid) else { return };
     let Some((_, start_time)) = read_stat(raw) else { return };
-    if let Err(error) = crate::fsutil::write_atomic(path, format!("{pid} {start_time} {digest}\n").as_bytes(), 0o600) {
+    if let Err(error) = crate::fsutil::write_atomic(path, format!("{pid} {start_time} {digest} {oom_kills}\n").as_bytes(), 0o600) {
         tracing::warn!(path = %path.display(), %error, "cannot write the engine pidfile");
     }
 }
@@ -587,15 +602,25 @@ fn is_alive(id: ProcessId) -> bool {
 /// exactly what this task starts (the digests match) and it can be watched;
 /// otherwise stops it (SIGTERM, grace, SIGKILL) and kills whatever else still
 /// sits in the engine's cgroup (orphaned build steps).
-async fn adopt_or_stop_orphan(spec: &EngineSpec, grace: Duration) -> Option<Adopted> {
+async fn adopt_or_stop_orphan(spec: &EngineSpec, grace: Duration) -> Found {
     let text = std::fs::read_to_string(&spec.pidfile).unwrap_or_default();
-    let orphan = parse_pidfile(&text).filter(|id| is_alive(*id));
+    let recorded = parse_pidfile(&text);
+    if let Some(id) = recorded.filter(|id| !is_alive(*id)) {
+        // Killed or crashed while no agent ran: what is known is the OOM counter.
+        let oom_kills = daemon_oom_kills(spec).saturating_sub(pidfile_oom_kills(&text));
+        let exit = if oom_kills > 0 { EngineExit::OomKilled } else { EngineExit::Vanished };
+        tracing::warn!(pid = id.pid, exit = %exit, "the engine a previous agent started ended while no agent ran; starting a new one");
+        remove_pidfile(&spec.pidfile);
+        stop_orphans(spec, None, grace).await;
+        return Found::DiedUnwatched { pid: u32::try_from(id.pid).unwrap_or_default(), exit };
+    }
+    let orphan = recorded;
     if let Some(id) = orphan {
         match pidfile_digest(&text) {
             Some(digest) if digest == spec.digest => match watch_pid(id) {
                 Ok(pidfd) => {
                     tracing::info!(pid = id.pid, digest, "engine_adopted: the engine a previous agent started for this task keeps running");
-                    return Some(Adopted { id, pidfd });
+                    return Found::Adopt(Adopted { id, pidfd });
                 }
                 Err(error) => tracing::warn!(pid = id.pid, %error, "engine not adopted: it cannot be watched; stopping it"),
             },
@@ -604,7 +629,17 @@ async fn adopt_or_stop_orphan(spec: &EngineSpec, grace: Duration) -> Option<Adop
         }
     }
     stop_orphans(spec, orphan, grace).await;
-    None
+    Found::Nothing
+}
+
+/// What a starting supervisor found of the engine a previous agent started.
+enum Found {
+    /// Running, started for this task: supervised from here on.
+    Adopt(Adopted),
+    /// It ended while no agent ran: a new one is started, and the exit said.
+    DiedUnwatched { pid: u32, exit: EngineExit },
+    /// None, or one started for another task (stopped by now).
+    Nothing,
 }
 
 /// A pidfd for `id`, checked to still be that process (not a reused pid) once open.
@@ -725,6 +760,10 @@ mod tests {
         assert_eq!(parse_pidfile("1234 98765\n"), Some(ProcessId { pid: 1234, start_time: 98765 }));
         assert_eq!(parse_pidfile("0 1"), None);
         assert_eq!(parse_pidfile("garbage"), None);
+        let written = "1234 98765 9f86d081884c7d65 3\n";
+        assert_eq!(parse_pidfile(written), Some(ProcessId { pid: 1234, start_time: 98765 }));
+        assert_eq!((pidfile_digest(written), pidfile_oom_kills(written)), (Some("9f86d081884c7d65"), 3));
+        assert_eq!((pidfile_digest("1234 98765\n"), pidfile_oom_kills("1234 98765\n")), (None, 0), "an older agent's pidfile");
         let stat = "4242 (build kit) d) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 12 0 777123 1000 200";
         assert_eq!(parse_proc_stat(stat), Some(('S', 777_123)));
         assert_eq!(parse_proc_stat("1 (x"), None);
