@@ -9,7 +9,7 @@
 //! BENCH_RUNS to change the count, default 10).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench fails loudly
-#![allow(clippy::disallowed_types)] // wall-clock timing is the point of a bench; no paused clock here
+#![allow(clippy::disallowed_types, clippy::disallowed_methods)] // wall-clock timing is the point of a bench; no paused clock here
 
 #[path = "../tests/support/mod.rs"]
 mod support;
