@@ -15,7 +15,7 @@ mod support;
 
 use machine_agent::task::{CacheMode, FsType, VolumeMount, VolumeSource};
 use machine_agent::volume::file_modes::commit_primary;
-use machine_agent::volume::manager::{default_system_paths, prepare_mount, release_mount, VolumeSettings};
+use machine_agent::volume::manager::{prepare_mount, release_mount, VolumeSettings};
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -32,18 +32,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn settings(root: &Path, volumes: &Path, owner: &str) -> VolumeSettings {
-    VolumeSettings {
-        sys_root: "/".into(),
-        device_wait: Duration::from_secs(5),
-        unmount_timeout: Duration::from_secs(10),
-        kill_holders: false,
-        ephemeral_dir: None,
-        ext4_bytes_per_inode: None,
-        system_paths: default_system_paths(),
-        intent_dir: root.join("intents"),
-        allowed_backing_dirs: vec![volumes.to_path_buf()],
-        rbd: machine_agent::volume::rbd::RbdSettings { mapper: Default::default(), owner_id: owner.into(), dir: root.join("rbd"), keep_snapshots: 2 },
-    }
+    support::volume_settings(root, volumes, owner, Default::default())
 }
 
 fn mount_of(root: &Path, backing: &Path, mode: CacheMode, size_bytes: u64) -> VolumeMount {

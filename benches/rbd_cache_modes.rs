@@ -15,10 +15,10 @@ mod support;
 
 use machine_agent::secret::Secret;
 use machine_agent::task::{CacheMode, FsType, RbdImage, VolumeMount, VolumeSource};
-use machine_agent::volume::manager::{default_system_paths, prepare_mount, release_mount, VolumeSettings};
+use machine_agent::volume::manager::{prepare_mount, release_mount};
 use machine_agent::volume::rbd::cli::CephClient;
 use machine_agent::volume::rbd::credentials::{remove_credentials, write_credentials};
-use machine_agent::volume::rbd::{modes, MapperChoice, RbdSettings};
+use machine_agent::volume::rbd::{modes, MapperChoice};
 use std::io::Write;
 use std::time::{Duration, Instant};
 use support::ceph::{cluster, unique_name};
@@ -46,18 +46,7 @@ fn main() {
     let key = c.create_client(&client, &pool);
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().canonicalize().unwrap();
-    let settings = VolumeSettings {
-        sys_root: "/".into(),
-        device_wait: Duration::from_secs(5),
-        unmount_timeout: Duration::from_secs(10),
-        kill_holders: false,
-        ephemeral_dir: None,
-        ext4_bytes_per_inode: None,
-        system_paths: default_system_paths(),
-        intent_dir: root.join("intents"),
-        allowed_backing_dirs: vec![root.clone()],
-        rbd: RbdSettings { mapper: MapperChoice::Fuse, owner_id: "rbd-bench".into(), dir: root.join("rbd"), keep_snapshots: 2 },
-    };
+    let settings = support::volume_settings(&root, &root, "rbd-bench", MapperChoice::Fuse);
     let image = RbdImage {
         pool: pool.clone(),
         namespace: None,

@@ -15,8 +15,8 @@ mod support;
 
 use machine_agent::secret::Secret;
 use machine_agent::task::{FsType, RbdImage, VolumeMount, VolumeSource};
-use machine_agent::volume::manager::{default_system_paths, prepare_mount, release_mount, VolumeSettings};
-use machine_agent::volume::rbd::{MapperChoice, RbdSettings};
+use machine_agent::volume::manager::{prepare_mount, release_mount};
+use machine_agent::volume::rbd::MapperChoice;
 use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -60,18 +60,7 @@ fn main() {
     let key = c.create_client(&client, &pool);
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().canonicalize().unwrap();
-    let settings = VolumeSettings {
-        sys_root: "/".into(),
-        device_wait: Duration::from_secs(5),
-        unmount_timeout: Duration::from_secs(10),
-        kill_holders: false,
-        ephemeral_dir: None,
-        ext4_bytes_per_inode: None,
-        system_paths: default_system_paths(),
-        intent_dir: root.join("intents"),
-        allowed_backing_dirs: vec![root.clone()],
-        rbd: RbdSettings { mapper: MapperChoice::Fuse, owner_id: "rbd-bench".into(), dir: root.join("rbd"), keep_snapshots: 2 },
-    };
+    let settings = support::volume_settings(&root, &root, "rbd-bench", MapperChoice::Fuse);
     let rbd_mount = |image: &str| VolumeMount {
         mount_path: root.join("mnt/rbd"),
         source: VolumeSource::Rbd(RbdImage {

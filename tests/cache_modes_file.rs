@@ -71,18 +71,7 @@ impl Host {
     }
 
     fn settings(&self, owner: &str) -> VolumeSettings {
-        VolumeSettings {
-            sys_root: "/".into(),
-            device_wait: Duration::from_secs(5),
-            unmount_timeout: Duration::from_secs(3),
-            kill_holders: false,
-            ephemeral_dir: None,
-            ext4_bytes_per_inode: None,
-            system_paths: machine_agent::volume::manager::default_system_paths(),
-            intent_dir: self.root.join("intents"),
-            allowed_backing_dirs: vec![self.volumes.clone()],
-            rbd: machine_agent::volume::rbd::RbdSettings { mapper: Default::default(), owner_id: owner.into(), dir: self.root.join("rbd"), keep_snapshots: 2 },
-        }
+        support::volume_settings(&self.root, &self.volumes, owner, Default::default())
     }
 
     fn file_mount(&self, name: &str, mode: CacheMode) -> VolumeMount {

@@ -452,6 +452,29 @@ impl Drop for AgentProcess {
     }
 }
 
+/// Volume settings for a test or bench that drives the volume manager
+/// itself: intents and RBD files under `root`, backing files beneath
+/// `backing_dir`, RBD locks under `owner`, mapped by `mapper`.
+pub fn volume_settings(
+    root: &Path,
+    backing_dir: &Path,
+    owner: &str,
+    mapper: machine_agent::volume::rbd::MapperChoice,
+) -> machine_agent::volume::manager::VolumeSettings {
+    machine_agent::volume::manager::VolumeSettings {
+        sys_root: "/".into(),
+        device_wait: Duration::from_secs(5),
+        unmount_timeout: Duration::from_secs(10),
+        kill_holders: false,
+        ephemeral_dir: None,
+        ext4_bytes_per_inode: None,
+        system_paths: machine_agent::volume::manager::default_system_paths(),
+        intent_dir: root.join("intents"),
+        allowed_backing_dirs: vec![backing_dir.to_path_buf()],
+        rbd: machine_agent::volume::rbd::RbdSettings { mapper, owner_id: owner.into(), dir: root.join("rbd"), keep_snapshots: 2 },
+    }
+}
+
 /// Mount points under `dir`, as this process's mountinfo lists them.
 pub fn mounted_under(dir: &Path) -> Vec<String> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
