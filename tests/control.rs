@@ -350,3 +350,34 @@ async fn an_agent_after_a_crash_registers_as_the_machine_it_was() {
     let rec = cp.wait_for("a second registration", |r| r.registrations.len() >= 2).await;
     assert_eq!(rec.registrations[1].previous_machine_id, MACHINE_ID, "a reconnect of the same machine, not a new one");
 }
+
+#[tokio::test]
+async fn every_state_change_reaches_the_control_plane_at_once_without_waiting_for_the_tick() {
+    trace_init();
+    let cp = control_plane().initial(vec![pending()]).start();
+    let s = static_token_setup(&cp);
+    // A tick so slow that any report within seconds of a change was sent for the change.
+    let config = std::fs::read_to_string(&s.config).unwrap().replace("health_interval_ms = 1000", "health_interval_ms = 10000");
+    std::fs::write(&s.config, config).unwrap();
+    let agent = agent(&s.config).start();
+    cp.wait_for("a pending report", |r| r.health.iter().any(|h| h.agent_state == pb::AgentState::Pending as i32)).await;
+
+    let pushed = tokio::time::Instant::now();
+    cp.push(buildkit_task("task-events", &s.dir.path().join("mnt")));
+    let rec = cp
+        .wait_for_within(Duration::from_secs(9), "a ready report well before the next 10 s tick", |r| {
+            r.health.iter().any(|h| h.agent_state == pb::AgentState::Ready as i32)
+        })
+        .await;
+    let ready_at = rec.health.iter().zip(&rec.health_arrivals).find(|(h, _)| h.agent_state == pb::AgentState::Ready as i32).map(|(_, at)| *at).unwrap();
+    agent.wait_for_log("to=ready").await;
+    // Every state on the way was reported as it came, each in its own report or coalesced.
+    let states: Vec<i32> = rec.health.iter().map(|h| h.agent_state).collect();
+    assert!(
+        states.contains(&(pb::AgentState::Preparing as i32)) || states.contains(&(pb::AgentState::StartingEngine as i32)),
+        "the states on the way: {states:?}"
+    );
+    assert!(ready_at.duration_since(pushed) < Duration::from_secs(9), "ready reported {:?} after the task", ready_at.duration_since(pushed));
+    let before_ready = rec.health_arrivals.iter().filter(|at| **at >= pushed && **at <= ready_at).count();
+    assert!(before_ready >= 2, "the change reports came without a tick in between: {before_ready} reports from the task to ready");
+}

@@ -5,6 +5,13 @@
 //! The loop ticks (and beats its heartbeat) whether or not the stream is open:
 //! reports that cannot be sent during an outage are dropped, never queued, so
 //! memory stays flat and the first report after a reconnect is current.
+//!
+//! A report also goes out at once, without waiting for the tick, when the
+//! stream opens and whenever what the control plane schedules by changes
+//! ([`StateMark`]: the agent's or the engine's state, an OOM kill, a cache
+//! reset's result...). Changes within [`COALESCE`] of each other go in one
+//! report. Figures that move all the time (CPU, memory, free bytes) wait for
+//! the tick.
 
 use super::{ControlError, ControlEvent, ControlPlane, Session};
 use crate::clock::unix_time_ms;
@@ -20,6 +27,42 @@ use tracing::{debug, info, warn};
 /// A couple of reports may wait while HTTP/2 flow control catches up; more
 /// than that means the stream is stuck, and a stale report is worth nothing.
 const QUEUED_REPORTS: usize = 2;
+/// Changes this close together (an engine exit and its restart, a state and
+/// its reason) travel in one report.
+pub const COALESCE: Duration = Duration::from_millis(5);
+
+/// What the control plane acts on, as of one status: a report is sent as
+/// soon as it differs from the last one sent. Pure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateMark {
+    state: crate::lifecycle::State,
+    reason: String,
+    engine: crate::engine::EngineState,
+    engine_pid: Option<u32>,
+    engine_restarts: u64,
+    oom_entries: u64,
+    task_id: Option<String>,
+    tasks_rejected: u64,
+    cache_reset: Option<String>,
+    shared_volumes: usize,
+}
+
+impl StateMark {
+    pub fn of(status: &Status) -> Self {
+        Self {
+            state: status.state,
+            reason: status.reason.clone(),
+            engine: status.engine,
+            engine_pid: status.engine_pid,
+            engine_restarts: status.engine_restarts,
+            oom_entries: status.oom_entries,
+            task_id: status.task_id.clone(),
+            tasks_rejected: status.tasks_rejected,
+            cache_reset: status.cache_reset.as_ref().map(|r| format!("{}:{}", r.request_id, r.outcome)),
+            shared_volumes: status.shared_volumes.len(),
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct HealthStream {
@@ -106,7 +149,16 @@ impl HealthStream {
         tokio::pin!(call);
         debug!(machine_id = %session.machine_id, "health stream opened");
         let mut oom_sent = self.oom_delivered;
+        // The first report goes at once: a new stream's control plane knows nothing yet.
+        let mut sent_mark: Option<StateMark> = None;
+        let mut send_at = Some(tokio::time::Instant::now());
         loop {
+            let due = async {
+                match send_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 result = &mut call => {
                     return match result {
@@ -128,25 +180,45 @@ impl HealthStream {
                         }
                     };
                 }
+                changed = self.status.changed() => {
+                    if changed.is_err() {
+                        return Ok(false); // the agent is gone
+                    }
+                    let mark = StateMark::of(&self.status.borrow_and_update());
+                    if send_at.is_none() && sent_mark.as_ref() != Some(&mark) {
+                        send_at = Some(tokio::time::Instant::now() + COALESCE);
+                    }
+                }
+                () = due => {
+                    send_at = None;
+                    sent_mark = Some(self.send_report(&tx, session, &mut oom_sent));
+                }
                 _ = ticker.tick() => {
                     self.heartbeat.beat();
-                    // The newest session (a re-registration may have renewed it) names the machine.
-                    let machine_id = self.session.borrow().as_ref().map_or_else(|| session.machine_id.clone(), |s| s.machine_id.clone());
-                    let (report, oom_through) = {
-                        let status = self.status.borrow();
-                        (build_report(&status, &machine_id, oom_sent), status.oom_entries)
-                    };
-                    match tx.try_send(report) {
-                        Ok(()) => {
-                            self.control.metrics.health_reports_sent.inc();
-                            oom_sent = oom_through;
-                        }
-                        Err(mpsc::error::TrySendError::Full(_)) => debug!("health stream is backed up; dropping this report"),
-                        Err(mpsc::error::TrySendError::Closed(_)) => {}
-                    }
+                    send_at = None;
+                    sent_mark = Some(self.send_report(&tx, session, &mut oom_sent));
                 }
             }
         }
+    }
+
+    /// Queues a report of the status now; returns what it said of the state.
+    fn send_report(&self, tx: &mpsc::Sender<pb::HealthReport>, session: &Session, oom_sent: &mut u64) -> StateMark {
+        // The newest session (a re-registration may have renewed it) names the machine.
+        let machine_id = self.session.borrow().as_ref().map_or_else(|| session.machine_id.clone(), |s| s.machine_id.clone());
+        let (report, oom_through, mark) = {
+            let status = self.status.borrow();
+            (build_report(&status, &machine_id, *oom_sent), status.oom_entries, StateMark::of(&status))
+        };
+        match tx.try_send(report) {
+            Ok(()) => {
+                self.control.metrics.health_reports_sent.inc();
+                *oom_sent = oom_through;
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => debug!("health stream is backed up; dropping this report"),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+        mark
     }
 }
 
@@ -173,5 +245,24 @@ pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64) -> pb::Hea
         last_task_rejection: status.last_task_rejection.clone().unwrap_or_default(),
         shared_volumes: status.shared_volumes.iter().map(pb::SharedVolume::from).collect(),
         cache_reset: status.cache_reset.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mark_moves_with_what_the_control_plane_schedules_by_and_not_with_the_figures() {
+        let mut status = Status::initial(std::path::Path::new("/var/lib/machine-agent"));
+        let first = StateMark::of(&status);
+        status.mounts.push(crate::observe::status::MountFigures { path: "/".into(), stats: Default::default() });
+        status.engine_restarts = 0;
+        assert_eq!(StateMark::of(&status), first, "new filesystem figures alone wait for the tick");
+        status.state = crate::lifecycle::State::Ready;
+        assert_ne!(StateMark::of(&status), first, "a state change goes at once");
+        let ready = StateMark::of(&status);
+        status.oom_entries += 1;
+        assert_ne!(StateMark::of(&status), ready, "an OOM kill goes at once");
     }
 }

@@ -26,6 +26,8 @@ pub struct Recorded {
     pub health: Vec<pb::HealthReport>,
     /// Encoded size of each health report, bytes.
     pub health_sizes: Vec<usize>,
+    /// When each health report arrived.
+    pub health_arrivals: Vec<tokio::time::Instant>,
     pub usage: Vec<pb::UsageReport>,
     pub shutdowns: Vec<pb::ShutdownReport>,
     /// Calls that came with a wrong or missing bearer token.
@@ -127,6 +129,7 @@ impl MachineService for Shared {
                 msg = stream.next() => match msg {
                     Some(Ok(report)) => self.record(|r| {
                         r.health_sizes.push(report.encoded_len());
+                        r.health_arrivals.push(tokio::time::Instant::now());
                         r.health.push(report);
                     }),
                     Some(Err(status)) => return Err(status),
