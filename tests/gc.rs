@@ -387,6 +387,13 @@ async fn a_running_builds_records_survive_a_full_disk_gc_and_the_build_succeeds(
     assert!(finished.iter().all(|id| !left.contains(id)), "the finished build was pruned: {line}");
     let missing: Vec<&String> = in_flight.iter().filter(|id| !left.contains(*id)).collect();
     assert!(missing.is_empty(), "the running build's records {missing:?} were pruned: {line}");
+    // Still under pressure with nothing left to prune: the checks back off
+    // (1 s, then 2 s, 4 s...) instead of a DiskUsage call every second.
+    eventually("pressure checks backing off while runs free nothing", Duration::from_secs(30), || {
+        agent.logs().contains("the pressure run freed nothing; checking less often until it can next_check_ms=4000")
+    })
+    .await;
+    assert!(agent.logs().contains("next_check_ms=2000"), "the gap doubled from the configured 1 s");
 
     step.write_all(b"go\n").await.unwrap();
     drop(step);

@@ -43,6 +43,39 @@ pub fn under_pressure(fs: &FsStats, policy: &Policy) -> bool {
     targets.free_bytes.is_some() || targets.free_inodes.is_some()
 }
 
+/// The gap between two pressure checks: the configured one, doubled after
+/// each pressure run that freed nothing (nothing prunable: records in use or
+/// too young, or the space held by files outside the cache) up to `max`, so a
+/// full disk of in-use records does not cost a DiskUsage call every check;
+/// back to the configured gap once a run frees something or the volume is no
+/// longer under pressure. Pure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PressureGaps {
+    base: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl PressureGaps {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self { base, max: max.max(base), current: base }
+    }
+
+    pub fn gap(&self) -> Duration {
+        self.current
+    }
+
+    /// A run started by pressure ended; `freed` when it pruned anything.
+    pub fn after_pressure_run(&mut self, freed: bool) {
+        self.current = if freed { self.base } else { self.current.saturating_mul(2).min(self.max) };
+    }
+
+    /// The volume is above its watermarks again, or an ordinary run freed space.
+    pub fn relieved(&mut self) {
+        self.current = self.base;
+    }
+}
+
 /// The GC loop of one task.
 #[derive(Debug)]
 pub struct GcSchedule {
@@ -60,18 +93,22 @@ impl GcSchedule {
     pub async fn run_forever(self) {
         let mut next_run = Instant::now(); // the first run as soon as the engine is ready
         let mut pending = Trigger::Startup;
-        let mut pressure_tick = tokio::time::interval(self.pressure_check);
-        pressure_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gaps = PressureGaps::new(self.pressure_check, self.interval);
+        let mut next_check = Instant::now() + gaps.gap();
         loop {
             tokio::select! {
                 // Biased: the first run is the startup run even on a volume
                 // already under pressure (both are due at once then).
                 biased;
                 () = tokio::time::sleep_until(next_run) => {}
-                _ = pressure_tick.tick() => {
+                () = tokio::time::sleep_until(next_check) => {
+                    next_check = Instant::now() + gaps.gap();
                     match read_fs_stats(&self.run.fs_path) {
                         Ok(fs) if under_pressure(&fs, &self.run.policy) => pending = Trigger::Pressure,
-                        Ok(_) => continue,
+                        Ok(_) => {
+                            gaps.relieved();
+                            continue;
+                        }
                         Err(error) => {
                             tracing::warn!(%error, "cannot read the cache volume's free space");
                             continue;
@@ -79,20 +116,34 @@ impl GcSchedule {
                     }
                 }
             }
-            self.run_once(pending).await;
+            let freed = self.run_once(pending).await;
+            match (pending, freed) {
+                (Trigger::Pressure, _) => {
+                    gaps.after_pressure_run(freed);
+                    if !freed {
+                        tracing::info!(next_check_ms = gaps.gap().as_millis(), "the pressure run freed nothing; checking less often until it can");
+                    }
+                }
+                (_, true) => gaps.relieved(),
+                (_, false) => {}
+            }
+            next_check = Instant::now() + gaps.gap();
             pending = Trigger::Interval;
             next_run = Instant::now() + self.interval;
         }
     }
 
-    async fn run_once(&self, trigger: Trigger) {
+    /// One run, logged, counted and published; true when it freed anything.
+    async fn run_once(&self, trigger: Trigger) -> bool {
         let result = match EngineClient::connect(&self.socket).await {
             Ok(client) => self.run.run(&client, trigger).await,
             Err(error) => Err(error.into()),
         };
         let labels = |outcome: &str| [trigger.as_str().to_string(), outcome.to_string()];
+        let mut freed = false;
         let published = match result {
             Ok(report) => {
+                freed = report.freed_records > 0 || report.freed_bytes > 0;
                 let outcome = if report.error.is_some() { "error" } else { "ok" };
                 self.metrics.gc_runs.with_label_values(&labels(outcome)).inc();
                 self.record(&report);
@@ -117,6 +168,7 @@ impl GcSchedule {
             }
         };
         let _ = self.reports.send(published).await;
+        freed
     }
 
     fn record(&self, report: &GcReport) {
@@ -179,6 +231,26 @@ mod tests {
             free_inodes_stop_at_percent: 15,
             batch: 64,
         }
+    }
+
+    #[test]
+    fn pressure_checks_back_off_while_runs_free_nothing_and_come_back_at_once() {
+        let (base, max) = (Duration::from_millis(100), Duration::from_secs(60));
+        let mut gaps = PressureGaps::new(base, max);
+        assert_eq!(gaps.gap(), base);
+        let mut seen = vec![];
+        for _ in 0..12 {
+            gaps.after_pressure_run(false);
+            seen.push(gaps.gap().as_millis());
+        }
+        assert_eq!(seen[..4], [200, 400, 800, 1600]);
+        assert_eq!(*seen.last().unwrap(), 60_000, "capped at the GC interval");
+        gaps.after_pressure_run(true);
+        assert_eq!(gaps.gap(), base, "a run that freed space: checks at the configured gap again");
+        gaps.after_pressure_run(false);
+        gaps.relieved();
+        assert_eq!(gaps.gap(), base, "the volume above its watermarks again");
+        assert_eq!(PressureGaps::new(base, Duration::from_millis(10)).gap(), base, "a max below the base is the base");
     }
 
     #[test]
