@@ -129,6 +129,17 @@ pub fn fgetxattr(fd: BorrowedFd<'_>, name: &std::ffi::CStr, buf: &mut [u8]) -> n
     nix::errno::Errno::result(rc).map(|n| usize::try_from(n).unwrap_or(0))
 }
 
+/// pidfd_open(2): a descriptor that refers to process `pid` and turns
+/// readable when it ends, whoever its parent is (Linux 5.3 and later).
+pub fn pidfd_open(pid: i32) -> nix::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let rc = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
+    let raw = i32::try_from(nix::errno::Errno::result(rc)?).map_err(|_| nix::errno::Errno::EBADF)?;
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,15 +172,4 @@ mod tests {
         assert_eq!(fitrim(std::os::fd::AsFd::as_fd(&read), &mut range), Err(nix::errno::Errno::ENOTTY));
         assert_eq!(range.len, u64::MAX);
     }
-}
-
-/// pidfd_open(2): a descriptor that refers to process `pid` and turns
-/// readable when it ends, whoever its parent is (Linux 5.3 and later).
-pub fn pidfd_open(pid: i32) -> nix::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let rc = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
-    let raw = i32::try_from(nix::errno::Errno::result(rc)?).map_err(|_| nix::errno::Errno::EBADF)?;
-    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
 }

@@ -30,9 +30,9 @@ const MIB_IN_BLOCKS: u64 = 2048;
 /// neither blank nor a filesystem.
 async fn stop_mkfs_midway(agent_pid: u32, backing: &Path) -> u32 {
     let blocks_before = std::fs::metadata(backing).unwrap().blocks();
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut mkfs = None;
-    while std::time::Instant::now() < deadline {
+    while tokio::time::Instant::now() < deadline {
         if mkfs.is_none() {
             mkfs = child_named(agent_pid, "mkfs");
         }
