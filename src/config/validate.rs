@@ -404,10 +404,10 @@ fn allowed_task_env(names: &[String], bad: &mut impl FnMut(&str, String)) {
 }
 
 /// A pressure check is one statvfs and the planner's watermark test: 0.8 us
-/// (`cargo bench --bench gc_planner`). What costs is waking the runtime: the
-/// agent's idle CPU grows by about 40 % at a check every 100 ms and not
-/// measurably at one every 250 ms (`cargo bench --bench foundation`). At
-/// 250 ms GC starts within about 125 ms (median) of a watermark being crossed.
+/// (`cargo bench --bench gc_planner`). What costs is waking the runtime: four
+/// checks a second add about 0.02 s of CPU a minute to the idle agent (0.06
+/// to 0.08 s/min in `cargo bench --bench foundation`), and GC starts within
+/// 0.2 s (median) of a watermark being crossed.
 const DEFAULT_PRESSURE_CHECK: Duration = Duration::from_millis(250);
 
 /// `[gc]`: retention, minimum age, the intervals and the batch size.

@@ -17,8 +17,12 @@ use std::time::Duration;
 
 /// The file is rotated once it holds this much.
 pub const MAX_LOG_BYTES: u64 = 32 * 1024 * 1024;
-/// How often the tail looks for new output: a log line reaches the agent's log this late at most.
-pub const TAIL_INTERVAL: Duration = Duration::from_millis(100);
+/// The tail wakes when the engine writes (an inotify watch on the file), and
+/// looks at least this often anyway: a rotation, or no inotify at all.
+pub const TAIL_INTERVAL: Duration = Duration::from_secs(2);
+/// Writes closer together than this are read in one look: a burst of lines
+/// costs one wake-up, not one per line.
+const TAIL_BATCH: Duration = Duration::from_millis(20);
 /// Longer lines are cut: a runaway log line must not grow the agent's memory.
 const MAX_LINE_BYTES: usize = 4096;
 /// Read at most this much per look, so a burst is logged in slices.
@@ -65,13 +69,18 @@ impl LineSplitter {
 
 /// Follows the engine's log into the agent's log until `stop` fires, rotating it when it grows past the bound.
 pub async fn tail(path: PathBuf, mut stop: tokio::sync::oneshot::Receiver<()>) {
+    use tokio_stream::StreamExt;
     let mut offset = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let mut splitter = LineSplitter::default();
-    let mut ticker = tokio::time::interval(TAIL_INTERVAL);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Polling ten times a second cost more idle CPU than the rest of the agent together.
+    let mut writes = watch_writes(&path);
     loop {
         let stopping = tokio::select! {
-            _ = ticker.tick() => false,
+            () = tokio::time::sleep(TAIL_INTERVAL) => false,
+            Some(_) = async { writes.as_mut()?.next().await }, if writes.is_some() => {
+                tokio::time::sleep(TAIL_BATCH).await;
+                false
+            }
             _ = &mut stop => true,
         };
         // One last look on the way out: the engine's last words are the ones that matter.
@@ -93,6 +102,18 @@ pub async fn tail(path: PathBuf, mut stop: tokio::sync::oneshot::Receiver<()>) {
             return;
         }
     }
+}
+
+/// Modifications of the engine's log, as an inotify stream; None without inotify
+/// (or before the file exists), and the tail polls at [`TAIL_INTERVAL`] alone.
+fn watch_writes(path: &Path) -> Option<inotify::EventStream<[u8; 256]>> {
+    use inotify::{Inotify, WatchMask};
+    if !path.exists() {
+        let _ = open_for_engine(path);
+    }
+    let inotify = Inotify::init().ok()?;
+    inotify.watches().add(path, WatchMask::MODIFY).ok()?;
+    inotify.into_event_stream([0u8; 256]).ok()
 }
 
 /// The bytes appended since `offset`, at most [`READ_CHUNK`]; a file that
