@@ -152,6 +152,12 @@ async fn a_stopped_engine_is_detected_as_hung_killed_and_restarted_without_a_zom
         .start();
     let base = wait_ready(&agent).await;
     let hung = engine_pid(&w.root).unwrap();
+    // A build step in flight: runc puts it in a cgroup of its own, outside the engine's process group.
+    let tag = format!("hung-step-{}", support::engine::rand_suffix());
+    let step = build_context(&w.root, &format!("sleep 600; echo {tag}"), 1024);
+    let (addr, out) = (unix_addr(&w), w.root.join("out-hung"));
+    let build = tokio::task::spawn_blocking(move || buildctl_build(&addr, &step, &out));
+    eventually("the step to run", WAIT, || support::engine::step_running(&tag)).await;
 
     kill(Pid::from_raw(hung as i32), Signal::SIGSTOP).unwrap();
     // Bound: 3 probes 200 ms apart, each up to 300 ms; a generous margin for a loaded machine.
@@ -166,6 +172,9 @@ async fn a_stopped_engine_is_detected_as_hung_killed_and_restarted_without_a_zom
     for child in agent.children() {
         assert!(process_alive(child), "zombie child {child}");
     }
+    assert!(!support::engine::step_running(&tag), "the hung engine's build step was killed with it");
+    let failed = build.await.unwrap();
+    assert!(!failed.status.success(), "the build on the hung engine failed rather than hung");
 }
 
 /// An agent of `w` ready after one build; its engine's socket and cache record ids.

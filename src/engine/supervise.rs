@@ -288,8 +288,16 @@ async fn run(spec: EngineSpec, events: mpsc::Sender<EngineEvent>, mut stop_rx: m
             }
         };
         remove_pidfile(&spec.pidfile);
-        // Children of a dead engine (runc, build steps) must not outlive it.
+        // Children of a dead engine (runc, build steps) must not outlive it:
+        // its process group, and the steps runc put in cgroups of their own.
         kill_group(pid, Signal::SIGKILL);
+        if let Some(cgroup) = &spec.cgroup {
+            match cgroup.kill_leftovers(Duration::from_secs(10)).await {
+                Ok(killed) if killed.is_empty() => {}
+                Ok(killed) => tracing::warn!(pid, killed = ?killed, "build steps of the dead engine were killed"),
+                Err(left) => tracing::error!(pid, left = ?left, "processes still in the engine cgroup after SIGKILL"),
+            }
+        }
         let oom_kills = daemon_oom_kills(&spec).saturating_sub(oom_before);
         let exit = match (status, adopted) {
             (Some(status), _) => classify_exit(status, oom_kills),
