@@ -12,7 +12,7 @@ mod support;
 
 use machine_agent::task::{FsType, VolumeMount, VolumeSource};
 use machine_agent::volume::format::mkfs_command;
-use machine_agent::volume::manager::{default_system_paths, prepare_mount, release_mount, VolumeSettings};
+use machine_agent::volume::manager::{prepare_mount, release_mount};
 use std::process::Command;
 use std::time::Duration;
 use support::loopdev::LoopDevice;
@@ -26,23 +26,8 @@ fn main() {
     let gib: u64 = std::env::var("BENCH_GIB").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
     let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let settings = VolumeSettings {
-        sys_root: "/".into(),
-        device_wait: Duration::from_secs(5),
-        unmount_timeout: Duration::from_secs(10),
-        kill_holders: false,
-        ephemeral_dir: None,
-        ext4_bytes_per_inode: None,
-        system_paths: default_system_paths(),
-        intent_dir: std::env::temp_dir().join("machine-agent-bench-intents"),
-        allowed_backing_dirs: vec![std::env::temp_dir()],
-        rbd: machine_agent::volume::rbd::RbdSettings {
-            mapper: Default::default(),
-            owner_id: "volume-bench".into(),
-            dir: std::env::temp_dir().join("machine-agent-volume-bench-rbd"),
-            keep_snapshots: 2,
-        },
-    };
+    let settings =
+        support::volume_settings(&std::env::temp_dir().join("machine-agent-volume-bench"), &std::env::temp_dir(), "volume-bench", Default::default());
     println!("prepare a blank {gib} GiB sparse loop device, median of {runs} runs");
     println!("{:<6} {:>12} {:>14} {:>8} {:>22}", "fs", "agent (ms)", "by hand (ms)", "ratio", "of which probe (ms)");
     for fs in [FsType::Ext4, FsType::Xfs] {

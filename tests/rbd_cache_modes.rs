@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use support::ceph::{cluster, unique_name};
+use support::ceph::{cluster, Share};
 use support::engine::{build_context, buildctl_build, readyz, wait_ready, World};
 use support::{loops_backed_under, mounted_under, trace_init, write_private, AgentProcess};
 
@@ -21,29 +21,6 @@ use support::{loops_backed_under, mounted_under, trace_init, write_private, Agen
 const IMAGE_BYTES: u64 = 1 << 30;
 /// A drain unmaps, commits or removes an image: seconds here.
 const DRAIN_WITHIN: Duration = Duration::from_secs(90);
-
-/// A pool, a builder client with a key for it, and an image name: one test's share of the cluster.
-struct Share {
-    pool: String,
-    client: String,
-    key: String,
-    image: String,
-}
-
-impl Share {
-    fn new() -> Self {
-        let c = cluster();
-        let pool = unique_name("pool");
-        c.create_pool(&pool);
-        let client = unique_name("builder");
-        let key = c.create_client(&client, &pool);
-        Self { pool, client, key, image: unique_name("cache") }
-    }
-
-    fn spec(&self) -> String {
-        format!("{}/{}", self.pool, self.image)
-    }
-}
 
 /// Points `world`'s task at the share's image in `mode` (the builder's key in
 /// a 0600 file beside the task, `extra` added to the rbd table) and gives its

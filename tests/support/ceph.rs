@@ -475,6 +475,29 @@ fn check(program: &str, args: &[&str]) -> Output {
 
 /// `prefix` plus this process's pid and a counter: unique within the cluster
 /// (which belongs to this process), and a valid pool, image and client name.
+/// A pool, a builder client with a key for it, and an image name: one test's share of the cluster.
+pub struct Share {
+    pub pool: String,
+    pub client: String,
+    pub key: String,
+    pub image: String,
+}
+
+impl Share {
+    pub fn new() -> Self {
+        let c = cluster();
+        let pool = unique_name("pool");
+        c.create_pool(&pool);
+        let client = unique_name("builder");
+        let key = c.create_client(&client, &pool);
+        Self { pool, client, key, image: unique_name("cache") }
+    }
+
+    pub fn spec(&self) -> String {
+        format!("{}/{}", self.pool, self.image)
+    }
+}
+
 pub fn unique_name(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     format!("{prefix}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst))
