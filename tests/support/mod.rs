@@ -65,8 +65,17 @@ impl TestPki {
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A free TCP port below the kernel's ephemeral range (32768 and up): a port
+/// from `:0` could be handed again to a later `:0` bind (an agent's endpoint
+/// listener took the engine's port that way once, and buildkitd could never bind).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    for _ in 0..1000 {
+        let port = rand::random_range(20_000..32_768);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32768 after 1000 tries");
 }
 
 // === files ===
