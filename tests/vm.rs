@@ -83,6 +83,7 @@ fn vm_task(pki: &TestPki) -> pb::register_response::Task {
         debug: false,
         listen_address: format!("0.0.0.0:{GUEST_BUILDKIT_PORT}"),
         engine_env: Default::default(),
+        ..Default::default()
     })
 }
 

@@ -245,6 +245,13 @@ pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64) -> pb::Hea
         last_task_rejection: status.last_task_rejection.clone().unwrap_or_default(),
         shared_volumes: status.shared_volumes.iter().map(pb::SharedVolume::from).collect(),
         cache_reset: status.cache_reset.clone(),
+        step_records: Vec::new(),
+        step_records_dropped_total: 0,
+        devices: Vec::new(),
+        sequence: 0,
+        delta: false,
+        changed_fields: Vec::new(),
+        snapshot_request: 0,
     }
 }
 

@@ -914,6 +914,8 @@ pub fn read_task_file(path: &Path) -> Result<pb::BuildkitTask, TaskError> {
         debug: file.debug,
         listen_address: file.listen_address,
         engine_env: file.engine_env.into_iter().collect(),
+        devices: Vec::new(),
+        trace_endpoint: String::new(),
     })
 }
 
@@ -1031,6 +1033,8 @@ pub(crate) mod tests {
             debug: false,
             listen_address: "0.0.0.0:443".into(),
             engine_env: Default::default(),
+            devices: Vec::new(),
+            trace_endpoint: String::new(),
         }
     }
 
@@ -1510,6 +1514,8 @@ file = { path = "/var/lib/machine-agent/volumes/pr-17.img", size_bytes = 1073741
                 gc: Some(pb::GcPolicy { retention_secs: retention, free_bytes_high_watermark_percent: hi, free_bytes_low_watermark_percent: lo, ..Default::default() }),
                 max_parallelism, debug, listen_address: listen,
                 engine_env: env.into_iter().collect(),
+                devices: Vec::new(),
+                trace_endpoint: String::new(),
             }
         }
     }

@@ -190,6 +190,7 @@ pub fn buildkit_task(id: &str, prefix: &std::path::Path) -> pb::register_respons
         debug: false,
         listen_address: format!("127.0.0.1:{}", super::free_port()),
         engine_env: [("ENGINE_MARKER".to_string(), "from-task".to_string())].into_iter().collect(),
+        ..Default::default()
     })
 }
 
