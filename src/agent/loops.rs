@@ -50,6 +50,7 @@ impl Agent {
             interval: self.config.health_interval,
             heartbeat: liveness.register("health", MAX_SILENCE.max(self.config.health_interval * 3)),
             oom_delivered: 0,
+            thresholds: self.config.health_thresholds,
         };
         tokio::spawn(health.run().instrument(tracing::info_span!("health")));
         forward(events_rx, self.inputs.clone(), Input::Control);

@@ -57,6 +57,8 @@ pub struct Config {
     pub volume: VolumeSettings,
     pub drain_timeout: Duration,
     pub health_interval: Duration,
+    /// How far CPU, memory and free-space figures move before a delta health report carries them.
+    pub health_thresholds: crate::control::health_delta::Thresholds,
     /// How often the host and the engine's process tree are sampled.
     pub sample_interval: Duration,
     pub usage_interval: Duration,

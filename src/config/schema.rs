@@ -207,6 +207,10 @@ pub(super) struct RawAgent {
     pub(super) drain_timeout_secs: u64,
     #[serde(default = "default_health_interval_ms")]
     pub(super) health_interval_ms: u64,
+    #[serde(default = "default_health_cpu_threshold_percent")]
+    pub(super) health_cpu_threshold_percent: f64,
+    #[serde(default = "default_health_bytes_threshold_percent")]
+    pub(super) health_bytes_threshold_percent: f64,
     #[serde(default = "default_sample_interval_ms")]
     pub(super) sample_interval_ms: u64,
     #[serde(default = "default_usage_interval_secs")]
@@ -299,6 +303,14 @@ fn default_rbd_mapper() -> String {
 fn default_unmount_timeout_secs() -> u64 {
     DEFAULT_UNMOUNT_TIMEOUT_SECS
 }
+fn default_health_cpu_threshold_percent() -> f64 {
+    crate::control::health_delta::Thresholds::default().cpu_percent
+}
+
+fn default_health_bytes_threshold_percent() -> f64 {
+    crate::control::health_delta::Thresholds::default().bytes_percent
+}
+
 fn default_health_interval_ms() -> u64 {
     DEFAULT_HEALTH_INTERVAL_MS
 }
@@ -369,6 +381,8 @@ impl Default for RawAgent {
         Self {
             drain_timeout_secs: default_drain_timeout_secs(),
             health_interval_ms: default_health_interval_ms(),
+            health_cpu_threshold_percent: default_health_cpu_threshold_percent(),
+            health_bytes_threshold_percent: default_health_bytes_threshold_percent(),
             sample_interval_ms: default_sample_interval_ms(),
             usage_interval_secs: default_usage_interval_secs(),
             state_dir: default_state_dir(),

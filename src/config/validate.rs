@@ -60,6 +60,10 @@ pub(super) fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Con
         allowed_mount_prefixes: raw.volume.allowed_mount_prefixes,
         drain_timeout: Duration::from_secs(a.drain_timeout_secs),
         health_interval: Duration::from_millis(a.health_interval_ms),
+        health_thresholds: crate::control::health_delta::Thresholds {
+            cpu_percent: a.health_cpu_threshold_percent,
+            bytes_percent: a.health_bytes_threshold_percent,
+        },
         sample_interval: Duration::from_millis(a.sample_interval_ms),
         usage_interval: Duration::from_secs(a.usage_interval_secs),
         state_dir: a.state_dir,
@@ -310,6 +314,13 @@ fn agent_intervals(a: &RawAgent, bad: &mut impl FnMut(&str, String)) {
     check_range(bad, "agent.health_interval_ms", a.health_interval_ms, 100, 60_000);
     check_range(bad, "agent.sample_interval_ms", a.sample_interval_ms, 200, 60_000);
     check_range(bad, "agent.usage_interval_secs", a.usage_interval_secs, 1, 3600);
+    for (field, value) in
+        [("agent.health_cpu_threshold_percent", a.health_cpu_threshold_percent), ("agent.health_bytes_threshold_percent", a.health_bytes_threshold_percent)]
+    {
+        if !(0.0..=100.0).contains(&value) {
+            bad(field, format!("expected a percentage from 0 to 100, got {value}"));
+        }
+    }
 }
 
 /// `agent.state_dir`: a clean absolute path.

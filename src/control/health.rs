@@ -13,11 +13,13 @@
 //! report. Figures that move all the time (CPU, memory, free bytes) wait for
 //! the tick.
 
+use super::health_delta::{self, Thresholds};
 use super::{ControlError, ControlEvent, ControlPlane, Session};
 use crate::clock::unix_time_ms;
 use crate::observe::liveness::Heartbeat;
 use crate::observe::status::Status;
 use crate::proto::v1 as pb;
+use prost::Message;
 use rand::SeedableRng;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -76,6 +78,8 @@ pub struct HealthStream {
     /// then ended normally. A stream that fails sends its kills again on the
     /// next one: at least once, deduplicated by id on the other side.
     pub oom_delivered: u64,
+    /// How far CPU, memory and free-space figures move before a delta carries them.
+    pub thresholds: Thresholds,
 }
 
 impl HealthStream {
@@ -150,8 +154,10 @@ impl HealthStream {
         debug!(machine_id = %session.machine_id, "health stream opened");
         let mut oom_sent = self.oom_delivered;
         // The first report goes at once: a new stream's control plane knows nothing yet.
+        let mut sent = Sent::default();
         let mut sent_mark: Option<StateMark> = None;
         let mut send_at = Some(tokio::time::Instant::now());
+        let mut format = self.reporting();
         loop {
             let due = async {
                 match send_at {
@@ -189,30 +195,62 @@ impl HealthStream {
                         send_at = Some(tokio::time::Instant::now() + COALESCE);
                     }
                 }
+                changed = self.session.changed() => {
+                    if changed.is_err() {
+                        return Ok(false); // the agent is gone
+                    }
+                    // A new format or a snapshot request is answered at once.
+                    let newest = self.reporting();
+                    if newest != format {
+                        format = newest;
+                        send_at.get_or_insert_with(tokio::time::Instant::now);
+                    }
+                }
                 () = due => {
                     send_at = None;
-                    sent_mark = Some(self.send_report(&tx, session, &mut oom_sent));
+                    sent_mark = Some(self.send_report(&tx, session, &format, &mut sent, &mut oom_sent));
                 }
                 _ = ticker.tick() => {
                     self.heartbeat.beat();
                     send_at = None;
-                    sent_mark = Some(self.send_report(&tx, session, &mut oom_sent));
+                    sent_mark = Some(self.send_report(&tx, session, &format, &mut sent, &mut oom_sent));
                 }
             }
         }
     }
 
-    /// Queues a report of the status now; returns what it said of the state.
-    fn send_report(&self, tx: &mpsc::Sender<pb::HealthReport>, session: &Session, oom_sent: &mut u64) -> StateMark {
+    /// The report format the control plane asked for on the newest registration.
+    fn reporting(&self) -> pb::HealthReporting {
+        self.session.borrow().as_ref().map(|s| s.reporting).unwrap_or_default()
+    }
+
+    /// Queues the next report of the stream, if there is anything to say;
+    /// returns what the status said of the state.
+    fn send_report(
+        &self,
+        tx: &mpsc::Sender<pb::HealthReport>,
+        session: &Session,
+        format: &pb::HealthReporting,
+        sent: &mut Sent,
+        oom_sent: &mut u64,
+    ) -> StateMark {
         // The newest session (a re-registration may have renewed it) names the machine.
         let machine_id = self.session.borrow().as_ref().map_or_else(|| session.machine_id.clone(), |s| s.machine_id.clone());
-        let (report, oom_through, mark) = {
+        let (full, oom_through, mark) = {
             let status = self.status.borrow();
             (build_report(&status, &machine_id, *oom_sent), status.oom_entries, StateMark::of(&status))
         };
+        let now = tokio::time::Instant::now();
+        let Some(report) = next_report(format, sent, full, now, self.thresholds) else {
+            return mark;
+        };
+        let kind = if report.delta { "delta" } else { "full" };
+        let (bytes, shown) = (report.encoded_len(), report.clone());
         match tx.try_send(report) {
             Ok(()) => {
                 self.control.metrics.health_reports_sent.inc();
+                self.control.metrics.health_report_bytes.with_label_values(&[kind]).inc_by(bytes as u64);
+                sent.record(&shown, now);
                 *oom_sent = oom_through;
             }
             Err(mpsc::error::TrySendError::Full(_)) => debug!("health stream is backed up; dropping this report"),
@@ -220,6 +258,66 @@ impl HealthStream {
         }
         mark
     }
+}
+
+/// What one health stream has sent so far: the state the control plane
+/// holds (every report applied), for the next delta.
+#[derive(Debug, Default)]
+pub struct Sent {
+    held: Option<pb::HealthReport>,
+    sequence: u64,
+    last_at: Option<tokio::time::Instant>,
+    last_full_at: Option<tokio::time::Instant>,
+    answered_request: u64,
+}
+
+impl Sent {
+    pub fn record(&mut self, report: &pb::HealthReport, now: tokio::time::Instant) {
+        self.sequence = report.sequence;
+        self.last_at = Some(now);
+        if !report.delta {
+            self.last_full_at = Some(now);
+            self.answered_request = report.snapshot_request;
+        }
+        health_delta::apply(self.held.get_or_insert_with(Default::default), report);
+    }
+}
+
+/// A full report this often on a delta stream when the control plane names no interval.
+pub const DEFAULT_SNAPSHOT_INTERVAL: Duration = Duration::from_secs(60);
+/// An empty delta this often while nothing changes, when the control plane names no interval.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+
+/// The report to send now, given the status's `full` report, or None when a
+/// delta stream has nothing to say yet. Without deltas every call is a full
+/// report. With them: a full report first, every snapshot interval and for
+/// each new snapshot request; otherwise what changed, or an empty delta
+/// once a heartbeat interval passed in silence. The control plane's intervals
+/// are bounded, so a bad one can neither flood nor starve the stream. Pure.
+pub fn next_report(
+    format: &pb::HealthReporting,
+    sent: &Sent,
+    full: pb::HealthReport,
+    now: tokio::time::Instant,
+    thresholds: Thresholds,
+) -> Option<pb::HealthReport> {
+    let sequence = sent.sequence + 1;
+    let interval = |secs: u32, default: Duration, bounds: (u64, u64)| match secs {
+        0 => default,
+        s => Duration::from_secs(u64::from(s).clamp(bounds.0, bounds.1)),
+    };
+    let snapshot_every = interval(format.snapshot_interval_secs, DEFAULT_SNAPSHOT_INTERVAL, (5, 3600));
+    let heartbeat = interval(format.heartbeat_secs, DEFAULT_HEARTBEAT, (1, 300));
+    let elapsed = |at: Option<tokio::time::Instant>, bound: Duration| at.is_none_or(|at| now.duration_since(at) >= bound);
+    let held = match &sent.held {
+        Some(held) if format.deltas && !elapsed(sent.last_full_at, snapshot_every) && format.snapshot_request <= sent.answered_request => held,
+        _ => return Some(pb::HealthReport { sequence, snapshot_request: format.snapshot_request, ..full }),
+    };
+    let report = health_delta::delta(held, &full, thresholds);
+    if health_delta::is_empty(&report) && !elapsed(sent.last_at, heartbeat) {
+        return None;
+    }
+    Some(pb::HealthReport { sequence, ..report })
 }
 
 /// A report of the agent's status now: the filesystem figures of the last
@@ -258,6 +356,59 @@ pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64) -> pb::Hea
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ready_report() -> pb::HealthReport {
+        pb::HealthReport { machine_id: "m".into(), agent_state: pb::AgentState::Ready as i32, task_id: "t".into(), ..Default::default() }
+    }
+
+    /// Sends what next_report picks at `now`; returns it.
+    fn step(format: &pb::HealthReporting, sent: &mut Sent, full: pb::HealthReport, now: tokio::time::Instant) -> Option<pb::HealthReport> {
+        let report = next_report(format, sent, full, now, Thresholds::default())?;
+        sent.record(&report, now);
+        Some(report)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_deltas_every_call_is_a_full_report() {
+        let (format, mut sent, t0) = (pb::HealthReporting::default(), Sent::default(), tokio::time::Instant::now());
+        for n in 1..=3 {
+            let r = step(&format, &mut sent, ready_report(), t0).expect("a report every tick");
+            assert!(!r.delta);
+            assert_eq!((r.sequence, r.task_id.as_str()), (n, "t"));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_delta_stream_opens_full_then_sends_changes_heartbeats_and_snapshots() {
+        let mut format = pb::HealthReporting { deltas: true, ..Default::default() };
+        let (mut sent, t0) = (Sent::default(), tokio::time::Instant::now());
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        assert!(!step(&format, &mut sent, ready_report(), at(0)).unwrap().delta, "the stream opens with a full report");
+        assert_eq!(step(&format, &mut sent, ready_report(), at(1)), None, "nothing changed, heartbeat not due");
+        let beat = step(&format, &mut sent, ready_report(), at(10)).expect("a heartbeat after 10 s of silence");
+        assert!(beat.delta && beat.changed_fields.is_empty());
+        assert_eq!(beat.sequence, 2);
+        let draining = pb::HealthReport { agent_state: pb::AgentState::Draining as i32, state_reason: "terminate".into(), ..ready_report() };
+        let change = step(&format, &mut sent, draining.clone(), at(11)).expect("a change goes out");
+        assert_eq!((change.delta, change.changed_fields.clone(), change.sequence), (true, vec![3, 4], 3));
+        assert_eq!(step(&format, &mut sent, draining.clone(), at(12)), None);
+        let snapshot = step(&format, &mut sent, draining.clone(), at(60)).expect("a full report every 60 s");
+        assert!(!snapshot.delta);
+        format.snapshot_request = 1;
+        let asked = step(&format, &mut sent, draining.clone(), at(61)).expect("a full report for a new request");
+        assert_eq!((asked.delta, asked.snapshot_request), (false, 1));
+        assert_eq!(step(&format, &mut sent, draining, at(62)), None, "a request is answered once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_control_plane_intervals_are_bounded() {
+        let format = pb::HealthReporting { deltas: true, heartbeat_secs: u32::MAX, snapshot_interval_secs: 1, ..Default::default() };
+        let (mut sent, t0) = (Sent::default(), tokio::time::Instant::now());
+        step(&format, &mut sent, ready_report(), t0);
+        assert_eq!(step(&format, &mut sent, ready_report(), t0 + Duration::from_secs(4)), None, "snapshots at most every 5 s");
+        assert!(!step(&format, &mut sent, ready_report(), t0 + Duration::from_secs(5)).unwrap().delta);
+        assert!(step(&format, &mut sent, ready_report(), t0 + Duration::from_secs(9)).is_none());
+    }
 
     #[test]
     fn the_mark_moves_with_what_the_control_plane_schedules_by_and_not_with_the_figures() {

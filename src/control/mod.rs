@@ -17,6 +17,7 @@
 /// The agent's types as protocol messages.
 pub mod convert;
 pub mod health;
+pub mod health_delta;
 pub mod identity;
 pub mod register;
 pub mod usage;
@@ -193,6 +194,9 @@ pub enum ControlEvent {
 pub struct Session {
     pub machine_id: String,
     pub token: Secret,
+    /// The health report format asked for on this registration (full reports
+    /// until the control plane says otherwise).
+    pub reporting: pb::HealthReporting,
 }
 
 /// Where the control plane is and how the agent talks to it.

@@ -111,6 +111,9 @@ impl Registration {
         let timeout = self.control.settings.request_timeout;
         let mut stream = self.control.call_on(&conn, "RegisterMachine", timeout, |mut client| async move { client.register_machine(request).await }).await?;
         let mut registered = false;
+        // Each registration starts with full reports: the control plane that
+        // answers may not be the one that asked for deltas before.
+        let mut reporting = pb::HealthReporting::default();
         loop {
             let mut message = match tokio::time::timeout(idle_timeout, stream.message()).await {
                 Ok(Ok(Some(m))) => m,
@@ -137,14 +140,26 @@ impl Registration {
                     return Ok(()); // the agent is gone
                 }
             }
-            if message.task.is_none() && (message.keepalive.is_some() || reset_only) {
+            let reporting_only = message.health_reporting.is_some() && message.task.is_none();
+            if let Some(newest) = message.health_reporting.take() {
+                if newest != reporting {
+                    info!(deltas = newest.deltas, snapshot_request = newest.snapshot_request, "health report format from the control plane");
+                }
+                reporting = newest;
+                self.session.send_modify(|s| {
+                    if let Some(s) = s {
+                        s.reporting = reporting;
+                    }
+                });
+            }
+            if message.task.is_none() && (message.keepalive.is_some() || reset_only || reporting_only) {
                 debug!("task stream keepalive");
                 continue;
             }
             if message.machine_id.is_empty() || message.token.is_empty() {
                 return Err(fail(ControlError::Protocol("RegisterResponse without machine_id or token".into())));
             }
-            let session = Session { machine_id: message.machine_id, token: Secret::new(message.token) };
+            let session = Session { machine_id: message.machine_id, token: Secret::new(message.token), reporting };
             if self.session.borrow().as_ref().map(|s| &s.machine_id) != Some(&session.machine_id) {
                 info!(machine_id = %session.machine_id, "registered");
                 if let Err(error) = crate::fsutil::write_atomic(&self.machine_id_file, session.machine_id.as_bytes(), 0o600) {

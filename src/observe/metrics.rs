@@ -16,6 +16,7 @@ pub struct Metrics {
     pub control_plane_reconnects: IntCounter,
     pub control_plane_errors: IntCounterVec,
     pub health_reports_sent: IntCounter,
+    pub health_report_bytes: IntCounterVec,
     pub tasks_rejected: IntCounter,
     pub engine_up: IntGauge,
     pub engine_restarts: IntCounterVec,
@@ -86,6 +87,17 @@ impl Metrics {
             health_reports_sent: register(
                 &registry,
                 IntCounter::new("health_reports_sent_total", "Health reports handed to the health stream.").expect("valid"),
+            ),
+            health_report_bytes: register(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "health_report_bytes_total",
+                        "Protobuf bytes of the health reports sent, by kind (full or delta), before gRPC, HTTP/2 and TLS framing.",
+                    ),
+                    &["kind"],
+                )
+                .expect("valid"),
             ),
             tasks_rejected: register(
                 &registry,
