@@ -381,3 +381,117 @@ async fn every_state_change_reaches_the_control_plane_at_once_without_waiting_fo
     let before_ready = rec.health_arrivals.iter().filter(|at| **at >= pushed && **at <= ready_at).count();
     assert!(before_ready >= 2, "the change reports came without a tick in between: {before_ready} reports from the task to ready");
 }
+
+/// What /readyz (detail) says of the things the control plane schedules by,
+/// and the same as the control plane's rebuilt state says it.
+fn readyz_view(readyz: &serde_json::Value) -> (String, String, u64, String, u64, u64, bool) {
+    (
+        readyz["state"].as_str().unwrap_or_default().to_string(),
+        readyz["engine"].as_str().unwrap_or_default().to_string(),
+        readyz["engine_restarts"].as_u64().unwrap_or_default(),
+        readyz["task_id"].as_str().unwrap_or_default().to_string(),
+        readyz["oom_kills_total"].as_u64().unwrap_or_default(),
+        readyz["tasks_rejected_total"].as_u64().unwrap_or_default(),
+        readyz["engine_adopted"].as_bool().unwrap_or_default(),
+    )
+}
+
+fn state_view(state: &pb::HealthReport) -> (String, String, u64, String, u64, u64, bool) {
+    let agent_state = pb::AgentState::try_from(state.agent_state).unwrap().as_str_name().trim_start_matches("AGENT_STATE_").to_lowercase();
+    let engine = pb::EngineState::try_from(state.engine_state).unwrap().as_str_name().trim_start_matches("ENGINE_STATE_").to_lowercase();
+    (agent_state, engine, state.engine_restarts, state.task_id.clone(), state.oom_kills_total, state.tasks_rejected_total, state.engine_adopted)
+}
+
+/// Waits until the control plane's rebuilt state says what /readyz says, and /readyz satisfies `step_done`.
+async fn agree(cp: &ControlPlaneDouble, detail: &str, step: &str, step_done: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = http_get(detail, "/readyz").await;
+        let readyz: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let rec = cp.recorded();
+        assert!(rec.health_protocol_errors.is_empty(), "{step}: {:?}", rec.health_protocol_errors);
+        let rebuilt = rec.health_state().map(state_view);
+        if step_done(&readyz) && rebuilt.as_ref() == Some(&readyz_view(&readyz)) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{step}: the control plane's state {rebuilt:?} never matched /readyz {:?}", readyz_view(&readyz));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Makes the kernel OOM-kill a process in a memory cgroup of its own below
+/// `engine_memcg` (as a build step's), and removes the cgroup after.
+fn oom_kill_a_step(engine_memcg: &Path) {
+    let step = engine_memcg.join("buildkit/delta-step");
+    std::fs::create_dir_all(&step).unwrap();
+    let limit = if step.join("memory.max").exists() { "memory.max" } else { "memory.limit_in_bytes" };
+    std::fs::write(step.join(limit), "33554432").unwrap();
+    let script = format!("echo $$ > {}/cgroup.procs && exec dd if=/dev/zero of=/dev/null bs=128M count=1", step.display());
+    let status = std::process::Command::new("sh").args(["-c", &script]).status().unwrap();
+    assert!(!status.success(), "dd of 128 MiB under a 32 MiB limit was OOM-killed");
+    std::fs::remove_dir(&step).unwrap();
+}
+
+#[tokio::test]
+async fn a_delta_stream_rebuilds_the_state_readyz_shows_at_every_step_of_a_task() {
+    trace_init();
+    let cp = control_plane().initial(vec![pending()]).start();
+    cp.set_health_reporting(pb::HealthReporting { deltas: true, ..Default::default() });
+    let s = static_token_setup(&cp);
+    let mut agent = agent(&s.config).start();
+    let detail = agent.detail_endpoints().await;
+    agree(&cp, &detail, "pending", |r| r["state"] == "pending").await;
+
+    cp.push(buildkit_task("task-deltas", &s.dir.path().join("mnt")));
+    agree(&cp, &detail, "ready", |r| r["state"] == "ready").await;
+
+    let engine = agent.children();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(engine[0] as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    agree(&cp, &detail, "the engine killed and restarted", |r| r["state"] == "ready" && r["engine_restarts"] == 1).await;
+
+    cp.push(pb::register_response::Task::Buildkit(pb::BuildkitTask { task_id: "not valid!".into(), ..Default::default() }));
+    agree(&cp, &detail, "a task rejected", |r| r["tasks_rejected_total"] == 1).await;
+
+    let engine_memcg = support::test_memory_cgroup(s.dir.path()).expect("the engine's memory cgroup");
+    oom_kill_a_step(&engine_memcg);
+    agree(&cp, &detail, "an OOM kill", |r| r["oom_kills_total"].as_u64() >= Some(1)).await;
+    let rec = cp.recorded();
+    assert!(rec.health.iter().flat_map(|h| &h.oom_kills).any(|k| k.container_id == "delta-step"), "the OOM kill itself was delivered");
+
+    // Most reports were deltas, and an idle one is a few bytes.
+    let deltas: Vec<_> = rec.health.iter().zip(&rec.health_sizes).filter(|(h, _)| h.delta).collect();
+    assert!(deltas.len() * 2 > rec.health.len(), "{} deltas of {} reports", deltas.len(), rec.health.len());
+    assert!(!rec.health[0].delta, "the stream opened with a full report");
+
+    // A control plane that wants a full report gets one, once per request.
+    cp.set_health_reporting(pb::HealthReporting { deltas: true, snapshot_request: 1, ..Default::default() });
+    cp.wait_for("a full report for the request", |r| r.health.iter().any(|h| !h.delta && h.snapshot_request == 1)).await;
+    // And one that wants full reports only gets nothing else.
+    cp.set_health_reporting(pb::HealthReporting { deltas: false, ..Default::default() });
+    let asked = cp.recorded().health.len();
+    let rec = cp.wait_for("two reports after full reports were asked for", |r| r.health.len() >= asked + 3).await;
+    assert!(rec.health[asked + 1..].iter().all(|h| !h.delta), "only full reports once deltas were turned off");
+    cp.set_health_reporting(pb::HealthReporting { deltas: true, ..Default::default() });
+
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let rec = cp.wait_for("the drain reported", |r| r.health_state().is_some_and(|h| h.agent_state == pb::AgentState::Draining as i32)).await;
+    assert!(rec.health_protocol_errors.is_empty(), "{:?}", rec.health_protocol_errors);
+    assert_eq!(agent.wait_exit(Duration::from_secs(20)).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn after_a_broken_delta_stream_the_next_one_opens_with_a_full_report() {
+    trace_init();
+    let cp = control_plane().initial(vec![pending()]).start();
+    cp.set_health_reporting(pb::HealthReporting { deltas: true, heartbeat_secs: 1, ..Default::default() });
+    let proxy = support::proxy::ChaosProxy::start(cp.addr);
+    let s = setup(&proxy.url(), &cp.pki.ca_pem, static_token);
+    let _agent = agent(&s.config).start();
+    cp.wait_for("a delta after the first report", |r| r.health.iter().any(|h| h.delta)).await;
+    proxy.reset_established();
+    let rec =
+        cp.wait_for("a second health stream with a report", |r| r.health_streams_opened >= 2 && r.health.iter().filter(|h| h.sequence == 1).count() >= 2).await;
+    assert!(rec.health.iter().filter(|h| h.sequence == 1).all(|h| !h.delta), "every stream opened with a full report");
+    assert!(rec.health_protocol_errors.is_empty(), "{:?}", rec.health_protocol_errors);
+    assert_eq!(rec.health_state().unwrap().agent_state, pb::AgentState::Pending as i32);
+}

@@ -33,6 +33,20 @@ pub struct Recorded {
     /// Calls that came with a wrong or missing bearer token.
     pub unauthorized: usize,
     pub health_streams_opened: usize,
+    /// The agent's state as the control plane knows it after each health
+    /// report, rebuilt from the full reports and deltas of its stream (one
+    /// entry per report; the event lists are not state and stay empty).
+    pub health_states: Vec<pb::HealthReport>,
+    /// Reports that broke the delta protocol: a delta with no full report
+    /// before it on its stream, a sequence out of order.
+    pub health_protocol_errors: Vec<String>,
+}
+
+impl Recorded {
+    /// The agent's state as the control plane knows it now.
+    pub fn health_state(&self) -> Option<&pb::HealthReport> {
+        self.health_states.last()
+    }
 }
 
 type TaskSender = mpsc::Sender<Result<pb::RegisterResponse, Status>>;
@@ -49,6 +63,8 @@ struct Shared {
     expected_static_token: Option<String>,
     /// The task stream sends its headers and then nothing: no task, no keepalive.
     silent: bool,
+    /// The health report format every registration is told.
+    health_reporting: Arc<Mutex<Option<pb::HealthReporting>>>,
 }
 
 pub const MACHINE_ID: &str = "machine-0001";
@@ -88,8 +104,9 @@ impl MachineService for Shared {
         }
         let (tx, rx) = mpsc::channel(16);
         if !self.silent {
+            let reporting = *self.health_reporting.lock().unwrap();
             for task in self.initial.lock().unwrap().iter() {
-                tx.try_send(Ok(response(task.clone()))).unwrap();
+                tx.try_send(Ok(pb::RegisterResponse { health_reporting: reporting, ..response(task.clone()) })).unwrap();
             }
             // As the protocol asks: something at least every keepalive_interval_secs.
             if msg.keepalive_interval_secs > 0 {
@@ -121,6 +138,8 @@ impl MachineService for Shared {
         self.record(|r| r.health_streams_opened += 1);
         let mut stream = req.into_inner();
         let mut terminate = self.terminate.subscribe();
+        // What this stream has told so far: deltas apply to it.
+        let mut state: Option<pb::HealthReport> = None;
         loop {
             if *terminate.borrow_and_update() {
                 return Ok(Response::new(pb::HealthResponse { should_terminate: true }));
@@ -128,6 +147,20 @@ impl MachineService for Shared {
             tokio::select! {
                 msg = stream.next() => match msg {
                     Some(Ok(report)) => self.record(|r| {
+                        let expected = state.as_ref().map_or(1, |s| s.sequence + 1);
+                        if report.sequence != expected {
+                            r.health_protocol_errors.push(format!("sequence {} where {expected} was due", report.sequence));
+                        }
+                        match state.as_mut() {
+                            Some(held) => machine_agent::control::health_delta::apply(held, &report),
+                            None if report.delta => r.health_protocol_errors.push(format!("a delta (sequence {}) opened the stream", report.sequence)),
+                            None => {
+                                let mut held = pb::HealthReport::default();
+                                machine_agent::control::health_delta::apply(&mut held, &report);
+                                state = Some(held);
+                            }
+                        }
+                        r.health_states.extend(state.clone());
                         r.health_sizes.push(report.encoded_len());
                         r.health_arrivals.push(tokio::time::Instant::now());
                         r.health.push(report);
@@ -251,6 +284,7 @@ impl DoubleBuilder {
             terminate: watch::channel(false).0,
             expected_static_token: self.expected_static_token,
             silent: self.silent,
+            health_reporting: Default::default(),
         };
         let identity = tonic::transport::Identity::from_pem(&pki.server_cert_pem, &pki.server_key_pem);
         let service = MachineServiceServer::new(shared.clone());
@@ -326,6 +360,18 @@ impl ControlPlaneDouble {
         tx.try_send(Ok(message)).unwrap();
     }
 
+    /// Tells the agent, now and on every later registration, how to send its
+    /// health reports (a message with only `health_reporting` on the newest
+    /// task stream).
+    pub fn set_health_reporting(&self, reporting: pb::HealthReporting) {
+        *self.shared.health_reporting.lock().unwrap() = Some(reporting);
+        let tx = self.shared.task_stream.lock().unwrap().clone();
+        if let Some(tx) = tx {
+            let message = pb::RegisterResponse { health_reporting: Some(reporting), ..Default::default() };
+            tx.try_send(Ok(message)).unwrap();
+        }
+    }
+
     /// Sends every task on the newest task stream, as fast as the stream
     /// takes them (waiting when it is full); returns how many were sent.
     pub async fn push_all(&self, tasks: impl IntoIterator<Item = pb::register_response::Task>) -> usize {
@@ -368,13 +414,15 @@ impl Drop for ControlPlaneDouble {
 
 fn summary(r: &Recorded) -> String {
     format!(
-        "registrations={} (attempts {}) health={} usage={} shutdowns={} unauthorized={} health_streams={}",
+        "registrations={} (attempts {}) health={} usage={} shutdowns={} unauthorized={} health_streams={} health_protocol_errors={:?} last health state: {:?}",
         r.registrations.len(),
         r.registration_attempts.len(),
         r.health.len(),
         r.usage.len(),
         r.shutdowns.len(),
         r.unauthorized,
-        r.health_streams_opened
+        r.health_streams_opened,
+        r.health_protocol_errors,
+        r.health_state().map(|h| (h.agent_state, h.engine_state, h.engine_restarts, &h.task_id, h.oom_kills_total))
     )
 }

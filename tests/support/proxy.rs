@@ -9,7 +9,7 @@
 
 use super::WAIT;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, watch};
@@ -37,6 +37,9 @@ struct Shared {
     stall_new: AtomicBool,
     counts: watch::Sender<ProxyCounts>,
     breaks: broadcast::Sender<Break>,
+    /// Bytes forwarded, both directions together: what the agent's
+    /// connections cost on the wire (TLS, HTTP/2 and gRPC framing included).
+    wire_bytes: AtomicU64,
 }
 
 /// A running proxy. Dropping it closes every connection it holds.
@@ -55,6 +58,7 @@ impl ChaosProxy {
             stall_new: AtomicBool::new(false),
             counts: watch::channel(ProxyCounts::default()).0,
             breaks: broadcast::channel(16).0,
+            wire_bytes: AtomicU64::new(0),
         });
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -91,6 +95,11 @@ impl ChaosProxy {
     /// Every connection established now is closed with a RST on both sides.
     pub fn reset_established(&self) {
         let _ = self.shared.breaks.send(Break::Reset);
+    }
+
+    /// Bytes forwarded so far, both directions (TCP/IP headers not included).
+    pub fn wire_bytes(&self) -> u64 {
+        self.shared.wire_bytes.load(Ordering::SeqCst)
     }
 
     pub fn counts(&self) -> ProxyCounts {
@@ -150,9 +159,16 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 async fn forward(mut client: TcpStream, mut breaks: broadcast::Receiver<Break>, shared: Arc<Shared>) {
     let Ok(mut upstream) = TcpStream::connect(shared.upstream).await else { return };
     shared.counts.send_modify(|c| c.forwarded += 1);
-    let command = tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => return,
-        command = breaks.recv() => command,
+    let command = {
+        let (client_read, client_write) = client.split();
+        let (upstream_read, upstream_write) = upstream.split();
+        let both_ways = async {
+            tokio::join!(pump(client_read, upstream_write, &shared.wire_bytes), pump(upstream_read, client_write, &shared.wire_bytes));
+        };
+        tokio::select! {
+            () = both_ways => return,
+            command = breaks.recv() => command,
+        }
     };
     match command {
         Ok(Break::BlackHole) => {
@@ -165,4 +181,22 @@ async fn forward(mut client: TcpStream, mut breaks: broadcast::Receiver<Break>, 
             let _ = upstream.set_zero_linger();
         }
     }
+}
+
+/// Copies `from` to `to` until `from` ends, counting the bytes, then shuts `to`
+/// for writing (as copy_bidirectional does).
+async fn pump(mut from: impl tokio::io::AsyncRead + Unpin, mut to: impl tokio::io::AsyncWrite + Unpin, counted: &AtomicU64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        counted.fetch_add(n as u64, Ordering::SeqCst);
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+    let _ = to.shutdown().await;
 }

@@ -1,0 +1,141 @@
+//! What the health stream costs on the wire and how soon the control plane
+//! learns that a builder is ready.
+//!
+//! 1. Bytes a second between the agent and the control-plane double, counted
+//!    by a TCP proxy between them (TLS, HTTP/2 and gRPC framing, keepalives,
+//!    the task stream's keepalives, both directions; TCP/IP headers not
+//!    included): idle pending, then idle ready (engine = `sleep`), each for
+//!    BENCH_SECS (default 60), with full reports every second (what a control
+//!    plane that does not ask for deltas gets, and what the previous release
+//!    always sent) and with deltas.
+//! 2. Control-plane-visible readiness: a real buildkitd started by the agent;
+//!    from the moment its socket accepts (a thread connecting in a tight loop)
+//!    to the arrival at the double of the first report that makes its state
+//!    `ready`; BENCH_RUNS runs (default 30), median and p95.
+//!
+//! `cargo bench --bench health_wire` (root, after scripts/install-buildkit.sh).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a bench fails loudly
+#![allow(clippy::disallowed_types)] // wall-clock timing is the point of a bench; no paused clock here
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use machine_agent::proto::v1 as pb;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use support::control_plane::{buildkit_task, control_plane, ControlPlaneDouble};
+use support::engine::World;
+use support::proxy::ChaosProxy;
+use support::{agent, base_config, engine_socket, write_private};
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+/// The agent config of the wire bench, dialling the control plane through `proxy`.
+fn wire_config(dir: &std::path::Path, cp: &ControlPlaneDouble, proxy: &ChaosProxy) -> PathBuf {
+    let token = dir.join("token");
+    write_private(&token, "bench-bootstrap-token");
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &cp.pki.ca_pem).unwrap();
+    let config = dir.join("config.toml");
+    let text = format!(
+        "{}\n[control_plane]\nurl = \"{}\"\nca_bundle = \"{}\"\n[identity]\nmode = \"static_token\"\ntoken_file = \"{}\"\n",
+        base_config(dir).replace("usage_interval_secs = 2", "usage_interval_secs = 60"),
+        proxy.url(),
+        ca.display(),
+        token.display()
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
+/// Wire bytes a second over `secs`.
+async fn rate(proxy: &ChaosProxy, secs: u64) -> f64 {
+    let start = proxy.wire_bytes();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    (proxy.wire_bytes() - start) as f64 / secs as f64
+}
+
+/// (pending, ready) wire bytes a second, with or without deltas.
+async fn wire(deltas: bool, secs: u64) -> (f64, f64) {
+    let cp = control_plane().start();
+    if deltas {
+        cp.set_health_reporting(pb::HealthReporting { deltas: true, ..Default::default() });
+    }
+    let proxy = ChaosProxy::start(cp.addr);
+    let dir = tempfile::tempdir().unwrap();
+    let config = wire_config(dir.path(), &cp, &proxy);
+    let _agent = agent(&config).env("MACHINE_AGENT_LOG", "warn").start();
+    cp.wait_for("registration", |r| !r.registrations.is_empty()).await;
+    cp.wait_for("pending", |r| r.health_state().is_some_and(|h| h.agent_state == pb::AgentState::Pending as i32)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pending = rate(&proxy, secs).await;
+    cp.push(buildkit_task("bench", &dir.path().join("mnt")));
+    cp.wait_for("ready", |r| r.health_state().is_some_and(|h| h.agent_state == pb::AgentState::Ready as i32)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ready = rate(&proxy, secs).await;
+    assert!(cp.recorded().health_protocol_errors.is_empty());
+    (pending, ready)
+}
+
+/// When the engine's socket first accepts, seen from a thread connecting without pause.
+fn detect_accepting(socket: PathBuf) -> std::thread::JoinHandle<Instant> {
+    std::thread::spawn(move || {
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            if UnixStream::connect(&socket).is_ok() {
+                return Instant::now();
+            }
+            assert!(Instant::now() < give_up, "{} never accepted", socket.display());
+            std::thread::yield_now();
+        }
+    })
+}
+
+/// Socket accepts -> the control plane's state says ready, one run.
+async fn readiness_once() -> Duration {
+    let w = World::new();
+    let cp = control_plane().initial(vec![buildkit_task("bench-ready", &w.root.join("mnt"))]).start();
+    cp.set_health_reporting(pb::HealthReporting { deltas: true, ..Default::default() });
+    w.use_control_plane(&cp);
+    let accepting = detect_accepting(engine_socket(&w.root));
+    let _agent = agent(&w.config).env("MACHINE_AGENT_LOG", "warn").start();
+    let rec = cp.wait_for_within(Duration::from_secs(60), "ready", |r| r.health_state().is_some_and(|h| h.agent_state == pb::AgentState::Ready as i32)).await;
+    let first_ready = rec.health_states.iter().position(|h| h.agent_state == pb::AgentState::Ready as i32).unwrap();
+    let arrived = rec.health_arrivals[first_ready].into_std();
+    let accepted = accepting.join().unwrap();
+    arrived.saturating_duration_since(accepted)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let secs = env_or("BENCH_SECS", 60);
+    let runs = env_or("BENCH_RUNS", 30) as usize;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async move {
+        println!("health stream on the wire, {secs} s per phase (bytes/s, both directions, TLS + HTTP/2 + gRPC)");
+        println!("{:<34} {:>12} {:>12}", "", "idle pending", "idle ready");
+        for deltas in [false, true] {
+            let (pending, ready) = wire(deltas, secs).await;
+            let name = if deltas { "deltas (HealthReporting.deltas)" } else { "full reports at 1 Hz (previous)" };
+            println!("{name:<34} {pending:>12.1} {ready:>12.1}");
+        }
+        let mut latencies = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            latencies.push(readiness_once().await);
+        }
+        latencies.sort_unstable();
+        println!(
+            "socket accepts -> control plane has ready, {runs} runs: median {:.1} ms, p95 {:.1} ms, min {:.1} ms, max {:.1} ms",
+            percentile(&latencies, 0.5).as_secs_f64() * 1e3,
+            percentile(&latencies, 0.95).as_secs_f64() * 1e3,
+            latencies[0].as_secs_f64() * 1e3,
+            latencies[runs - 1].as_secs_f64() * 1e3
+        );
+    });
+}
