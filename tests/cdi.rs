@@ -127,3 +127,37 @@ async fn a_device_no_spec_defines_or_a_malformed_name_is_a_task_error_naming_the
         }
     }
 }
+
+#[tokio::test]
+async fn from_the_control_plane_an_undefined_device_is_rejected_and_the_health_stream_lists_the_workers_devices() {
+    use machine_agent::proto::v1 as pb;
+    use support::control_plane::{buildkit_task, control_plane};
+    let (w, _) = cdi_world(&[]);
+    let cp = control_plane().start();
+    w.use_control_plane(&cp);
+    let agent = support::agent(&w.config).start();
+    cp.wait_for("a registration", |r| !r.registrations.is_empty()).await;
+
+    let with_devices = |id: &str, devices: &[&str]| {
+        let mut task = buildkit_task(id, &w.root.join("mnt"));
+        if let pb::register_response::Task::Buildkit(t) = &mut task {
+            t.devices = devices.iter().map(|d| d.to_string()).collect();
+        }
+        task
+    };
+    cp.push(with_devices("task-missing-device", &[DEVICE, "cdi.example/probe=missing"]));
+    let line = agent.wait_for_log("task rejected").await;
+    assert!(line.contains("buildkit.devices[1]") && line.contains("not defined by any CDI spec"), "{line}");
+    cp.wait_for("the rejection in a health report", |r| r.health.iter().any(|h| h.last_task_rejection.contains("buildkit.devices[1]"))).await;
+    assert!(agent.children().is_empty(), "no engine for a rejected task");
+
+    cp.push(with_devices("task-with-device", &[DEVICE]));
+    let recorded = cp
+        .wait_for_within(std::time::Duration::from_secs(90), "the worker's devices in a health report", |r| {
+            r.health.iter().any(|h| h.agent_state == pb::AgentState::Ready as i32 && !h.devices.is_empty())
+        })
+        .await;
+    let report = recorded.health.iter().rev().find(|h| !h.devices.is_empty()).unwrap();
+    assert_eq!(report.devices, [DEVICE, UNUSED_DEVICE]);
+    drop(agent);
+}
