@@ -1556,6 +1556,7 @@ file = { path = "/var/lib/machine-agent/volumes/pr-17.img", size_bytes = 1073741
             env_count in prop_oneof![0usize..70, Just(MAX_ENGINE_ENV + 1), Just(50_000usize)],
             key in hostile_text(), value in hostile_text(), path in hostile_text(),
             rbd_text in hostile_text(), rbd_field in 0usize..9, monitor_count in prop_oneof![0usize..3, Just(rbd::MAX_MONITORS + 1), Just(100_000usize)],
+            device_count in prop_oneof![0usize..4, Just(MAX_DEVICES + 1), Just(100_000usize)], device in hostile_text(), endpoint in hostile_text(),
         ) -> pb::BuildkitTask {
             // Floods repeat a short text (a 1 MiB message holds no more); one long
             // text rides in the first option, variable and the mount path.
@@ -1574,6 +1575,11 @@ file = { path = "/var/lib/machine-agent/volumes/pr-17.img", size_bytes = 1073741
             if env_count > 0 {
                 t.engine_env.insert(key, value);
             }
+            t.devices = vec![short(&device); device_count.saturating_sub(1)];
+            if device_count > 0 {
+                t.devices.push(device);
+            }
+            t.trace_endpoint = endpoint;
             // One RBD mount with a good shape, one field of it hostile, and a monitor flood.
             let mut r = rbd::tests::good_rbd();
             r.monitors = vec![short(&rbd_text); monitor_count];
