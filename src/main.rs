@@ -104,9 +104,11 @@ fn main() -> ExitCode {
 
 fn check(config_path: &std::path::Path, task_path: Option<&std::path::Path>) -> Exit {
     let mut ok = true;
+    let mut spec_dirs = None;
     let limits = match Config::load(config_path, &ProcessEnv) {
         Ok(config) => {
             say!("{}: ok", config_path.display());
+            spec_dirs = Some(config.engine.cdi.spec_dirs.clone());
             Some(config.task_limits())
         }
         Err(e) => {
@@ -122,9 +124,15 @@ fn check(config_path: &std::path::Path, task_path: Option<&std::path::Path>) -> 
             allowed_backing_dirs: vec!["/".into()],
             reserved_paths: vec![],
             allowed_engine_env: Default::default(),
+            trace_endpoints: Default::default(),
         });
-        match load_task_file(task_path, &limits) {
-            Ok(_) => say!("{}: ok", task_path.display()),
+        // The devices against this machine's CDI specs, when the config says where they are.
+        let checked = load_task_file(task_path, &limits).and_then(|task| match &spec_dirs {
+            Some(dirs) => machine_agent::engine::cdi::check_devices(&task.devices, dirs),
+            None => Ok(()),
+        });
+        match checked {
+            Ok(()) => say!("{}: ok", task_path.display()),
             Err(e) => {
                 ok = false;
                 print_task_error(task_path, &e);
@@ -259,6 +267,8 @@ fn exit_code(e: &AgentError) -> Exit {
         AgentError::Instance(LockError::Open { .. } | LockError::Record { .. }) => Exit::Runtime,
         AgentError::Http(_) | AgentError::Control(_) | AgentError::Signals(_) | AgentError::StateDir { .. } | AgentError::DrainIncomplete(_) => Exit::Runtime,
         AgentError::HandedOff => Exit::HandedOff,
+        // A task file naming a device no spec defines: the operator's input, like a bad field.
+        AgentError::Task(_) => Exit::Usage,
     }
 }
 

@@ -87,7 +87,12 @@ struct Shape {
     cgroup_parent: bool,
     cni: bool,
     file_volume_with_gc_overrides: bool,
+    /// A CDI spec dir holding a spec of two devices, the task allowing one of them.
+    cdi_devices: bool,
 }
+
+/// A made-up vendor's CDI spec: two devices that each set a variable.
+const TEST_CDI_SPEC: &str = "cdiVersion: \"0.6.0\"\nkind: render.test/probe\ndevices:\n- name: allowed\n  containerEdits:\n    env:\n    - PROBE=allowed\n- name: other\n  containerEdits:\n    env:\n    - PROBE=other\n";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -135,7 +140,15 @@ impl Engine {
             debug: shape.debug,
             listen_address: format!("127.0.0.1:{port}").parse().unwrap(),
             engine_env: Default::default(),
+            devices: vec![],
+            trace_endpoint: None,
         };
+        let spec_dir = dir.path().join("cdi");
+        if shape.cdi_devices {
+            std::fs::create_dir(&spec_dir).unwrap();
+            std::fs::write(spec_dir.join("probe.yaml"), TEST_CDI_SPEC).unwrap();
+            task.devices = vec!["render.test/probe=allowed".into()];
+        }
         if shape.file_volume_with_gc_overrides {
             task.mounts[0].source = VolumeSource::File { path: "/var/tmp/cache.img".into(), size_bytes: 10 << 30 };
             task.gc = GcOverrides {
@@ -168,6 +181,8 @@ impl Engine {
             // Not created: buildkitd only uses it when a build step runs.
             cgroup_parent: shape.cgroup_parent.then(|| format!("/mar-test-{}", unique())),
             cni,
+            // Without devices, CDI off: the other shapes must not pick up the host's /etc/cdi.
+            cdi_spec_dirs: if shape.cdi_devices { vec![spec_dir] } else { vec![] },
         };
         let rules = machine_agent::gc::backstop::backstop_policy(&task);
         let config = dir.path().join("buildkitd.toml");
@@ -352,6 +367,21 @@ async fn file_volume_and_gc_overrides_reach_buildkit_in_bytes() {
     // 2 x (3 days 30 minutes), and half the 15% watermark of the 10 GiB file.
     assert_eq!(worker["gcPolicy"][0]["keepDuration"].as_u64(), Some(145 * 3600 * 1_000_000_000));
     assert_eq!(worker["gcPolicy"][1]["minFreeSpace"].as_u64(), Some((10u64 << 30) / 100 * 7));
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn cdi_spec_dirs_and_the_tasks_devices_reach_the_worker() {
+    let (engine, _, _) = Engine::start(Shape { cdi_devices: true, ..Shape::default() }).await;
+    let worker = engine.worker().await;
+    let mut devices: Vec<(String, bool)> = worker["cdiDevices"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no cdiDevices in {worker}"))
+        .iter()
+        .map(|d| (d["name"].as_str().unwrap().to_string(), d["autoAllow"].as_bool().unwrap_or(false)))
+        .collect();
+    devices.sort();
+    assert_eq!(devices, [("render.test/probe=allowed".to_string(), true), ("render.test/probe=other".to_string(), false)], "{worker}");
     engine.stop().await;
 }
 

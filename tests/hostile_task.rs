@@ -389,6 +389,7 @@ mod shapes {
             allowed_backing_dirs: vec![ALLOWED.into()],
             reserved_paths: vec![STATE.into(), SOCKET_DIR.into()],
             allowed_engine_env: Default::default(),
+            trace_endpoints: Default::default(),
         }
     }
 

@@ -44,6 +44,14 @@
 #                      (RUNC_SHA256 checks a staged bin/runc the same way)
 #   MA_SKIP_PACKAGES=1 for tests only: skip the runtime package check (a
 #                      temporary MA_ROOT has no dpkg database)
+#
+# GPU images (not done here; see packer/README.md, "GPU builders"): add the
+# NVIDIA driver (Debian non-free nvidia-driver or nvidia-tesla-<branch>-driver,
+# with linux-headers for DKMS) and nvidia-container-toolkit-base from NVIDIA's
+# apt repository (/usr/bin/nvidia-ctk, /usr/bin/nvidia-cdi-hook). The agent
+# generates /var/run/cdi/nvidia.yaml with nvidia-ctk at every start when
+# /proc/driver/nvidia or /dev/nvidia0 exists; tasks then list
+# devices = ["nvidia.com/gpu=all"] and steps use RUN --device=nvidia.com/gpu=all.
 set -euo pipefail
 
 MA_ROOT=${MA_ROOT:-/}

@@ -57,7 +57,11 @@ impl Agent {
                     running = %current.id, offered = %task.id,
                     "a different task arrived while one runs; keeping the running task"
                 ),
-                None => self.accept_task(*task),
+                None => match crate::engine::cdi::check_devices(&task.devices, &self.config.engine.cdi.spec_dirs) {
+                    Ok(()) => self.accept_task(*task),
+                    // Refused like an invalid task: counted, reported, the agent stays as it is.
+                    Err(error) => self.on_task_rejected(&error),
+                },
             },
             ControlEvent::Task(Task::Terminate { reason }) => return Some(format!("terminate task: {reason}")),
             ControlEvent::ShouldTerminate => return Some("should_terminate".into()),
@@ -122,7 +126,8 @@ impl Agent {
                     s.engine_adopted = adopted;
                 });
             }
-            EngineEvent::Ready { .. } => {
+            EngineEvent::Ready { devices, .. } => {
+                self.status.send_modify(|s| s.engine_devices = devices);
                 self.set_engine_state(EngineState::Running);
                 self.metrics.engine_up.set(1);
                 if self.cache_failing.is_some() {

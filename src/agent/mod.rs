@@ -103,6 +103,8 @@ pub enum AgentError {
     DrainIncomplete(String),
     /// handed off: the agent exited without a drain, for the next agent to adopt the engine
     HandedOff,
+    /// {0}
+    Task(crate::task::TaskError),
 }
 
 /// Runs the agent until it has drained. Ok means a clean drain (exit 0).
@@ -135,9 +137,13 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
 
     agent.start_oom_watch(&status_rx, &liveness);
     agent.start_sampler(&status_rx, &liveness);
+    // Before any task is taken: a task's devices are checked against the specs.
+    prepare_cdi(&agent.config.engine.cdi).await;
     match mode {
         Mode::Standalone(task) => {
             info!(task_id = %task.id, "standalone mode: serving the task file, no control plane");
+            // A device no spec defines is the task file's error, like any other field's.
+            crate::engine::cdi::check_devices(&task.devices, &agent.config.engine.cdi.spec_dirs).map_err(AgentError::Task)?;
             agent.accept_task(*task);
         }
         Mode::ControlPlane => agent.start_control_loops(session_tx, &status_rx, &liveness),
@@ -187,6 +193,29 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
             result = &mut drain => return result,
             () = pulse.tick() => {}
         }
+    }
+}
+
+/// Generates the NVIDIA CDI spec where the machine has GPUs and the toolkit,
+/// and says what the spec dirs define. Tolerated when it fails: a builder
+/// without the spec still serves tasks that ask for no GPU, and one that asks
+/// is refused naming the device.
+async fn prepare_cdi(cdi: &crate::engine::cdi::CdiSettings) {
+    use crate::engine::cdi::{generate_nvidia_spec, read_spec_dirs, NvidiaSpec};
+    match generate_nvidia_spec(cdi, Path::new("/")).await {
+        NvidiaSpec::Disabled | NvidiaSpec::NoGpu => {}
+        NvidiaSpec::NoToolkit(ctk) => {
+            warn!(nvidia_ctk = %ctk.display(), "NVIDIA GPUs present but no nvidia-ctk: no GPU spec generated (install nvidia-container-toolkit-base)")
+        }
+        NvidiaSpec::Generated { path, devices } => info!(spec = %path.display(), ?devices, "NVIDIA CDI spec generated"),
+        NvidiaSpec::Failed(error) => warn!(%error, "NVIDIA CDI spec not generated; tasks asking for GPUs will be refused"),
+    }
+    if !cdi.spec_dirs.is_empty() {
+        let scan = read_spec_dirs(&cdi.spec_dirs);
+        for problem in &scan.problems {
+            warn!(%problem, "CDI spec not read");
+        }
+        info!(dirs = ?cdi.spec_dirs, devices = ?scan.devices, "CDI devices on this machine");
     }
 }
 

@@ -66,6 +66,8 @@ pub struct Config {
     pub engine: EngineSettings,
     /// Engine variables a task may set besides the proxy settings (`engine.allowed_task_env`).
     pub allowed_task_env: BTreeSet<String>,
+    /// OTLP/gRPC collectors a task may send the engine's traces to (`engine.trace_endpoints`).
+    pub trace_endpoints: BTreeSet<String>,
     pub gc: GcSettings,
 }
 
@@ -137,6 +139,7 @@ impl Config {
             allowed_backing_dirs: self.volume.allowed_backing_dirs.clone(),
             reserved_paths,
             allowed_engine_env: self.allowed_task_env.clone(),
+            trace_endpoints: self.trace_endpoints.clone(),
         }
     }
 
@@ -247,6 +250,55 @@ mod tests {
         );
         let ok = Config::parse(&format!("{MINIMAL}\n[engine]\nallowed_task_env = [\"ENGINE_MARKER\", \"http2_debug\"]\n"), &env(&[])).unwrap();
         assert_eq!(ok.task_limits().allowed_engine_env, ["ENGINE_MARKER".to_string(), "http2_debug".to_string()].into());
+    }
+
+    #[test]
+    fn trace_endpoints_are_http_or_https_urls_of_a_host_and_port() {
+        let good = ["http://127.0.0.1:4317", "https://otel.internal:4317", "http://[::1]:4317"];
+        let text = format!("{MINIMAL}\n[engine]\ntrace_endpoints = {good:?}\n");
+        let c = Config::parse(&text, &env(&[])).unwrap();
+        assert_eq!(c.task_limits().trace_endpoints, good.iter().map(|s| s.to_string()).collect());
+        assert!(Config::parse(MINIMAL, &env(&[])).unwrap().task_limits().trace_endpoints.is_empty(), "none by default");
+        let bad = [
+            "otel.internal:4317",
+            "grpc://otel:4317",
+            "http://otel.internal",
+            "http://user:pw@otel:4317",
+            "http://otel:4317/v1/traces",
+            "http://otel:4317/",
+            "http://otel:4317?x=1",
+            "http://:4317",
+        ];
+        let text = format!("{MINIMAL}\n[engine]\ntrace_endpoints = {bad:?}\n");
+        let err = Config::parse(&text, &env(&[])).unwrap_err();
+        let fields: Vec<_> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        let expected: Vec<String> = (0..bad.len()).map(|i| format!("engine.trace_endpoints[{i}]")).collect();
+        assert_eq!(fields, expected, "{err}");
+    }
+
+    #[test]
+    fn otel_variables_cannot_be_allowed_for_tasks() {
+        let text = format!("{MINIMAL}\n[engine]\nallowed_task_env = [\"OTEL_EXPORTER_OTLP_ENDPOINT\", \"OTEL_TRACES_EXPORTER\"]\n");
+        let err = Config::parse(&text, &env(&[])).unwrap_err();
+        let fields: Vec<_> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["engine.allowed_task_env[0]", "engine.allowed_task_env[1]"]);
+    }
+
+    #[test]
+    fn cdi_dirs_and_the_nvidia_spec_are_checked() {
+        let c = Config::parse(MINIMAL, &env(&[])).unwrap();
+        assert_eq!(c.engine.cdi.spec_dirs, [PathBuf::from("/etc/cdi"), PathBuf::from("/var/run/cdi")]);
+        assert_eq!(c.engine.cdi.nvidia_spec.as_deref(), Some(Path::new("/var/run/cdi/nvidia.yaml")));
+        let off = Config::parse(&format!("{MINIMAL}\n[engine]\ncdi_spec_dirs = []\ncdi_nvidia_spec = \"\"\n"), &env(&[])).unwrap();
+        assert!(off.engine.cdi.spec_dirs.is_empty() && off.engine.cdi.nvidia_spec.is_none());
+        let text = format!(
+            "{MINIMAL}\n[engine]\ncdi_spec_dirs = [\"relative\", \"/etc/cdi\", \"/etc/cdi\"]\ncdi_nvidia_spec = \"/tmp/nvidia.yaml\"\nnvidia_ctk = \"nvidia-ctk\"\n"
+        );
+        let err = Config::parse(&text, &env(&[])).unwrap_err();
+        let fields: Vec<_> = err.problems().iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["engine.cdi_spec_dirs[0]", "engine.cdi_spec_dirs[2]", "engine.cdi_nvidia_spec", "engine.nvidia_ctk"]);
+        let text = format!("{MINIMAL}\n[engine]\ncdi_nvidia_spec = \"/var/run/cdi/nvidia.yml\"\n");
+        assert!(Config::parse(&text, &env(&[])).is_err(), "the engine reads only .yaml and .json");
     }
 
     #[test]

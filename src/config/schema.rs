@@ -256,6 +256,18 @@ pub(super) struct RawEngine {
     /// Engine variables a task may set besides the proxy settings; empty by default.
     #[serde(default)]
     pub(super) allowed_task_env: Vec<String>,
+    /// OTLP/gRPC collectors a task may send the engine's traces to; none by default.
+    #[serde(default)]
+    pub(super) trace_endpoints: Vec<String>,
+    /// Where the engine looks for CDI specs; empty disables CDI devices.
+    #[serde(default = "default_cdi_spec_dirs")]
+    pub(super) cdi_spec_dirs: Vec<PathBuf>,
+    /// Where the agent writes the NVIDIA spec it generates; "" never generates one.
+    #[serde(default = "default_cdi_nvidia_spec")]
+    pub(super) cdi_nvidia_spec: PathBuf,
+    /// The NVIDIA Container Toolkit's CLI.
+    #[serde(default = "default_nvidia_ctk")]
+    pub(super) nvidia_ctk: PathBuf,
 }
 
 // serde's `default = "..."` takes a function, so each default gets one.
@@ -365,6 +377,20 @@ fn default_engine_crash_loop_restarts() -> u32 {
 fn default_engine_crash_loop_window_secs() -> u64 {
     600
 }
+/// The CDI standard's two places (and BuildKit's defaults): static specs an
+/// image ships in /etc/cdi, specs generated at boot in /var/run/cdi.
+fn default_cdi_spec_dirs() -> Vec<PathBuf> {
+    vec!["/etc/cdi".into(), "/var/run/cdi".into()]
+}
+/// Generated at every start: the driver (and so the spec) may change with an
+/// image update, and /var/run is emptied at boot so a stale spec never lingers.
+fn default_cdi_nvidia_spec() -> PathBuf {
+    "/var/run/cdi/nvidia.yaml".into()
+}
+/// Where the nvidia-container-toolkit-base package puts it.
+fn default_nvidia_ctk() -> PathBuf {
+    "/usr/bin/nvidia-ctk".into()
+}
 
 impl Default for RawEndpoints {
     fn default() -> Self {
@@ -408,6 +434,10 @@ impl Default for RawEngine {
             crash_loop_restarts: default_engine_crash_loop_restarts(),
             crash_loop_window_secs: default_engine_crash_loop_window_secs(),
             allowed_task_env: vec![],
+            trace_endpoints: vec![],
+            cdi_spec_dirs: default_cdi_spec_dirs(),
+            cdi_nvidia_spec: default_cdi_nvidia_spec(),
+            nvidia_ctk: default_nvidia_ctk(),
         }
     }
 }

@@ -14,6 +14,7 @@ use super::{Config, ConfigProblem};
 use crate::backoff::Backoff;
 use crate::control::identity::{Identity, MAX_TOKEN_FILE_BYTES};
 use crate::control::{ControlPlaneSettings, MAX_CA_BUNDLE_BYTES};
+use crate::engine::cdi::CdiSettings;
 use crate::engine::supervise::is_agent_owned_engine_variable;
 use crate::engine::supervise::{ProbeSettings, RestartPolicy};
 use crate::engine::EngineSettings;
@@ -47,6 +48,7 @@ pub(super) fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Con
     state_dir(&raw.agent.state_dir, bad);
     let engine = engine_settings(&raw.engine, bad);
     allowed_task_env(&raw.engine.allowed_task_env, bad);
+    trace_endpoints(&raw.engine.trace_endpoints, bad);
     drain_covers_stop_and_unmount(&raw.agent, &raw.engine, &raw.volume, bad);
     let gc = gc_settings(&raw.gc, bad);
     watermarks_ordered(&raw.gc, bad);
@@ -69,6 +71,7 @@ pub(super) fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Con
         state_dir: a.state_dir,
         engine,
         allowed_task_env: raw.engine.allowed_task_env.iter().cloned().collect(),
+        trace_endpoints: raw.engine.trace_endpoints.iter().cloned().collect(),
         gc,
     }
 }
@@ -355,6 +358,7 @@ fn engine_settings(e: &RawEngine, bad: &mut impl FnMut(&str, String)) -> EngineS
     check_range(bad, "engine.restart_stable_secs", e.restart_stable_secs, 1, 86_400);
     check_range(bad, "engine.crash_loop_restarts", u64::from(e.crash_loop_restarts), 1, 1000);
     check_range(bad, "engine.crash_loop_window_secs", e.crash_loop_window_secs, 1, 86_400);
+    let cdi = cdi_settings(e, bad);
     EngineSettings {
         binary: e.binary.clone(),
         args: e.args.clone(),
@@ -375,7 +379,94 @@ fn engine_settings(e: &RawEngine, bad: &mut impl FnMut(&str, String)) -> EngineS
             crash_window: Duration::from_secs(e.crash_loop_window_secs),
             crash_limit: e.crash_loop_restarts,
         },
+        cdi,
     }
+}
+
+/// More spec dirs than this is a typo'd list, not a machine.
+const MAX_CDI_SPEC_DIRS: usize = 8;
+
+/// `engine.cdi_spec_dirs`, `engine.cdi_nvidia_spec`, `engine.nvidia_ctk`: the
+/// dirs clean absolute paths, each once; the NVIDIA spec a `.yaml` or `.json`
+/// file directly in one of them (the engine reads nothing else); the tool an
+/// absolute path (it need not exist: machines without GPUs lack it).
+fn cdi_settings(e: &RawEngine, bad: &mut impl FnMut(&str, String)) -> CdiSettings {
+    if e.cdi_spec_dirs.len() > MAX_CDI_SPEC_DIRS {
+        bad("engine.cdi_spec_dirs", format!("expected at most {MAX_CDI_SPEC_DIRS} directories, got {}", e.cdi_spec_dirs.len()));
+    }
+    for (i, dir) in e.cdi_spec_dirs.iter().enumerate().take(MAX_CDI_SPEC_DIRS) {
+        let field = format!("engine.cdi_spec_dirs[{i}]");
+        if let Err(problem) = check_clean_absolute(dir) {
+            bad(&field, problem);
+        } else if dir.to_str().is_none() {
+            bad(&field, "not valid UTF-8 (buildkitd.toml is)".into());
+        } else if e.cdi_spec_dirs[..i].contains(dir) {
+            bad(&field, format!("{} is named twice", dir.display()));
+        }
+    }
+    let nvidia_spec = (!e.cdi_nvidia_spec.as_os_str().is_empty()).then(|| e.cdi_nvidia_spec.clone());
+    if let Some(spec) = &nvidia_spec {
+        let in_a_dir = spec.parent().is_some_and(|parent| e.cdi_spec_dirs.iter().any(|d| d == parent));
+        let suffix_ok = matches!(spec.extension().and_then(|x| x.to_str()), Some("yaml" | "json"));
+        if let Err(problem) = check_clean_absolute(spec) {
+            bad("engine.cdi_nvidia_spec", problem);
+        } else if !in_a_dir || !suffix_ok {
+            bad(
+                "engine.cdi_nvidia_spec",
+                format!("expected a .yaml or .json file directly in one of engine.cdi_spec_dirs (or \"\" to never generate one), got {}", spec.display()),
+            );
+        }
+    }
+    if let Err(problem) = check_clean_absolute(&e.nvidia_ctk) {
+        bad("engine.nvidia_ctk", problem);
+    }
+    CdiSettings { spec_dirs: e.cdi_spec_dirs.iter().take(MAX_CDI_SPEC_DIRS).cloned().collect(), nvidia_spec, nvidia_ctk: e.nvidia_ctk.clone() }
+}
+
+/// A handful of collectors per fleet; a list of hundreds is a mistake.
+const MAX_TRACE_ENDPOINTS: usize = 16;
+
+/// `engine.trace_endpoints`: OTLP/gRPC collectors a task may name, each an
+/// `http://` (plaintext) or `https://` (TLS) URL of a host and an explicit
+/// port, nothing else (no user, path, query): what BuildKit's gRPC exporter dials.
+fn trace_endpoints(endpoints: &[String], bad: &mut impl FnMut(&str, String)) {
+    if endpoints.len() > MAX_TRACE_ENDPOINTS {
+        bad("engine.trace_endpoints", format!("expected at most {MAX_TRACE_ENDPOINTS} endpoints, got {}", endpoints.len()));
+        return;
+    }
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        let field = format!("engine.trace_endpoints[{i}]");
+        if let Err(problem) = check_trace_endpoint(endpoint) {
+            bad(&field, format!("{problem}; expected http://host:port or https://host:port, got {:?}", excerpt(endpoint, 128)));
+        } else if endpoints[..i].contains(endpoint) {
+            bad(&field, format!("{endpoint} is named twice"));
+        }
+    }
+}
+
+/// One trace endpoint's shape. Pure.
+fn check_trace_endpoint(endpoint: &str) -> Result<(), &'static str> {
+    if endpoint.len() > crate::task::MAX_TRACE_ENDPOINT_BYTES {
+        return Err("too long");
+    }
+    let uri: http::Uri = endpoint.parse().map_err(|_| "not a URL")?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err("the scheme must be http or https");
+    }
+    let authority = uri.authority().ok_or("no host")?;
+    if authority.as_str().contains('@') {
+        return Err("a user in the URL");
+    }
+    if authority.host().is_empty() {
+        return Err("no host");
+    }
+    if authority.port_u16().is_none_or(|p| p == 0) {
+        return Err("no port (OTLP/gRPC listens on 4317 by convention; say it)");
+    }
+    if uri.path_and_query().is_some_and(|pq| pq.as_str() != "/" && !pq.as_str().is_empty()) || endpoint.ends_with('/') {
+        return Err("a path or query (the gRPC exporter dials host:port only)");
+    }
+    Ok(())
 }
 
 /// `agent.drain_timeout_secs` leaves room to stop the engine and then unmount.

@@ -345,7 +345,7 @@ pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64) -> pb::Hea
         cache_reset: status.cache_reset.clone(),
         step_records: Vec::new(),
         step_records_dropped_total: 0,
-        devices: Vec::new(),
+        devices: status.engine_devices.clone(),
         sequence: 0,
         delta: false,
         changed_fields: Vec::new(),

@@ -72,6 +72,8 @@ pub struct Worker {
     pub labels: BTreeMap<String, String>,
     /// The BuildKit release that runs the worker, when the engine says.
     pub version: Option<EngineVersion>,
+    /// The CDI devices it lists, by fully qualified name, in its order.
+    pub devices: Vec<String>,
 }
 
 /// BuildKit's release, as the engine reports it.
@@ -124,6 +126,8 @@ pub struct ReadyInfo {
     pub workers: usize,
     /// Their ids, in the engine's order.
     pub worker_ids: Vec<String>,
+    /// The CDI devices the workers list, each once, sorted.
+    pub devices: Vec<String>,
     /// Connect attempts it took.
     pub attempts: u32,
 }
@@ -326,7 +330,15 @@ async fn ready_attempt(socket: &Path, remaining: Duration) -> Result<ReadyInfo, 
         None => client.info().await?.version,
     };
     let client = client.with_call_timeout(DEFAULT_CALL_TIMEOUT);
-    Ok(ReadyInfo { client, version, workers: workers.len(), worker_ids: workers.into_iter().map(|w| w.id).collect(), attempts: 0 })
+    let devices: std::collections::BTreeSet<String> = workers.iter().flat_map(|w| w.devices.iter().cloned()).collect();
+    Ok(ReadyInfo {
+        client,
+        version,
+        workers: workers.len(),
+        worker_ids: workers.into_iter().map(|w| w.id).collect(),
+        devices: devices.into_iter().collect(),
+        attempts: 0,
+    })
 }
 
 /// One containerd-style filter per id, `id==<id>`: BuildKit ORs the entries
@@ -346,7 +358,12 @@ pub fn prune_filters(ids: &[String]) -> Result<Vec<String>, ClientError> {
 }
 
 fn worker_from_pb(w: pb::types::WorkerRecord) -> Worker {
-    Worker { id: w.id, labels: w.labels.into_iter().collect(), version: w.buildkit_version.map(version_from_pb) }
+    Worker {
+        id: w.id,
+        labels: w.labels.into_iter().collect(),
+        version: w.buildkit_version.map(version_from_pb),
+        devices: w.cdi_devices.into_iter().map(|d| d.name).collect(),
+    }
 }
 
 fn version_from_pb(v: pb::types::BuildkitVersion) -> EngineVersion {

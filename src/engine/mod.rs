@@ -6,6 +6,8 @@
 //! - [`supervise`] spawns, probes, restarts and stops the process;
 //! - [`client`] is the native BuildKit client the probes and the GC use.
 
+/// CDI devices for build steps: spec dirs, the task's devices checked, the NVIDIA spec generated.
+pub mod cdi;
 /// The engine's memory cgroup (v2 or v1).
 pub mod cgroup;
 /// BuildKit's own gRPC API (Control, health) over the engine's unix socket.
@@ -65,6 +67,8 @@ pub struct EngineSettings {
     pub ready_timeout: Duration,
     pub probe: supervise::ProbeSettings,
     pub restart: supervise::RestartPolicy,
+    /// CDI spec dirs and the NVIDIA spec.
+    pub cdi: cdi::CdiSettings,
 }
 
 /// A supervised engine and what was made for it.
@@ -138,6 +142,7 @@ pub fn start(
         tls: tls_paths,
         cgroup_parent: cgroup.as_ref().map(|c| c.relative.clone()),
         cni: None,
+        cdi_spec_dirs: config.cdi.spec_dirs.clone(),
     };
     let text = render::render(task, &layout, backstop)?;
     crate::fsutil::write_atomic(&files.config, text.as_bytes(), 0o600).map_err(|source| EngineError::Write { path: files.config.clone(), source })?;
@@ -147,12 +152,14 @@ pub fn start(
     let otel_socket = config.socket.with_file_name("otel-grpc.sock");
     let mut args = vec!["--config".to_string(), files.config.display().to_string(), "--otel-socket-path".to_string(), otel_socket.display().to_string()];
     args.extend(config.args.iter().cloned());
-    let digest = start_digest(&config.binary, &args, &task.engine_env, &text, task);
+    let agent_env = trace_environment(task.trace_endpoint.as_deref());
+    let digest = start_digest(&config.binary, &args, &task.engine_env, &agent_env, &text, task);
     let spec = EngineSpec {
         digest,
         binary: config.binary.clone(),
         args,
         env: task.engine_env.clone(),
+        agent_env,
         root,
         socket: config.socket.clone(),
         pidfile: files.pidfile.clone(),
@@ -166,11 +173,31 @@ pub fn start(
     Ok(StartedEngine { supervisor, cgroup, config_path: files.config })
 }
 
+/// The variables that send the engine's traces to `endpoint` (an entry of the
+/// config's allow-list, which the task named). BuildKit's exporter
+/// (util/tracing/detect/otlp.go) turns on when a traces endpoint is set and
+/// speaks the protocol named; only the traces variables are set, so the
+/// engine's metrics are not sent too (OTEL_EXPORTER_OTLP_ENDPOINT would do
+/// both). An `http://` endpoint is plaintext gRPC, `https://` TLS.
+pub fn trace_environment(endpoint: Option<&str>) -> Vec<(String, String)> {
+    match endpoint {
+        None => vec![],
+        Some(endpoint) => vec![("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".into(), endpoint.into()), ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL".into(), "grpc".into())],
+    }
+}
+
 /// SHA-256 (hex) of everything an engine is started with: binary, arguments,
 /// environment, the rendered config, the TLS material and the mounts. Equal
 /// digests mean a running engine already serves this task as this agent
 /// would start it, so a restarted agent adopts it instead of restarting it.
-pub fn start_digest(binary: &Path, args: &[String], env: &std::collections::BTreeMap<String, String>, config_text: &str, task: &BuildkitTask) -> String {
+pub fn start_digest(
+    binary: &Path,
+    args: &[String],
+    env: &std::collections::BTreeMap<String, String>,
+    agent_env: &[(String, String)],
+    config_text: &str,
+    task: &BuildkitTask,
+) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut add = |part: &[u8]| {
         // Length-prefixed, so no two different inputs concatenate alike.
@@ -181,7 +208,9 @@ pub fn start_digest(binary: &Path, args: &[String], env: &std::collections::BTre
     for arg in args {
         add(arg.as_bytes());
     }
-    for (name, value) in env {
+    // The agent's variables after the task's: none without a trace endpoint,
+    // so an engine started without one keeps the digest it always had.
+    for (name, value) in env.iter().chain(agent_env.iter().map(|(n, v)| (n, v))) {
         add(name.as_bytes());
         add(value.as_bytes());
     }

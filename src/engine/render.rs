@@ -24,6 +24,13 @@
 //!   with binary units ("10GB" = 10 GiB) or a percentage of the filesystem
 //!   holding `root` ("5%"); we write integer bytes or "N%".
 //!
+//! - `[cdi] disabled`, `specDirs`, `autoAllowed` (cmd/buildkitd/config's
+//!   `CDIConfig`). An empty or absent `specDirs` means BuildKit's defaults
+//!   (/etc/cdi, /var/run/cdi), so with no dirs configured CDI is disabled
+//!   outright. `autoAllowed` holds the task's devices: a build may use those
+//!   without the client granting the `device` entitlement (which this engine
+//!   never lets a client grant), and no others.
+//!
 //! Network mode is always written: BuildKit's default "auto" picks CNI when a
 //! config exists at its default path (/etc/buildkit/cni.json) and host
 //! networking otherwise, so what the engine does would depend on stray files.
@@ -52,6 +59,8 @@ pub struct EngineLayout {
     pub cgroup_parent: Option<String>,
     /// CNI networking for build steps; None means host networking.
     pub cni: Option<CniPaths>,
+    /// `[cdi] specDirs`: where the engine reads CDI specs; empty disables CDI.
+    pub cdi_spec_dirs: Vec<PathBuf>,
 }
 
 /// `networkMode = "cni"` and where its config and plugins are.
@@ -120,6 +129,16 @@ struct Config<'a> {
     debug: bool,
     grpc: Grpc<'a>,
     worker: Workers<'a>,
+    cdi: Cdi<'a>,
+}
+
+#[derive(Serialize)]
+struct Cdi<'a> {
+    disabled: bool,
+    #[serde(rename = "specDirs", skip_serializing_if = "Vec::is_empty")]
+    spec_dirs: Vec<&'a str>,
+    #[serde(rename = "autoAllowed", skip_serializing_if = "<[String]>::is_empty")]
+    auto_allowed: &'a [String],
 }
 
 #[derive(Serialize)]
@@ -212,6 +231,8 @@ pub fn render(task: &BuildkitTask, layout: &EngineLayout, gc: &[GcBackstopRule])
         return Err(RenderError::NoGcRules);
     }
     let gcpolicy = gc.iter().enumerate().map(|(index, rule)| gc_policy(index, rule)).collect::<Result<Vec<_>, _>>()?;
+    let spec_dirs = layout.cdi_spec_dirs.iter().map(|d| path_str("cdi_spec_dirs", d)).collect::<Result<Vec<_>, _>>()?;
+    let cdi = Cdi { disabled: spec_dirs.is_empty(), spec_dirs, auto_allowed: &task.devices };
 
     let config = Config {
         root,
@@ -231,6 +252,7 @@ pub fn render(task: &BuildkitTask, layout: &EngineLayout, gc: &[GcBackstopRule])
             },
             containerd: Containerd { enabled: false },
         },
+        cdi,
     };
     Ok(toml::to_string(&config)?)
 }
@@ -310,6 +332,8 @@ pub(crate) mod tests {
             debug: false,
             listen_address: "0.0.0.0:8372".parse().unwrap(),
             engine_env: Default::default(),
+            devices: vec![],
+            trace_endpoint: None,
         }
     }
 
@@ -320,6 +344,7 @@ pub(crate) mod tests {
             tls: TlsPaths::in_dir(Path::new("/var/lib/machine-agent/engine/tls")),
             cgroup_parent: None,
             cni: None,
+            cdi_spec_dirs: vec!["/etc/cdi".into(), "/var/run/cdi".into()],
         }
     }
 
@@ -365,8 +390,18 @@ pub(crate) mod tests {
         };
         let overrides = (t, layout());
 
+        let mut t = task();
+        t.devices = vec!["nvidia.com/gpu=all".into(), "vendor.example/class=name".into()];
+        let devices = (t, layout());
+
+        let mut l = layout();
+        l.cdi_spec_dirs = vec![];
+        let no_cdi = (task(), l);
+
         vec![
             ("minimal", minimal.0, minimal.1),
+            ("cdi_devices", devices.0, devices.1),
+            ("cdi_disabled", no_cdi.0, no_cdi.1),
             ("debug_parallelism_cgroup", tuned.0, tuned.1),
             ("cni", cni.0, cni.1),
             ("file_volume_gc_overrides", overrides.0, overrides.1),
@@ -399,6 +434,16 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn cdi_devices_matches_golden() {
+        golden("cdi_devices", &render_variant("cdi_devices"));
+    }
+
+    #[test]
+    fn cdi_disabled_matches_golden() {
+        golden("cdi_disabled", &render_variant("cdi_disabled"));
+    }
+
+    #[test]
     fn every_variant_parses_back_with_the_values_given() {
         for (name, t, l) in variants() {
             let text = render(&t, &l, &crate::gc::backstop::backstop_policy(&t)).unwrap();
@@ -417,6 +462,12 @@ pub(crate) mod tests {
             assert_eq!(oci["networkMode"].as_str(), Some(if l.cni.is_some() { "cni" } else { "host" }), "{name}");
             assert_eq!(oci["gcpolicy"].as_array().unwrap().len(), 3, "{name}");
             assert_eq!(v["worker"]["containerd"]["enabled"].as_bool(), Some(false));
+            assert_eq!(v["cdi"]["disabled"].as_bool(), Some(l.cdi_spec_dirs.is_empty()), "{name}");
+            let dirs: Vec<&str> = v["cdi"].get("specDirs").map(|d| d.as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect()).unwrap_or_default();
+            assert_eq!(dirs, l.cdi_spec_dirs.iter().map(|d| d.to_str().unwrap()).collect::<Vec<_>>(), "{name}");
+            let allowed: Vec<&str> =
+                v["cdi"].get("autoAllowed").map(|d| d.as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect()).unwrap_or_default();
+            assert_eq!(allowed, t.devices, "{name}");
         }
     }
 
@@ -429,15 +480,18 @@ pub(crate) mod tests {
         l.tls.ca = PathBuf::from(format!("{evil}ca"));
         let mut gc = crate::gc::backstop::backstop_policy(&task());
         gc[0].filters = vec![evil.to_string()];
-        let text = render(&task(), &l, &gc).unwrap();
+        let mut t = task();
+        t.devices = vec![evil.to_string()];
+        let text = render(&t, &l, &gc).unwrap();
         let v: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(v["root"].as_str(), Some(evil));
+        assert_eq!(v["cdi"]["autoAllowed"][0].as_str(), Some(evil));
         assert_eq!(v["worker"]["oci"]["defaultCgroupParent"].as_str(), Some(evil));
         assert_eq!(v["grpc"]["tls"]["ca"].as_str(), Some(format!("{evil}ca").as_str()));
         assert_eq!(v["worker"]["oci"]["gcpolicy"][0]["filters"][0].as_str(), Some(evil));
         assert_eq!(v["worker"]["containerd"]["enabled"].as_bool(), Some(false));
         let keys: Vec<&String> = v.as_table().unwrap().keys().collect();
-        assert_eq!(keys, ["debug", "grpc", "root", "worker"]);
+        assert_eq!(keys, ["cdi", "debug", "grpc", "root", "worker"]);
         let worker_keys: Vec<&String> = v["worker"].as_table().unwrap().keys().collect();
         assert_eq!(worker_keys, ["containerd", "oci"]);
     }

@@ -138,7 +138,7 @@ pub enum EngineEvent {
     /// An engine runs: spawned now, or (`adopted`) found running for this task.
     Spawned { pid: u32, adopted: bool },
     /// The engine answers health checks and has a worker.
-    Ready { pid: u32, version: String, workers: usize },
+    Ready { pid: u32, version: String, workers: usize, devices: Vec<String> },
     /// Probes failed this many times in a row; the engine is being killed.
     Hung { pid: u32, failures: u32 },
     /// The engine is gone; the supervisor restarts it after `decision.delay`.
@@ -152,7 +152,10 @@ pub enum EngineEvent {
 pub struct EngineSpec {
     pub binary: PathBuf,
     pub args: Vec<String>,
+    /// The task's variables.
     pub env: BTreeMap<String, String>,
+    /// The agent's own variables for this engine (its trace exporter), set last.
+    pub agent_env: Vec<(String, String)>,
     /// BuildKit's root, on the cache volume; holds the agent's lock file.
     pub root: PathBuf,
     /// The unix socket the agent's client dials.
@@ -370,8 +373,8 @@ async fn watch_run(spec: &EngineSpec, child: &mut Engine, pid: u32, events: &mps
     };
     let mut client = match ready {
         Ok(ready) => {
-            tracing::info!(pid, version = %ready.version, workers = ready.workers, "engine ready");
-            let _ = events.send(EngineEvent::Ready { pid, version: ready.version.clone(), workers: ready.workers }).await;
+            tracing::info!(pid, version = %ready.version, workers = ready.workers, devices = ?ready.devices, "engine ready");
+            let _ = events.send(EngineEvent::Ready { pid, version: ready.version.clone(), workers: ready.workers, devices: ready.devices.clone() }).await;
             Some(ready.client)
         }
         Err(error) => {
@@ -461,18 +464,24 @@ pub const ENGINE_BASE_ENV: &[(&str, &str)] = &[
 pub const AGENT_ONLY_ENV: &[&str] = &["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"];
 
 /// True for a variable the agent sets or removes for the engine itself; no task may set it,
-/// and no config may allow a task to. `LD_*` change which code the engine loads.
+/// and no config may allow a task to. `LD_*` change which code the engine loads;
+/// `OTEL_*` where it sends its traces (the agent sets them from the task's
+/// allow-listed `trace_endpoint`).
 pub fn is_agent_owned_engine_variable(name: &str) -> bool {
-    ENGINE_BASE_ENV.iter().any(|(base, _)| *base == name) || AGENT_ONLY_ENV.contains(&name) || name.starts_with("LD_")
+    ENGINE_BASE_ENV.iter().any(|(base, _)| *base == name)
+        || AGENT_ONLY_ENV.contains(&name)
+        || name.starts_with("LD_")
+        || name.starts_with(crate::task::OTEL_ENV_PREFIX)
 }
 
 /// The engine's whole environment: the fixed base, then the task's variables
-/// (already checked against the allow-list by task validation), with the
-/// agent's own variables dropped last as a second line of defence.
-pub fn engine_environment(task_env: &BTreeMap<String, String>) -> Vec<(String, String)> {
+/// (already checked against the allow-list by task validation) with the
+/// agent's own variables dropped as a second line of defence, then the
+/// agent's variables for this engine (`agent_env`).
+pub fn engine_environment(task_env: &BTreeMap<String, String>, agent_env: &[(String, String)]) -> Vec<(String, String)> {
     let base = ENGINE_BASE_ENV.iter().map(|(name, value)| ((*name).to_string(), (*value).to_string()));
     let task = task_env.iter().map(|(name, value)| (name.clone(), value.clone()));
-    base.chain(task.filter(|(name, _)| !is_agent_owned_engine_variable(name))).collect()
+    base.chain(task.filter(|(name, _)| !is_agent_owned_engine_variable(name))).chain(agent_env.iter().cloned()).collect()
 }
 
 fn spawn(spec: &EngineSpec) -> io::Result<Child> {
@@ -481,7 +490,7 @@ fn spawn(spec: &EngineSpec) -> io::Result<Child> {
     cmd.args(&spec.args)
         // Nothing of the agent's environment reaches the engine.
         .env_clear()
-        .envs(engine_environment(&spec.env))
+        .envs(engine_environment(&spec.env, &spec.agent_env))
         .stdin(Stdio::null())
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log))
@@ -707,11 +716,17 @@ mod tests {
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect();
-        let env = engine_environment(&task);
+        let env = engine_environment(&task, &[]);
         let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(names, ["PATH", "HOME", "HTTPS_PROXY"]);
+        let mut task = task;
+        task.insert("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".into(), "http://evil.example:4317".into());
+        let agent = [("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".to_string(), "http://otel.internal:4317".to_string())];
+        let env = engine_environment(&task, &agent);
+        let otel: Vec<&str> = env.iter().filter(|(k, _)| k.starts_with("OTEL_")).map(|(_, v)| v.as_str()).collect();
+        assert_eq!(otel, ["http://otel.internal:4317"], "only the agent's trace endpoint reaches the engine");
         assert_eq!(env[0].1, ENGINE_BASE_ENV[0].1, "a task never replaces the base PATH");
-        for name in ["PATH", "HOME", "NOTIFY_SOCKET", "LISTEN_FDS", "WATCHDOG_USEC", "LD_LIBRARY_PATH"] {
+        for name in ["PATH", "HOME", "NOTIFY_SOCKET", "LISTEN_FDS", "WATCHDOG_USEC", "LD_LIBRARY_PATH", "OTEL_EXPORTER_OTLP_ENDPOINT"] {
             assert!(is_agent_owned_engine_variable(name), "{name}");
         }
         assert!(!is_agent_owned_engine_variable("HTTP_PROXY"));

@@ -142,6 +142,8 @@ struct Readiness {
     engine_adopted: bool,
     engine_restarts: u64,
     engine_last_exit: Option<String>,
+    /// The CDI devices the engine's worker lists (`RUN --device=<name>`).
+    devices: Vec<String>,
     last_gc: Option<String>,
     /// The newest OOM kill on this host, whole (attribution, pid, memory...).
     last_oom: Option<crate::observe::oom_watch::OomKill>,
@@ -201,6 +203,7 @@ async fn detail_readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
         engine_adopted: st.engine_adopted,
         engine_restarts: st.engine_restarts,
         engine_last_exit: st.engine_last_exit,
+        devices: st.engine_devices,
         last_gc: st.recent_gc.back().map(|r| r.summary.clone()),
         last_oom: st.recent_ooms.back().cloned(),
         oom_kills_total: st.oom_kills_total,

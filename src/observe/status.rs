@@ -100,6 +100,8 @@ pub struct Status {
     pub engine_restarts: u64,
     /// How the engine last exited, for /readyz and the health stream.
     pub engine_last_exit: Option<String>,
+    /// The CDI devices the engine's worker listed when it last became ready.
+    pub engine_devices: Vec<String>,
     /// The last GC runs (at most RECENT_GC_RUNS), oldest first.
     pub recent_gc: VecDeque<pb::GcRunReport>,
     /// GC runs since the agent started: the number of the newest in `recent_gc`.
@@ -149,6 +151,7 @@ impl Status {
             engine_adopted: false,
             engine_restarts: 0,
             engine_last_exit: None,
+            engine_devices: vec![],
             recent_gc: VecDeque::new(),
             gc_runs: 0,
             recent_ooms: VecDeque::new(),

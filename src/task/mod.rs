@@ -63,9 +63,19 @@ const ALLOWED_MOUNT_OPTIONS: &[&str] = &["noatime", "nodiratime", "relatime", "l
 /// The engine variables any task may set: where the engine's registry and
 /// source fetches go through a proxy. Go reads both cases, so both are allowed.
 /// Any other variable must be named in the agent's config (`engine.allowed_task_env`):
-/// a variable like GODEBUG, SSL_CERT_FILE or OTEL_EXPORTER_OTLP_ENDPOINT changes
-/// what the engine logs, trusts or sends off the machine.
+/// a variable like GODEBUG or SSL_CERT_FILE changes what the engine logs or
+/// trusts. `OTEL_*` (where the engine sends its traces) no config can allow:
+/// see [`OTEL_ENV_PREFIX`].
 pub const PROXY_ENV: &[&str] = &["HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"];
+/// The engine's OpenTelemetry settings are the agent's (from `buildkit.trace_endpoint`
+/// and its allow-list): no task sets them through `engine_env`, and no config can allow it.
+pub const OTEL_ENV_PREFIX: &str = "OTEL_";
+/// A few GPUs and a device class or two; more is not a builder we run.
+pub const MAX_DEVICES: usize = 32;
+/// Longer than any CDI name a vendor writes (the CDI library sets no limit).
+pub const MAX_DEVICE_NAME_BYTES: usize = 256;
+/// Longer than any collector URL; a longer one is refused before it is compared.
+pub const MAX_TRACE_ENDPOINT_BYTES: usize = 512;
 
 /// What the control plane asked for.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,6 +101,13 @@ pub struct BuildkitTask {
     pub debug: bool,
     pub listen_address: SocketAddr,
     pub engine_env: BTreeMap<String, String>,
+    /// CDI devices build steps may use (`RUN --device=<name>`), fully
+    /// qualified (`vendor/class=name`); syntax checked here, existence in a
+    /// spec when the task is taken (`engine::cdi::check_devices`).
+    pub devices: Vec<String>,
+    /// The OTLP/gRPC collector the engine sends its traces to; one of the
+    /// config's `engine.trace_endpoints`, exactly.
+    pub trace_endpoint: Option<String>,
 }
 
 /// PEM text, checked for structure here (one or more blocks of the right kind);
@@ -233,6 +250,8 @@ pub struct TaskLimits {
     pub reserved_paths: Vec<PathBuf>,
     /// Engine variables a task may set besides [`PROXY_ENV`] (`engine.allowed_task_env`).
     pub allowed_engine_env: BTreeSet<String>,
+    /// The trace collectors a task may name (`engine.trace_endpoints`), compared exactly.
+    pub trace_endpoints: BTreeSet<String>,
 }
 
 impl TaskLimits {
@@ -391,6 +410,8 @@ pub fn validate_buildkit(task: pb::BuildkitTask, limits: &TaskLimits) -> Result<
     };
 
     check_engine_env(&mut p, &task.engine_env, limits);
+    check_devices(&mut p, &task.devices);
+    let trace_endpoint = check_trace_endpoint(&mut p, task.trace_endpoint, limits);
 
     match (p.is_empty(), tls, listen_address) {
         (true, Some(tls), Some(listen_address)) => Ok(BuildkitTask {
@@ -403,6 +424,8 @@ pub fn validate_buildkit(task: pb::BuildkitTask, limits: &TaskLimits) -> Result<
             debug: task.debug,
             listen_address,
             engine_env: task.engine_env.into_iter().collect(),
+            devices: task.devices,
+            trace_endpoint,
         }),
         _ => Err(p.into_error()),
     }
@@ -417,13 +440,84 @@ fn check_engine_env(p: &mut Problems, env: &std::collections::HashMap<String, St
     }
     for (name, value) in env {
         let field = format!("buildkit.engine_env[{}]", truncate(name));
-        if name.len() > MAX_ENV_NAME_BYTES || !limits.allows_engine_variable(name) {
+        if name.starts_with(OTEL_ENV_PREFIX) {
+            p.add(&field, "not allowed: the engine's OpenTelemetry settings are the agent's; name the collector in buildkit.trace_endpoint");
+        } else if name.len() > MAX_ENV_NAME_BYTES || !limits.allows_engine_variable(name) {
             p.add(&field, format!("not allowed: a task may set {} and the variables the agent's engine.allowed_task_env names", PROXY_ENV.join(", ")));
         }
         if value.len() > MAX_ENV_VALUE_BYTES || value.contains('\0') {
             p.add(&field, format!("expected a value of at most {MAX_ENV_VALUE_BYTES} bytes without NUL"));
         }
     }
+}
+
+/// The devices' count first (a flood is one problem), then each name's
+/// syntax (a fully qualified CDI name) and duplicates. Whether a spec on the
+/// machine defines each one is checked when the task is taken, not here.
+fn check_devices(p: &mut Problems, devices: &[String]) {
+    if devices.len() > MAX_DEVICES {
+        p.add("buildkit.devices", format!("expected at most {MAX_DEVICES} devices, got {}; none was checked", devices.len()));
+        return;
+    }
+    for (i, name) in devices.iter().enumerate() {
+        let field = format!("buildkit.devices[{i}]");
+        if let Err(problem) = check_cdi_name(name) {
+            p.add(field, problem);
+        } else if devices[..i].contains(name) {
+            p.add(field, format!("{name:?} is named twice"));
+        }
+    }
+}
+
+/// A fully qualified CDI device name, `vendor/class=name`, by the CDI
+/// library's rules (tags.cncf.io/container-device-interface/pkg/parser):
+/// vendor and class start with a letter, end with a letter or digit, and hold
+/// letters, digits, `_`, `-`, `.`; the name starts and ends with a letter or
+/// digit and may also hold `:`. Pure.
+pub fn check_cdi_name(device: &str) -> Result<(), String> {
+    if device.len() > MAX_DEVICE_NAME_BYTES {
+        return Err(format!("expected a CDI name of at most {MAX_DEVICE_NAME_BYTES} bytes, got {}", device.len()));
+    }
+    let expected = || format!("expected a fully qualified CDI device name vendor/class=name (\"nvidia.com/gpu=all\"), got {:?}", truncate(device));
+    let (kind, name) = device.split_once('=').ok_or_else(expected)?;
+    let (vendor, class) = kind.split_once('/').ok_or_else(expected)?;
+    let inner_ok = |s: &str, extra: &[u8]| s.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b) || extra.contains(&b));
+    let ends_ok = |s: &str, first_letter: bool| {
+        let (first, last) = (s.bytes().next(), s.bytes().last());
+        first.is_some_and(|b| if first_letter { b.is_ascii_alphabetic() } else { b.is_ascii_alphanumeric() }) && last.is_some_and(|b| b.is_ascii_alphanumeric())
+    };
+    if !(ends_ok(vendor, true) && inner_ok(vendor, b"")) {
+        return Err(format!("{} (vendor {:?}: a letter first, a letter or digit last, letters, digits, '_', '-', '.' between)", expected(), truncate(vendor)));
+    }
+    if !(ends_ok(class, true) && inner_ok(class, b"")) {
+        return Err(format!("{} (class {:?}: a letter first, a letter or digit last, letters, digits, '_', '-', '.' between)", expected(), truncate(class)));
+    }
+    if !(ends_ok(name, false) && inner_ok(name, b":")) {
+        return Err(format!("{} (name {:?}: a letter or digit first and last, letters, digits, '_', '-', '.', ':' between)", expected(), truncate(name)));
+    }
+    Ok(())
+}
+
+/// The trace endpoint: empty is none; anything else must equal an entry of
+/// the config's allow-list (the config checked the entries' shape).
+fn check_trace_endpoint(p: &mut Problems, endpoint: String, limits: &TaskLimits) -> Option<String> {
+    if endpoint.is_empty() {
+        return None;
+    }
+    if endpoint.len() > MAX_TRACE_ENDPOINT_BYTES {
+        p.add("buildkit.trace_endpoint", format!("expected at most {MAX_TRACE_ENDPOINT_BYTES} bytes, got {}", endpoint.len()));
+        return None;
+    }
+    if !limits.trace_endpoints.contains(&endpoint) {
+        let allowed = if limits.trace_endpoints.is_empty() {
+            "this agent allows none (engine.trace_endpoints is empty)".to_string()
+        } else {
+            format!("expected one of engine.trace_endpoints exactly: {}", limits.trace_endpoints.iter().cloned().collect::<Vec<_>>().join(", "))
+        };
+        p.add("buildkit.trace_endpoint", format!("{:?} is not allowed; {allowed}", truncate(&endpoint)));
+        return None;
+    }
+    Some(endpoint)
 }
 
 /// A path field's length first, so a megabyte path is never copied into an error.
@@ -737,6 +831,12 @@ struct TaskFile {
     gc: TaskFileGc,
     #[serde(default)]
     engine_env: BTreeMap<String, String>,
+    /// CDI device names build steps may use.
+    #[serde(default)]
+    devices: Vec<String>,
+    /// The OTLP/gRPC collector for the engine's traces; empty or absent for none.
+    #[serde(default)]
+    trace_endpoint: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -914,8 +1014,8 @@ pub fn read_task_file(path: &Path) -> Result<pb::BuildkitTask, TaskError> {
         debug: file.debug,
         listen_address: file.listen_address,
         engine_env: file.engine_env.into_iter().collect(),
-        devices: Vec::new(),
-        trace_endpoint: String::new(),
+        devices: file.devices,
+        trace_endpoint: file.trace_endpoint,
     })
 }
 
@@ -931,7 +1031,7 @@ pub fn load_task_file(path: &Path, limits: &TaskLimits) -> Result<BuildkitTask, 
 /// environment value may hold credentials.
 pub fn differing_fields(running: &BuildkitTask, offered: &BuildkitTask) -> Vec<String> {
     // Destructured whole: a field added to the task must be compared here too.
-    let BuildkitTask { id, tls, mounts, cache_size_bytes, gc, max_parallelism, debug, listen_address, engine_env } = running;
+    let BuildkitTask { id, tls, mounts, cache_size_bytes, gc, max_parallelism, debug, listen_address, engine_env, devices, trace_endpoint } = running;
     let mut differs = vec![];
     let mut check = |name: &str, same: bool| {
         if !same {
@@ -965,6 +1065,8 @@ pub fn differing_fields(running: &BuildkitTask, offered: &BuildkitTask) -> Vec<S
     for name in names {
         check(&format!("engine_env[{}]", truncate(name)), engine_env.get(name) == offered.engine_env.get(name));
     }
+    check("devices", *devices == offered.devices);
+    check("trace_endpoint", *trace_endpoint == offered.trace_endpoint);
     differs
 }
 
@@ -1012,6 +1114,7 @@ pub(crate) mod tests {
             allowed_backing_dirs: vec!["/var/lib/machine-agent/volumes".into(), "/var/lib/x".into()],
             reserved_paths: vec!["/var/lib/machine-agent".into(), "/run/machine-agent".into()],
             allowed_engine_env: ["ENGINE_MARKER".to_string()].into(),
+            trace_endpoints: ["http://otel.internal:4317".to_string()].into(),
         }
     }
 
@@ -1052,10 +1155,20 @@ pub(crate) mod tests {
         offered.cache_size_bytes += 1;
         offered.gc.keep_bytes = Some(1);
         offered.engine_env.insert("HTTP_PROXY".into(), "http://user:pass@proxy".into());
+        offered.devices.push("nvidia.com/gpu=all".into());
+        offered.trace_endpoint = Some("http://otel.internal:4317".into());
         let differs = differing_fields(&running, &offered);
         assert_eq!(
             differs,
-            ["buildkit.tls.key_pem", "buildkit.mounts[0].options", "buildkit.cache_size_bytes", "buildkit.gc", "buildkit.engine_env[HTTP_PROXY]"]
+            [
+                "buildkit.tls.key_pem",
+                "buildkit.mounts[0].options",
+                "buildkit.cache_size_bytes",
+                "buildkit.gc",
+                "buildkit.engine_env[HTTP_PROXY]",
+                "buildkit.devices",
+                "buildkit.trace_endpoint"
+            ]
         );
         assert!(!differs.concat().contains("PRIVATE") && !differs.concat().contains("pass"), "{differs:?}");
         let mut fewer = running.clone();
@@ -1328,6 +1441,73 @@ file = { path = "/var/lib/machine-agent/volumes/pr-17.img", size_bytes = 1073741
     }
 
     #[test]
+    fn devices_are_fully_qualified_cdi_names_named_once() {
+        let mut t = good_task();
+        t.devices = vec!["nvidia.com/gpu=all".into(), "vendor.example/class=name:1".into(), "a/b=0".into()];
+        assert_eq!(validate_buildkit(t, &limits()).unwrap().devices, ["nvidia.com/gpu=all", "vendor.example/class=name:1", "a/b=0"]);
+        let bad =
+            ["nvidia.com/gpu", "gpu=all", "/dev/nvidia0", "nvidia.com/gpu=", "1vendor/class=x", "vendor/class-=x", "vendor/cl:ass=x", "v/c=-x", "v/c=x y", ""];
+        for (i, name) in bad.iter().enumerate() {
+            assert!(check_cdi_name(name).is_err(), "{name:?} must be refused");
+            let mut t = good_task();
+            t.devices = vec!["a/b=ok".into(), (*name).into()];
+            let err = validate_buildkit(t, &limits()).unwrap_err();
+            assert_eq!(fields(err.clone()), ["buildkit.devices[1]"], "case {i}: {name:?}");
+            assert!(err.to_string().contains("vendor/class=name"), "{err}");
+        }
+        let mut t = good_task();
+        t.devices = vec!["a/b=x".into(), "a/b=x".into()];
+        assert_eq!(fields(validate_buildkit(t, &limits()).unwrap_err()), ["buildkit.devices[1]"]);
+        let mut t = good_task();
+        t.devices = vec!["a/b=x".into(); MAX_DEVICES + 1];
+        assert_eq!(fields(validate_buildkit(t, &limits()).unwrap_err()), ["buildkit.devices"]);
+        let mut t = good_task();
+        t.devices = vec![format!("a/b={}", "x".repeat(1 << 20))];
+        let err = validate_buildkit(t, &limits()).unwrap_err();
+        assert!(err.to_string().len() < 512, "a long name is not quoted whole");
+    }
+
+    #[test]
+    fn a_trace_endpoint_must_equal_an_allowed_one() {
+        let mut t = good_task();
+        t.trace_endpoint = "http://otel.internal:4317".into();
+        assert_eq!(validate_buildkit(t, &limits()).unwrap().trace_endpoint.as_deref(), Some("http://otel.internal:4317"));
+        assert_eq!(validate_buildkit(good_task(), &limits()).unwrap().trace_endpoint, None);
+        for other in
+            ["http://otel.internal:4318", "http://otel.internal:4317/", "https://otel.internal:4317", "http://evil.example:4317", " http://otel.internal:4317"]
+        {
+            let mut t = good_task();
+            t.trace_endpoint = other.into();
+            let err = validate_buildkit(t, &limits()).unwrap_err();
+            assert_eq!(fields(err.clone()), ["buildkit.trace_endpoint"], "{other}");
+            assert!(err.to_string().contains("engine.trace_endpoints"), "{err}");
+        }
+        let mut none = limits();
+        none.trace_endpoints.clear();
+        let mut t = good_task();
+        t.trace_endpoint = "http://otel.internal:4317".into();
+        assert!(validate_buildkit(t, &none).unwrap_err().to_string().contains("allows none"));
+    }
+
+    #[test]
+    fn otel_variables_are_refused_in_engine_env_even_when_the_config_allows_them() {
+        let mut limits = limits();
+        limits.allowed_engine_env.insert("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".into());
+        let mut t = good_task();
+        for name in ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_TRACES_EXPORTER", "OTEL_SERVICE_NAME"] {
+            t.engine_env.insert(name.into(), "http://evil.example:4317".into());
+        }
+        let err = validate_buildkit(t, &limits).unwrap_err();
+        let mut f = fields(err.clone());
+        f.sort();
+        assert_eq!(
+            f,
+            ["buildkit.engine_env[OTEL_EXPORTER_OTLP_TRACES_ENDPOINT]", "buildkit.engine_env[OTEL_SERVICE_NAME]", "buildkit.engine_env[OTEL_TRACES_EXPORTER]"]
+        );
+        assert!(err.to_string().contains("buildkit.trace_endpoint"), "the error says where traces are asked for: {err}");
+    }
+
+    #[test]
     fn floods_are_one_problem_each_and_no_entry_is_looked_at() {
         let mut t = good_task();
         t.mounts[0].options = vec![String::new(); 2_000_000];
@@ -1376,6 +1556,7 @@ file = { path = "/var/lib/machine-agent/volumes/pr-17.img", size_bytes = 1073741
             env_count in prop_oneof![0usize..70, Just(MAX_ENGINE_ENV + 1), Just(50_000usize)],
             key in hostile_text(), value in hostile_text(), path in hostile_text(),
             rbd_text in hostile_text(), rbd_field in 0usize..9, monitor_count in prop_oneof![0usize..3, Just(rbd::MAX_MONITORS + 1), Just(100_000usize)],
+            device_count in prop_oneof![0usize..4, Just(MAX_DEVICES + 1), Just(100_000usize)], device in hostile_text(), endpoint in hostile_text(),
         ) -> pb::BuildkitTask {
             // Floods repeat a short text (a 1 MiB message holds no more); one long
             // text rides in the first option, variable and the mount path.
@@ -1394,6 +1575,11 @@ file = { path = "/var/lib/machine-agent/volumes/pr-17.img", size_bytes = 1073741
             if env_count > 0 {
                 t.engine_env.insert(key, value);
             }
+            t.devices = vec![short(&device); device_count.saturating_sub(1)];
+            if device_count > 0 {
+                t.devices.push(device);
+            }
+            t.trace_endpoint = endpoint;
             // One RBD mount with a good shape, one field of it hostile, and a monitor flood.
             let mut r = rbd::tests::good_rbd();
             r.monitors = vec![short(&rbd_text); monitor_count];

@@ -9,6 +9,7 @@ pub mod control_plane;
 pub mod engine;
 pub mod loopdev;
 pub mod metadata;
+pub mod otlp;
 pub mod proxy;
 pub mod vm;
 
