@@ -27,7 +27,9 @@
 //! - `[cdi] disabled`, `specDirs`, `autoAllowed` (cmd/buildkitd/config's
 //!   `CDIConfig`). An empty or absent `specDirs` means BuildKit's defaults
 //!   (/etc/cdi, /var/run/cdi), so with no dirs configured CDI is disabled
-//!   outright. `autoAllowed` holds the task's devices: a build may use those
+//!   outright. Without devices (and CDI on) the section is left out, as agents
+//!   before CDI rendered it, so an upgraded agent still adopts their engine.
+//!   `autoAllowed` holds the task's devices: a build may use those
 //!   without the client granting the `device` entitlement (which this engine
 //!   never lets a client grant), and no others.
 //!
@@ -129,7 +131,8 @@ struct Config<'a> {
     debug: bool,
     grpc: Grpc<'a>,
     worker: Workers<'a>,
-    cdi: Cdi<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cdi: Option<Cdi<'a>>,
 }
 
 #[derive(Serialize)]
@@ -232,7 +235,10 @@ pub fn render(task: &BuildkitTask, layout: &EngineLayout, gc: &[GcBackstopRule])
     }
     let gcpolicy = gc.iter().enumerate().map(|(index, rule)| gc_policy(index, rule)).collect::<Result<Vec<_>, _>>()?;
     let spec_dirs = layout.cdi_spec_dirs.iter().map(|d| path_str("cdi_spec_dirs", d)).collect::<Result<Vec<_>, _>>()?;
-    let cdi = Cdi { disabled: spec_dirs.is_empty(), spec_dirs, auto_allowed: &task.devices };
+    // Without devices and with CDI on, BuildKit's defaults serve as well, and
+    // leaving the section out keeps the rendering (and so the digest an
+    // upgraded agent adopts by) what agents before CDI wrote.
+    let cdi = (spec_dirs.is_empty() || !task.devices.is_empty()).then_some(Cdi { disabled: spec_dirs.is_empty(), spec_dirs, auto_allowed: &task.devices });
 
     let config = Config {
         root,
@@ -462,6 +468,10 @@ pub(crate) mod tests {
             assert_eq!(oci["networkMode"].as_str(), Some(if l.cni.is_some() { "cni" } else { "host" }), "{name}");
             assert_eq!(oci["gcpolicy"].as_array().unwrap().len(), 3, "{name}");
             assert_eq!(v["worker"]["containerd"]["enabled"].as_bool(), Some(false));
+            if t.devices.is_empty() && !l.cdi_spec_dirs.is_empty() {
+                assert!(v.get("cdi").is_none(), "{name}: no [cdi] without devices, as before CDI");
+                continue;
+            }
             assert_eq!(v["cdi"]["disabled"].as_bool(), Some(l.cdi_spec_dirs.is_empty()), "{name}");
             let dirs: Vec<&str> = v["cdi"].get("specDirs").map(|d| d.as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect()).unwrap_or_default();
             assert_eq!(dirs, l.cdi_spec_dirs.iter().map(|d| d.to_str().unwrap()).collect::<Vec<_>>(), "{name}");
