@@ -134,9 +134,6 @@ pub enum Placement {
 /// own unit, so the engine's path is the same on every systemd host.
 pub const ENGINE_SLICE: &str = "system.slice";
 
-/// Where systemd-run is looked for, in order.
-pub const SYSTEMD_RUN_PATHS: [&str; 2] = ["/usr/bin/systemd-run", "/bin/systemd-run"];
-
 impl Placement {
     /// The placement for engine cgroup `name` given what was detected:
     /// whether systemd is PID 1 (`/run/systemd/system` is a directory, as
@@ -150,8 +147,7 @@ impl Placement {
 
     /// [`Placement::choose`] with this host's facts.
     pub fn detect(name: &str) -> Self {
-        let booted = Path::new("/run/systemd/system").is_dir();
-        let run = SYSTEMD_RUN_PATHS.iter().map(Path::new).find(|p| p.exists());
+        let (booted, run) = (crate::systemd::booted(), crate::systemd::systemd_run());
         if booted && run.is_none() {
             tracing::warn!("systemd is PID 1 but systemd-run is missing: the engine cgroup is made at the hierarchy's root, outside any unit");
         }
