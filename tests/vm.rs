@@ -290,6 +290,28 @@ async fn a_provisioned_vm_registers_builds_over_mtls_and_drains_clean_on_should_
         t.end(&format!("agent restarted by systemd, engine pid {engine} adopted {} ms after the kill/handoff; the gated build finished", to_ready.as_millis()));
     }
 
+    // --- the engine's scope stopped from outside (an operator's `systemctl
+    // stop`): the engine ends with it; the agent restarts it in a new scope.
+    t.begin("scope-stopped");
+    let phase = "scope-stopped";
+    vm.sh_ok(phase, "systemctl stop machine-agent-engine.scope", Duration::from_secs(60)).await;
+    let deadline = tokio::time::Instant::now() + t.limit(Duration::from_secs(180));
+    loop {
+        vm.check(phase);
+        if let Some((200, body)) = get(vm.detail_port, "/readyz").await {
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if json["engine_pid"].as_u64().is_some_and(|p| p != u64::from(engine)) && json["state"] == "ready" {
+                break;
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            vm.fail(phase, &format!("no new engine after the scope's stop; last /readyz {:?}", get(vm.detail_port, "/readyz").await));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let restarted = engine_in_its_scope(&mut vm, phase, None).await;
+    t.end(&format!("engine {engine} ended with its scope; engine {restarted} ready in a new one"));
+
     // --- should_terminate: drain, the unit ends inactive with success, the guest powers off.
     t.begin("drain");
     let phase = "drain";

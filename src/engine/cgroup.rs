@@ -264,6 +264,16 @@ impl EngineCgroup {
         self.dir.join("daemon")
     }
 
+    /// Makes the cgroup again as [`EngineCgroup::create`] did (under systemd,
+    /// a new scope), after it was removed from outside.
+    pub fn recreate(&self) -> Result<Self, CgroupError> {
+        let name = match &self.scope {
+            Some(unit) => unit.trim_end_matches(".scope"),
+            None => self.relative.trim_start_matches('/'),
+        };
+        Self::create(name, self.limit_bytes)
+    }
+
     /// The file a process writes "0" to in order to join the daemon cgroup.
     pub fn daemon_procs_file(&self) -> PathBuf {
         self.daemon_dir().join("cgroup.procs")
