@@ -6,10 +6,15 @@
 //! it through user-mode networking (10.0.2.2 is the host's loopback), and the
 //! host reaches the guest's /readyz and engine through forwarded loopback ports.
 //!
-//! control plane -> agent (under its unit) -> cache disk -> buildkitd -> an mTLS
-//! build from buildctl on the host -> should_terminate -> clean drain -> the
-//! unit ends inactive with success -> the guest powers off -> fsck on the host
-//! finds the cache disk clean.
+//! control plane -> agent (under its unit) -> cache disk -> buildkitd (in its
+//! own systemd scope) -> an mTLS build from buildctl on the host -> a build held
+//! at a gate across `systemctl kill -s SIGKILL` of the agent and across the
+//! upgrade (new binary, `machine-agent handoff`): systemd restarts the agent, it
+//! adopts the same buildkitd, the build finishes whole -> the engine's scope
+//! stopped by hand, the engine restarted in a new one -> should_terminate ->
+//! clean drain -> the unit ends inactive with success, the scope gone -> the
+//! guest powers off -> fsck on the host finds the cache disk clean. Commands
+//! reach the guest through a root shell on its second serial port.
 //!
 //! Run alone: `cargo test --locked --test vm -- --nocapture` (root; qemu-system-x86,
 //! debootstrap and zstd installed; BuildKit by scripts/install-buildkit.sh).
