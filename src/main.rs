@@ -87,6 +87,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    abort_on_panic();
     let cli = Cli::parse();
     machine_agent::observe::init_tracing(std::env::var("MACHINE_AGENT_LOG").ok().as_deref());
     let exit = match cli.command {
@@ -100,6 +101,22 @@ fn main() -> ExitCode {
         Command::Handoff { config } => handoff(&config),
     };
     ExitCode::from(exit as u8)
+}
+
+/// A panic anywhere ends the process at once, as the release profile's
+/// `panic = "abort"` does, in every build: without this a debug build's panic
+/// in a spawned tokio task would end only that task (the supervisor, say) and
+/// leave a half-alive agent, and one in the main task would unwind and run
+/// destructors a release build never runs. Either way the engine, mounts and
+/// cgroup stay as they are, for the next agent (systemd restarts a crash) to
+/// adopt: a crash is a handoff. The default hook prints the message and
+/// location first.
+fn abort_on_panic() {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print(info);
+        std::process::abort();
+    }));
 }
 
 fn check(config_path: &std::path::Path, task_path: Option<&std::path::Path>) -> Exit {

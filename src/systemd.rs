@@ -7,8 +7,23 @@
 //! the agent must run the same with or without systemd.
 
 use std::os::unix::net::UnixDatagram;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// Where systemd-run is looked for, in order.
+pub const SYSTEMD_RUN_PATHS: [&str; 2] = ["/usr/bin/systemd-run", "/bin/systemd-run"];
+
+/// Whether systemd is this host's init, as sd_booted(3) checks:
+/// /run/systemd/system is a directory. Installed but not PID 1 (containers,
+/// CI) is false.
+pub fn booted() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+}
+
+/// Where systemd-run is installed, if it is.
+pub fn systemd_run() -> Option<&'static Path> {
+    SYSTEMD_RUN_PATHS.iter().map(Path::new).find(|p| p.exists())
+}
 
 /// Where notifications go, read from NOTIFY_SOCKET / WATCHDOG_USEC / WATCHDOG_PID.
 #[derive(Debug, Clone, Default)]

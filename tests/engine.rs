@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use support::control_plane::control_plane;
-use support::engine::{build_context, buildctl_build, readyz, unix_addr, wait_ready, write_task, World};
+use support::engine::{build_context, buildctl_build, readyz, unix_addr, wait_ready, write_task, GatedBuild, World};
 use support::{agent, engine_pid, engine_socket, eventually, http_get, metric_value, process_alive, test_memory_cgroup, TestPki, WAIT};
 
 fn mode(path: &Path) -> u32 {
@@ -199,11 +199,12 @@ async fn an_agent_killed_under_a_running_engine_is_succeeded_by_one_that_adopts_
     let records = EngineClient::connect(&socket).await.unwrap().disk_usage().await.unwrap();
     let layers_before: Vec<String> = records.into_iter().filter(|r| !r.mutable).map(|r| r.id).collect();
 
-    // A build in flight when the agent dies: it must finish on the same engine.
-    let slow = build_context(&w.root, "sleep 4; echo slow > /slow", 1024);
-    let (addr, out) = (unix_addr(&w), w.root.join("out-slow"));
-    let build = tokio::task::spawn_blocking(move || buildctl_build(&addr, &slow, &out));
-    eventually("the slow step to run", Duration::from_secs(60), || support::engine::step_running("sleep 4")).await;
+    // A build in flight when the agent dies, held at a gate the test opens
+    // only once the next agent has adopted the engine.
+    let gate = GatedBuild::new(&w.root);
+    let (addr, ctx, out) = (unix_addr(&w), gate.ctx.clone(), w.root.join("out-gated"));
+    let build = tokio::task::spawn_blocking(move || buildctl_build(&addr, &ctx, &out));
+    gate.wait_running().await;
     let engine = engine_pid(&w.root).unwrap();
     // Outside the agent's cgroup in every hierarchy, `name=systemd` and the
     // unified tree included: where systemd looks for a unit's processes to kill.
@@ -225,8 +226,11 @@ async fn an_agent_killed_under_a_running_engine_is_succeeded_by_one_that_adopts_
     assert_eq!(buildkitd_processes_for(&w.root), vec![engine], "exactly one engine on this root");
     let (_, body) = readyz(&base).await;
     assert_eq!((body["engine_adopted"].as_bool(), body["engine_pid"].as_u64()), (Some(true), Some(u64::from(engine))), "{body}");
-    let slow = build.await.unwrap();
-    assert!(slow.status.success(), "the build in flight finished across the agent's crash: {}", String::from_utf8_lossy(&slow.stderr));
+    assert!(gate.step_pid().is_some(), "the step waited at its gate through the crash");
+    gate.open();
+    let built = build.await.unwrap();
+    assert!(built.status.success(), "the build in flight finished across the agent's crash: {}", String::from_utf8_lossy(&built.stderr));
+    gate.assert_complete(&w.root.join("out-gated"));
     let after = record_ids(&socket).await;
     let lost: Vec<&String> = layers_before.iter().filter(|id| !after.contains(id)).collect();
     assert!(lost.is_empty(), "cache layers lost across the agent crash: {lost:?}");
@@ -334,12 +338,12 @@ async fn a_handoff_exits_at_once_leaving_engine_and_mounts_and_the_next_agent_ad
     let mut first = w.start();
     wait_ready(&first).await;
     let engine = engine_pid(&w.root).unwrap();
-    // A build in flight across the handoff, as in an upgrade.
-    let tag = format!("handoff-{}", support::engine::rand_suffix());
-    let slow = build_context(&w.root, &format!("sleep 3; echo {tag} > /out.txt"), 1024);
-    let (addr, out_dir) = (unix_addr(&w), w.root.join("out-handoff"));
-    let build = tokio::task::spawn_blocking(move || buildctl_build(&addr, &slow, &out_dir));
-    eventually("the slow step to run", Duration::from_secs(60), || support::engine::step_running(&tag)).await;
+    // A build in flight across the handoff, as in an upgrade, held at a gate
+    // the test opens only once the next agent has adopted the engine.
+    let gate = GatedBuild::new(&w.root);
+    let (addr, ctx, out_dir) = (unix_addr(&w), gate.ctx.clone(), w.root.join("out-handoff"));
+    let build = tokio::task::spawn_blocking(move || buildctl_build(&addr, &ctx, &out_dir));
+    gate.wait_running().await;
 
     let out = handoff();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -355,12 +359,16 @@ async fn a_handoff_exits_at_once_leaving_engine_and_mounts_and_the_next_agent_ad
     assert!(mountinfo.contains(&format!(" {} ", w.cache().display())), "the cache stays mounted");
 
     let second = w.start();
-    wait_ready(&second).await;
+    let base = wait_ready(&second).await;
     assert!(second.logs().contains("engine_adopted"), "{}", second.logs());
     assert_eq!(engine_pid(&w.root), Some(engine));
+    let (_, body) = readyz(&base).await;
+    assert_eq!((body["engine_adopted"].as_bool(), body["engine_pid"].as_u64()), (Some(true), Some(u64::from(engine))), "{body}");
+    assert!(gate.step_pid().is_some(), "the step waited at its gate through the handoff");
+    gate.open();
     let built = build.await.unwrap();
     assert!(built.status.success(), "the build in flight finished across the handoff: {}", String::from_utf8_lossy(&built.stderr));
-    assert_eq!(std::fs::read_to_string(w.root.join("out-handoff/out.txt")).unwrap().trim(), tag, "its output is complete");
+    gate.assert_complete(&w.root.join("out-handoff"));
     drop(second);
 
     // With no agent running there is nothing to hand off, and it says so.
@@ -394,4 +402,53 @@ async fn an_engine_killed_while_no_agent_runs_is_restarted_by_the_next_agent_whi
     assert!(before.iter().all(|id| after.contains(id)), "the cache survived the engine's kill");
     drop(second);
     drop(first);
+}
+
+/// An agent (a debug build, whose panic hook aborts as release's
+/// `panic = "abort"` does) that panics in `place` ("main": its main task;
+/// "task": a spawned task, which tokio alone would survive) while a build
+/// waits at a gate: it dies by SIGABRT, leaving the engine; the next agent
+/// adopts it and the build finishes once the gate opens.
+async fn a_panicking_agent_is_succeeded_by_one_that_adopts_its_engine(place: &str) {
+    let w = World::new();
+    let trigger = w.root.join("panic-now");
+    let mut first = support::agent(&w.config).standalone(&w.task).env("MACHINE_AGENT_DEBUG_PANIC_FILE", trigger.to_str().unwrap()).start();
+    wait_ready(&first).await;
+    let engine = engine_pid(&w.root).unwrap();
+    let gate = GatedBuild::new(&w.root);
+    let (addr, ctx, out) = (unix_addr(&w), gate.ctx.clone(), w.root.join("out-panic"));
+    let build = tokio::task::spawn_blocking(move || buildctl_build(&addr, &ctx, &out));
+    gate.wait_running().await;
+
+    std::fs::write(&trigger, place).unwrap();
+    let status = first.wait_exit(Duration::from_secs(10)).await;
+    first.keep_volumes();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(Signal::SIGABRT as i32), "a panic aborts the agent: {status:?}\n{}", first.logs());
+    assert!(first.logs().contains(&format!("debug panic in {}", if place == "main" { "the main task" } else { "a spawned task" })), "{}", first.logs());
+    assert!(process_alive(engine), "the engine outlived the panic");
+
+    let second = w.start();
+    let base = wait_ready(&second).await;
+    assert!(second.logs().contains("engine_adopted"), "{}", second.logs());
+    let (_, body) = readyz(&base).await;
+    assert_eq!((body["engine_adopted"].as_bool(), body["engine_pid"].as_u64()), (Some(true), Some(u64::from(engine))), "{body}");
+    assert!(gate.step_pid().is_some(), "the step waited at its gate through the panic");
+    gate.open();
+    let built = build.await.unwrap();
+    assert!(built.status.success(), "the build in flight finished across the agent's panic: {}", String::from_utf8_lossy(&built.stderr));
+    gate.assert_complete(&w.root.join("out-panic"));
+    assert_eq!(buildkitd_processes_for(&w.root), vec![engine], "exactly one engine on this root");
+    drop(second);
+    drop(first);
+}
+
+#[tokio::test]
+async fn an_agent_that_panics_in_its_main_task_is_succeeded_by_one_that_adopts_its_engine_and_the_build_finishes() {
+    a_panicking_agent_is_succeeded_by_one_that_adopts_its_engine("main").await;
+}
+
+#[tokio::test]
+async fn an_agent_that_panics_in_a_spawned_task_aborts_and_is_succeeded_by_one_that_adopts_its_engine() {
+    a_panicking_agent_is_succeeded_by_one_that_adopts_its_engine("task").await;
 }

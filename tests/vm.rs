@@ -6,10 +6,15 @@
 //! it through user-mode networking (10.0.2.2 is the host's loopback), and the
 //! host reaches the guest's /readyz and engine through forwarded loopback ports.
 //!
-//! control plane -> agent (under its unit) -> cache disk -> buildkitd -> an mTLS
-//! build from buildctl on the host -> should_terminate -> clean drain -> the
-//! unit ends inactive with success -> the guest powers off -> fsck on the host
-//! finds the cache disk clean.
+//! control plane -> agent (under its unit) -> cache disk -> buildkitd (in its
+//! own systemd scope) -> an mTLS build from buildctl on the host -> a build held
+//! at a gate across `systemctl kill -s SIGKILL` of the agent and across the
+//! upgrade (new binary, `machine-agent handoff`): systemd restarts the agent, it
+//! adopts the same buildkitd, the build finishes whole -> the engine's scope
+//! stopped by hand, the engine restarted in a new one -> should_terminate ->
+//! clean drain -> the unit ends inactive with success, the scope gone -> the
+//! guest powers off -> fsck on the host finds the cache disk clean. Commands
+//! reach the guest through a root shell on its second serial port.
 //!
 //! Run alone: `cargo test --locked --test vm -- --nocapture` (root; qemu-system-x86,
 //! debootstrap and zstd installed; BuildKit by scripts/install-buildkit.sh).
@@ -24,7 +29,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 use support::control_plane::control_plane;
-use support::engine::build_context;
+use support::engine::{build_context, GatedBuild};
 use support::vm::{
     choose_accel, control_plane_pki, fields, require_tools, run, GuestImage, ImageInputs, Timeline, Vm, BOOTSTRAP_TOKEN, CACHE_DEVICE, CACHE_MOUNT,
     CONTROL_PLANE_HOST, GUEST_BUILDKIT_PORT,
@@ -209,6 +214,109 @@ async fn a_provisioned_vm_registers_builds_over_mtls_and_drains_clean_on_should_
     assert!(!refused.status.success(), "a client without a certificate must be refused");
     t.end(&format!("buildctl build via 127.0.0.1:{}, RUN step on guest kernel {osrelease}", vm.buildkit_port).replace('\n', ""));
 
+    // --- a build survives the agent: SIGKILL under systemd, then the documented upgrade.
+    t.begin("command-channel");
+    vm.wait_command_channel("command-channel", t.limit(Duration::from_secs(60))).await;
+    t.end("root shell on ttyS1 via a unix socket");
+    let engine = engine_in_its_scope(&mut vm, "kill-adopt", None).await;
+    for (phase, how) in [
+        ("kill-adopt", "systemctl kill -s SIGKILL machine-agent.service"),
+        // The README's upgrade: install the new binary (atomically, beside the
+        // running one), then hand off; systemd restarts the unit on exit 75.
+        ("upgrade-handoff", "cp /usr/local/bin/machine-agent /usr/local/bin/.machine-agent.new && mv /usr/local/bin/.machine-agent.new /usr/local/bin/machine-agent && /usr/local/bin/machine-agent handoff --config /etc/machine-agent/config.toml"),
+    ] {
+        t.begin(phase);
+        let restarts_before = vm.unclean_stops_expected;
+        let gate = GatedBuild::new(client.path());
+        let (args, ctx, out) = (tls(true), gate.ctx.clone(), client.path().join(format!("out-{phase}")));
+        let mut build = tokio::task::spawn_blocking(move || support::engine::buildctl_build(&args, &ctx, &out));
+        let waiting = format!("for d in /proc/[0-9]*; do tr '\\0' ' ' <$d/cmdline 2>/dev/null | grep -q '^/bin/busybox sh -c until.*{}' && exit 0; done; exit 1", gate.tag);
+        let deadline = tokio::time::Instant::now() + t.limit(Duration::from_secs(120));
+        while vm.sh(phase, &waiting, Duration::from_secs(30)).await.0 != 0 {
+            if tokio::time::Instant::now() > deadline {
+                vm.fail(phase, "the gated build step never ran in the guest");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        vm.unclean_stops_expected += 1;
+        let registered_before = cp.recorded().registrations.len();
+        let started = tokio::time::Instant::now();
+        vm.sh_ok(phase, how, Duration::from_secs(60)).await;
+        vm.wait_until(phase, "systemd to restart machine-agent.service", t.limit(Duration::from_secs(120)), |vm| {
+            vm.console_lines("MA-VM-STOP").len() > restarts_before
+        })
+        .await;
+        // The new agent registers as the machine it was; the control plane
+        // hands a known machine its task again, and the agent finds its engine serving it.
+        vm.wait_until(phase, "the restarted agent's registration", t.limit(Duration::from_secs(120)), |_| {
+            cp.recorded().registrations.len() > registered_before
+        })
+        .await;
+        let again = cp.recorded().registrations[registered_before].clone();
+        assert!(!again.previous_machine_id.is_empty(), "a reconnect with previous_machine_id, not a new machine: {again:?}");
+        cp.push(vm_task(&task_pki));
+        let deadline = tokio::time::Instant::now() + t.limit(Duration::from_secs(180));
+        let adopted = loop {
+            vm.check(phase);
+            if let Some((200, body)) = get(vm.detail_port, "/readyz").await {
+                let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+                if json["engine_adopted"] == true {
+                    break json;
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                vm.fail(phase, &format!("the restarted agent never reported an adopted engine; last /readyz {:?}", get(vm.detail_port, "/readyz").await));
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        let to_ready = started.elapsed();
+        assert_eq!(adopted["engine_pid"].as_u64(), Some(u64::from(engine)), "the same buildkitd, adopted: {adopted}");
+        let restarts = vm.sh_ok(phase, "systemctl show -p NRestarts --value machine-agent.service", Duration::from_secs(30)).await;
+        assert_eq!(restarts.trim(), (restarts_before + 1).to_string(), "systemd restarted the agent");
+        engine_in_its_scope(&mut vm, phase, Some(engine)).await;
+        // Only now may the build go on.
+        vm.sh_ok(phase, &waiting.replace("&& exit 0", "&& touch $d/root/gate && exit 0"), Duration::from_secs(30)).await;
+        let deadline = tokio::time::Instant::now() + t.limit(Duration::from_secs(300));
+        let built = loop {
+            tokio::select! {
+                done = &mut build => break done.unwrap(),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    vm.check(phase);
+                    if tokio::time::Instant::now() > deadline {
+                        vm.fail(phase, "the gated build did not finish after its gate opened");
+                    }
+                }
+            }
+        };
+        if !built.status.success() {
+            vm.fail(phase, &format!("the build in flight across {how:?} failed: {}", String::from_utf8_lossy(&built.stderr)));
+        }
+        gate.assert_complete(&client.path().join(format!("out-{phase}")));
+        t.end(&format!("agent restarted by systemd, engine pid {engine} adopted {} ms after the kill/handoff; the gated build finished", to_ready.as_millis()));
+    }
+
+    // --- the engine's scope stopped from outside (an operator's `systemctl
+    // stop`): the engine ends with it; the agent restarts it in a new scope.
+    t.begin("scope-stopped");
+    let phase = "scope-stopped";
+    vm.sh_ok(phase, "systemctl stop machine-agent-engine.scope", Duration::from_secs(60)).await;
+    let deadline = tokio::time::Instant::now() + t.limit(Duration::from_secs(180));
+    loop {
+        vm.check(phase);
+        if let Some((200, body)) = get(vm.detail_port, "/readyz").await {
+            let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if json["engine_pid"].as_u64().is_some_and(|p| p != u64::from(engine)) && json["state"] == "ready" {
+                break;
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            vm.fail(phase, &format!("no new engine after the scope's stop; last /readyz {:?}", get(vm.detail_port, "/readyz").await));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let restarted = engine_in_its_scope(&mut vm, phase, None).await;
+    t.end(&format!("engine {engine} ended with its scope; engine {restarted} ready in a new one"));
+
     // --- should_terminate: drain, the unit ends inactive with success, the guest powers off.
     t.begin("drain");
     let phase = "drain";
@@ -220,16 +328,27 @@ async fn a_provisioned_vm_registers_builds_over_mtls_and_drains_clean_on_should_
     let report_line = vm.console_lines("MA-VM-REPORT").remove(0);
     eprintln!("vm: guest: {}", report_line.trim());
     let report = fields(&report_line);
-    let expect =
-        [("ActiveState", "inactive"), ("Result", "success"), ("ExecMainCode", "1"), ("ExecMainStatus", "0"), ("NRestarts", "0"), ("cache_mounted", "no")];
+    let restarts = vm.unclean_stops_expected.to_string();
+    let expect = [
+        ("ActiveState", "inactive"),
+        ("Result", "success"),
+        ("ExecMainCode", "1"),
+        ("ExecMainStatus", "0"),
+        ("NRestarts", restarts.as_str()),
+        ("cache_mounted", "no"),
+        ("engine_scope", "inactive"),
+    ];
     for (key, want) in expect {
         if report.get(key).map(String::as_str) != Some(want) {
             vm.fail(phase, &format!("machine-agent's end state: expected {key}={want}, got {report_line:?}"));
         }
     }
     let stops = vm.console_lines("MA-VM-STOP");
-    assert_eq!(stops.len(), 1, "the unit stopped exactly once: {stops:?}");
-    eprintln!("vm: guest: {}", stops[0].trim());
+    assert_eq!(stops.len(), 1 + vm.unclean_stops_expected, "the unit stopped once per kill or handoff, and once for good: {stops:?}");
+    assert!(stops.last().unwrap().contains("service_result=success"), "the last stop, the drain's, was clean: {stops:?}");
+    for stop in &stops {
+        eprintln!("vm: guest: {}", stop.trim());
+    }
     let status = vm.wait_exit(phase, t.limit(Duration::from_secs(120))).await;
     assert!(status.success(), "qemu's exit after the guest's poweroff: {status}");
     let rec = cp.recorded();
@@ -239,7 +358,10 @@ async fn a_provisioned_vm_registers_builds_over_mtls_and_drains_clean_on_should_
     assert!(shutdown.unmounted && shutdown.errors.is_empty(), "{shutdown:?}");
     assert!(shutdown.engine_stopped_cleanly, "{shutdown:?}");
     assert_eq!(shutdown.task_id, "vm-boot-1");
-    t.end(&format!("drain {} ms in the agent; unit inactive/success, 0 restarts; guest powered off", shutdown.drain_duration_ms));
+    t.end(&format!(
+        "drain {} ms in the agent; unit inactive/success after {} restarts; guest powered off",
+        shutdown.drain_duration_ms, vm.unclean_stops_expected
+    ));
 
     // --- the cache disk, from the host: a clean ext4 that holds the engine's state.
     t.begin("fsck");
@@ -256,4 +378,22 @@ async fn a_provisioned_vm_registers_builds_over_mtls_and_drains_clean_on_should_
     assert!(listing.contains("/runc-overlayfs/"), "the engine's root was on the cache disk; its top level:\n{listing}");
     t.end("fsck.ext4 -fn: clean");
     eprintln!("vm: guest console: {}", vm.keep_console());
+}
+
+/// Checks that buildkitd runs in the engine's own systemd scope (active, and
+/// the engine's cgroup under it) and, when given, is still `expected`; returns its pid.
+async fn engine_in_its_scope(vm: &mut support::vm::Vm, phase: &str, expected: Option<u32>) -> u32 {
+    let scope = "machine-agent-engine.scope";
+    let active = vm.sh_ok(phase, &format!("systemctl is-active {scope}"), Duration::from_secs(30)).await;
+    assert_eq!(active.trim(), "active", "the engine's scope");
+    let pid = vm.sh_ok(phase, "cut -d' ' -f1 /var/lib/machine-agent/engine/buildkitd.pid", Duration::from_secs(30)).await;
+    let pid: u32 = pid.trim().parse().unwrap_or_else(|_| panic!("the engine's pidfile: {pid:?}"));
+    if let Some(expected) = expected {
+        assert_eq!(pid, expected, "the same engine");
+    }
+    let cgroup = vm.sh_ok(phase, &format!("cat /proc/{pid}/cgroup"), Duration::from_secs(30)).await;
+    assert_eq!(cgroup.trim(), format!("0::/system.slice/{scope}/daemon"), "buildkitd in its scope's daemon cgroup");
+    let status = vm.sh_ok(phase, &format!("systemctl status --no-pager {scope} | head -20"), Duration::from_secs(30)).await;
+    eprintln!("vm: {phase}: systemctl status {scope}:\n{status}");
+    pid
 }

@@ -72,7 +72,8 @@ impl Agent {
         let watch = OomWatch {
             kmsg_path: "/dev/kmsg".into(),
             vmstat_path: "/proc/vmstat".into(),
-            engine_cgroup_path: if name.is_empty() { String::new() } else { format!("/{name}") },
+            // Under systemd, the engine's scope: where the kernel's memcg paths put it.
+            engine_cgroup_path: if name.is_empty() { String::new() } else { crate::engine::cgroup::Placement::detect(name).relative(name) },
             engine_cgroup: self.engine_cgroup_watch.subscribe(),
             status: status.clone(),
             reconcile_interval: OOM_RECONCILE_INTERVAL,

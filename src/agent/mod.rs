@@ -150,6 +150,8 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
     }
 
     let mut pulse = Pulse::new(liveness, notifier);
+    #[cfg(debug_assertions)]
+    let mut debug_panic = debug_panic::Trigger::from_env();
     let reason = loop {
         tokio::select! {
             Some(input) = inputs.recv() => {
@@ -181,7 +183,10 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
                     return Err(AgentError::HandedOff);
                 }
             },
-            () = pulse.tick() => {}
+            () = pulse.tick() => {
+                #[cfg(debug_assertions)]
+                debug_panic.check();
+            }
         }
     };
 
@@ -216,6 +221,41 @@ async fn prepare_cdi(cdi: &crate::engine::cdi::CdiSettings) {
             warn!(%problem, "CDI spec not read");
         }
         info!(dirs = ?cdi.spec_dirs, devices = ?scan.devices, "CDI devices on this machine");
+    }
+}
+
+/// A test's way to crash a debug build of the agent with a real panic (the
+/// adoption tests: a crash is a handoff). Compiled out of release builds; in
+/// a debug build it does nothing unless the agent's own environment names a
+/// trigger file, which nothing the control plane sends can set.
+#[cfg(debug_assertions)]
+mod debug_panic {
+    use std::path::PathBuf;
+
+    /// The variable naming the trigger file. When the file appears, the agent
+    /// panics at its next main-loop tick: in the main task if the file says
+    /// `main`, else in a task spawned for it.
+    pub const ENV: &str = "MACHINE_AGENT_DEBUG_PANIC_FILE";
+
+    #[derive(Debug)]
+    pub struct Trigger(Option<PathBuf>);
+
+    impl Trigger {
+        pub fn from_env() -> Self {
+            Self(std::env::var_os(ENV).map(PathBuf::from))
+        }
+
+        pub fn check(&mut self) {
+            let Some(path) = &self.0 else { return };
+            let Ok(text) = std::fs::read_to_string(path) else { return };
+            if text.trim() == "main" {
+                panic!("debug panic in the main task ({ENV}={})", path.display());
+            }
+            let path = path.display().to_string();
+            tokio::spawn(async move { panic!("debug panic in a spawned task ({ENV}={path})") });
+            // Once: a spawned task's panic aborts the process on its own.
+            self.0 = None;
+        }
     }
 }
 

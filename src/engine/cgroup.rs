@@ -21,6 +21,16 @@
 //! ([`EngineCgroup::other_daemon_procs`]): systemd finds a unit's processes in
 //! `name=systemd` (v1) or the unified tree (hybrid), and would kill an engine
 //! left there with the agent's unit (`KillMode=mixed`).
+//!
+//! Under systemd (it is PID 1: /run/systemd/system exists) the engine cgroup
+//! is a transient scope of its own instead, `<name>.scope` in system.slice
+//! ([`Placement`]): systemd knows the engine as a unit (`systemctl status
+//! machine-agent-engine.scope`), neither `KillMode=` nor a restart of
+//! machine-agent.service touches it, and with `Delegate=yes` the tree below
+//! the scope is the agent's, so the layout above holds with
+//! `<hierarchy>/system.slice/<name>.scope` as `<name>`. A scope needs a process
+//! to exist: a holder (`sleep infinity`, in `<scope>/holder`) keeps it across
+//! engine restarts and agent restarts, until the drain stops the scope.
 
 use std::fs;
 use std::io::{self, Write};
@@ -77,6 +87,8 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    /// cannot start the engine's systemd scope {unit}: {detail}
+    Scope { unit: String, detail: String },
     /// cannot create {path}: {source}
     Create {
         path: PathBuf,
@@ -107,6 +119,81 @@ pub fn engine_memory_limit(total_bytes: u64, reserve_bytes: u64) -> Result<u64, 
     }
 }
 
+/// Where the engine cgroup is made: what the host's init was detected to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// `<hierarchy>/<name>` at each hierarchy's root, made by the agent: no
+    /// systemd as init (tests, containers, CI), or no `systemd-run` to ask it.
+    Root,
+    /// A transient scope `<unit>` in `<slice>`, started through `systemd_run`
+    /// with `Delegate=yes` and the memory limit.
+    Scope { unit: String, slice: &'static str, systemd_run: PathBuf },
+}
+
+/// The slice transient engine scopes go in: system.slice, beside the agent's
+/// own unit, so the engine's path is the same on every systemd host.
+pub const ENGINE_SLICE: &str = "system.slice";
+
+impl Placement {
+    /// The placement for engine cgroup `name` given what was detected:
+    /// whether systemd is PID 1 (`/run/systemd/system` is a directory, as
+    /// sd_booted(3) checks) and where systemd-run is, if anywhere.
+    pub fn choose(systemd_booted: bool, systemd_run: Option<&Path>, name: &str) -> Self {
+        match (systemd_booted, systemd_run) {
+            (true, Some(run)) => Self::Scope { unit: format!("{name}.scope"), slice: ENGINE_SLICE, systemd_run: run.to_path_buf() },
+            _ => Self::Root,
+        }
+    }
+
+    /// [`Placement::choose`] with this host's facts.
+    pub fn detect(name: &str) -> Self {
+        let (booted, run) = (crate::systemd::booted(), crate::systemd::systemd_run());
+        if booted && run.is_none() {
+            tracing::warn!("systemd is PID 1 but systemd-run is missing: the engine cgroup is made at the hierarchy's root, outside any unit");
+        }
+        Self::choose(booted, run, name)
+    }
+
+    /// The engine cgroup's path inside a hierarchy, `/`-rooted (BuildKit's
+    /// defaultCgroupParent, the OOM killer's memcg paths).
+    pub fn relative(&self, name: &str) -> String {
+        match self {
+            Self::Root => format!("/{name}"),
+            Self::Scope { unit, slice, .. } => format!("/{slice}/{unit}"),
+        }
+    }
+
+    /// systemd-run's arguments that start the scope, its memory limit and
+    /// delegation set, around `holder`.
+    pub fn scope_args(unit: &str, slice: &str, limit_bytes: u64, holder: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = [
+            "--scope",
+            "--quiet",
+            "--collect",
+            &format!("--unit={unit}"),
+            &format!("--slice={slice}"),
+            "--description=machine-agent's build engine (buildkitd and its build steps)",
+            // The tree below the scope is the agent's: daemon/, buildkit/<id>, holder/.
+            "--property=Delegate=yes",
+            &format!("--property=MemoryMax={limit_bytes}"),
+            "--",
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        args.extend(holder.iter().map(ToString::to_string));
+        args
+    }
+}
+
+/// The scope's holder: keeps the scope (and its cgroup) while no engine runs
+/// in it, between an engine's death and its restart. It says `ready` once
+/// systemd-run has put it in the scope and exec'd it.
+const SCOPE_HOLDER: [&str; 3] = ["/bin/sh", "-c", "echo ready; exec sleep infinity >/dev/null 2>&1"];
+
+/// The holder's cgroup under the scope.
+const HOLDER_DIR: &str = "holder";
+
 /// The engine's cgroup, created and limited.
 #[derive(Debug, Clone)]
 pub struct EngineCgroup {
@@ -116,20 +203,39 @@ pub struct EngineCgroup {
     /// `/<name>`: the path inside the hierarchy, for BuildKit's defaultCgroupParent.
     pub relative: String,
     pub limit_bytes: u64,
+    /// The transient scope holding it, under systemd; stopped by [`EngineCgroup::remove`].
+    pub scope: Option<String>,
+    /// The memory hierarchy's mount point.
+    pub mount_point: PathBuf,
 }
 
 impl EngineCgroup {
-    /// Finds the memory hierarchy, creates `<name>` and `<name>/daemon`, and sets the limit.
+    /// Finds the memory hierarchy, creates `<name>` (or its systemd scope) and
+    /// `<name>/daemon`, and sets the limit.
     pub fn create(name: &str, limit_bytes: u64) -> Result<Self, CgroupError> {
         let mounts = crate::volume::mountinfo::read_mountinfo(Path::new("/proc/self/mountinfo"))?;
         let hierarchy = choose_hierarchy(&mounts, |mount| fs::read_to_string(mount.join("cgroup.controllers")).ok()).ok_or(CgroupError::NoMemoryController)?;
-        Self::create_in(&hierarchy, name, limit_bytes)
+        let placement = Placement::detect(name);
+        if let Placement::Scope { unit, slice, systemd_run } = &placement {
+            let dir = hierarchy.mount_point.join(placement.relative(name).trim_start_matches('/'));
+            ensure_scope(systemd_run, unit, slice, &dir, limit_bytes)?;
+        }
+        Self::create_placed(&hierarchy, name, &placement, limit_bytes)
     }
 
-    /// As [`EngineCgroup::create`], in a known hierarchy.
+    /// As [`EngineCgroup::create`], in a known hierarchy, at its root.
     pub fn create_in(hierarchy: &MemoryHierarchy, name: &str, limit_bytes: u64) -> Result<Self, CgroupError> {
-        let dir = hierarchy.mount_point.join(name);
-        let cgroup = Self { version: hierarchy.version, dir, relative: format!("/{name}"), limit_bytes };
+        Self::create_placed(hierarchy, name, &Placement::Root, limit_bytes)
+    }
+
+    fn create_placed(hierarchy: &MemoryHierarchy, name: &str, placement: &Placement, limit_bytes: u64) -> Result<Self, CgroupError> {
+        let relative = placement.relative(name);
+        let dir = hierarchy.mount_point.join(relative.trim_start_matches('/'));
+        let scope = match placement {
+            Placement::Root => None,
+            Placement::Scope { unit, .. } => Some(unit.clone()),
+        };
+        let cgroup = Self { version: hierarchy.version, dir, relative, limit_bytes, scope, mount_point: hierarchy.mount_point.clone() };
         if cgroup.version == CgroupVersion::V2 {
             // The root (or parent) must hand the memory controller down before
             // the child's memory.max exists.
@@ -158,6 +264,16 @@ impl EngineCgroup {
         self.dir.join("daemon")
     }
 
+    /// Makes the cgroup again as [`EngineCgroup::create`] did (under systemd,
+    /// a new scope), after it was removed from outside.
+    pub fn recreate(&self) -> Result<Self, CgroupError> {
+        let name = match &self.scope {
+            Some(unit) => unit.trim_end_matches(".scope"),
+            None => self.relative.trim_start_matches('/'),
+        };
+        Self::create(name, self.limit_bytes)
+    }
+
     /// The file a process writes "0" to in order to join the daemon cgroup.
     pub fn daemon_procs_file(&self) -> PathBuf {
         self.daemon_dir().join("cgroup.procs")
@@ -173,9 +289,9 @@ impl EngineCgroup {
             return (vec![], vec!["cannot read /proc/self/mountinfo".into()]);
         };
         let name = self.relative.trim_start_matches('/');
-        let memory_root = self.dir.parent().map(Path::to_path_buf).unwrap_or_default();
+        let memory_root = &self.mount_point;
         let (mut ready, mut failed) = (vec![], vec![]);
-        for mount in mounts.iter().filter(|m| (m.fs_type == "cgroup" || m.fs_type == "cgroup2") && m.mount_point != memory_root) {
+        for mount in mounts.iter().filter(|m| (m.fs_type == "cgroup" || m.fs_type == "cgroup2") && &m.mount_point != memory_root) {
             let engine = mount.mount_point.join(name);
             let daemon = engine.join("daemon");
             let prepared = [&engine, &daemon].into_iter().try_for_each(|dir| make_dir(dir).and_then(|()| inherit_cpuset(dir)));
@@ -187,10 +303,14 @@ impl EngineCgroup {
         (ready, failed)
     }
 
-    /// Every process in the engine's cgroup and its descendants.
+    /// Every process in the engine's cgroup and its descendants, but for the
+    /// scope's holder (`holder/`), which must outlive every engine.
     pub fn pids(&self) -> Result<Vec<i32>, CgroupError> {
         let mut pids = Vec::new();
         collect_pids(&self.dir, &mut pids)?;
+        let mut holders = Vec::new();
+        collect_pids(&self.dir.join(HOLDER_DIR), &mut holders)?;
+        pids.retain(|p| !holders.contains(p));
         pids.sort_unstable();
         pids.dedup();
         Ok(pids)
@@ -247,6 +367,14 @@ impl EngineCgroup {
     /// every hierarchy: runc creates `<name>/buildkit/<id>` in all of them on v1.
     /// Directories still holding processes stay, and are reported.
     pub fn remove(&self) -> Result<(), CgroupError> {
+        if let Some(unit) = &self.scope {
+            // Kills the holder; systemd then removes the scope's cgroups.
+            match std::process::Command::new("systemctl").args(["stop", "--quiet", unit]).stdin(std::process::Stdio::null()).output() {
+                Ok(out) if out.status.success() => {}
+                Ok(out) => tracing::warn!(unit, stderr = %String::from_utf8_lossy(&out.stderr).trim(), "cannot stop the engine's scope"),
+                Err(e) => tracing::warn!(unit, error = %e, "cannot run systemctl to stop the engine's scope"),
+            }
+        }
         let mounts = crate::volume::mountinfo::read_mountinfo(Path::new("/proc/self/mountinfo"))?;
         let name = self.relative.trim_start_matches('/');
         let mut first_error = None;
@@ -269,6 +397,53 @@ impl EngineCgroup {
         // "max" (v2, unlimited) reads as u64::MAX.
         Ok(text.trim().parse().unwrap_or(u64::MAX))
     }
+}
+
+/// Starts the engine's transient scope unless its cgroup `dir` (in the memory
+/// hierarchy) already exists: a previous agent's scope, with its holder and
+/// maybe a running engine to adopt, is kept. The holder is spawned detached
+/// (its own process group) and moved to `<scope>/holder`, so that on cgroup
+/// v2 the scope itself holds no process and may hand the memory controller
+/// down to daemon/ and the build steps.
+fn ensure_scope(systemd_run: &Path, unit: &str, slice: &str, dir: &Path, limit_bytes: u64) -> Result<(), CgroupError> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    if dir.is_dir() {
+        tracing::info!(unit, cgroup = %dir.display(), "the engine's systemd scope exists: kept");
+        return Ok(());
+    }
+    let scope_error = |detail: String| CgroupError::Scope { unit: unit.to_string(), detail };
+    let mut child = std::process::Command::new(systemd_run)
+        .args(Placement::scope_args(unit, slice, limit_bytes, &SCOPE_HOLDER))
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| scope_error(format!("cannot run {}: {e}", systemd_run.display())))?;
+    let pid = child.id();
+    // Blocks until systemd-run has started the scope and exec'd the holder
+    // (`ready`), or has failed (end of file); systemd-run bounds its own D-Bus
+    // calls, so this wait is bounded too.
+    let mut line = String::new();
+    let stdout = child.stdout.take().map(std::io::BufReader::new);
+    let _ = stdout.map(|mut out| out.read_line(&mut line));
+    if line.trim() != "ready" {
+        let mut stderr = String::new();
+        let _ = child.stderr.take().map(|mut e| std::io::Read::read_to_string(&mut e, &mut stderr));
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+        return Err(scope_error(format!("systemd-run ended ({status}): {}", stderr.trim())));
+    }
+    // The holder runs on after this agent; never waited for, it is reaped by
+    // init once this agent is gone (a restart) or by the drain's scope stop.
+    drop(child);
+    let holder = dir.join(HOLDER_DIR);
+    make_dir(&holder)?;
+    write_value(&holder.join("cgroup.procs"), &pid.to_string())?;
+    tracing::info!(unit, cgroup = %dir.display(), holder_pid = pid, limit_bytes, "the engine's systemd scope started");
+    Ok(())
 }
 
 /// `key value` lines (memory.events, memory.oom_control): the value of `key`.
@@ -405,6 +580,30 @@ mod tests {
     fn no_memory_controller_anywhere_is_none() {
         let mounts = parse_mountinfo(UNIFIED).unwrap();
         assert_eq!(choose_hierarchy(&mounts, |_| Some("cpu io pids".into())), None);
+    }
+
+    #[test]
+    fn the_engine_gets_a_scope_only_where_systemd_is_init_and_systemd_run_exists() {
+        let run = Path::new("/usr/bin/systemd-run");
+        let scope = Placement::choose(true, Some(run), "machine-agent-engine");
+        assert_eq!(scope, Placement::Scope { unit: "machine-agent-engine.scope".into(), slice: "system.slice", systemd_run: run.into() });
+        assert_eq!(scope.relative("machine-agent-engine"), "/system.slice/machine-agent-engine.scope");
+        // systemd installed but not PID 1 (containers, CI, this machine), or no systemd-run: as before.
+        for (booted, run) in [(false, Some(run)), (true, None), (false, None)] {
+            let placement = Placement::choose(booted, run, "machine-agent-engine");
+            assert_eq!(placement, Placement::Root, "booted={booted} run={run:?}");
+            assert_eq!(placement.relative("machine-agent-engine"), "/machine-agent-engine");
+        }
+    }
+
+    #[test]
+    fn the_scope_is_delegated_limited_and_wraps_the_holder() {
+        let args = Placement::scope_args("e.scope", "system.slice", 7 << 30, &["/bin/sh", "-c", "x"]);
+        let joined = args.join(" ");
+        for want in ["--scope", "--unit=e.scope", "--slice=system.slice", "--property=Delegate=yes", &format!("--property=MemoryMax={}", 7u64 << 30)] {
+            assert!(args.iter().any(|a| a == want), "{want} in {joined}");
+        }
+        assert!(joined.ends_with("-- /bin/sh -c x"), "{joined}");
     }
 
     #[test]

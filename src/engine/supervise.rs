@@ -499,6 +499,14 @@ fn spawn(spec: &EngineSpec) -> io::Result<Child> {
         .process_group(0)
         .kill_on_drop(false);
     if let Some(cgroup) = &spec.cgroup {
+        // A systemd scope stopped from outside (`systemctl stop
+        // machine-agent-engine.scope` ends the engine and its holder) takes
+        // its cgroup with it: started again here, or no restart could place
+        // the engine. Blocks on systemd-run, which bounds its own calls.
+        if cgroup.scope.is_some() && !cgroup.daemon_dir().is_dir() {
+            tracing::warn!(scope = ?cgroup.scope, "the engine's systemd scope is gone: starting it again");
+            cgroup.recreate().map_err(io::Error::other)?;
+        }
         let procs = std::fs::OpenOptions::new().write(true).open(cgroup.daemon_procs_file())?;
         let (others, failed) = cgroup.other_daemon_procs();
         if !failed.is_empty() {

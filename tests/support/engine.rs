@@ -196,3 +196,63 @@ pub fn buildctl_build_cache_only(addr_args: &[String], ctx: &Path) -> std::proce
 pub fn step_running(tag: &str) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(tag)))
 }
+
+/// A build whose RUN step waits on a gate the test opens: the step polls for
+/// `/gate` in its own root filesystem, which the test creates through
+/// `/proc/<step pid>/root` (the host sees every container's root there). Once
+/// open, the step writes its tag and a copy of the payload, so a complete
+/// output proves the step ran to its end after the gate.
+pub struct GatedBuild {
+    pub tag: String,
+    pub ctx: PathBuf,
+    payload: Vec<u8>,
+}
+
+impl GatedBuild {
+    pub fn new(dir: &Path) -> Self {
+        let tag = format!("gated-{}", rand_suffix());
+        let script = format!("until [ -e /gate ]; do /bin/busybox sleep 0.05; done; echo {tag} > /out.txt; /bin/busybox cp /payload /payload.copy");
+        let ctx = build_context(dir, &script, 64 << 10);
+        let payload = std::fs::read(ctx.join("payload")).unwrap();
+        Self { tag, ctx, payload }
+    }
+
+    /// The step's shell, once it runs (its command line holds the tag).
+    pub fn step_pid(&self) -> Option<u32> {
+        std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            (args.first() == Some(&&b"/bin/busybox"[..]) && String::from_utf8_lossy(&cmdline).contains(&self.tag)).then_some(pid)
+        })
+    }
+
+    /// Waits (bounded) for the step to be waiting at the gate.
+    pub async fn wait_running(&self) -> u32 {
+        eventually("the gated step to run", Duration::from_secs(60), || self.step_pid().is_some()).await;
+        self.step_pid().unwrap()
+    }
+
+    /// Opens the gate of the waiting step.
+    pub fn open(&self) {
+        let pid = self.step_pid().expect("the gated step is still waiting at its gate");
+        std::fs::write(format!("/proc/{pid}/root/gate"), b"open\n").unwrap();
+    }
+
+    /// Asserts that `out` (a local export of this build) is complete.
+    pub fn assert_complete(&self, out: &Path) {
+        assert_eq!(std::fs::read_to_string(out.join("out.txt")).unwrap().trim(), self.tag, "the step's output is there");
+        assert!(std::fs::read(out.join("payload.copy")).unwrap() == self.payload, "the step's copy of the payload is whole");
+        assert!(std::fs::read(out.join("bin/busybox")).is_ok(), "the image's first layer is there");
+    }
+}
+
+impl Drop for GatedBuild {
+    /// A test that fails before it opens the gate must not hang on its build:
+    /// the step is let through, so buildctl ends and the runtime can shut down.
+    fn drop(&mut self) {
+        if let Some(pid) = self.step_pid() {
+            let _ = std::fs::write(format!("/proc/{pid}/root/gate"), b"open\n");
+        }
+    }
+}

@@ -352,6 +352,12 @@ pub struct Vm {
     pub detail_port: u16,
     pub buildkit_port: u16,
     exit: Option<ExitStatus>,
+    command_socket: PathBuf,
+    command: Option<tokio::io::BufReader<tokio::net::UnixStream>>,
+    commands_sent: u64,
+    /// Stops of machine-agent.service the test caused on purpose (a SIGKILL,
+    /// a handoff): [`Vm::check`] lets this many unclean ones pass.
+    pub unclean_stops_expected: usize,
 }
 
 impl Vm {
@@ -369,8 +375,16 @@ impl Vm {
         let append = "root=/dev/vda rw console=ttyS0 panic=-1 systemd.journald.forward_to_console=1 systemd.show_status=1";
         let netdev =
             format!("user,id=n0,hostfwd=tcp:127.0.0.1:{endpoints_port}-:{GUEST_ENDPOINTS_PORT},hostfwd=tcp:127.0.0.1:{detail_port}-:{GUEST_DETAIL_PORT},hostfwd=tcp:127.0.0.1:{buildkit_port}-:{GUEST_BUILDKIT_PORT}");
+        // The test's command channel: the guest's second serial port (ttyS1,
+        // where tests/vm/overlay's ma-vm-shell.service reads commands) on a
+        // unix socket the test connects to; wait=off, so the guest boots
+        // whether or not the test is connected.
+        let command_socket = image.dir().join("command.sock");
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-name", "machine-agent-vm-test", "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none", "-serial", "stdio"])
+            .arg("-chardev")
+            .arg(format!("socket,id=command,path={},server=on,wait=off", command_socket.display()))
+            .args(["-serial", "chardev:command"])
             .args(["-accel", accel_arg, "-cpu", cpu, "-smp", &GUEST_CPUS.to_string(), "-m", &GUEST_MEMORY_MIB.to_string()])
             .arg("-kernel")
             .arg(&image.kernel)
@@ -418,7 +432,94 @@ impl Vm {
                 sink.lock().unwrap().push_str(&format!("\n[qemu stderr] {text}"));
             }
         });
-        Self { child: Some(child), console, console_file, accel, endpoints_port, detail_port, buildkit_port, exit: None }
+        Self {
+            child: Some(child),
+            console,
+            console_file,
+            accel,
+            endpoints_port,
+            detail_port,
+            buildkit_port,
+            exit: None,
+            command_socket,
+            command: None,
+            commands_sent: 0,
+            unclean_stops_expected: 0,
+        }
+    }
+
+    /// Runs `command` as root in the guest (sh -c) through the command
+    /// channel; returns its exit status and output. Fails the phase when the
+    /// channel does not answer within `within`.
+    pub async fn sh(&mut self, phase: &str, command: &str, within: Duration) -> (i32, String) {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        assert!(!command.contains('\n'), "one line per command: {command:?}");
+        let deadline = Instant::now() + within;
+        self.commands_sent += 1;
+        let id = self.commands_sent;
+        if self.command.is_none() {
+            match tokio::net::UnixStream::connect(&self.command_socket).await {
+                Ok(stream) => self.command = Some(tokio::io::BufReader::new(stream)),
+                Err(e) => self.fail(phase, &format!("cannot connect to the command channel {}: {e}", self.command_socket.display())),
+            }
+        }
+        let end = format!("MA-VM-CMD-END {id} rc=");
+        let line = format!("{id} {command}\n");
+        let answer = tokio::time::timeout_at(deadline, async {
+            let channel = self.command.as_mut().unwrap();
+            channel.get_mut().write_all(line.as_bytes()).await?;
+            let mut output = String::new();
+            loop {
+                let mut got = String::new();
+                if channel.read_line(&mut got).await? == 0 {
+                    return Err(std::io::Error::other("the command channel closed"));
+                }
+                let got = got.trim_end_matches(['\r', '\n']);
+                if let Some(rc) = got.strip_prefix(&end) {
+                    return Ok((rc.trim().parse::<i32>().unwrap_or(-1), output));
+                }
+                // Lines of earlier commands that timed out are not this one's.
+                if !got.starts_with("MA-VM-CMD-") {
+                    output.push_str(got);
+                    output.push('\n');
+                }
+            }
+        })
+        .await;
+        match answer {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                self.command = None;
+                self.fail(phase, &format!("guest command {command:?}: {e}"))
+            }
+            Err(_) => self.fail(phase, &format!("guest command {command:?} did not answer within {within:?}")),
+        }
+    }
+
+    /// [`Vm::sh`], failing the phase unless the command succeeds; its output.
+    pub async fn sh_ok(&mut self, phase: &str, command: &str, within: Duration) -> String {
+        let (rc, output) = self.sh(phase, command, within).await;
+        if rc != 0 {
+            self.fail(phase, &format!("guest command {command:?} exited {rc}: {output}"));
+        }
+        output
+    }
+
+    /// Waits until the command channel answers (the guest's ma-vm-shell runs).
+    pub async fn wait_command_channel(&mut self, phase: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            self.check(phase);
+            if tokio::net::UnixStream::connect(&self.command_socket).await.is_ok() || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(5));
+        let probe = self.sh(phase, "echo channel-ok", left).await;
+        if probe != (0, "channel-ok\n".to_string()) {
+            self.fail(phase, &format!("the command channel answered {probe:?}"));
+        }
     }
 
     pub fn console(&self) -> String {
@@ -467,8 +568,9 @@ impl Vm {
         if self.console().contains("Kernel panic") {
             self.fail(phase, "the guest kernel panicked");
         }
-        if let Some(stop) = self.console_lines("MA-VM-STOP").into_iter().find(|l| !l.contains("service_result=success")) {
-            self.fail(phase, &format!("machine-agent.service stopped unsuccessfully: {}", stop.trim()));
+        let unclean: Vec<String> = self.console_lines("MA-VM-STOP").into_iter().filter(|l| !l.contains("service_result=success")).collect();
+        if unclean.len() > self.unclean_stops_expected {
+            self.fail(phase, &format!("machine-agent.service stopped unsuccessfully: {}", unclean[self.unclean_stops_expected].trim()));
         }
     }
 

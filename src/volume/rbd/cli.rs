@@ -181,6 +181,18 @@ impl CephClient {
     }
 }
 
+/// `line` run in a transient systemd scope `unit` of its own (systemd-run
+/// execs it in place): what it leaves running (rbd-fuse's daemon) is then
+/// outside the agent's unit, and neither `KillMode=` nor a restart or handoff
+/// of machine-agent.service ends it. The scope goes once its last process does.
+pub fn in_scope(line: CommandLine, systemd_run: &Path, unit: &str) -> CommandLine {
+    let mut args: Vec<OsString> =
+        ["--scope", "--quiet", "--collect", &format!("--unit={unit}"), "--slice=system.slice", "--"].iter().map(OsString::from).collect();
+    args.push(line.program.into_os_string());
+    args.extend(line.args);
+    CommandLine { program: systemd_run.into(), args }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +241,10 @@ mod tests {
         assert!(text(&client.device_map(DeviceType::Nbd, &image(None))).contains("--device-type nbd --options exclusive"));
         assert!(text(&client.create(&image(None), (1 << 30) + 1)).contains("--size 1025M --image-feature layering,exclusive-lock"));
         assert_eq!(text(&client.fuse(&image(None), Path::new("/m"))), "/usr/bin/rbd-fuse -c /c --id b -p cache -r project-amd64 /m");
+        assert_eq!(
+            text(&in_scope(client.fuse(&image(None), Path::new("/m")), Path::new("/usr/bin/systemd-run"), "f.scope")),
+            "/usr/bin/systemd-run --scope --quiet --collect --unit=f.scope --slice=system.slice -- /usr/bin/rbd-fuse -c /c --id b -p cache -r project-amd64 /m"
+        );
     }
 
     #[test]

@@ -260,6 +260,11 @@ fn dir_name(image: &RbdImage) -> String {
     format!("{start}@{:016x}", crate::volume::fnv1a64(image.spec().as_bytes()))
 }
 
+/// The systemd scope of an image's rbd-fuse: one per image spec, like its mount point.
+fn fuse_scope_unit(image: &RbdImage) -> String {
+    format!("machine-agent-rbd-fuse-{:016x}.scope", crate::volume::fnv1a64(image.spec().as_bytes()))
+}
+
 /// Where rbd-fuse is mounted for an image: beside the credentials, never
 /// inside a directory that is removed recursively.
 fn fuse_mount_point(settings: &RbdSettings, image: &RbdImage) -> PathBuf {
@@ -505,8 +510,14 @@ async fn map_fuse(client: &CephClient, image: &RbdImage, mount_point: &Path) -> 
     if !is_fuse_mounted(mount_point) {
         crate::fsutil::create_private_dir(mount_point)
             .map_err(|source| device_error(super::device::DeviceError::Backing { path: mount_point.into(), source }))?;
-        // rbd-fuse mounts, then goes to the background: it outlives this run and the agent.
-        ceph(image, client.fuse(image, mount_point)).await?;
+        // rbd-fuse mounts, then goes to the background: it outlives this run
+        // and the agent. Under systemd, in a scope of its own: left in the
+        // agent's unit, a handoff's restart would kill it (KillMode=mixed).
+        let line = match (crate::systemd::booted(), crate::systemd::systemd_run()) {
+            (true, Some(run)) => cli::in_scope(client.fuse(image, mount_point), run, &fuse_scope_unit(image)),
+            _ => client.fuse(image, mount_point),
+        };
+        ceph(image, line).await?;
     } else {
         info!(image = %image.spec(), mount_point = %mount_point.display(), "reusing the rbd-fuse mount already there");
     }
