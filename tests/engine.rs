@@ -88,8 +88,17 @@ async fn a_killed_engine_is_restarted_and_counted() {
     eventually("a new engine pid", WAIT, || engine_pid(&w.root).is_some_and(|p| p != first)).await;
     agent.wait_for_log("engine exited").await;
     eventually("the restarted engine to be ready", WAIT, || agent.logs().lines().filter(|l| l.contains("engine ready")).count() >= 2).await;
-    let (code, json) = readyz(&base).await;
-    assert_eq!(code, 200, "{json}");
+    // The supervisor logs "engine ready" a moment before the agent's state follows.
+    agent.wait_for_log("to=ready reason=").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let json = loop {
+        let (code, json) = readyz(&base).await;
+        if code == 200 && json["engine_restarts"] == 1 {
+            break json;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ready again after the restart: {code} {json}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(json["engine_restarts"], 1);
     assert_eq!(json["engine_last_exit"], "killed by signal 9 (SIGKILL)");
     let (_, scrape) = http_get(&base, "/metrics").await;
