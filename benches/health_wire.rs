@@ -133,13 +133,14 @@ async fn readiness_once() -> (Duration, Duration) {
     (arrived.saturating_duration_since(accepting), arrived.saturating_duration_since(serving))
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+/// The `percent`th percentile of `sorted` (nearest rank).
+fn percentile(sorted: &[Duration], percent: usize) -> Duration {
+    sorted[((sorted.len() - 1) * percent + 50) / 100]
 }
 
 fn main() {
     let secs = env_or("BENCH_SECS", 60);
-    let runs = env_or("BENCH_RUNS", 30) as usize;
+    let runs = usize::try_from(env_or("BENCH_RUNS", 30)).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async move {
         println!("health stream on the wire, {secs} s per phase (bytes/s, both directions, TLS + HTTP/2 + gRPC)");
@@ -162,8 +163,8 @@ fn main() {
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             println!(
                 "{name:<34} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
-                ms(percentile(&latencies, 0.5)),
-                ms(percentile(&latencies, 0.95)),
+                ms(percentile(&latencies, 50)),
+                ms(percentile(&latencies, 95)),
                 ms(latencies[0]),
                 ms(latencies[runs - 1])
             );
