@@ -1,0 +1,497 @@
+//! The step watcher's I/O edge: follows every build step's cgroup below the
+//! engine's (`<engine>/buildkit/<container id>`), reads its figures while it
+//! lives and once more when it empties, and listens to the engine's build
+//! history to say which build each step belonged to. Finished records go to
+//! the main loop (status, metrics); the pure parts are in [`super::steps`].
+//!
+//! Behaviour:
+//! - An inotify watch on `buildkit/` reports a step's cgroup the moment runc
+//!   creates it, and its removal the moment runc removes it.
+//! - While steps live, every `poll_interval` (20 ms by default) each one's
+//!   `cgroup.procs` and figures are read: CPU (v1 `cpuacct.usage`, v2
+//!   `cpu.stat`), peak memory (v1 `memory.max_usage_in_bytes`, v2
+//!   `memory.peak`), block I/O (v1 `blkio.throttle.io_service_bytes`, v2
+//!   `io.stat`) and the cgroup's OOM kill counter. With no step alive the
+//!   watcher reads nothing.
+//! - A step is finished when its `cgroup.procs` is empty after holding a
+//!   process (its figures read once more then), or when its cgroup is removed
+//!   first (runc removes it within milliseconds of the last exit): the
+//!   figures of the last read stand. The figures are monotonic, so the last
+//!   read before the end is short of the truth by at most one interval's worth.
+//! - A finished record waits [`ATTRIBUTION_GRACE`] for the engine's history
+//!   to report any build that started meanwhile, and, when the cgroup's OOM
+//!   counter says it was killed, up to [`OOM_KILL_WAIT`] for the OOM watcher's
+//!   kill with the same container id (whose id it then carries).
+//! - The build history stream is reopened whenever it ends (engine restarts);
+//!   while it is closed, steps get no `build_ref` (a build may run unseen).
+//!
+//! Why a poll on v1: an empty v1 cgroup says so nowhere a watch can see
+//! (`notify_on_release` runs a host-wide release agent, after the fact), and
+//! by the time inotify reports the directory gone its files are gone too.
+
+use super::liveness::Heartbeat;
+use super::status::Status;
+use super::steps::{
+    attach_oom_kill, build_record, is_container_id, parse_blkio_service_bytes, parse_cpu_stat_usage_usec, parse_cpuacct_usage_usec, parse_io_stat,
+    parse_single_u64, procs_empty, BuildLog, StepFigures, StepRecord,
+};
+use crate::backoff::PollGaps;
+use crate::clock::unix_time_ms;
+use crate::engine::cgroup::{parse_flat_keyed, CgroupVersion, EngineCgroup};
+use crate::engine::client::{BuildEvent, EngineClient};
+use inotify::{Inotify, WatchDescriptor, WatchMask};
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::StreamExt;
+use tracing::{debug, info, warn};
+
+/// A finished step waits this long before it is attributed: the engine's
+/// history event of a build that started just before the step ended is on
+/// its way over a local socket (under a millisecond; 100 ms on a loaded box).
+pub const ATTRIBUTION_GRACE: Duration = Duration::from_millis(100);
+/// A step its cgroup says was OOM-killed waits this long for the OOM
+/// watcher's kill (kmsg lines are read within milliseconds of the kill).
+pub const OOM_KILL_WAIT: Duration = Duration::from_secs(2);
+/// The loop beats its heartbeat at least this often while idle.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+/// Reconnects to the engine's history: from a quarter second, doubling to 5 s
+/// (an engine that is not running costs a connect attempt every 5 s).
+const HISTORY_RETRY_MIN: Duration = Duration::from_millis(250);
+const HISTORY_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Where a step's files are: the hierarchy dirs holding `<id>/` for each
+/// figure (one dir on v2; the memory, cpuacct and blkio hierarchies on v1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepDirs {
+    pub version: CgroupVersion,
+    /// `<engine>/buildkit` in the memory hierarchy (v2: the only one).
+    pub memory: PathBuf,
+    pub cpu: Option<PathBuf>,
+    pub io: Option<PathBuf>,
+}
+
+impl StepDirs {
+    /// The step dirs of an engine cgroup; on v1 the cpuacct and blkio
+    /// hierarchies are found in `mountinfo` (None where not mounted).
+    pub fn of(engine: &EngineCgroup, mounts: &[crate::volume::mountinfo::MountEntry]) -> Self {
+        let memory = engine.dir.join("buildkit");
+        match engine.version {
+            CgroupVersion::V2 => Self { version: engine.version, cpu: Some(memory.clone()), io: Some(memory.clone()), memory },
+            CgroupVersion::V1 => {
+                let name = engine.relative.trim_start_matches('/');
+                let hierarchy = |controller: &str| {
+                    mounts
+                        .iter()
+                        .find(|m| m.fs_type == "cgroup" && m.super_options.split(',').any(|o| o == controller))
+                        .map(|m| m.mount_point.join(name).join("buildkit"))
+                };
+                Self { version: engine.version, memory, cpu: hierarchy("cpuacct"), io: hierarchy("blkio") }
+            }
+        }
+    }
+
+    /// Reads what a step's cgroup says now (a file that cannot be read is None).
+    pub fn read_figures(&self, id: &str) -> StepFigures {
+        let read = |dir: &Path, file: &str| fs::read_to_string(dir.join(id).join(file)).ok();
+        match self.version {
+            CgroupVersion::V2 => {
+                let io = read(&self.memory, "io.stat").map(|t| parse_io_stat(&t));
+                StepFigures {
+                    cpu_usec: read(&self.memory, "cpu.stat").and_then(|t| parse_cpu_stat_usage_usec(&t)),
+                    peak_memory_bytes: read(&self.memory, "memory.peak").and_then(|t| parse_single_u64(&t)),
+                    io_read_bytes: io.map(|(r, _)| r),
+                    io_write_bytes: io.map(|(_, w)| w),
+                    oom_kills: read(&self.memory, "memory.events").and_then(|t| parse_flat_keyed(&t, "oom_kill")),
+                }
+            }
+            CgroupVersion::V1 => {
+                let io = self.io.as_deref().and_then(|d| read(d, "blkio.throttle.io_service_bytes")).map(|t| parse_blkio_service_bytes(&t));
+                StepFigures {
+                    cpu_usec: self.cpu.as_deref().and_then(|d| read(d, "cpuacct.usage")).and_then(|t| parse_cpuacct_usage_usec(&t)),
+                    peak_memory_bytes: read(&self.memory, "memory.max_usage_in_bytes").and_then(|t| parse_single_u64(&t)),
+                    io_read_bytes: io.map(|(r, _)| r),
+                    io_write_bytes: io.map(|(_, w)| w),
+                    oom_kills: read(&self.memory, "memory.oom_control").and_then(|t| parse_flat_keyed(&t, "oom_kill")),
+                }
+            }
+        }
+    }
+
+    /// Some(true) when the step's cgroup holds no process, None when it is gone.
+    pub fn is_empty(&self, id: &str) -> Option<bool> {
+        fs::read_to_string(self.memory.join(id).join("cgroup.procs")).ok().map(|t| procs_empty(&t))
+    }
+
+    /// The steps' cgroups there now.
+    pub fn list(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(&self.memory) else { return vec![] };
+        entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| is_container_id(name))
+            .collect()
+    }
+}
+
+/// A step whose cgroup is alive.
+#[derive(Debug)]
+pub struct LiveStep {
+    pub first_seen_unix_ms: i64,
+    pub last_seen_unix_ms: i64,
+    pub figures: StepFigures,
+    /// A process was seen in it: an empty cgroup before that is one runc
+    /// has not moved the step's process into yet.
+    pub populated: bool,
+}
+
+/// A finished step waiting for its attribution.
+#[derive(Debug)]
+struct Finished {
+    record: StepRecord,
+    /// Attributed from then on (the grace for history events).
+    ready_at: Instant,
+    /// Sent without a kill id from then on.
+    give_up_at: Instant,
+}
+
+/// What the build-history task tells the loop.
+#[derive(Debug)]
+enum HistoryNews {
+    Opened(i64),
+    Event(BuildEvent),
+    Closed(i64),
+}
+
+/// Everything the watcher needs, moved into its task.
+#[derive(Debug)]
+pub struct StepWatch {
+    pub engine_cgroup: watch::Receiver<Option<EngineCgroup>>,
+    pub engine_socket: PathBuf,
+    /// OOM kills (to tie in by container id) come from here.
+    pub status: watch::Receiver<Status>,
+    pub poll_interval: Duration,
+    pub records: mpsc::Sender<StepRecord>,
+    pub heartbeat: Heartbeat,
+}
+
+impl StepWatch {
+    /// Runs until the receiver of the records goes away.
+    pub async fn run(mut self) {
+        let (news_tx, mut news) = mpsc::channel(64);
+        let history = tokio::spawn(listen_history(self.engine_socket.clone(), news_tx));
+        let mut steps = Steps::default();
+        let mut idle = tokio::time::interval(IDLE_TICK);
+        idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut poll = tokio::time::interval(self.poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        'engine: loop {
+            // Until the engine's cgroup exists there is nothing to follow (history events are still taken).
+            let dirs = loop {
+                if let Some(cgroup) = self.engine_cgroup.borrow_and_update().clone() {
+                    let mounts = crate::volume::mountinfo::read_mountinfo(Path::new("/proc/self/mountinfo")).unwrap_or_default();
+                    break StepDirs::of(&cgroup, &mounts);
+                }
+                tokio::select! {
+                    changed = self.engine_cgroup.changed() => if changed.is_err() { break 'engine },
+                    Some(n) = news.recv() => steps.history(n),
+                    _ = idle.tick() => self.heartbeat.beat(),
+                }
+            };
+            info!(steps = %dirs.memory.display(), cpu = ?dirs.cpu, io = ?dirs.io, version = dirs.version.as_str(), "following build steps");
+            let mut watcher = match CgroupWatcher::new(&dirs.memory) {
+                Ok(w) => w,
+                Err(error) => {
+                    warn!(dir = %dirs.memory.display(), %error, "cannot watch for build steps; steps go unrecorded until the engine's cgroup changes");
+                    CgroupWatcher::none()
+                }
+            };
+            steps.scan(&dirs);
+            loop {
+                let polling = steps.busy();
+                tokio::select! {
+                    changed = self.engine_cgroup.changed() => {
+                        if changed.is_err() { break 'engine }
+                        // The engine's cgroup went or changed: what lived in the old one is finished.
+                        steps.finish_all(&dirs);
+                        continue 'engine;
+                    }
+                    Some(n) = news.recv() => steps.history(n),
+                    seen = watcher.next() => match seen {
+                        Some(Seen::Created(id)) => steps.created(&dirs, id),
+                        Some(Seen::Removed(id)) => steps.removed(&id),
+                        Some(Seen::StepsDir) => steps.scan(&dirs),
+                        None => {}
+                    },
+                    _ = poll.tick(), if polling => {
+                        steps.tick(&dirs);
+                    }
+                    _ = idle.tick() => self.heartbeat.beat(),
+                }
+                if !steps.finished.is_empty() {
+                    let kills = self.status.borrow().recent_ooms.clone();
+                    for record in steps.take_ready(&kills) {
+                        debug!(container_id = %record.container_id, "{}", record.summary());
+                        if self.records.send(record).await.is_err() {
+                            break 'engine;
+                        }
+                    }
+                }
+            }
+        }
+        history.abort();
+    }
+}
+
+/// The watcher's state: live steps, finished ones waiting, what the history said.
+#[derive(Debug, Default)]
+struct Steps {
+    live: BTreeMap<String, LiveStep>,
+    finished: Vec<Finished>,
+    builds: BuildLog,
+}
+
+impl Steps {
+    /// Polling is needed while a step lives or waits.
+    fn busy(&self) -> bool {
+        !self.live.is_empty() || !self.finished.is_empty()
+    }
+
+    fn history(&mut self, news: HistoryNews) {
+        match news {
+            HistoryNews::Opened(at) => self.builds.opened(at),
+            HistoryNews::Event(e) => self.builds.apply(&e),
+            HistoryNews::Closed(at) => self.builds.closed(at),
+        }
+    }
+
+    /// Steps whose cgroups exist now and are not followed yet.
+    fn scan(&mut self, dirs: &StepDirs) {
+        for id in dirs.list() {
+            if !self.live.contains_key(&id) {
+                self.created(dirs, id);
+            }
+        }
+    }
+
+    fn created(&mut self, dirs: &StepDirs, id: String) {
+        if self.live.contains_key(&id) {
+            return;
+        }
+        let now = unix_time_ms();
+        let populated = dirs.is_empty(&id) == Some(false);
+        let figures = dirs.read_figures(&id);
+        self.live.insert(id, LiveStep { first_seen_unix_ms: now, last_seen_unix_ms: now, figures, populated });
+    }
+
+    /// Its cgroup is gone: finished with what the last read said.
+    fn removed(&mut self, id: &str) {
+        if let Some(step) = self.live.remove(id) {
+            self.finish(id, step, unix_time_ms());
+        }
+    }
+
+    fn tick(&mut self, dirs: &StepDirs) {
+        let now = unix_time_ms();
+        let mut ended = vec![];
+        for (id, step) in &mut self.live {
+            match dirs.is_empty(id) {
+                None => ended.push(id.clone()),
+                Some(empty) => {
+                    step.figures = step.figures.merge(dirs.read_figures(id));
+                    step.last_seen_unix_ms = now;
+                    if !empty {
+                        step.populated = true;
+                    } else if step.populated {
+                        ended.push(id.clone());
+                    }
+                }
+            }
+        }
+        for id in ended {
+            if let Some(step) = self.live.remove(&id) {
+                let last = step.last_seen_unix_ms;
+                self.finish(&id, step, last);
+            }
+        }
+    }
+
+    /// Everything still live ends now (the engine's cgroup is gone).
+    fn finish_all(&mut self, dirs: &StepDirs) {
+        let now = unix_time_ms();
+        for (id, mut step) in std::mem::take(&mut self.live) {
+            step.figures = step.figures.merge(dirs.read_figures(&id));
+            self.finish(&id, step, now);
+        }
+    }
+
+    fn finish(&mut self, id: &str, step: LiveStep, last_seen_unix_ms: i64) {
+        // A cgroup that never held a process and used no CPU was no step
+        // (runc failed before starting one): nothing to record.
+        if !step.populated && step.figures.cpu_usec.unwrap_or(0) == 0 {
+            debug!(container_id = %id, "a step cgroup came and went empty");
+            return;
+        }
+        let record = build_record(id, step.first_seen_unix_ms, last_seen_unix_ms, step.figures);
+        let now = Instant::now();
+        self.finished.push(Finished { record, ready_at: now + ATTRIBUTION_GRACE, give_up_at: now + OOM_KILL_WAIT });
+    }
+
+    /// The finished records now due: attributed to builds, OOM kills tied in.
+    fn take_ready(&mut self, kills: &std::collections::VecDeque<super::oom_watch::OomKill>) -> Vec<StepRecord> {
+        let now = Instant::now();
+        let now_ms = unix_time_ms();
+        let mut ready = vec![];
+        let mut waiting = vec![];
+        for mut f in std::mem::take(&mut self.finished) {
+            if now < f.ready_at {
+                waiting.push(f);
+                continue;
+            }
+            let tied = attach_oom_kill(&mut f.record, kills);
+            if f.record.oom_killed && !tied && now < f.give_up_at {
+                waiting.push(f);
+                continue;
+            }
+            let (only, all) = self.builds.attribute(f.record.first_seen_unix_ms, f.record.last_seen_unix_ms, now_ms);
+            f.record.build_ref = only;
+            f.record.overlapping_build_refs = all;
+            ready.push(f.record);
+        }
+        self.finished = waiting;
+        // Builds that completed before every step still to be recorded began are no longer needed.
+        let oldest = self.live.values().map(|s| s.first_seen_unix_ms).chain(self.finished.iter().map(|f| f.record.first_seen_unix_ms)).min();
+        self.builds.forget_completed_before(oldest.unwrap_or(now_ms) - 60_000);
+        ready
+    }
+}
+
+/// What the inotify watch saw.
+#[derive(Debug)]
+enum Seen {
+    Created(String),
+    Removed(String),
+    /// `buildkit/` itself appeared: scan it.
+    StepsDir,
+}
+
+/// inotify on the engine's cgroup (for `buildkit/` to appear) and on
+/// `buildkit/` (steps created and removed).
+struct CgroupWatcher {
+    events: Option<inotify::EventStream<[u8; 4096]>>,
+    steps_dir: PathBuf,
+    steps_wd: Option<WatchDescriptor>,
+}
+
+impl std::fmt::Debug for CgroupWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CgroupWatcher").field("steps_dir", &self.steps_dir).finish_non_exhaustive()
+    }
+}
+
+impl CgroupWatcher {
+    fn new(steps_dir: &Path) -> std::io::Result<Self> {
+        let inotify = Inotify::init()?;
+        if let Some(engine) = steps_dir.parent() {
+            inotify.watches().add(engine, WatchMask::CREATE | WatchMask::ONLYDIR)?;
+        }
+        let steps_wd = inotify.watches().add(steps_dir, WatchMask::CREATE | WatchMask::DELETE | WatchMask::ONLYDIR).ok();
+        let events = inotify.into_event_stream([0u8; 4096])?;
+        Ok(Self { events: Some(events), steps_dir: steps_dir.to_path_buf(), steps_wd })
+    }
+
+    fn none() -> Self {
+        Self { events: None, steps_dir: PathBuf::new(), steps_wd: None }
+    }
+
+    /// The next thing seen; never resolves without a watch.
+    async fn next(&mut self) -> Option<Seen> {
+        let Some(events) = self.events.as_mut() else { return std::future::pending().await };
+        loop {
+            let event = match events.next().await {
+                Some(Ok(event)) => event,
+                Some(Err(error)) => {
+                    warn!(%error, "the build-step watch failed; steps go unrecorded until the engine's cgroup changes");
+                    self.events = None;
+                    return None;
+                }
+                None => {
+                    self.events = None;
+                    return None;
+                }
+            };
+            let name = event.name.map(OsString::into_string);
+            if Some(&event.wd) == self.steps_wd.as_ref() {
+                let Some(Ok(name)) = name else { continue };
+                if !is_container_id(&name) {
+                    continue;
+                }
+                if event.mask.contains(inotify::EventMask::CREATE) {
+                    return Some(Seen::Created(name));
+                }
+                if event.mask.contains(inotify::EventMask::DELETE) {
+                    return Some(Seen::Removed(name));
+                }
+                continue;
+            }
+            if name.as_ref().and_then(|n| n.as_deref().ok()) == Some("buildkit") && self.steps_wd.is_none() {
+                self.steps_wd = events.watches().add(&self.steps_dir, WatchMask::CREATE | WatchMask::DELETE | WatchMask::ONLYDIR).ok();
+                return Some(Seen::StepsDir);
+            }
+        }
+    }
+}
+
+impl Drop for CgroupWatcher {
+    /// As the engine client's socket watch: closing an inotify descriptor
+    /// waits out an RCU grace period, which a blocking-pool thread pays.
+    fn drop(&mut self) {
+        if let (Some(events), Ok(runtime)) = (self.events.take(), tokio::runtime::Handle::try_current()) {
+            drop(runtime.spawn_blocking(move || drop(events)));
+        }
+    }
+}
+
+/// Listens to the engine's build history for as long as `news` is open,
+/// reopening it whenever it ends.
+async fn listen_history(socket: PathBuf, news: mpsc::Sender<HistoryNews>) {
+    let mut gaps = PollGaps::doubling(HISTORY_RETRY_MIN, HISTORY_RETRY_MAX);
+    loop {
+        if let Ok(client) = EngineClient::connect(&socket).await {
+            match client.listen_build_history(true).await {
+                Ok(mut stream) => {
+                    // Running builds come first, then every change: from here nothing is missed.
+                    if news.send(HistoryNews::Opened(unix_time_ms())).await.is_err() {
+                        return;
+                    }
+                    gaps.reset();
+                    let ended = loop {
+                        match stream.next().await {
+                            Ok(Some(event)) => {
+                                if news.send(HistoryNews::Event(event)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) => break "the engine ended it".to_string(),
+                            Err(error) => break error.to_string(),
+                        }
+                    };
+                    debug!(why = %ended, "build history stream closed");
+                    if news.send(HistoryNews::Closed(unix_time_ms())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(error) => debug!(%error, "cannot listen to the engine's build history"),
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(gaps.next_gap()) => {}
+            () = news.closed() => return,
+        }
+    }
+}
