@@ -292,7 +292,7 @@ impl Steps {
     /// Its cgroup is gone: finished with what the last read said.
     fn removed(&mut self, id: &str) {
         if let Some(step) = self.live.remove(id) {
-            self.finish(id, step, unix_time_ms());
+            self.finish(id, step, unix_time_ms(), "removed");
         }
     }
 
@@ -316,7 +316,7 @@ impl Steps {
         for id in ended {
             if let Some(step) = self.live.remove(&id) {
                 let last = step.last_seen_unix_ms;
-                self.finish(&id, step, last);
+                self.finish(&id, step, last, "emptied");
             }
         }
     }
@@ -326,17 +326,21 @@ impl Steps {
         let now = unix_time_ms();
         for (id, mut step) in std::mem::take(&mut self.live) {
             step.figures = step.figures.merge(dirs.read_figures(&id));
-            self.finish(&id, step, now);
+            self.finish(&id, step, now, "engine_cgroup_gone");
         }
     }
 
-    fn finish(&mut self, id: &str, step: LiveStep, last_seen_unix_ms: i64) {
+    /// `ended`: how the end was seen, for the log: `emptied` (the figures
+    /// read after the last process left), `removed` (the cgroup went first:
+    /// the previous read's figures) or `engine_cgroup_gone`.
+    fn finish(&mut self, id: &str, step: LiveStep, last_seen_unix_ms: i64, ended: &'static str) {
         // A cgroup that never held a process and used no CPU was no step
         // (runc failed before starting one): nothing to record.
         if !step.populated && step.figures.cpu_usec.unwrap_or(0) == 0 {
             debug!(container_id = %id, "a step cgroup came and went empty");
             return;
         }
+        debug!(container_id = %id, ended, "build step finished");
         let record = build_record(id, step.first_seen_unix_ms, last_seen_unix_ms, step.figures);
         let now = Instant::now();
         self.finished.push(Finished { record, ready_at: now + ATTRIBUTION_GRACE, give_up_at: now + OOM_KILL_WAIT });
