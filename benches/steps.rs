@@ -6,8 +6,9 @@
 //! 2. A real agent and engine: 200 RUN steps of 10 to 100 ms (10 builds of
 //!    20 steps, one after the other), how many were recorded, how their
 //!    recorded durations compare with what they slept, how each end was seen
-//!    (`emptied`: figures read after the last exit; `removed`: the cgroup
-//!    went first), and the agent's CPU per step against the same agent idle.
+//!    (by `cgroup.events` or a poll: figures read after the last exit; the
+//!    cgroup removed first: the previous read's), and the agent's CPU per
+//!    step against the same agent idle.
 //! 3. The same agent under one build of 50 parallel steps of 3 s each: the
 //!    agent's CPU per second while 50 steps live, against idle.
 //!
@@ -207,12 +208,17 @@ async fn end_to_end() {
             missed.push((build_ref.clone(), ms.len() - got.len().min(ms.len())));
         }
     }
-    let emptied = logs.matches("ended=\"emptied\"").count() + logs.matches("ended=emptied").count();
-    let removed = logs.matches("ended=\"removed\"").count() + logs.matches("ended=removed").count();
+    let ends = |how: &str| logs.matches(&format!("ended=\"{how}\"")).count();
     let total_recorded: usize = refs.iter().map(|(r, _)| recorded(&logs, r).len()).sum();
     println!("2. 200 RUN steps of 10-100 ms (10 builds of 20, in sequence):");
     println!("   recorded {total_recorded} of 200; builds with a step missing: {missed:?}");
-    println!("   ends seen: {emptied} emptied (figures read after the last exit), {removed} removed first (the previous read's figures)");
+    println!(
+        "   ends seen: {} by cgroup.events, {} by a poll (both: figures read after the last exit); {} removed, {} gone at a poll (the previous read's figures)",
+        ends("emptied_event"),
+        ends("emptied"),
+        ends("removed"),
+        ends("gone")
+    );
     for (lo, hi) in [(10, 30), (30, 60), (60, 101)] {
         let mut over: Vec<f64> = asked.iter().filter(|(m, _, _)| (lo..hi).contains(m)).map(|(m, d, _)| d * 1000.0 - *m as f64).collect();
         over.sort_by(f64::total_cmp);

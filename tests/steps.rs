@@ -15,8 +15,11 @@ use support::{agent, metric_value, BUILDCTL};
 
 /// Busy for a second of wall time: about a second of CPU when a core is free.
 const BURN_CPU: &str = "/bin/busybox timeout 1 /bin/busybox sh -c 'while :; do :; done' || true";
-/// dd's buffer is one block: 100 MiB allocated and filled from /dev/zero.
-const ALLOCATE_100_MIB: &str = "/bin/busybox dd if=/dev/zero of=/dev/null bs=100M count=1";
+/// dd's buffer is one block: 100 MiB allocated, then filled from /dev/zero
+/// five times over, so the step holds it for a few of the watcher's polls (a
+/// peak reached in the last poll interval before the step exits can be missed
+/// when runc removes the cgroup first: see the notes).
+const ALLOCATE_100_MIB: &str = "/bin/busybox dd if=/dev/zero of=/dev/null bs=100M count=5";
 const SHORT: &str = "/bin/busybox usleep 50000";
 
 /// A context whose Dockerfile copies a static busybox into a scratch image
@@ -97,12 +100,14 @@ async fn three_steps_are_recorded_with_their_figures_and_build_and_reach_the_con
         assert_eq!(r.overlapping_build_refs, vec![build_ref.clone()], "{r:?}");
         assert!(!r.oom_killed && r.oom_kill_id == 0, "{r:?}");
     }
-    // Orders of magnitude: a loaded 2-core machine stretches time and shares the CPU.
+    // Orders of magnitude: a loaded 2-core machine (others compiling) stretches
+    // time and gives a busy loop as little as a quarter of a core.
     assert!((0.8..10.0).contains(&seconds(cpu)), "the CPU step ran about a second: {cpu:?}");
-    assert!((0.3..3.0).contains(&cpu.cpu_seconds), "and burned most of it: {cpu:?}");
+    assert!((0.1..3.0).contains(&cpu.cpu_seconds), "and burned a good part of it: {cpu:?}");
+    assert!(cpu.cpu_seconds > 4.0 * short.cpu_seconds && cpu.cpu_seconds > memory.cpu_seconds, "more than the others: {steps:#?}");
     assert!((100 << 20..400 << 20).contains(&memory.peak_memory_bytes), "the allocating step peaked at 100 MiB and some: {memory:?}");
     assert!(cpu.peak_memory_bytes < 50 << 20, "the CPU step allocated little: {cpu:?}");
-    assert!((0.04..2.0).contains(&seconds(short)), "the short step ran about 50 ms: {short:?}");
+    assert!((0.04..5.0).contains(&seconds(short)), "the short step ran about 50 ms (and runc's setup): {short:?}");
     assert!(short.cpu_seconds < 0.5, "{short:?}");
 
     // The stream breaks; the next one carries every record again (at least once).

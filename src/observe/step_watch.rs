@@ -13,6 +13,10 @@
 //!   `memory.peak`), block I/O (v1 `blkio.throttle.io_service_bytes`, v2
 //!   `io.stat`) and the cgroup's OOM kill counter. With no step alive the
 //!   watcher reads nothing.
+//! - Where the step has a `cgroup.events` (v2, and a v1 host's hybrid
+//!   unified tree, where runc places steps too), an inotify watch on it
+//!   wakes the watcher the moment the step empties (`populated 0`), without
+//!   waiting for the next poll.
 //! - A step is finished when its `cgroup.procs` is empty after holding a
 //!   process (its figures read once more then), or when its cgroup is removed
 //!   first (runc removes it within milliseconds of the last exit): the
@@ -57,6 +61,9 @@ pub const ATTRIBUTION_GRACE: Duration = Duration::from_millis(100);
 /// A step its cgroup says was OOM-killed waits this long for the OOM
 /// watcher's kill (kmsg lines are read within milliseconds of the kill).
 pub const OOM_KILL_WAIT: Duration = Duration::from_secs(2);
+/// A step's `cgroup.events` is looked for this many times (at its creation
+/// and the polls after); a host whose runc puts steps in no v2 tree has none.
+const EVENTS_WATCH_TRIES: u8 = 5;
 /// The loop beats its heartbeat at least this often while idle.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Reconnects to the engine's history: from a quarter second, doubling to 5 s
@@ -73,6 +80,10 @@ pub struct StepDirs {
     pub memory: PathBuf,
     pub cpu: Option<PathBuf>,
     pub io: Option<PathBuf>,
+    /// Where each step's `cgroup.events` is: the v2 hierarchy (on a v1 host,
+    /// the hybrid unified mount where runc also places steps), whose
+    /// `populated 0` wakes the watcher the moment a step empties.
+    pub events: Option<PathBuf>,
 }
 
 impl StepDirs {
@@ -81,7 +92,7 @@ impl StepDirs {
     pub fn of(engine: &EngineCgroup, mounts: &[crate::volume::mountinfo::MountEntry]) -> Self {
         let memory = engine.dir.join("buildkit");
         match engine.version {
-            CgroupVersion::V2 => Self { version: engine.version, cpu: Some(memory.clone()), io: Some(memory.clone()), memory },
+            CgroupVersion::V2 => Self { version: engine.version, cpu: Some(memory.clone()), io: Some(memory.clone()), events: Some(memory.clone()), memory },
             CgroupVersion::V1 => {
                 let name = engine.relative.trim_start_matches('/');
                 let hierarchy = |controller: &str| {
@@ -90,7 +101,8 @@ impl StepDirs {
                         .find(|m| m.fs_type == "cgroup" && m.super_options.split(',').any(|o| o == controller))
                         .map(|m| m.mount_point.join(name).join("buildkit"))
                 };
-                Self { version: engine.version, memory, cpu: hierarchy("cpuacct"), io: hierarchy("blkio") }
+                let unified = mounts.iter().find(|m| m.fs_type == "cgroup2").map(|m| m.mount_point.join(name).join("buildkit"));
+                Self { version: engine.version, memory, cpu: hierarchy("cpuacct"), io: hierarchy("blkio"), events: unified }
             }
         }
     }
@@ -148,6 +160,33 @@ pub struct LiveStep {
     /// A process was seen in it: an empty cgroup before that is one runc
     /// has not moved the step's process into yet.
     pub populated: bool,
+    /// Its `cgroup.events` is watched.
+    pub events_watched: bool,
+    /// Tries left to watch it (its dir may come a moment after the memory one's, or never).
+    pub events_tries: u8,
+}
+
+/// How a step's end was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Empty after holding a process: the figures were read after the last exit.
+    Emptied,
+    /// The cgroup was gone: the previous read's figures stand.
+    Gone,
+}
+
+/// Reads a live step's files; Some when it has ended.
+fn read_step(dirs: &StepDirs, id: &str, step: &mut LiveStep, now_unix_ms: i64) -> Option<Ended> {
+    // Figures first: at a step's end runc removes the cgroup within
+    // milliseconds, and a read that races it is better spent on them.
+    let figures = dirs.read_figures(id);
+    let Some(empty) = dirs.is_empty(id) else { return Some(Ended::Gone) };
+    step.figures = step.figures.merge(figures);
+    step.last_seen_unix_ms = now_unix_ms;
+    if !empty {
+        step.populated = true;
+    }
+    (empty && step.populated).then_some(Ended::Emptied)
 }
 
 /// A finished step waiting for its attribution.
@@ -225,6 +264,7 @@ impl StepWatch {
                     seen = watcher.next() => match seen {
                         Some(Seen::Created(id)) => steps.created(&dirs, id),
                         Some(Seen::Removed(id)) => steps.removed(&id),
+                        Some(Seen::Changed(id)) => steps.changed(&dirs, &id),
                         Some(Seen::StepsDir) => steps.scan(&dirs),
                         None => {}
                     },
@@ -233,6 +273,7 @@ impl StepWatch {
                     }
                     _ = idle.tick() => self.heartbeat.beat(),
                 }
+                steps.sync_event_watches(&dirs, &mut watcher);
                 if !steps.finished.is_empty() {
                     let kills = self.status.borrow().recent_ooms.clone();
                     for record in steps.take_ready(&kills) {
@@ -286,7 +327,10 @@ impl Steps {
         let now = unix_time_ms();
         let populated = dirs.is_empty(&id) == Some(false);
         let figures = dirs.read_figures(&id);
-        self.live.insert(id, LiveStep { first_seen_unix_ms: now, last_seen_unix_ms: now, figures, populated });
+        self.live.insert(
+            id,
+            LiveStep { first_seen_unix_ms: now, last_seen_unix_ms: now, figures, populated, events_watched: false, events_tries: EVENTS_WATCH_TRIES },
+        );
     }
 
     /// Its cgroup is gone: finished with what the last read said.
@@ -298,26 +342,48 @@ impl Steps {
 
     fn tick(&mut self, dirs: &StepDirs) {
         let now = unix_time_ms();
-        let mut ended = vec![];
+        let ended: Vec<(String, Ended)> = self.live.iter_mut().filter_map(|(id, step)| Some((id.clone(), read_step(dirs, id, step, now)?))).collect();
+        for (id, how) in ended {
+            self.end(
+                &id,
+                match how {
+                    Ended::Emptied => "emptied",
+                    Ended::Gone => "gone",
+                },
+            );
+        }
+    }
+
+    /// Its `cgroup.events` changed: read it now (the end, most likely).
+    fn changed(&mut self, dirs: &StepDirs, id: &str) {
+        let now = unix_time_ms();
+        match self.live.get_mut(id).and_then(|step| read_step(dirs, id, step, now)) {
+            Some(Ended::Emptied) => self.end(id, "emptied_event"),
+            Some(Ended::Gone) => self.end(id, "gone"),
+            None => {}
+        }
+    }
+
+    fn end(&mut self, id: &str, ended: &'static str) {
+        if let Some(step) = self.live.remove(id) {
+            let last = step.last_seen_unix_ms;
+            self.finish(id, step, last, ended);
+        }
+    }
+
+    /// Watches the `cgroup.events` of live steps not watched yet; forgets
+    /// the watches of finished ones.
+    fn sync_event_watches(&mut self, dirs: &StepDirs, watcher: &mut CgroupWatcher) {
+        let Some(events) = &dirs.events else { return };
         for (id, step) in &mut self.live {
-            match dirs.is_empty(id) {
-                None => ended.push(id.clone()),
-                Some(empty) => {
-                    step.figures = step.figures.merge(dirs.read_figures(id));
-                    step.last_seen_unix_ms = now;
-                    if !empty {
-                        step.populated = true;
-                    } else if step.populated {
-                        ended.push(id.clone());
-                    }
-                }
+            if !step.events_watched && step.events_tries > 0 {
+                step.events_tries -= 1;
+                step.events_watched = watcher.watch_events(id, &events.join(id).join("cgroup.events"));
             }
         }
-        for id in ended {
-            if let Some(step) = self.live.remove(&id) {
-                let last = step.last_seen_unix_ms;
-                self.finish(&id, step, last, "emptied");
-            }
+        let gone: Vec<String> = watcher.events_wds.values().filter(|id| !self.live.contains_key(*id)).cloned().collect();
+        for id in gone {
+            watcher.unwatch_events(&id);
         }
     }
 
@@ -330,9 +396,10 @@ impl Steps {
         }
     }
 
-    /// `ended`: how the end was seen, for the log: `emptied` (the figures
-    /// read after the last process left), `removed` (the cgroup went first:
-    /// the previous read's figures) or `engine_cgroup_gone`.
+    /// `ended`: how the end was seen, for the log: `emptied` (a poll) or
+    /// `emptied_event` (`cgroup.events`), both with the figures read after
+    /// the last process left; `removed` (inotify) or `gone` (a poll): the
+    /// cgroup went first, the previous read's figures stand; or `engine_cgroup_gone`.
     fn finish(&mut self, id: &str, step: LiveStep, last_seen_unix_ms: i64, ended: &'static str) {
         // A cgroup that never held a process and used no CPU was no step
         // (runc failed before starting one): nothing to record.
@@ -380,6 +447,8 @@ impl Steps {
 enum Seen {
     Created(String),
     Removed(String),
+    /// Its `cgroup.events` changed (populated, most likely).
+    Changed(String),
     /// `buildkit/` itself appeared: scan it.
     StepsDir,
 }
@@ -390,6 +459,8 @@ struct CgroupWatcher {
     events: Option<inotify::EventStream<[u8; 4096]>>,
     steps_dir: PathBuf,
     steps_wd: Option<WatchDescriptor>,
+    /// The steps whose `cgroup.events` is watched, by watch.
+    events_wds: BTreeMap<WatchDescriptor, String>,
 }
 
 impl std::fmt::Debug for CgroupWatcher {
@@ -406,11 +477,35 @@ impl CgroupWatcher {
         }
         let steps_wd = inotify.watches().add(steps_dir, WatchMask::CREATE | WatchMask::DELETE | WatchMask::ONLYDIR).ok();
         let events = inotify.into_event_stream([0u8; 4096])?;
-        Ok(Self { events: Some(events), steps_dir: steps_dir.to_path_buf(), steps_wd })
+        Ok(Self { events: Some(events), steps_dir: steps_dir.to_path_buf(), steps_wd, events_wds: BTreeMap::new() })
     }
 
     fn none() -> Self {
-        Self { events: None, steps_dir: PathBuf::new(), steps_wd: None }
+        Self { events: None, steps_dir: PathBuf::new(), steps_wd: None, events_wds: BTreeMap::new() }
+    }
+
+    /// Watches `file` (a step's `cgroup.events`) for changes; false when it
+    /// cannot (not there yet: runc creates the hierarchies' dirs one by one).
+    fn watch_events(&mut self, id: &str, file: &Path) -> bool {
+        let Some(events) = self.events.as_mut() else { return false };
+        match events.watches().add(file, WatchMask::MODIFY) {
+            Ok(wd) => {
+                self.events_wds.insert(wd, id.to_owned());
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Forgets a finished step's watch (the kernel drops it with the file).
+    fn unwatch_events(&mut self, id: &str) {
+        let wds: Vec<WatchDescriptor> = self.events_wds.iter().filter(|(_, v)| v.as_str() == id).map(|(wd, _)| wd.clone()).collect();
+        for wd in wds {
+            self.events_wds.remove(&wd);
+            if let Some(events) = self.events.as_mut() {
+                let _ = events.watches().remove(wd);
+            }
+        }
     }
 
     /// The next thing seen; never resolves without a watch.
@@ -429,6 +524,13 @@ impl CgroupWatcher {
                     return None;
                 }
             };
+            if let Some(id) = self.events_wds.get(&event.wd) {
+                if event.mask.contains(inotify::EventMask::IGNORED) {
+                    self.events_wds.remove(&event.wd);
+                    continue;
+                }
+                return Some(Seen::Changed(id.clone()));
+            }
             let name = event.name.map(OsString::into_string);
             if Some(&event.wd) == self.steps_wd.as_ref() {
                 let Some(Ok(name)) = name else { continue };
