@@ -64,6 +64,9 @@ pub const OOM_KILL_WAIT: Duration = Duration::from_secs(2);
 /// A step's `cgroup.events` is looked for this many times (at its creation
 /// and the polls after); a host whose runc puts steps in no v2 tree has none.
 const EVENTS_WATCH_TRIES: u8 = 5;
+/// Block I/O and the OOM counter are read every this many polls (and at a
+/// step's start and end): CPU and peak memory every poll.
+const FULL_READ_EVERY: u32 = 5;
 /// The loop beats its heartbeat at least this often while idle.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Reconnects to the engine's history: from a quarter second, doubling to 5 s
@@ -107,36 +110,23 @@ impl StepDirs {
         }
     }
 
-    /// Reads what a step's cgroup says now (a file that cannot be read is None).
-    pub fn read_figures(&self, id: &str) -> StepFigures {
-        let read = |dir: &Path, file: &str| fs::read_to_string(dir.join(id).join(file)).ok();
-        match self.version {
-            CgroupVersion::V2 => {
-                let io = read(&self.memory, "io.stat").map(|t| parse_io_stat(&t));
-                StepFigures {
-                    cpu_usec: read(&self.memory, "cpu.stat").and_then(|t| parse_cpu_stat_usage_usec(&t)),
-                    peak_memory_bytes: read(&self.memory, "memory.peak").and_then(|t| parse_single_u64(&t)),
-                    io_read_bytes: io.map(|(r, _)| r),
-                    io_write_bytes: io.map(|(_, w)| w),
-                    oom_kills: read(&self.memory, "memory.events").and_then(|t| parse_flat_keyed(&t, "oom_kill")),
-                }
-            }
-            CgroupVersion::V1 => {
-                let io = self.io.as_deref().and_then(|d| read(d, "blkio.throttle.io_service_bytes")).map(|t| parse_blkio_service_bytes(&t));
-                StepFigures {
-                    cpu_usec: self.cpu.as_deref().and_then(|d| read(d, "cpuacct.usage")).and_then(|t| parse_cpuacct_usage_usec(&t)),
-                    peak_memory_bytes: read(&self.memory, "memory.max_usage_in_bytes").and_then(|t| parse_single_u64(&t)),
-                    io_read_bytes: io.map(|(r, _)| r),
-                    io_write_bytes: io.map(|(_, w)| w),
-                    oom_kills: read(&self.memory, "memory.oom_control").and_then(|t| parse_flat_keyed(&t, "oom_kill")),
-                }
-            }
+    /// Opens a step's files (those that do not open read as None).
+    pub fn open(&self, id: &str) -> StepFiles {
+        let open = |dir: Option<&Path>, file: &str| dir.and_then(|d| fs::File::open(d.join(id).join(file)).ok());
+        let memory = Some(self.memory.as_path());
+        let (cpu, peak, io, oom) = match self.version {
+            CgroupVersion::V2 => ("cpu.stat", "memory.peak", "io.stat", "memory.events"),
+            CgroupVersion::V1 => ("cpuacct.usage", "memory.max_usage_in_bytes", "blkio.throttle.io_service_bytes", "memory.oom_control"),
+        };
+        StepFiles {
+            version: self.version,
+            procs: open(memory, "cgroup.procs"),
+            cpu: open(self.cpu.as_deref(), cpu),
+            peak: open(memory, peak),
+            io: open(self.io.as_deref(), io),
+            oom: open(memory, oom),
+            buf: Vec::new(),
         }
-    }
-
-    /// Some(true) when the step's cgroup holds no process, None when it is gone.
-    pub fn is_empty(&self, id: &str) -> Option<bool> {
-        fs::read_to_string(self.memory.join(id).join("cgroup.procs")).ok().map(|t| procs_empty(&t))
     }
 
     /// The steps' cgroups there now.
@@ -151,9 +141,76 @@ impl StepDirs {
     }
 }
 
+/// A step's cgroup files, opened once and re-read from offset 0 at every
+/// poll: an open and a close per file per poll cost four times the read
+/// (a path walk through kernfs each time; benches/steps.rs). A file of a
+/// removed cgroup reads as an error (ENODEV), as a missing one would.
+#[derive(Debug)]
+pub struct StepFiles {
+    version: CgroupVersion,
+    procs: Option<fs::File>,
+    cpu: Option<fs::File>,
+    peak: Option<fs::File>,
+    io: Option<fs::File>,
+    oom: Option<fs::File>,
+    buf: Vec<u8>,
+}
+
+/// Room for a cgroup file: io stats of a few dozen devices, a pid list of a
+/// busy step (a longer one is read in more passes).
+const READ_BUFFER: usize = 16 * 1024;
+
+impl StepFiles {
+    /// Some(true) when the step's cgroup holds no process, None when it is gone.
+    pub fn is_empty(&mut self) -> Option<bool> {
+        let text = read_at_start(self.procs.as_ref(), &mut self.buf)?;
+        Some(procs_empty(text))
+    }
+
+    /// What the cgroup says now; `full`: block I/O and the OOM counter too
+    /// (CPU and peak memory are read every time).
+    pub fn read(&mut self, full: bool) -> StepFigures {
+        let v2 = self.version == CgroupVersion::V2;
+        let cpu_usec =
+            read_at_start(self.cpu.as_ref(), &mut self.buf).and_then(|t| if v2 { parse_cpu_stat_usage_usec(t) } else { parse_cpuacct_usage_usec(t) });
+        let peak_memory_bytes = read_at_start(self.peak.as_ref(), &mut self.buf).and_then(parse_single_u64);
+        let mut figures = StepFigures { cpu_usec, peak_memory_bytes, ..StepFigures::default() };
+        if full {
+            let io = read_at_start(self.io.as_ref(), &mut self.buf).map(|t| if v2 { parse_io_stat(t) } else { parse_blkio_service_bytes(t) });
+            figures.io_read_bytes = io.map(|(r, _)| r);
+            figures.io_write_bytes = io.map(|(_, w)| w);
+            figures.oom_kills = read_at_start(self.oom.as_ref(), &mut self.buf).and_then(|t| parse_flat_keyed(t, "oom_kill"));
+        }
+        figures
+    }
+}
+
+/// The whole of `file` from offset 0 (a cgroup file is regenerated at each
+/// read from the start), as text; None when it cannot be read.
+fn read_at_start<'a>(file: Option<&fs::File>, buf: &'a mut Vec<u8>) -> Option<&'a str> {
+    use std::os::unix::fs::FileExt;
+    let file = file?;
+    buf.resize(READ_BUFFER, 0);
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+        let n = file.read_at(&mut buf[len..], u64::try_from(len).ok()?).ok()?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+    }
+    std::str::from_utf8(&buf[..len]).ok()
+}
+
 /// A step whose cgroup is alive.
 #[derive(Debug)]
 pub struct LiveStep {
+    pub files: StepFiles,
+    /// Polls since it was seen: block I/O and the OOM counter are read every [`FULL_READ_EVERY`].
+    pub polls: u32,
     pub first_seen_unix_ms: i64,
     pub last_seen_unix_ms: i64,
     pub figures: StepFigures,
@@ -176,17 +233,28 @@ enum Ended {
 }
 
 /// Reads a live step's files; Some when it has ended.
-fn read_step(dirs: &StepDirs, id: &str, step: &mut LiveStep, now_unix_ms: i64) -> Option<Ended> {
+fn read_step(step: &mut LiveStep, now_unix_ms: i64) -> Option<Ended> {
     // Figures first: at a step's end runc removes the cgroup within
     // milliseconds, and a read that races it is better spent on them.
-    let figures = dirs.read_figures(id);
-    let Some(empty) = dirs.is_empty(id) else { return Some(Ended::Gone) };
-    step.figures = step.figures.merge(figures);
+    let full = step.polls.is_multiple_of(FULL_READ_EVERY);
+    step.polls = step.polls.wrapping_add(1);
+    step.figures = step.figures.merge(step.files.read(full));
+    // Seen now, alive or just ended (runc removes an ended step's cgroup
+    // within milliseconds: gone is as good as the end).
     step.last_seen_unix_ms = now_unix_ms;
+    let Some(empty) = step.files.is_empty() else { return Some(Ended::Gone) };
     if !empty {
         step.populated = true;
+        return None;
     }
-    (empty && step.populated).then_some(Ended::Emptied)
+    if !step.populated {
+        return None;
+    }
+    if !full {
+        // The end: block I/O and the OOM counter as of now, if still there.
+        step.figures = step.figures.merge(step.files.read(true));
+    }
+    Some(Ended::Emptied)
 }
 
 /// A finished step waiting for its attribution.
@@ -257,19 +325,19 @@ impl StepWatch {
                     changed = self.engine_cgroup.changed() => {
                         if changed.is_err() { break 'engine }
                         // The engine's cgroup went or changed: what lived in the old one is finished.
-                        steps.finish_all(&dirs);
+                        steps.finish_all();
                         continue 'engine;
                     }
                     Some(n) = news.recv() => steps.history(n),
                     seen = watcher.next() => match seen {
                         Some(Seen::Created(id)) => steps.created(&dirs, id),
                         Some(Seen::Removed(id)) => steps.removed(&id),
-                        Some(Seen::Changed(id)) => steps.changed(&dirs, &id),
+                        Some(Seen::Changed(id)) => steps.changed(&id),
                         Some(Seen::StepsDir) => steps.scan(&dirs),
                         None => {}
                     },
                     _ = poll.tick(), if polling => {
-                        steps.tick(&dirs);
+                        steps.tick();
                     }
                     _ = idle.tick() => self.heartbeat.beat(),
                 }
@@ -325,11 +393,21 @@ impl Steps {
             return;
         }
         let now = unix_time_ms();
-        let populated = dirs.is_empty(&id) == Some(false);
-        let figures = dirs.read_figures(&id);
+        let mut files = dirs.open(&id);
+        let figures = files.read(true);
+        let populated = files.is_empty() == Some(false);
         self.live.insert(
             id,
-            LiveStep { first_seen_unix_ms: now, last_seen_unix_ms: now, figures, populated, events_watched: false, events_tries: EVENTS_WATCH_TRIES },
+            LiveStep {
+                files,
+                polls: 1,
+                first_seen_unix_ms: now,
+                last_seen_unix_ms: now,
+                figures,
+                populated,
+                events_watched: false,
+                events_tries: EVENTS_WATCH_TRIES,
+            },
         );
     }
 
@@ -340,9 +418,9 @@ impl Steps {
         }
     }
 
-    fn tick(&mut self, dirs: &StepDirs) {
+    fn tick(&mut self) {
         let now = unix_time_ms();
-        let ended: Vec<(String, Ended)> = self.live.iter_mut().filter_map(|(id, step)| Some((id.clone(), read_step(dirs, id, step, now)?))).collect();
+        let ended: Vec<(String, Ended)> = self.live.iter_mut().filter_map(|(id, step)| Some((id.clone(), read_step(step, now)?))).collect();
         for (id, how) in ended {
             self.end(
                 &id,
@@ -355,9 +433,9 @@ impl Steps {
     }
 
     /// Its `cgroup.events` changed: read it now (the end, most likely).
-    fn changed(&mut self, dirs: &StepDirs, id: &str) {
+    fn changed(&mut self, id: &str) {
         let now = unix_time_ms();
-        match self.live.get_mut(id).and_then(|step| read_step(dirs, id, step, now)) {
+        match self.live.get_mut(id).and_then(|step| read_step(step, now)) {
             Some(Ended::Emptied) => self.end(id, "emptied_event"),
             Some(Ended::Gone) => self.end(id, "gone"),
             None => {}
@@ -388,10 +466,10 @@ impl Steps {
     }
 
     /// Everything still live ends now (the engine's cgroup is gone).
-    fn finish_all(&mut self, dirs: &StepDirs) {
+    fn finish_all(&mut self) {
         let now = unix_time_ms();
         for (id, mut step) in std::mem::take(&mut self.live) {
-            step.figures = step.figures.merge(dirs.read_figures(&id));
+            step.figures = step.figures.merge(step.files.read(true));
             self.finish(&id, step, now, "engine_cgroup_gone");
         }
     }
