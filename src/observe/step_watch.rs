@@ -8,10 +8,11 @@
 //! - An inotify watch on `buildkit/` reports a step's cgroup the moment runc
 //!   creates it, and its removal the moment runc removes it.
 //! - While steps live, every `poll_interval` (20 ms by default) each one's
-//!   `cgroup.procs` and figures are read: CPU (v1 `cpuacct.usage`, v2
-//!   `cpu.stat`), peak memory (v1 `memory.max_usage_in_bytes`, v2
-//!   `memory.peak`), block I/O (v1 `blkio.throttle.io_service_bytes`, v2
-//!   `io.stat`) and the cgroup's OOM kill counter. With no step alive the
+//!   figures and `cgroup.procs` are read, from files opened once per step:
+//!   CPU (v1 `cpuacct.usage`, v2 `cpu.stat`) and peak memory (v1
+//!   `memory.max_usage_in_bytes`, v2 `memory.peak`) at every poll, block I/O
+//!   (v1 `blkio.throttle.io_service_bytes`, v2 `io.stat`) and the cgroup's
+//!   OOM kill counter at every fifth and at the end. With no step alive the
 //!   watcher reads nothing.
 //! - Where the step has a `cgroup.events` (v2, and a v1 host's hybrid
 //!   unified tree, where runc places steps too), an inotify watch on it
