@@ -121,7 +121,7 @@ impl StepDirs {
         };
         StepFiles {
             version: self.version,
-            procs: open(memory, "cgroup.procs"),
+            procs: self.memory.join(id).join("cgroup.procs"),
             cpu: open(self.cpu.as_deref(), cpu),
             peak: open(memory, peak),
             io: open(self.io.as_deref(), io),
@@ -143,13 +143,16 @@ impl StepDirs {
 }
 
 /// A step's cgroup files, opened once and re-read from offset 0 at every
-/// poll: an open and a close per file per poll cost four times the read
-/// (a path walk through kernfs each time; benches/steps.rs). A file of a
-/// removed cgroup reads as an error (ENODEV), as a missing one would.
+/// poll (but `cgroup.procs`): an open and a close per file per poll cost
+/// more than the read (a path walk through kernfs each time;
+/// benches/steps.rs). A file of a removed cgroup reads as an error
+/// (ENODEV), as a missing one would.
 #[derive(Debug)]
 pub struct StepFiles {
     version: CgroupVersion,
-    procs: Option<fs::File>,
+    /// Opened at each read: v1 caches an open `cgroup.procs`'s pid list for
+    /// a second, so a re-read of one kept open says what it said before.
+    procs: PathBuf,
     cpu: Option<fs::File>,
     peak: Option<fs::File>,
     io: Option<fs::File>,
@@ -164,7 +167,8 @@ const READ_BUFFER: usize = 16 * 1024;
 impl StepFiles {
     /// Some(true) when the step's cgroup holds no process, None when it is gone.
     pub fn is_empty(&mut self) -> Option<bool> {
-        let text = read_at_start(self.procs.as_ref(), &mut self.buf)?;
+        let procs = fs::File::open(&self.procs).ok();
+        let text = read_at_start(procs.as_ref(), &mut self.buf)?;
         Some(procs_empty(text))
     }
 
