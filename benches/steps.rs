@@ -102,7 +102,7 @@ fn tick_cost() {
     let cpu = cpu_of_self() - cpu0;
     let wall = wall0.elapsed();
     let per_tick = cpu / TICKS;
-    println!("1. one poll tick over {STEPS} live steps (v1, files kept open: cgroup.procs, cpuacct.usage, memory.max_usage_in_bytes each poll, blkio and memory.oom_control every fifth):");
+    println!("1. one poll tick over {STEPS} live steps (v1: cpuacct.usage and memory.max_usage_in_bytes kept open and read each poll, blkio and memory.oom_control every fifth, cgroup.procs opened each poll):");
     println!(
         "   {:>8.1} us CPU per tick ({:.2} us per step), {:.1} us wall",
         per_tick.as_secs_f64() * 1e6,
