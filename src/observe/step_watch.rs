@@ -532,7 +532,7 @@ enum Seen {
     Removed(String),
     /// Its `cgroup.events` changed (populated, most likely).
     Changed(String),
-    /// `buildkit/` itself appeared: scan it.
+    /// `buildkit/` itself appeared, or events were lost: scan it.
     StepsDir,
 }
 
@@ -607,6 +607,10 @@ impl CgroupWatcher {
                     return None;
                 }
             };
+            if event.mask.contains(inotify::EventMask::Q_OVERFLOW) {
+                // Events were lost (a burst of steps): look at the dir instead.
+                return Some(Seen::StepsDir);
+            }
             if let Some(id) = self.events_wds.get(&event.wd) {
                 if event.mask.contains(inotify::EventMask::IGNORED) {
                     self.events_wds.remove(&event.wd);
