@@ -688,3 +688,62 @@ async fn listen_history(socket: PathBuf, news: mpsc::Sender<HistoryNews>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::volume::mountinfo::parse_mountinfo;
+
+    const HYBRID: &str = "\
+30 24 0:26 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+34 30 0:30 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:15 - cgroup cgroup rw,memory
+35 30 0:31 / /sys/fs/cgroup/cpu,cpuacct rw,nosuid,nodev,noexec,relatime shared:16 - cgroup cgroup rw,cpu,cpuacct
+36 30 0:32 / /sys/fs/cgroup/blkio rw,nosuid,nodev,noexec,relatime shared:17 - cgroup cgroup rw,blkio
+";
+
+    fn engine(version: CgroupVersion, dir: &str) -> EngineCgroup {
+        EngineCgroup { version, dir: dir.into(), relative: "/ma-engine".into(), limit_bytes: 1 }
+    }
+
+    #[test]
+    fn step_dirs_on_v1_span_the_hierarchies_and_the_unified_tree() {
+        let mounts = parse_mountinfo(HYBRID).unwrap();
+        let dirs = StepDirs::of(&engine(CgroupVersion::V1, "/sys/fs/cgroup/memory/ma-engine"), &mounts);
+        assert_eq!(dirs.memory, Path::new("/sys/fs/cgroup/memory/ma-engine/buildkit"));
+        assert_eq!(dirs.cpu.as_deref(), Some(Path::new("/sys/fs/cgroup/cpu,cpuacct/ma-engine/buildkit")));
+        assert_eq!(dirs.io.as_deref(), Some(Path::new("/sys/fs/cgroup/blkio/ma-engine/buildkit")));
+        assert_eq!(dirs.events.as_deref(), Some(Path::new("/sys/fs/cgroup/unified/ma-engine/buildkit")));
+        let v2 = StepDirs::of(&engine(CgroupVersion::V2, "/sys/fs/cgroup/ma-engine"), &[]);
+        let all = Some(PathBuf::from("/sys/fs/cgroup/ma-engine/buildkit"));
+        assert_eq!((v2.cpu.clone(), v2.io.clone(), v2.events.clone()), (all.clone(), all.clone(), all));
+    }
+
+    #[test]
+    fn step_files_are_read_whole_from_the_start_every_time_and_a_missing_one_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let step = dir.path().join("buildkit").join("abc");
+        std::fs::create_dir_all(&step).unwrap();
+        std::fs::write(step.join("cpu.stat"), "usage_usec 1500\n").unwrap();
+        // Longer than the first read's buffer: read in more passes.
+        let io: String = (0..2000).map(|i| format!("7:{i} rbytes=1 wbytes=2 rios=1 wios=1\n")).collect();
+        assert!(io.len() > READ_BUFFER);
+        std::fs::write(step.join("io.stat"), io).unwrap();
+        std::fs::write(step.join("cgroup.procs"), "").unwrap();
+        let dirs = StepDirs { version: CgroupVersion::V2, memory: dir.path().join("buildkit"), cpu: None, io: None, events: None };
+        let dirs = StepDirs { cpu: Some(dirs.memory.clone()), io: Some(dirs.memory.clone()), ..dirs };
+        let mut files = dirs.open("abc");
+        for _ in 0..2 {
+            let f = files.read(true);
+            assert_eq!((f.cpu_usec, f.io_read_bytes, f.io_write_bytes), (Some(1500), Some(2000), Some(4000)));
+            assert_eq!((f.peak_memory_bytes, f.oom_kills), (None, None), "no such files");
+        }
+        assert_eq!(files.read(false).io_read_bytes, None, "block I/O only on a full read");
+        assert_eq!(files.is_empty(), Some(true));
+        std::fs::write(step.join("cgroup.procs"), "42\n").unwrap();
+        assert_eq!(files.is_empty(), Some(false));
+        std::fs::remove_file(step.join("cgroup.procs")).unwrap();
+        assert_eq!(files.is_empty(), None, "gone");
+        assert_eq!(dirs.list(), vec!["abc".to_string()]);
+    }
+}
