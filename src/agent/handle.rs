@@ -35,6 +35,11 @@ impl Agent {
                 self.say_suppressed_lines();
             }
             Input::Oom(kill) => self.on_oom_kill(kill),
+            Input::Step(record) => {
+                debug!(container_id = %record.container_id, build_ref = ?record.build_ref, "{}", record.summary());
+                self.metrics.record_step(&record);
+                self.status.send_modify(|s| s.record_step(record));
+            }
             Input::GcRun(report) => self.on_gc_run(report),
             Input::RetryDue(step) => self.on_retry_due(step),
             Input::CacheFailing(failing) => self.on_cache_failing(failing),

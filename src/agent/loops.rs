@@ -15,6 +15,7 @@ use crate::observe::liveness::Liveness;
 use crate::observe::oom_watch::OomWatch;
 use crate::observe::sample_loop::SampleLoop;
 use crate::observe::status::Status;
+use crate::observe::step_watch::StepWatch;
 use crate::volume::stats::read_fs_stats;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -51,6 +52,8 @@ impl Agent {
             heartbeat: liveness.register("health", MAX_SILENCE.max(self.config.health_interval * 3)),
             oom_delivered: 0,
             thresholds: self.config.health_thresholds,
+            steps_delivered: 0,
+            steps: Default::default(),
         };
         tokio::spawn(health.run().instrument(tracing::info_span!("health")));
         forward(events_rx, self.inputs.clone(), Input::Control);
@@ -99,6 +102,22 @@ impl Agent {
         };
         tokio::spawn(sample_loop.run().instrument(tracing::info_span!("sampler")));
         forward(ticks_rx, self.inputs.clone(), Input::Sampled);
+    }
+
+    /// The step watcher runs from start to exit, following the build steps of
+    /// whichever engine runs (it waits for the engine's cgroup).
+    pub(super) fn start_step_watch(&self, status: &watch::Receiver<Status>, liveness: &Liveness) {
+        let (records_tx, records_rx) = mpsc::channel(64);
+        let step_watch = StepWatch {
+            engine_cgroup: self.engine_cgroup_watch.subscribe(),
+            engine_socket: self.config.engine.socket.clone(),
+            status: status.clone(),
+            poll_interval: self.config.step_poll_interval,
+            records: records_tx,
+            heartbeat: liveness.register("steps", MAX_SILENCE),
+        };
+        tokio::spawn(step_watch.run().instrument(tracing::info_span!("steps")));
+        forward(records_rx, self.inputs.clone(), Input::Step);
     }
 
     /// Starts the GC loop once (it outlives engine restarts: a run against a

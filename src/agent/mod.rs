@@ -32,6 +32,7 @@ use crate::observe::metrics::Metrics;
 use crate::observe::oom_watch::OomKill;
 use crate::observe::sample_loop::Tick;
 use crate::observe::status::Status;
+use crate::observe::steps::StepRecord;
 use crate::proto::v1 as pb;
 use crate::signal::{ShutdownSignals, Stop};
 use crate::systemd::Notifier;
@@ -70,6 +71,8 @@ pub enum Input {
     GcRun(pb::GcRunReport),
     /// The kernel's OOM killer killed a process (or a counter says it did).
     Oom(OomKill),
+    /// A build step finished, with its figures.
+    Step(StepRecord),
     /// A sample of the host, the engine's process tree and the watched filesystems.
     Sampled(Tick),
     /// The volume manager finished preparing the task's mounts.
@@ -119,7 +122,7 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
 
     let metrics = Metrics::new();
     let liveness = Liveness::default();
-    let (status_tx, status_rx) = watch::channel(initial_status(&config.state_dir));
+    let (status_tx, status_rx) = watch::channel(initial_status(&config));
     let (bound, serve) = crate::observe::http::bind(&config.endpoints, status_rx.clone(), metrics.clone(), liveness.clone()).await?;
     tokio::spawn(serve.instrument(tracing::info_span!("endpoints", listen = %bound.public, detail = %bound.detail)));
     // Tests find both addresses in this line: `listen=` first, then `detail=`.
@@ -139,6 +142,7 @@ pub async fn run(config: Config, mode: Mode, notifier: Notifier) -> Result<(), A
     agent.start_sampler(&status_rx, &liveness);
     // Before any task is taken: a task's devices are checked against the specs.
     prepare_cdi(&agent.config.engine.cdi).await;
+    agent.start_step_watch(&status_rx, &liveness);
     match mode {
         Mode::Standalone(task) => {
             info!(task_id = %task.id, "standalone mode: serving the task file, no control plane");
@@ -260,8 +264,9 @@ mod debug_panic {
 }
 
 /// Starting; the first reports carry the state dir's figures even before the sampler's first tick lands.
-fn initial_status(state_dir: &Path) -> Status {
-    let mut status = Status::initial(state_dir);
+fn initial_status(config: &Config) -> Status {
+    let mut status = Status::initial(&config.state_dir);
+    status.step_capacity = config.step_records_kept;
     status.mounts = crate::observe::sample_loop::read_mounts(&status.watched_paths);
     status
 }

@@ -62,6 +62,10 @@ pub struct Config {
     /// How often the host and the engine's process tree are sampled.
     pub sample_interval: Duration,
     pub usage_interval: Duration,
+    /// How often live build steps' cgroups are read (`agent.step_poll_interval_ms`).
+    pub step_poll_interval: Duration,
+    /// Finished build steps kept for the health stream and /readyz (`agent.step_records_kept`).
+    pub step_records_kept: usize,
     pub state_dir: PathBuf,
     pub engine: EngineSettings,
     /// Engine variables a task may set besides the proxy settings (`engine.allowed_task_env`).

@@ -40,6 +40,12 @@ const DEFAULT_HEALTH_INTERVAL_MS: u64 = 1000;
 /// A sample costs well under a millisecond; every 5 s is fine-grained enough
 /// for a memory climb that ends in an OOM kill, and cheap on an idle VM.
 const DEFAULT_SAMPLE_INTERVAL_MS: u64 = 5000;
+/// A build step's cgroup is read this often while one lives: a 50 ms step is
+/// still read at least twice, and the figures of the last read (runc removes
+/// the cgroup within milliseconds of the step's end) miss at most 20 ms.
+const DEFAULT_STEP_POLL_INTERVAL_MS: u64 = 20;
+/// Finished steps kept for the health stream (and /readyz) through an outage.
+const DEFAULT_STEP_RECORDS_KEPT: u64 = crate::observe::status::DEFAULT_STEP_RECORDS as u64;
 /// The protocol promises a usage report a minute.
 const DEFAULT_USAGE_INTERVAL_SECS: u64 = 60;
 /// An EBS attach usually lands within seconds; two minutes covers a slow API
@@ -215,6 +221,10 @@ pub(super) struct RawAgent {
     pub(super) sample_interval_ms: u64,
     #[serde(default = "default_usage_interval_secs")]
     pub(super) usage_interval_secs: u64,
+    #[serde(default = "default_step_poll_interval_ms")]
+    pub(super) step_poll_interval_ms: u64,
+    #[serde(default = "default_step_records_kept")]
+    pub(super) step_records_kept: u64,
     #[serde(default = "default_state_dir")]
     pub(super) state_dir: PathBuf,
 }
@@ -329,6 +339,12 @@ fn default_health_interval_ms() -> u64 {
 fn default_sample_interval_ms() -> u64 {
     DEFAULT_SAMPLE_INTERVAL_MS
 }
+fn default_step_poll_interval_ms() -> u64 {
+    DEFAULT_STEP_POLL_INTERVAL_MS
+}
+fn default_step_records_kept() -> u64 {
+    DEFAULT_STEP_RECORDS_KEPT
+}
 fn default_usage_interval_secs() -> u64 {
     DEFAULT_USAGE_INTERVAL_SECS
 }
@@ -411,6 +427,8 @@ impl Default for RawAgent {
             health_bytes_threshold_percent: default_health_bytes_threshold_percent(),
             sample_interval_ms: default_sample_interval_ms(),
             usage_interval_secs: default_usage_interval_secs(),
+            step_poll_interval_ms: default_step_poll_interval_ms(),
+            step_records_kept: default_step_records_kept(),
             state_dir: default_state_dir(),
         }
     }

@@ -68,6 +68,8 @@ pub(super) fn validate(raw: RawConfig, problems: &mut Vec<ConfigProblem>) -> Con
         },
         sample_interval: Duration::from_millis(a.sample_interval_ms),
         usage_interval: Duration::from_secs(a.usage_interval_secs),
+        step_poll_interval: Duration::from_millis(a.step_poll_interval_ms),
+        step_records_kept: usize::try_from(a.step_records_kept).unwrap_or(usize::MAX),
         state_dir: a.state_dir,
         engine,
         allowed_task_env: raw.engine.allowed_task_env.iter().cloned().collect(),
@@ -324,6 +326,10 @@ fn agent_intervals(a: &RawAgent, bad: &mut impl FnMut(&str, String)) {
             bad(field, format!("expected a percentage from 0 to 100, got {value}"));
         }
     }
+    // Below 5 ms the poll costs more than it sees; above a second a short step's figures are a guess.
+    check_range(bad, "agent.step_poll_interval_ms", a.step_poll_interval_ms, 5, 1000);
+    // At least a build's worth; at most about 13 MiB of records.
+    check_range(bad, "agent.step_records_kept", a.step_records_kept, 16, 65_536);
 }
 
 /// `agent.state_dir`: a clean absolute path.

@@ -7,6 +7,7 @@ use crate::lifecycle::State;
 use crate::observe::oom_watch::OomKill;
 use crate::observe::sampler::{EngineSample, HostSample};
 use crate::observe::status::{MountFigures, SharedVolume, TaskConflict};
+use crate::observe::steps::StepRecord;
 use crate::proto::v1 as pb;
 
 impl From<State> for pb::AgentState {
@@ -90,6 +91,25 @@ impl From<&SharedVolume> for pb::SharedVolume {
 impl From<&TaskConflict> for pb::TaskConflict {
     fn from(c: &TaskConflict) -> Self {
         Self { task_id: c.task_id.clone(), differing_fields: c.differing_fields.clone(), count: c.count, last_unix_time_ms: c.last_unix_time_ms }
+    }
+}
+
+/// As the health stream carries it.
+impl From<&StepRecord> for pb::StepRecord {
+    fn from(r: &StepRecord) -> Self {
+        Self {
+            container_id: r.container_id.clone(),
+            first_seen_unix_ms: r.first_seen_unix_ms,
+            last_seen_unix_ms: r.last_seen_unix_ms,
+            cpu_seconds: r.cpu_seconds,
+            peak_memory_bytes: r.peak_memory_bytes,
+            io_read_bytes: r.io_read_bytes,
+            io_write_bytes: r.io_write_bytes,
+            oom_killed: r.oom_killed,
+            oom_kill_id: r.oom_kill_id.unwrap_or_default(),
+            build_ref: r.build_ref.clone().unwrap_or_default(),
+            overlapping_build_refs: r.overlapping_build_refs.clone(),
+        }
     }
 }
 

@@ -80,6 +80,10 @@ pub struct HealthStream {
     pub oom_delivered: u64,
     /// How far CPU, memory and free-space figures move before a delta carries them.
     pub thresholds: Thresholds,
+    /// Step records, the same way (counted as in `Status::step_entries`).
+    pub steps_delivered: u64,
+    /// Step records the status's buffer dropped before any stream took them.
+    pub steps: crate::observe::steps::StepDelivery,
 }
 
 impl HealthStream {
@@ -153,6 +157,9 @@ impl HealthStream {
         tokio::pin!(call);
         debug!(machine_id = %session.machine_id, "health stream opened");
         let mut oom_sent = self.oom_delivered;
+        let mut steps_sent = self.steps_delivered;
+        // Kept on self at every return: the dropped count spans streams.
+        let mut steps = self.steps;
         // The first report goes at once: a new stream's control plane knows nothing yet.
         let mut sent = Sent::default();
         let mut sent_mark: Option<StateMark> = None;
@@ -167,9 +174,11 @@ impl HealthStream {
             };
             tokio::select! {
                 result = &mut call => {
+                    self.steps = steps;
                     return match result {
                         Ok(resp) => {
                             self.oom_delivered = oom_sent;
+                            self.steps_delivered = steps_sent;
                             let should_terminate = resp.into_inner().should_terminate;
                             if !should_terminate {
                                 warn!("control plane ended the health stream without should_terminate; reopening");
@@ -188,6 +197,7 @@ impl HealthStream {
                 }
                 changed = self.status.changed() => {
                     if changed.is_err() {
+                        self.steps = steps;
                         return Ok(false); // the agent is gone
                     }
                     let mark = StateMark::of(&self.status.borrow_and_update());
@@ -208,12 +218,12 @@ impl HealthStream {
                 }
                 () = due => {
                     send_at = None;
-                    sent_mark = Some(self.send_report(&tx, session, &format, &mut sent, &mut oom_sent));
+                    sent_mark = Some(self.send_report(&tx, session, &format, &mut sent, &mut oom_sent, &mut steps_sent, &mut steps));
                 }
                 _ = ticker.tick() => {
                     self.heartbeat.beat();
                     send_at = None;
-                    sent_mark = Some(self.send_report(&tx, session, &format, &mut sent, &mut oom_sent));
+                    sent_mark = Some(self.send_report(&tx, session, &format, &mut sent, &mut oom_sent, &mut steps_sent, &mut steps));
                 }
             }
         }
@@ -233,12 +243,15 @@ impl HealthStream {
         format: &pb::HealthReporting,
         sent: &mut Sent,
         oom_sent: &mut u64,
+        steps_sent: &mut u64,
+        steps: &mut crate::observe::steps::StepDelivery,
     ) -> StateMark {
         // The newest session (a re-registration may have renewed it) names the machine.
         let machine_id = self.session.borrow().as_ref().map_or_else(|| session.machine_id.clone(), |s| s.machine_id.clone());
-        let (full, oom_through, mark) = {
+        let (full, oom_through, steps_through, mark) = {
             let status = self.status.borrow();
-            (build_report(&status, &machine_id, *oom_sent), status.oom_entries, StateMark::of(&status))
+            let steps_dropped = steps.account(status.step_entries, status.recent_steps.len());
+            (build_report(&status, &machine_id, *oom_sent, *steps_sent, steps_dropped), status.oom_entries, status.step_entries, StateMark::of(&status))
         };
         let now = tokio::time::Instant::now();
         let Some(report) = next_report(format, sent, full, now, self.thresholds) else {
@@ -252,6 +265,8 @@ impl HealthStream {
                 self.control.metrics.health_report_bytes.with_label_values(&[kind]).inc_by(bytes as u64);
                 sent.record(&shown, now);
                 *oom_sent = oom_through;
+                *steps_sent = steps_through;
+                steps.queued(steps_through);
             }
             Err(mpsc::error::TrySendError::Full(_)) => debug!("health stream is backed up; dropping this report"),
             Err(mpsc::error::TrySendError::Closed(_)) => {}
@@ -321,8 +336,9 @@ pub fn next_report(
 }
 
 /// A report of the agent's status now: the filesystem figures of the last
-/// sampler tick, and the OOM kills after the first `oom_sent` the agent recorded.
-pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64) -> pb::HealthReport {
+/// sampler tick, the OOM kills after the first `oom_sent` the agent recorded,
+/// and the step records after the first `steps_sent`.
+pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64, steps_sent: u64, steps_dropped: u64) -> pb::HealthReport {
     pb::HealthReport {
         oom_kills: status.oom_kills_after(oom_sent).map(pb::OomKill::from).collect(),
         oom_kills_total: status.oom_kills_total,
@@ -343,8 +359,8 @@ pub fn build_report(status: &Status, machine_id: &str, oom_sent: u64) -> pb::Hea
         last_task_rejection: status.last_task_rejection.clone().unwrap_or_default(),
         shared_volumes: status.shared_volumes.iter().map(pb::SharedVolume::from).collect(),
         cache_reset: status.cache_reset.clone(),
-        step_records: Vec::new(),
-        step_records_dropped_total: 0,
+        step_records: status.steps_after(steps_sent).map(pb::StepRecord::from).collect(),
+        step_records_dropped_total: steps_dropped,
         devices: status.engine_devices.clone(),
         sequence: 0,
         delta: false,

@@ -246,6 +246,16 @@ impl EngineClient {
         self.bounded("Prune", self.prune_timeout, collect).await
     }
 
+    /// Opens the engine's build history: first a Started (or Complete) event
+    /// for every build it keeps (only the running ones with `active_only`),
+    /// then one event per build started, completed or deleted, until the
+    /// stream ends. Opening is bounded by the call timeout; the stream is not.
+    pub async fn listen_build_history(&self, active_only: bool) -> Result<BuildHistory, ClientError> {
+        let request = pb::BuildHistoryRequest { active_only, ..Default::default() };
+        let stream = self.unary("ListenBuildHistory", self.call_timeout, self.control.clone().listen_build_history(request)).await?;
+        Ok(BuildHistory { stream, socket: self.socket.clone() })
+    }
+
     async fn unary<T>(
         &self,
         call: &'static str,
@@ -391,6 +401,62 @@ pub fn record_from_pb(r: pb::UsageRecord) -> CacheRecord {
         record_type: r.record_type,
         description: r.description,
     }
+}
+
+/// What happened to one build, from the engine's build history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildEvent {
+    pub kind: BuildEventKind,
+    pub build_ref: String,
+    /// When the build started and completed, Unix milliseconds (the engine's clock: this host's).
+    pub started_unix_ms: Option<i64>,
+    pub completed_unix_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildEventKind {
+    Started,
+    Completed,
+    Deleted,
+}
+
+/// The engine's build-history stream ([`EngineClient::listen_build_history`]).
+#[derive(Debug)]
+pub struct BuildHistory {
+    stream: tonic::Streaming<pb::BuildHistoryEvent>,
+    socket: PathBuf,
+}
+
+impl BuildHistory {
+    /// The next event; Ok(None) when the engine ended the stream.
+    pub async fn next(&mut self) -> Result<Option<BuildEvent>, ClientError> {
+        match self.stream.message().await {
+            Ok(Some(event)) => Ok(Some(build_event_from_pb(event))),
+            Ok(None) => Ok(None),
+            Err(status) => Err(ClientError::Call { call: "ListenBuildHistory", socket: self.socket.clone(), reason: describe_status(&status) }),
+        }
+    }
+}
+
+/// An unknown event type (a newer engine's) reads as Started: the record's
+/// times still say whether it completed.
+pub fn build_event_from_pb(event: pb::BuildHistoryEvent) -> BuildEvent {
+    let kind = match pb::BuildHistoryEventType::try_from(event.r#type) {
+        Ok(pb::BuildHistoryEventType::Complete) => BuildEventKind::Completed,
+        Ok(pb::BuildHistoryEventType::Deleted) => BuildEventKind::Deleted,
+        Ok(pb::BuildHistoryEventType::Started) | Err(_) => BuildEventKind::Started,
+    };
+    let record = event.record.unwrap_or_default();
+    BuildEvent {
+        kind,
+        build_ref: record.r#ref,
+        started_unix_ms: record.created_at.as_ref().map(timestamp_unix_ms),
+        completed_unix_ms: record.completed_at.as_ref().map(timestamp_unix_ms),
+    }
+}
+
+fn timestamp_unix_ms(t: &prost_types::Timestamp) -> i64 {
+    t.seconds.saturating_mul(1000).saturating_add(i64::from(t.nanos) / 1_000_000)
 }
 
 // === impl SocketWatch ===

@@ -130,6 +130,10 @@ fn readiness_code(ready: bool) -> StatusCode {
     }
 }
 
+/// Finished build steps the detail /readyz shows: enough to see the last
+/// build's steps, small enough to read.
+pub const RECENT_STEPS_ON_READYZ: usize = 10;
+
 /// The detail /readyz, on the detail listener only.
 #[derive(serde::Serialize)]
 struct Readiness {
@@ -148,6 +152,10 @@ struct Readiness {
     /// The newest OOM kill on this host, whole (attribution, pid, memory...).
     last_oom: Option<crate::observe::oom_watch::OomKill>,
     oom_kills_total: u64,
+    /// The newest finished build steps (at most RECENT_STEPS_ON_READYZ), oldest first.
+    recent_steps: Vec<crate::observe::steps::StepRecord>,
+    /// Build steps recorded since the agent started.
+    step_records_total: u64,
     /// Every watched filesystem: the state dir and the task's mounts.
     volumes: Vec<VolumeReadiness>,
     /// The newest sample of the host and the engine's process tree.
@@ -207,6 +215,8 @@ async fn detail_readyz(AxState(s): AxState<Shared>) -> impl IntoResponse {
         last_gc: st.recent_gc.back().map(|r| r.summary.clone()),
         last_oom: st.recent_ooms.back().cloned(),
         oom_kills_total: st.oom_kills_total,
+        recent_steps: st.recent_steps.iter().skip(st.recent_steps.len().saturating_sub(RECENT_STEPS_ON_READYZ)).cloned().collect(),
+        step_records_total: st.step_entries,
         volumes: st
             .mounts
             .iter()

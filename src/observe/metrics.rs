@@ -2,7 +2,7 @@
 //! `machine_agent_` names, base units and HELP text.
 
 use crate::lifecycle::State;
-use prometheus::{Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// Handles to every metric; cheap to clone (each is an `Arc` inside).
 #[derive(Clone, Debug)]
@@ -40,6 +40,10 @@ pub struct Metrics {
     pub volume_info: GaugeVec,
     pub cache_resets: IntCounterVec,
     pub engine_adoptions: IntCounter,
+    /// Finished build steps: how long each ran, its peak memory and CPU.
+    pub build_step_duration_seconds: Histogram,
+    pub build_step_peak_memory_bytes: Histogram,
+    pub build_step_cpu_seconds: Histogram,
     /// Host and engine-tree CPU and memory, from the sampler.
     resources: ResourceMetrics,
 }
@@ -229,9 +233,42 @@ impl Metrics {
                 }
                 resets
             },
+            build_step_duration_seconds: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("build_step_duration_seconds", "How long each finished build step's container ran (its cgroup first to last seen).")
+                        .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0]),
+                )
+                .expect("valid"),
+            ),
+            build_step_peak_memory_bytes: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("build_step_peak_memory_bytes", "Each finished build step's memory high-water mark (0 where the kernel keeps none).")
+                        .buckets(prometheus::exponential_buckets(f64::from(1u32 << 20), 4.0, 9).expect("valid")),
+                )
+                .expect("valid"),
+            ),
+            build_step_cpu_seconds: register(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("build_step_cpu_seconds", "CPU time each finished build step's processes used.")
+                        .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0]),
+                )
+                .expect("valid"),
+            ),
             resources: ResourceMetrics::new(&registry),
             registry,
         }
+    }
+
+    /// Counts a finished build step in the step histograms.
+    pub fn record_step(&self, step: &crate::observe::steps::StepRecord) {
+        self.build_step_duration_seconds.observe(step.duration_seconds());
+        // f64 holds integers exactly up to 2^53 bytes: every real step.
+        #[allow(clippy::cast_precision_loss)]
+        self.build_step_peak_memory_bytes.observe(step.peak_memory_bytes as f64);
+        self.build_step_cpu_seconds.observe(step.cpu_seconds);
     }
 
     /// Names the prepared cache mounts: one `volume_info` series each, the

@@ -19,6 +19,10 @@ pub mod sample_loop;
 pub mod sampler;
 /// The status snapshot the agent publishes and every reader copies.
 pub mod status;
+/// The step watcher's I/O edge: build steps' cgroups followed, the engine's build history listened to.
+pub mod step_watch;
+/// The step recorder's pure core: cgroup files parsed, records built and attributed.
+pub mod steps;
 
 use std::io::{self, Write};
 

@@ -8,6 +8,7 @@
 
 use super::oom_watch::OomKill;
 use super::sampler::Sample;
+use super::steps::StepRecord;
 use crate::engine::EngineState;
 use crate::lifecycle::State;
 use crate::proto::v1 as pb;
@@ -22,6 +23,10 @@ pub const RECENT_GC_RUNS: usize = 16;
 /// OOM kills kept for /readyz and for health streams that were down when they
 /// happened; a storm beyond this is still counted in the total and the metric.
 pub const RECENT_OOM_KILLS: usize = 32;
+/// Finished build steps kept for health streams that were down when they
+/// ended (and for /readyz), unless the config says otherwise: at about 200
+/// bytes each, 1024 is 200 KiB, and over an hour of steps on a busy builder.
+pub const DEFAULT_STEP_RECORDS: usize = 1024;
 
 /// One watched filesystem's figures.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +117,12 @@ pub struct Status {
     pub oom_entries: u64,
     /// Kills those entries stand for (an unattributed entry may be several).
     pub oom_kills_total: u64,
+    /// The last finished build steps (at most `step_capacity`), oldest first.
+    pub recent_steps: VecDeque<StepRecord>,
+    /// Steps ever added to `recent_steps`: the number of the newest.
+    pub step_entries: u64,
+    /// How many `recent_steps` keeps.
+    pub step_capacity: usize,
     /// The newest sample of the host and the engine's process tree.
     pub resources: Option<Sample>,
     pub task_id: Option<String>,
@@ -157,6 +168,9 @@ impl Status {
             recent_ooms: VecDeque::new(),
             oom_entries: 0,
             oom_kills_total: 0,
+            recent_steps: VecDeque::new(),
+            step_entries: 0,
+            step_capacity: DEFAULT_STEP_RECORDS,
             resources: None,
             task_id: None,
             control_plane_error: None,
@@ -178,6 +192,22 @@ impl Status {
     pub fn oom_kills_after(&self, sent: u64) -> impl Iterator<Item = &OomKill> {
         let unsent = usize::try_from(self.oom_entries.saturating_sub(sent)).unwrap_or(usize::MAX);
         self.recent_ooms.iter().skip(self.recent_ooms.len().saturating_sub(unsent))
+    }
+
+    /// The steps recorded after the first `sent`, oldest first; those pushed
+    /// out of `recent_steps` meanwhile are gone (see `StepDelivery`).
+    pub fn steps_after(&self, sent: u64) -> impl Iterator<Item = &StepRecord> {
+        let unsent = usize::try_from(self.step_entries.saturating_sub(sent)).unwrap_or(usize::MAX);
+        self.recent_steps.iter().skip(self.recent_steps.len().saturating_sub(unsent))
+    }
+
+    /// Adds a finished step, forgetting the oldest beyond `step_capacity`.
+    pub fn record_step(&mut self, record: StepRecord) {
+        self.step_entries += 1;
+        self.recent_steps.push_back(record);
+        while self.recent_steps.len() > self.step_capacity {
+            self.recent_steps.pop_front();
+        }
     }
 
     /// The figures of a watched filesystem for the wire, named with the cache
@@ -229,5 +259,25 @@ impl Status {
         while self.recent_ooms.len() > RECENT_OOM_KILLS {
             self.recent_ooms.pop_front();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::steps::{build_record, StepFigures};
+
+    #[test]
+    fn steps_after_a_cursor_are_the_unsent_ones_still_kept() {
+        let mut status = Status::initial(Path::new("/var/lib/machine-agent"));
+        status.step_capacity = 3;
+        for i in 0..5 {
+            status.record_step(build_record(&format!("s{i}"), 0, 1, StepFigures::default()));
+        }
+        assert_eq!(status.step_entries, 5);
+        let ids = |sent| status.steps_after(sent).map(|r| r.container_id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(0), ["s2", "s3", "s4"], "the two oldest were dropped");
+        assert_eq!(ids(3), ["s3", "s4"]);
+        assert_eq!(ids(5), Vec::<String>::new());
     }
 }

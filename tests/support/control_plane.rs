@@ -49,6 +49,19 @@ impl Recorded {
     }
 }
 
+impl Recorded {
+    /// The step records of every health report, deduplicated by container id
+    /// as the control plane does (the first arrival kept), with how many
+    /// times each arrived.
+    pub fn step_records(&self) -> std::collections::BTreeMap<String, (pb::StepRecord, usize)> {
+        let mut steps = std::collections::BTreeMap::new();
+        for r in self.health.iter().flat_map(|h| h.step_records.iter()) {
+            steps.entry(r.container_id.clone()).or_insert_with(|| (r.clone(), 0)).1 += 1;
+        }
+        steps
+    }
+}
+
 type TaskSender = mpsc::Sender<Result<pb::RegisterResponse, Status>>;
 
 #[derive(Clone)]
@@ -60,6 +73,8 @@ struct Shared {
     /// What a new registration gets first.
     initial: Arc<Mutex<Vec<pb::register_response::Task>>>,
     terminate: watch::Sender<bool>,
+    /// Bumped to make every open health stream fail (as a broken connection would).
+    break_health: watch::Sender<u64>,
     expected_static_token: Option<String>,
     /// The task stream sends its headers and then nothing: no task, no keepalive.
     silent: bool,
@@ -140,6 +155,8 @@ impl MachineService for Shared {
         let mut terminate = self.terminate.subscribe();
         // What this stream has told so far: deltas apply to it.
         let mut state: Option<pb::HealthReport> = None;
+        let mut broken = self.break_health.subscribe();
+        broken.borrow_and_update();
         loop {
             if *terminate.borrow_and_update() {
                 return Ok(Response::new(pb::HealthResponse { should_terminate: true }));
@@ -169,6 +186,7 @@ impl MachineService for Shared {
                     None => return Ok(Response::new(pb::HealthResponse { should_terminate: false })),
                 },
                 _ = terminate.changed() => {}
+                _ = broken.changed() => return Err(Status::unavailable("health stream broken by the test")),
             }
         }
     }
@@ -282,6 +300,7 @@ impl DoubleBuilder {
             task_stream: Default::default(),
             initial: Arc::new(Mutex::new(self.initial)),
             terminate: watch::channel(false).0,
+            break_health: watch::channel(0).0,
             expected_static_token: self.expected_static_token,
             silent: self.silent,
             health_reporting: Default::default(),
@@ -385,6 +404,11 @@ impl ControlPlaneDouble {
             sent += 1;
         }
         sent
+    }
+
+    /// Every health stream open now fails with UNAVAILABLE (later ones are left alone).
+    pub fn break_health_streams(&self) {
+        self.shared.break_health.send_modify(|n| *n += 1);
     }
 
     /// Every open health stream (and every later one) answers should_terminate.
