@@ -113,19 +113,19 @@ impl StepDirs {
 
     /// Opens a step's files (those that do not open read as None).
     pub fn open(&self, id: &str) -> StepFiles {
-        let open = |dir: Option<&Path>, file: &str| dir.and_then(|d| fs::File::open(d.join(id).join(file)).ok());
         let memory = Some(self.memory.as_path());
         let (cpu, peak, io, oom) = match self.version {
             CgroupVersion::V2 => ("cpu.stat", "memory.peak", "io.stat", "memory.events"),
             CgroupVersion::V1 => ("cpuacct.usage", "memory.max_usage_in_bytes", "blkio.throttle.io_service_bytes", "memory.oom_control"),
         };
+        let file = |dir: Option<&Path>, name: &str| CgroupFile::open(dir.map(|d| d.join(id).join(name)));
         StepFiles {
             version: self.version,
             procs: self.memory.join(id).join("cgroup.procs"),
-            cpu: open(self.cpu.as_deref(), cpu),
-            peak: open(memory, peak),
-            io: open(self.io.as_deref(), io),
-            oom: open(memory, oom),
+            cpu: file(self.cpu.as_deref(), cpu),
+            peak: file(memory, peak),
+            io: file(self.io.as_deref(), io),
+            oom: file(memory, oom),
             buf: Vec::new(),
         }
     }
@@ -153,11 +153,35 @@ pub struct StepFiles {
     /// Opened at each read: v1 caches an open `cgroup.procs`'s pid list for
     /// a second, so a re-read of one kept open says what it said before.
     procs: PathBuf,
-    cpu: Option<fs::File>,
-    peak: Option<fs::File>,
-    io: Option<fs::File>,
-    oom: Option<fs::File>,
+    cpu: CgroupFile,
+    peak: CgroupFile,
+    io: CgroupFile,
+    oom: CgroupFile,
     buf: Vec<u8>,
+}
+
+/// One figure file of a step's cgroup, opened once it exists: runc creates
+/// a step's cgroup in one hierarchy after another (memory, then cpuacct,
+/// blkio...), so a file missing when the step is first seen is looked for
+/// again at each read until it opens.
+#[derive(Debug)]
+struct CgroupFile {
+    path: Option<PathBuf>,
+    file: Option<fs::File>,
+}
+
+impl CgroupFile {
+    fn open(path: Option<PathBuf>) -> Self {
+        let file = path.as_ref().and_then(|p| fs::File::open(p).ok());
+        Self { path, file }
+    }
+
+    fn get(&mut self) -> Option<&fs::File> {
+        if self.file.is_none() {
+            self.file = self.path.as_ref().and_then(|p| fs::File::open(p).ok());
+        }
+        self.file.as_ref()
+    }
 }
 
 /// Room for a cgroup file: io stats of a few dozen devices, a pid list of a
@@ -177,14 +201,14 @@ impl StepFiles {
     pub fn read(&mut self, full: bool) -> StepFigures {
         let v2 = self.version == CgroupVersion::V2;
         let cpu_usec =
-            read_at_start(self.cpu.as_ref(), &mut self.buf).and_then(|t| if v2 { parse_cpu_stat_usage_usec(t) } else { parse_cpuacct_usage_usec(t) });
-        let peak_memory_bytes = read_at_start(self.peak.as_ref(), &mut self.buf).and_then(parse_single_u64);
+            read_at_start(self.cpu.get(), &mut self.buf).and_then(|t| if v2 { parse_cpu_stat_usage_usec(t) } else { parse_cpuacct_usage_usec(t) });
+        let peak_memory_bytes = read_at_start(self.peak.get(), &mut self.buf).and_then(parse_single_u64);
         let mut figures = StepFigures { cpu_usec, peak_memory_bytes, ..StepFigures::default() };
         if full {
-            let io = read_at_start(self.io.as_ref(), &mut self.buf).map(|t| if v2 { parse_io_stat(t) } else { parse_blkio_service_bytes(t) });
+            let io = read_at_start(self.io.get(), &mut self.buf).map(|t| if v2 { parse_io_stat(t) } else { parse_blkio_service_bytes(t) });
             figures.io_read_bytes = io.map(|(r, _)| r);
             figures.io_write_bytes = io.map(|(_, w)| w);
-            figures.oom_kills = read_at_start(self.oom.as_ref(), &mut self.buf).and_then(|t| parse_flat_keyed(t, "oom_kill"));
+            figures.oom_kills = read_at_start(self.oom.get(), &mut self.buf).and_then(|t| parse_flat_keyed(t, "oom_kill"));
         }
         figures
     }
