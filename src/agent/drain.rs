@@ -7,7 +7,7 @@ use crate::engine::{EngineState, StopOutcome};
 use crate::lifecycle::Event;
 use crate::observe::status::SharedVolume;
 use crate::proto::v1 as pb;
-use crate::volume::manager::{abandon_mount, release_mount};
+use crate::volume::manager::{abandon_mount, release_mount_by};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -61,7 +61,7 @@ impl Agent {
         }
         self.stop_engine(deadline, &mut drained).await;
         self.wait_for_prepare(deadline, inputs, &mut drained).await;
-        self.release_mounts(&mut drained).await;
+        self.release_mounts(deadline, &mut drained).await;
         // What the drain released is no longer held: /readyz and a last health report say so.
         let released: Vec<std::path::PathBuf> = drained.released_volumes.iter().map(|v| v.mount_path.clone()).collect();
         self.status.send_modify(|s| {
@@ -143,7 +143,7 @@ impl Agent {
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
                     drained.errors.push("volume preparation did not finish within the drain deadline; abandoned".to_string());
-                    self.abandon_prepare(drained).await;
+                    self.abandon_prepare(deadline, drained).await;
                     break;
                 }
             }
@@ -152,7 +152,7 @@ impl Agent {
 
     /// Stops the prepare where it is (dropping its task kills mkfs) and undoes
     /// what it did: nothing stays mounted or attached, and nothing is called clean.
-    async fn abandon_prepare(&mut self, drained: &mut Drained) {
+    async fn abandon_prepare(&mut self, deadline: Instant, drained: &mut Drained) {
         if let Some(task) = self.prepare_task.take() {
             task.abort();
             // Aborted at its next await; wait for the drop (and mkfs's kill) before undoing.
@@ -161,17 +161,32 @@ impl Agent {
         self.preparing = false;
         drained.unmounted = false;
         let mounts = self.task.as_ref().map(|t| t.mounts.clone()).unwrap_or_default();
+        let by = deadline.checked_sub(SHUTDOWN_REPORT_RESERVE).unwrap_or(deadline);
         for mount in mounts.iter().rev() {
-            let report = abandon_mount(&self.config.volume, mount).await;
-            drained.errors.extend(report.errors.iter().map(ToString::to_string));
+            match tokio::time::timeout_at(by, abandon_mount(&self.config.volume, mount)).await {
+                Ok(report) => drained.errors.extend(report.errors.iter().map(ToString::to_string)),
+                Err(_) => drained
+                    .errors
+                    .push(format!("undoing the preparation of {} did not finish within the drain deadline and was abandoned", mount.mount_path.display())),
+            }
         }
         warn!(mounts = mounts.len(), "abandoned the unfinished volume preparation; what it attached or mounted is undone");
     }
 
-    /// Releases in reverse order of preparation.
-    async fn release_mounts(&self, drained: &mut Drained) {
+    /// Releases in reverse order of preparation, keeping the report's reserve:
+    /// a flush or an unmount still running then is abandoned and reported,
+    /// so systemd's SIGKILL never comes before the shutdown report.
+    async fn release_mounts(&self, deadline: Instant, drained: &mut Drained) {
+        let by = deadline.checked_sub(SHUTDOWN_REPORT_RESERVE).unwrap_or(deadline);
         for mount in self.mounts.iter().rev() {
-            let report = release_mount(&self.config.volume, mount).await;
+            // Every blocking step inside is bounded by `by`; this bound is the backstop for the rest.
+            let Ok(report) = tokio::time::timeout_at(by, release_mount_by(&self.config.volume, mount, by)).await else {
+                drained.unmounted = false;
+                drained
+                    .errors
+                    .push(format!("releasing {} did not finish within the drain deadline and was abandoned; left as it was", mount.mount_path.display()));
+                continue;
+            };
             if let (true, Some(shared)) = (report.unmounted && report.errors.is_empty(), SharedVolume::of(mount)) {
                 drained.released_volumes.push(shared);
             }
