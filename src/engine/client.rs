@@ -293,6 +293,18 @@ impl EngineClient {
         Ok(out)
     }
 
+    /// The records named by `ids` that the engine still holds (one DiskUsage
+    /// filtered by id; the filters are ORed). An empty `ids` asks nothing.
+    pub async fn records(&self, ids: &[String]) -> Result<Vec<CacheRecord>, ClientError> {
+        let filter = prune_filters(ids)?;
+        if filter.is_empty() {
+            return Ok(vec![]);
+        }
+        let request = pb::DiskUsageRequest { filter, ..Default::default() };
+        let response = self.unary("DiskUsage", self.disk_usage_timeout, self.control.clone().disk_usage(request)).await?;
+        Ok(response.record.into_iter().map(record_from_pb).collect())
+    }
+
     /// Deletes exactly the records named by `ids` and returns what the engine
     /// reports as deleted (records in use are skipped by the engine, so the
     /// answer can be shorter than `ids`). An empty `ids` returns at once:
