@@ -20,7 +20,9 @@
 //!   BENCH_GC_BATCH ids per Prune (default 64, the agent's default).
 //!
 //! `cargo bench --bench gc_bigcache` (root, after scripts/install-buildkit.sh);
-//! BENCH_BIGCACHE_SIZES=10000,40000 to choose the caches.
+//! BENCH_BIGCACHE_SIZES=10000,40000 to choose the caches. The DiskUsage calls
+//! here wait up to BENCH_DU_TIMEOUT_SECS (3600), far past the agent's own
+//! timeout, so that a cold figure is measured rather than cut off.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a bench fails loudly
 
@@ -88,7 +90,8 @@ fn prune_everything() -> Policy {
 
 async fn measure(records: u64, root: &Path) {
     let engine = Engine::start(root).await;
-    let client = EngineClient::connect(&engine.socket).await.unwrap();
+    // The bench measures how long a cold DiskUsage takes, so it waits far past the agent's timeout.
+    let client = EngineClient::connect(&engine.socket).await.unwrap().with_disk_usage_timeout(Duration::from_secs(env_or("BENCH_DU_TIMEOUT_SECS", 3600)));
     let started = Instant::now();
     let first = client.disk_usage_paged().await.expect("the first DiskUsage");
     let first_took = started.elapsed();
@@ -125,7 +128,7 @@ async fn measure(records: u64, root: &Path) {
         assert!(status.success(), "cp -a");
         println!("cache {records}: copied for the prune in {:.1} s", started.elapsed().as_secs_f64());
         let engine = Engine::start(&copy).await;
-        let client = EngineClient::connect(&engine.socket).await.unwrap();
+        let client = EngineClient::connect(&engine.socket).await.unwrap().with_disk_usage_timeout(Duration::from_secs(env_or("BENCH_DU_TIMEOUT_SECS", 3600)));
         let batch: usize = env_or("BENCH_GC_BATCH", 64);
         let report = run_gc(&client, &copy, &prune_everything(), Trigger::Manual, batch, false).await.expect("GC run");
         println!(
