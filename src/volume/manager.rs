@@ -207,7 +207,7 @@ pub enum ReleaseError {
     },
     /// the filesystem at {mount_point} recorded {count} error(s); fsck it before trusting it
     FsErrors { mount_point: PathBuf, count: u64 },
-    /// {step} on {mount_point} did not finish within the drain deadline ({waited:?}) and was abandoned; left mounted
+    /// {step} on {mount_point} did not finish by its deadline (the drain's, or the unmount timeout) after {waited:?} and was abandoned; left mounted
     Overran { mount_point: PathBuf, step: &'static str, waited: Duration },
     /// {mount_point} is busy after {waited:?}; held by: {held_by}
     Busy { mount_point: PathBuf, waited: Duration, held_by: String },
