@@ -143,7 +143,7 @@ impl Agent {
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
                     drained.errors.push("volume preparation did not finish within the drain deadline; abandoned".to_string());
-                    self.abandon_prepare(deadline, drained).await;
+                    self.abandon_prepare(drained).await;
                     break;
                 }
             }
@@ -152,7 +152,7 @@ impl Agent {
 
     /// Stops the prepare where it is (dropping its task kills mkfs) and undoes
     /// what it did: nothing stays mounted or attached, and nothing is called clean.
-    async fn abandon_prepare(&mut self, deadline: Instant, drained: &mut Drained) {
+    async fn abandon_prepare(&mut self, drained: &mut Drained) {
         if let Some(task) = self.prepare_task.take() {
             task.abort();
             // Aborted at its next await; wait for the drop (and mkfs's kill) before undoing.
@@ -161,14 +161,13 @@ impl Agent {
         self.preparing = false;
         drained.unmounted = false;
         let mounts = self.task.as_ref().map(|t| t.mounts.clone()).unwrap_or_default();
-        let by = deadline.checked_sub(SHUTDOWN_REPORT_RESERVE).unwrap_or(deadline);
+        // Not cut at the drain deadline: the wait for the prepare already used
+        // it, and a loop device left attached would strand the volume. Every
+        // step is bounded on its own (the unmount timeout, the tool timeouts),
+        // and none blocks the runtime.
         for mount in mounts.iter().rev() {
-            match tokio::time::timeout_at(by, abandon_mount(&self.config.volume, mount)).await {
-                Ok(report) => drained.errors.extend(report.errors.iter().map(ToString::to_string)),
-                Err(_) => drained
-                    .errors
-                    .push(format!("undoing the preparation of {} did not finish within the drain deadline and was abandoned", mount.mount_path.display())),
-            }
+            let report = abandon_mount(&self.config.volume, mount).await;
+            drained.errors.extend(report.errors.iter().map(ToString::to_string));
         }
         warn!(mounts = mounts.len(), "abandoned the unfinished volume preparation; what it attached or mounted is undone");
     }
