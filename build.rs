@@ -4,7 +4,9 @@
 //! - machineagent.v1: the control-plane contract, client and server (the
 //!   tests' control-plane double serves it);
 //! - moby.buildkit.v1 and grpc.health.v1: the subset of BuildKit's own API the
-//!   agent calls on buildkitd, client only (buildkitd is the only server).
+//!   agent calls on buildkitd; the Control server too, for the tests' engine
+//!   double (answers a real buildkitd cannot be made to give on demand, such
+//!   as a DiskUsage larger than its send limit).
 
 use std::path::PathBuf;
 
@@ -17,7 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true) // the tests' control-plane double serves this contract
         .compile_protos(&["proto/machineagent/v1/agent.proto"], &["proto"])?;
-    tonic_prost_build::configure().build_server(false).compile_protos(
+    tonic_prost_build::configure().build_server(true).compile_protos(
         &[PathBuf::from("proto/moby/buildkit/v1/control.proto"), PathBuf::from("proto/grpc/health/v1/health.proto")],
         &[PathBuf::from("proto"), well_known],
     )?;

@@ -64,7 +64,14 @@ impl FakeSteps {
             }
             fake.sleepers.push(child);
         }
-        let engine = EngineCgroup { version: CgroupVersion::V1, dir: hierarchies[0].join(&name), relative: format!("/{name}"), limit_bytes: 0 };
+        let engine = EngineCgroup {
+            version: CgroupVersion::V1,
+            dir: hierarchies[0].join(&name),
+            relative: format!("/{name}"),
+            limit_bytes: 0,
+            scope: None,
+            mount_point: hierarchies[0].clone(),
+        };
         let mounts = machine_agent::volume::mountinfo::read_mountinfo(Path::new("/proc/self/mountinfo")).unwrap();
         (fake, StepDirs::of(&engine, &mounts), ids)
     }

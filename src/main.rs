@@ -220,7 +220,12 @@ fn run(config_path: &std::path::Path, standalone: Option<&std::path::Path>) -> E
             return Exit::Runtime;
         }
     };
-    match runtime.block_on(agent::run(config, mode, notifier)) {
+    let result = runtime.block_on(agent::run(config, mode, notifier));
+    // A flush or an unmount the drain abandoned at its deadline may still be
+    // running on a blocking thread: exit without waiting for it (the kernel
+    // finishes the writeback either way), as the shutdown report already said.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_WAIT);
+    match result {
         Ok(()) => Exit::Clean,
         Err(e) => {
             tracing::error!(error = %e, "agent failed");
@@ -228,6 +233,9 @@ fn run(config_path: &std::path::Path, standalone: Option<&std::path::Path>) -> E
         }
     }
 }
+
+/// Long enough for tasks that end on their own to finish their last write.
+const RUNTIME_SHUTDOWN_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn gc_dry_run(config_path: &std::path::Path) -> Exit {
     let config = match Config::load(config_path, &ProcessEnv) {

@@ -12,7 +12,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test fails loudly on the first surprise
 
 use machine_agent::engine::client::{CacheRecord, EngineClient};
-use machine_agent::gc::executor::{run_gc, GcError, GcRun, Trigger};
+use machine_agent::gc::executor::{run_gc, run_gc_over, GcError, GcRun, Trigger};
 use machine_agent::gc::planner::{Policy, Reason};
 use std::collections::HashSet;
 use std::time::Duration;
@@ -219,4 +219,28 @@ async fn an_unreachable_free_space_target_frees_what_it_can_and_reports_the_shor
         assert!(report.freed_ids.contains(&layer(&before, name).id), "{name} went: {}", report.explain());
     }
     assert!(report.free_bytes_after > report.free_bytes_before || report.freed_bytes == 0, "{}", report.summary());
+}
+
+#[tokio::test]
+async fn a_record_gone_between_disk_usage_and_prune_does_not_keep_its_parent() {
+    let mut engine = start_engine();
+    let client = engine.ready().await.client;
+    build_image(&engine, "a").await;
+    let cache = client.disk_usage().await.unwrap();
+    let parent = layer(&cache, "a").clone();
+    let child = cache.iter().find(|r| r.parents.contains(&parent.id)).unwrap_or_else(|| panic!("no child of {parent:?} in {cache:#?}")).clone();
+    // Pruned by someone else after GC read the cache (BuildKit's own GC would).
+    let gone = client.prune(std::slice::from_ref(&child.id)).await.unwrap();
+    assert_eq!(ids(&gone), HashSet::from([child.id.clone()]));
+
+    // Everything is over keep-bytes; one id per Prune, so the child is asked alone, first.
+    let started = tokio::time::Instant::now();
+    let report = run_gc_over(&client, &engine.root(), &cache, started, &policy(Duration::from_secs(86_400), 0), Trigger::Manual, 1, false).await.unwrap();
+    println!("{}", report.explain());
+    let planned: Vec<&str> = report.plan.victims.iter().map(|v| v.id.as_str()).collect();
+    let (child_at, parent_at) = (planned.iter().position(|id| *id == child.id), planned.iter().position(|id| *id == parent.id));
+    assert!(child_at < parent_at && child_at.is_some(), "the plan has the child before its parent: {}", report.explain());
+    assert!(!report.freed_ids.contains(&child.id), "not freed by this run: it was gone already");
+    assert!(report.freed_ids.contains(&parent.id), "the parent of a record that is gone is pruned, not kept for it: {}", report.summary());
+    assert!(!ids(&client.disk_usage().await.unwrap()).contains(&parent.id));
 }

@@ -7,7 +7,7 @@ use crate::engine::{EngineState, StopOutcome};
 use crate::lifecycle::Event;
 use crate::observe::status::SharedVolume;
 use crate::proto::v1 as pb;
-use crate::volume::manager::{abandon_mount, release_mount};
+use crate::volume::manager::{abandon_mount, release_mount_by};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -61,7 +61,7 @@ impl Agent {
         }
         self.stop_engine(deadline, &mut drained).await;
         self.wait_for_prepare(deadline, inputs, &mut drained).await;
-        self.release_mounts(&mut drained).await;
+        self.release_mounts(deadline, &mut drained).await;
         // What the drain released is no longer held: /readyz and a last health report say so.
         let released: Vec<std::path::PathBuf> = drained.released_volumes.iter().map(|v| v.mount_path.clone()).collect();
         self.status.send_modify(|s| {
@@ -161,6 +161,10 @@ impl Agent {
         self.preparing = false;
         drained.unmounted = false;
         let mounts = self.task.as_ref().map(|t| t.mounts.clone()).unwrap_or_default();
+        // Not cut at the drain deadline: the wait for the prepare already used
+        // it, and a loop device left attached would strand the volume. Every
+        // step is bounded on its own (the unmount timeout, the tool timeouts),
+        // and none blocks the runtime.
         for mount in mounts.iter().rev() {
             let report = abandon_mount(&self.config.volume, mount).await;
             drained.errors.extend(report.errors.iter().map(ToString::to_string));
@@ -168,10 +172,20 @@ impl Agent {
         warn!(mounts = mounts.len(), "abandoned the unfinished volume preparation; what it attached or mounted is undone");
     }
 
-    /// Releases in reverse order of preparation.
-    async fn release_mounts(&self, drained: &mut Drained) {
+    /// Releases in reverse order of preparation, keeping the report's reserve:
+    /// a flush or an unmount still running then is abandoned and reported,
+    /// so systemd's SIGKILL never comes before the shutdown report.
+    async fn release_mounts(&self, deadline: Instant, drained: &mut Drained) {
+        let by = deadline.checked_sub(SHUTDOWN_REPORT_RESERVE).unwrap_or(deadline);
         for mount in self.mounts.iter().rev() {
-            let report = release_mount(&self.config.volume, mount).await;
+            // Every blocking step inside is bounded by `by`; this bound is the backstop for the rest.
+            let Ok(report) = tokio::time::timeout_at(by, release_mount_by(&self.config.volume, mount, by)).await else {
+                drained.unmounted = false;
+                drained
+                    .errors
+                    .push(format!("releasing {} did not finish within the drain deadline and was abandoned; left as it was", mount.mount_path.display()));
+                continue;
+            };
             if let (true, Some(shared)) = (report.unmounted && report.errors.is_empty(), SharedVolume::of(mount)) {
                 drained.released_volumes.push(shared);
             }

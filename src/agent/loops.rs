@@ -157,6 +157,11 @@ impl Agent {
             pressure_check: self.config.gc.pressure_check,
             metrics: self.metrics.clone(),
             reports: reports_tx,
+            clock: crate::gc::clock::RetentionClock::new(
+                crate::gc::clock::ClockSettings { sync_wait: self.config.gc.clock_sync_wait, max_jump: self.config.gc.clock_jump_max },
+                tokio::time::Instant::now(),
+                std::time::SystemTime::now(),
+            ),
         };
         forward(reports_rx, self.inputs.clone(), Input::GcRun);
         self.gc = Some(tokio::spawn(schedule.run_forever().instrument(tracing::info_span!("gc"))));

@@ -96,6 +96,10 @@ pub(super) struct RawGc {
     pub(super) free_inodes_start_below_percent: u8,
     pub(super) free_inodes_stop_at_percent: u8,
     pub(super) batch: usize,
+    /// Retention waits this long at most for the kernel to call the clock synchronized.
+    pub(super) clock_sync_wait_secs: u64,
+    /// Wall-clock progress this far from monotonic progress between passes is a jump.
+    pub(super) clock_jump_max_secs: u64,
 }
 
 impl Default for RawGc {
@@ -113,6 +117,14 @@ impl Default for RawGc {
             free_inodes_start_below_percent: p::DEFAULT_FREE_START_BELOW_PERCENT,
             free_inodes_stop_at_percent: p::DEFAULT_FREE_STOP_AT_PERCENT,
             batch: crate::gc::executor::DEFAULT_BATCH,
+            // chrony and systemd-timesyncd synchronize a cloud VM within
+            // seconds of boot; ten minutes covers a slow NTP server, and
+            // retention (days) loses nothing by waiting that long.
+            clock_sync_wait_secs: 600,
+            // Slewing moves the clock by at most 0.5 ms a second (a 60 s pass
+            // interval: 30 ms); a minute is far from both that and from any
+            // retention, so anything beyond it is a step.
+            clock_jump_max_secs: 60,
         }
     }
 }

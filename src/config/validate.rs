@@ -540,6 +540,8 @@ fn gc_settings(g: &RawGc, bad: &mut impl FnMut(&str, String)) -> GcSettings {
         (None, None) => DEFAULT_PRESSURE_CHECK,
     };
     check_range(bad, "gc.batch", g.batch as u64, 1, 10_000);
+    check_range(bad, "gc.clock_sync_wait_secs", g.clock_sync_wait_secs, 0, 86_400);
+    check_range(bad, "gc.clock_jump_max_secs", g.clock_jump_max_secs, 1, 86_400);
     GcSettings {
         enabled: g.enabled,
         retention: Duration::from_secs(g.retention_secs),
@@ -551,6 +553,8 @@ fn gc_settings(g: &RawGc, bad: &mut impl FnMut(&str, String)) -> GcSettings {
         free_inodes_start_below_percent: g.free_inodes_start_below_percent,
         free_inodes_stop_at_percent: g.free_inodes_stop_at_percent,
         batch: g.batch,
+        clock_sync_wait: Duration::from_secs(g.clock_sync_wait_secs),
+        clock_jump_max: Duration::from_secs(g.clock_jump_max_secs),
     }
 }
 

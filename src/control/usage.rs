@@ -70,7 +70,9 @@ fn cache_totals(records: &[crate::engine::client::CacheRecord]) -> (u64, u64) {
 /// The engine's cache records, summed; left at zero while the engine cannot be read.
 async fn add_cache_records(report: &mut pb::UsageReport, socket: &std::path::Path) {
     let records = match crate::engine::client::EngineClient::connect(socket).await {
-        Ok(client) => client.disk_usage().await,
+        // A report is due every interval: it does not wait for a cold cache
+        // to be sized (GC does, with its own timeout); that work is kept anyway.
+        Ok(client) => client.with_disk_usage_timeout(crate::engine::client::DEFAULT_CALL_TIMEOUT).disk_usage().await,
         Err(error) => Err(error),
     };
     match records {

@@ -14,12 +14,15 @@
 //!   whose child is in a later batch; a child and its parent in one batch are
 //!   both freed by that one call.
 //! - What was freed is what the engine says it deleted, never what was asked
-//!   for: a record that became in use since DiskUsage is skipped by the
-//!   engine, and then its parents are not asked for either (the engine would
-//!   keep them for it).
+//!   for. A record asked for and not freed is read again by id: one still
+//!   there (in use again since DiskUsage) stays, and then its parents are not
+//!   asked for either (the engine would keep them for it); one already gone
+//!   (BuildKit's own GC pruned it) holds no parent back.
 //! - After each batch the volume's statvfs is read again. Once every
-//!   triggered space target is met (keep-bytes by the bytes the engine
-//!   reported freed, free bytes and free inodes by statvfs), the remaining
+//!   triggered space target is met (keep-bytes by how much the private cache
+//!   shrank, re-read at checkpoints so that BuildKit's own GC pruning at the
+//!   same time counts, see [`KeepBytesProgress`]; free bytes and free inodes
+//!   by statvfs), the remaining
 //!   space victims are dropped; retention victims are still pruned, unless a
 //!   child of theirs stays.
 //! - A Prune that fails part way ends the run with what was freed so far and
@@ -158,6 +161,24 @@ impl GcRun {
 pub async fn run_gc(client: &EngineClient, fs_path: &Path, policy: &Policy, trigger: Trigger, batch: usize, dry_run: bool) -> Result<GcReport, GcError> {
     let started = Instant::now();
     let cache = client.disk_usage().await?;
+    run_gc_over(client, fs_path, &cache, started, policy, trigger, batch, dry_run).await
+}
+
+/// [`run_gc`] after its DiskUsage: `cache` is what the engine held then, and
+/// the run (begun at `started`) plans and prunes from it. Whatever changed
+/// since (a record pruned by BuildKit's own GC, or in use again) is found by
+/// the Prune answers and the re-reads.
+#[allow(clippy::too_many_arguments)] // run_gc's own, plus what it read first
+pub async fn run_gc_over(
+    client: &EngineClient,
+    fs_path: &Path,
+    cache: &[CacheRecord],
+    started: Instant,
+    policy: &Policy,
+    trigger: Trigger,
+    batch: usize,
+    dry_run: bool,
+) -> Result<GcReport, GcError> {
     let before = read_fs_stats(fs_path)?;
     let now = SystemTime::now();
     let records: Vec<Record> = cache.iter().map(|r| record_for_planner(r, now)).collect();
@@ -195,11 +216,20 @@ pub async fn run_gc(client: &EngineClient, fs_path: &Path, policy: &Policy, trig
     let children = children_of(&records);
     let mut cursor = Cursor::new(&plan.victims, batch);
     let mut after = before;
+    let mut keep = KeepBytesProgress::new(plan.targets.keep_bytes, private_bytes(cache));
     let mut met = targets_met(&plan.targets, 0, &before, &after);
+    let mut sizer = BatchSizer::new(batch);
+    cursor.set_limits(sizer.batch(), space_bytes_cap(&plan.targets, 0, &before, &after));
     while let Some(asked) = cursor.next_batch(&children, met) {
         let ids: Vec<String> = asked.iter().map(|v| v.id.clone()).collect();
+        let call = Instant::now();
         let freed = match client.prune(&ids).await {
-            Ok(freed) => freed,
+            Ok(freed) => {
+                if ids.len() >= sizer.batch() {
+                    sizer.after_call(call.elapsed());
+                }
+                freed
+            }
             Err(error) => {
                 tracing::warn!(%error, batch = ids.len(), "GC prune failed; stopping this run");
                 report.error = Some(error.to_string());
@@ -209,17 +239,21 @@ pub async fn run_gc(client: &EngineClient, fs_path: &Path, policy: &Policy, trig
         // The engine streams what one call deleted in its own order; the
         // report lists it in plan order, then anything it was not asked for.
         let mut freed_now: HashMap<&str, &CacheRecord> = freed.iter().map(|r| (r.id.as_str(), r)).collect();
+        let mut not_freed = vec![];
         for v in &asked {
             match freed_now.remove(v.id.as_str()) {
                 Some(r) => {
                     report.reasons.add(v.reason);
                     report.note_freed(r);
                 }
-                // In use again since DiskUsage: the engine kept it, and it keeps its parents.
-                None => {
-                    cursor.kept.insert(v.id.clone());
-                }
+                None => not_freed.push(v.id.clone()),
             }
+        }
+        // Not freed: in use again since DiskUsage (the engine keeps it, and it
+        // keeps its parents), or already gone (BuildKit's own GC, an operator's
+        // prune), which holds no parent. Only the engine can say which.
+        for id in still_held(client, not_freed).await {
+            cursor.kept.insert(id);
         }
         for r in freed.iter().filter(|r| freed_now.contains_key(r.id.as_str())) {
             tracing::warn!(id = %r.id, "the engine pruned a record GC did not ask for");
@@ -233,16 +267,47 @@ pub async fn run_gc(client: &EngineClient, fs_path: &Path, policy: &Policy, trig
             }
         }
         tracing::debug!(asked = ids.len(), freed = freed.len(), free_bytes = after.free_bytes, "GC batch pruned");
-        met = targets_met(&plan.targets, report.freed_bytes, &before, &after);
+        if keep.should_measure(report.freed_bytes) {
+            match client.disk_usage().await {
+                Ok(now) => keep.measure(private_bytes(&now), report.freed_bytes),
+                // Our own count is still a lower bound of the progress; go on with it.
+                Err(error) => tracing::warn!(%error, "cannot re-read the cache's size; keep-bytes progress counts this run's frees only"),
+            }
+        }
+        met = targets_met(&plan.targets, keep.progress(report.freed_bytes), &before, &after);
+        cursor.set_limits(sizer.batch(), space_bytes_cap(&plan.targets, keep.progress(report.freed_bytes), &before, &after));
     }
     report.stopped_early = cursor.dropped_for_targets > 0;
     report.free_bytes_after = after.free_bytes;
     report.free_inodes_after = after.free_inodes;
     report.inodes_freed = after.free_inodes.saturating_sub(before.free_inodes);
-    report.shortfall = shortfall(&plan.targets, report.freed_bytes, &before, &after);
+    report.shortfall = shortfall(&plan.targets, keep.progress(report.freed_bytes), &before, &after);
     report.plan = plan;
     report.duration = started.elapsed();
     Ok(report)
+}
+
+/// Of the records a Prune did not free, those the engine still holds (re-read
+/// by id). When the re-read fails, all of them: keeping a parent for a child
+/// that is gone only delays it to the next run; pruning under one in use cannot happen anyway.
+async fn still_held(client: &EngineClient, not_freed: Vec<String>) -> Vec<String> {
+    if not_freed.is_empty() {
+        return not_freed;
+    }
+    match client.records(&not_freed).await {
+        Ok(records) => {
+            let held: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+            let (kept, gone): (Vec<String>, Vec<String>) = not_freed.into_iter().partition(|id| held.contains(id.as_str()));
+            if !gone.is_empty() {
+                tracing::info!(gone = gone.len(), "records GC asked to prune were already gone (BuildKit's own GC?); their parents may go");
+            }
+            kept
+        }
+        Err(error) => {
+            tracing::warn!(%error, records = not_freed.len(), "cannot re-read the records a prune kept; they and their parents stay this run");
+            not_freed
+        }
+    }
 }
 
 /// A BuildKit record as the planner needs it. Pure.
@@ -285,13 +350,114 @@ fn targets_met(targets: &Targets, freed_bytes: u64, before: &FsStats, now: &FsSt
     shortfall(targets, freed_bytes, before, now).is_none()
 }
 
-fn shortfall(targets: &Targets, freed_bytes: u64, before: &FsStats, now: &FsStats) -> Option<Shortfall> {
+/// `keep_progress` is [`KeepBytesProgress::progress`]: the bytes the private
+/// cache shrank by since the plan, as last measured plus what this run freed since.
+fn shortfall(targets: &Targets, keep_progress: u64, before: &FsStats, now: &FsStats) -> Option<Shortfall> {
     let s = Shortfall {
-        keep_bytes: targets.keep_bytes.map_or(0, |need| need.saturating_sub(freed_bytes)),
+        keep_bytes: targets.keep_bytes.map_or(0, |need| need.saturating_sub(keep_progress)),
         free_bytes: targets.free_bytes.map_or(0, |need| before.free_bytes.saturating_add(need).saturating_sub(now.free_bytes)),
         free_inodes: targets.free_inodes.map_or(0, |need| before.free_inodes.saturating_add(need).saturating_sub(now.free_inodes)),
     };
     (s != Shortfall::default()).then_some(s)
+}
+
+/// Keep-bytes progress against the cache's current size, not only against
+/// what this run freed: BuildKit's own GC may prune at the same time (and
+/// builds may add records), and counting only our own frees would prune past
+/// the target. A DiskUsage is too dear to read after every batch on a big
+/// cache (about a second at 40,000 records), so it is read at checkpoints:
+/// whenever this run's own frees since the last measure reach half of what
+/// was still missing then, so the reads are logarithmic in the target and an
+/// overshoot is at most what the other side freed since the last one. Pure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeepBytesProgress {
+    /// Bytes the target asks for (None: no keep-bytes target this run).
+    need: Option<u64>,
+    /// The private cache's size when the plan was made.
+    private_before: u64,
+    /// The cache's shrinkage at the last measure, and our own frees then.
+    measured: u64,
+    own_at_measure: u64,
+}
+
+impl KeepBytesProgress {
+    pub fn new(need: Option<u64>, private_before: u64) -> Self {
+        Self { need, private_before, measured: 0, own_at_measure: 0 }
+    }
+
+    /// The shrinkage now: as last measured, plus our own frees since.
+    pub fn progress(&self, own_freed: u64) -> u64 {
+        self.measured.saturating_add(own_freed.saturating_sub(self.own_at_measure))
+    }
+
+    /// True when the cache's size should be read again before going on.
+    pub fn should_measure(&self, own_freed: u64) -> bool {
+        let Some(need) = self.need else { return false };
+        let missing_then = need.saturating_sub(self.measured);
+        let since = own_freed.saturating_sub(self.own_at_measure);
+        missing_then > 0 && since > 0 && since.saturating_mul(2) >= missing_then
+    }
+
+    /// The private cache now holds `private_now` bytes, after `own_freed` of ours.
+    pub fn measure(&mut self, private_now: u64, own_freed: u64) {
+        self.measured = self.private_before.saturating_sub(private_now);
+        self.own_at_measure = own_freed;
+    }
+}
+
+/// The bytes BuildKit counts against keep-bytes: every record not shared.
+fn private_bytes(records: &[CacheRecord]) -> u64 {
+    records.iter().filter(|r| !r.shared).fold(0u64, |sum, r| sum.saturating_add(r.size_bytes))
+}
+
+/// The ids per Prune call, adapted to what a call costs. Each Prune has a
+/// fixed cost that grows with the cache (buildkitd scans every record and runs
+/// its metadata GC after each call): measured with 10,200 records, pruning all
+/// of them took 260 s in batches of 64 (160 calls) and 138 s in batches of
+/// 1,024 (11 calls). So a batch doubles while calls are quick, up to
+/// [`MAX_BATCH`], and halves (never below the configured size) when one is
+/// slow, well inside the prune timeout. Pure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchSizer {
+    min: usize,
+    current: usize,
+}
+
+/// A call quicker than this is mostly fixed cost: ask for more next time.
+const QUICK_PRUNE: Duration = Duration::from_secs(2);
+/// A call slower than this is a quarter of the prune timeout: ask for less.
+const SLOW_PRUNE: Duration = Duration::from_secs(30);
+/// Ids per call at most: a filter list of this many ids is about 130 KiB.
+pub const MAX_BATCH: usize = 4096;
+
+impl BatchSizer {
+    pub fn new(configured: usize) -> Self {
+        let min = configured.clamp(1, MAX_BATCH);
+        Self { min, current: min }
+    }
+
+    pub fn batch(&self) -> usize {
+        self.current
+    }
+
+    /// A Prune of a full batch took `took`.
+    pub fn after_call(&mut self, took: Duration) {
+        if took < QUICK_PRUNE {
+            self.current = self.current.saturating_mul(2).min(MAX_BATCH);
+        } else if took > SLOW_PRUNE {
+            self.current = (self.current / 2).max(self.min);
+        }
+    }
+}
+
+/// The bytes the space targets still miss, for [`Cursor::set_limits`]: no cap
+/// while an inode target is open (a victim's inodes are not known).
+fn space_bytes_cap(targets: &Targets, keep_progress: u64, before: &FsStats, now: &FsStats) -> u64 {
+    match shortfall(targets, keep_progress, before, now) {
+        Some(s) if s.free_inodes > 0 => u64::MAX,
+        Some(s) => s.keep_bytes.max(s.free_bytes),
+        None => 0,
+    }
 }
 
 /// Walks the plan in order and hands out batches.
@@ -299,6 +465,10 @@ struct Cursor<'p> {
     victims: &'p [Victim],
     next: usize,
     batch: usize,
+    /// A batch holds space victims of at most about this many bytes (the
+    /// bytes the space targets still miss): one more victim at most, so a
+    /// large batch cannot prune far past a target.
+    space_bytes: u64,
     /// Victims that stay: dropped, or kept by the engine. Their parents stay too.
     kept: HashSet<String>,
     /// Space victims dropped because the targets were met.
@@ -307,7 +477,13 @@ struct Cursor<'p> {
 
 impl<'p> Cursor<'p> {
     fn new(victims: &'p [Victim], batch: usize) -> Self {
-        Self { victims, next: 0, batch: batch.max(1), kept: HashSet::new(), dropped_for_targets: 0 }
+        Self { victims, next: 0, batch: batch.max(1), space_bytes: u64::MAX, kept: HashSet::new(), dropped_for_targets: 0 }
+    }
+
+    /// Sets the next batches' size in records, and the cap on their space victims' bytes.
+    fn set_limits(&mut self, batch: usize, space_bytes: u64) {
+        self.batch = batch.max(1);
+        self.space_bytes = space_bytes;
     }
 
     /// The next batch of at most `batch` victims, in plan order; `None` when
@@ -315,8 +491,12 @@ impl<'p> Cursor<'p> {
     /// victim with a child that stays is dropped too (the engine would keep it).
     fn next_batch(&mut self, children: &HashMap<&str, Vec<&str>>, met: bool) -> Option<Vec<&'p Victim>> {
         let mut out = Vec::new();
+        let mut space_bytes = 0u64;
         while out.len() < self.batch {
             let Some(v) = self.victims.get(self.next) else { break };
+            if v.reason != Reason::Retention && !met && !out.is_empty() && space_bytes >= self.space_bytes {
+                break;
+            }
             self.next += 1;
             let child_stays = children.get(v.id.as_str()).is_some_and(|cs| cs.iter().any(|c| self.kept.contains(*c)));
             let not_needed = met && v.reason != Reason::Retention;
@@ -326,6 +506,9 @@ impl<'p> Cursor<'p> {
             if child_stays || not_needed {
                 self.kept.insert(v.id.clone());
                 continue;
+            }
+            if v.reason != Reason::Retention {
+                space_bytes = space_bytes.saturating_add(v.size_bytes);
             }
             out.push(v);
         }
@@ -479,6 +662,38 @@ mod tests {
     }
 
     #[test]
+    fn batches_grow_while_prunes_are_quick_and_shrink_when_slow_never_below_the_config() {
+        let mut sizer = BatchSizer::new(64);
+        sizer.after_call(Duration::from_millis(800));
+        assert_eq!(sizer.batch(), 128);
+        for _ in 0..10 {
+            sizer.after_call(Duration::from_millis(800));
+        }
+        assert_eq!(sizer.batch(), MAX_BATCH);
+        sizer.after_call(Duration::from_secs(10));
+        assert_eq!(sizer.batch(), MAX_BATCH, "between quick and slow: unchanged");
+        sizer.after_call(Duration::from_secs(40));
+        assert_eq!(sizer.batch(), MAX_BATCH / 2);
+        let mut sizer = BatchSizer::new(64);
+        sizer.after_call(Duration::from_secs(40));
+        assert_eq!(sizer.batch(), 64);
+        assert_eq!(BatchSizer::new(0).batch(), 1);
+    }
+
+    #[test]
+    fn a_batch_of_space_victims_asks_for_about_what_the_targets_still_miss() {
+        let victims: Vec<Victim> = ["a", "b", "c", "d"].iter().map(|id| Victim { id: (*id).into(), size_bytes: 100, reason: Reason::KeepBytes }).collect();
+        let mut cursor = Cursor::new(&victims, 64);
+        cursor.set_limits(64, 150);
+        let first: Vec<&str> = cursor.next_batch(&HashMap::new(), false).unwrap().iter().map(|v| v.id.as_str()).collect();
+        assert_eq!(first, ["a", "b"], "200 bytes cover the 150 still missing");
+        let targets = Targets { keep_bytes: Some(250), free_bytes: None, free_inodes: None };
+        let fs = FsStats { total_bytes: 10_000, free_bytes: 500, total_inodes: 100, free_inodes: 10 };
+        assert_eq!(space_bytes_cap(&targets, 200, &fs, &fs), 50);
+        assert_eq!(space_bytes_cap(&Targets { free_inodes: Some(5), ..targets }, 200, &fs, &fs), u64::MAX);
+    }
+
+    #[test]
     fn once_targets_are_met_only_retention_victims_with_all_children_gone_follow() {
         // "layer" is a space victim; "base" (expired) was unblocked by it;
         // "old" is an unrelated expired record.
@@ -510,11 +725,34 @@ mod tests {
     fn shortfall_measures_keep_bytes_by_freed_and_watermarks_by_statvfs() {
         let targets = Targets { keep_bytes: Some(100), free_bytes: Some(1000), free_inodes: None };
         let before = FsStats { total_bytes: 10_000, free_bytes: 500, total_inodes: 100, free_inodes: 10 };
-        let now = FsStats { free_bytes: 1200, ..before };
-        assert_eq!(shortfall(&targets, 40, &before, &now), Some(Shortfall { keep_bytes: 60, free_bytes: 300, free_inodes: 0 }));
+        // A build wrote meanwhile: the volume gained less than the engine freed.
+        let now = FsStats { free_bytes: 520, ..before };
+        assert_eq!(shortfall(&targets, 40, &before, &now), Some(Shortfall { keep_bytes: 60, free_bytes: 980, free_inodes: 0 }));
         let now = FsStats { free_bytes: 1500, ..before };
         assert!(targets_met(&targets, 100, &before, &now));
         assert!(targets_met(&Targets::default(), 0, &before, &before));
+    }
+
+    #[test]
+    fn bytes_buildkits_own_gc_frees_during_a_run_count_toward_keep_bytes() {
+        // 1000 bytes of private cache, 400 to free.
+        let mut keep = KeepBytesProgress::new(Some(400), 1000);
+        assert!(!keep.should_measure(0));
+        assert!(!keep.should_measure(150), "less than half of what is missing: no re-read yet");
+        assert!(keep.should_measure(200), "half of it: re-read");
+        // Meanwhile BuildKit's own GC freed 300: the cache is 500 bytes now.
+        keep.measure(500, 200);
+        assert_eq!(keep.progress(200), 500);
+        let targets = Targets { keep_bytes: Some(400), free_bytes: None, free_inodes: None };
+        let fs = FsStats { total_bytes: 10_000, free_bytes: 500, total_inodes: 100, free_inodes: 10 };
+        assert!(targets_met(&targets, keep.progress(200), &fs, &fs), "already within keep-bytes: pruning more would go past it");
+        assert!(!targets_met(&targets, 200, &fs, &fs), "counting only this run's frees would go on");
+        // A build added 100 bytes instead: 200 still missing, re-read again after 100 more.
+        let mut keep = KeepBytesProgress::new(Some(400), 1000);
+        keep.measure(900, 200);
+        assert_eq!(keep.progress(250), 150);
+        assert!(!keep.should_measure(330) && keep.should_measure(330 + 20));
+        assert!(!KeepBytesProgress::new(None, 1000).should_measure(1000), "no keep-bytes target: never re-read");
     }
 
     #[test]

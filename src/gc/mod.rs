@@ -2,6 +2,8 @@
 
 /// BuildKit's own GC rules: a looser backstop behind the agent's.
 pub mod backstop;
+/// Retention and the clock: wait for a synchronized clock, never trust a jump.
+pub mod clock;
 /// One GC run against the live engine: plan, prune in batches, report.
 pub mod executor;
 /// The pure planner: which records to prune, and why.
@@ -25,4 +27,8 @@ pub struct GcSettings {
     pub free_inodes_start_below_percent: u8,
     pub free_inodes_stop_at_percent: u8,
     pub batch: usize,
+    /// Retention waits for a synchronized clock at most this long after the GC schedule starts.
+    pub clock_sync_wait: Duration,
+    /// A pass whose wall-clock progress differs from the monotonic one by more skips retention.
+    pub clock_jump_max: Duration,
 }

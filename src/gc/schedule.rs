@@ -3,6 +3,7 @@
 //! between runs. One run at a time; an engine that cannot be read defers the
 //! run to the next tick. Every run is logged, counted and published.
 
+use super::clock::{Retention, RetentionClock};
 use super::executor::{GcReport, GcRun, Trigger};
 use super::planner::{self, Policy};
 use super::GcSettings;
@@ -86,11 +87,13 @@ pub struct GcSchedule {
     pub metrics: Metrics,
     /// Each run's report, for /readyz and the usage report.
     pub reports: mpsc::Sender<crate::proto::v1::GcRunReport>,
+    /// Whether this run may apply retention (the clock synchronized, no jump).
+    pub clock: RetentionClock,
 }
 
 impl GcSchedule {
     /// Runs until the task is dropped (aborted at drain).
-    pub async fn run_forever(self) {
+    pub async fn run_forever(mut self) {
         let mut next_run = Instant::now(); // the first run as soon as the engine is ready
         let mut pending = Trigger::Startup;
         let mut gaps = PressureGaps::new(self.pressure_check, self.interval);
@@ -134,9 +137,18 @@ impl GcSchedule {
     }
 
     /// One run, logged, counted and published; true when it freed anything.
-    async fn run_once(&self, trigger: Trigger) -> bool {
+    async fn run_once(&mut self, trigger: Trigger) -> bool {
+        let synchronized = crate::sys::clock_synchronized().map_err(|error| tracing::debug!(%error, "cannot read the clock's state (adjtimex)")).ok();
+        let retention = self.clock.assess(Instant::now(), SystemTime::now(), synchronized);
+        let run = match retention {
+            Retention::Apply => std::borrow::Cow::Borrowed(&self.run),
+            skipped => {
+                tracing::info!(trigger = %trigger, why = %skipped, "this gc run applies no retention; space targets still apply");
+                std::borrow::Cow::Owned(without_retention(&self.run))
+            }
+        };
         let result = match EngineClient::connect(&self.socket).await {
-            Ok(client) => self.run.run(&client, trigger).await,
+            Ok(client) => run.run(&client, trigger).await,
             Err(error) => Err(error.into()),
         };
         let labels = |outcome: &str| [trigger.as_str().to_string(), outcome.to_string()];
@@ -180,6 +192,11 @@ impl GcSchedule {
         let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         m.gc_last_run_timestamp_seconds.set(now.as_secs_f64());
     }
+}
+
+/// `run` with retention off: nothing is old enough (an age is never above `Duration::MAX`).
+pub fn without_retention(run: &GcRun) -> GcRun {
+    GcRun { policy: Policy { retention: Duration::MAX, ..run.policy }, ..run.clone() }
 }
 
 /// A run as the control plane's usage report carries it.
@@ -230,7 +247,30 @@ mod tests {
             free_inodes_start_below_percent: 5,
             free_inodes_stop_at_percent: 15,
             batch: 64,
+            clock_sync_wait: Duration::from_secs(600),
+            clock_jump_max: Duration::from_secs(60),
         }
+    }
+
+    #[test]
+    fn a_run_without_retention_prunes_no_old_record_for_its_age() {
+        let run = GcRun { fs_path: "/cache".into(), policy: effective_policy(&config(), &crate::engine::render::tests::task()).0, batch: 64, dry_run: false };
+        let now = SystemTime::now();
+        let old = planner::Record {
+            id: "old".into(),
+            size_bytes: 1,
+            parents: vec![],
+            last_used: Some(now - Duration::from_secs(10_000)),
+            created_at: now - Duration::from_secs(10_000),
+            usage_count: 1,
+            in_use: false,
+            shared: false,
+            record_type: planner::RecordType::Regular,
+            inodes: None,
+        };
+        let roomy = FsStats { total_bytes: 1000, free_bytes: 900, total_inodes: 1000, free_inodes: 900 };
+        assert_eq!(planner::plan_prune(std::slice::from_ref(&old), &roomy, &run.policy, now).victims.len(), 1, "retention prunes it");
+        assert!(planner::plan_prune(&[old], &roomy, &without_retention(&run).policy, now).victims.is_empty(), "a skipped pass does not");
     }
 
     #[test]

@@ -200,8 +200,7 @@ impl StepFiles {
     /// (CPU and peak memory are read every time).
     pub fn read(&mut self, full: bool) -> StepFigures {
         let v2 = self.version == CgroupVersion::V2;
-        let cpu_usec =
-            read_at_start(self.cpu.get(), &mut self.buf).and_then(|t| if v2 { parse_cpu_stat_usage_usec(t) } else { parse_cpuacct_usage_usec(t) });
+        let cpu_usec = read_at_start(self.cpu.get(), &mut self.buf).and_then(|t| if v2 { parse_cpu_stat_usage_usec(t) } else { parse_cpuacct_usage_usec(t) });
         let peak_memory_bytes = read_at_start(self.peak.get(), &mut self.buf).and_then(parse_single_u64);
         let mut figures = StepFigures { cpu_usec, peak_memory_bytes, ..StepFigures::default() };
         if full {

@@ -13,6 +13,7 @@
 //! file-backed volume's loop device. A mount that another live agent holds is
 //! left as it is at once: never waited for, never killed for.
 
+use super::bounded::{blocking_until, BlockingError};
 use super::device::{attach_file, detach_file, find_attachment, wait_for_device, LoopAttachment};
 use super::file_modes;
 use super::format::{mkfs_command, mount_options};
@@ -206,6 +207,8 @@ pub enum ReleaseError {
     },
     /// the filesystem at {mount_point} recorded {count} error(s); fsck it before trusting it
     FsErrors { mount_point: PathBuf, count: u64 },
+    /// {step} on {mount_point} did not finish by its deadline (the drain's, or the unmount timeout) after {waited:?} and was abandoned; left mounted
+    Overran { mount_point: PathBuf, step: &'static str, waited: Duration },
     /// {mount_point} is busy after {waited:?}; held by: {held_by}
     Busy { mount_point: PathBuf, waited: Duration, held_by: String },
     /// {mount_point} is in use by another live machine-agent (pid {agent_pid}); left mounted, never taken from it; held by: {held_by}
@@ -258,7 +261,7 @@ impl UndoLog {
         let mut said = vec![];
         for step in self.0.into_iter().rev() {
             match step {
-                UndoStep::Unmount(path) => match unmount_all_beneath(settings, &path).await {
+                UndoStep::Unmount(path) => match unmount_all_beneath(settings, &path, Instant::now() + settings.unmount_timeout).await {
                     Ok(()) => said.push(format!("unmounted {}", path.display())),
                     Err(error) => said.push(format!("FAILED to unmount {}: {error}", path.display())),
                 },
@@ -606,7 +609,9 @@ pub async fn wipe_mount(settings: &VolumeSettings, m: &VolumeMount, p: &Prepared
     if p.fs_uuid.as_deref() != Some(expected_uuid) {
         return Err(refuse(format!("the filesystem mounted at {} is {:?}, not {expected_uuid}", p.mount_path.display(), p.fs_uuid)));
     }
-    unmount_all_beneath(settings, &p.mount_path).await.map_err(|e| refuse(format!("cannot unmount for the reset: {e}")))?;
+    unmount_all_beneath(settings, &p.mount_path, Instant::now() + settings.unmount_timeout)
+        .await
+        .map_err(|e| refuse(format!("cannot unmount for the reset: {e}")))?;
     let rdev = block_rdev(&p.device)?;
     let on_device = read_fs_uuid(&p.device).await;
     if on_device.as_deref() != Some(expected_uuid) {
@@ -632,41 +637,73 @@ pub async fn wipe_mount(settings: &VolumeSettings, m: &VolumeMount, p: &Prepared
 
 // === release ===
 
+/// A release with no caller's deadline still ends: an hour is longer than
+/// any flush or trim of a healthy disk, and a hung one is reported, not waited for.
+const RELEASE_WITHOUT_DEADLINE: Duration = Duration::from_secs(3600);
+
 /// Syncs, trims, unmounts (deepest first) and detaches. Never lazy; reports
 /// exactly what could not be done.
 pub async fn release_mount(settings: &VolumeSettings, p: &PreparedMount) -> ReleaseReport {
+    release_mount_by(settings, p, Instant::now() + RELEASE_WITHOUT_DEADLINE).await
+}
+
+/// [`release_mount`] within `deadline` (the drain's): the flush, the trim and
+/// each unmount run on the blocking pool, and one still running at the
+/// deadline is abandoned, logged and reported. The mount is then left mounted
+/// (an unmount would wait for the same writeback) and never called clean.
+pub async fn release_mount_by(settings: &VolumeSettings, p: &PreparedMount, deadline: Instant) -> ReleaseReport {
     let mut report = ReleaseReport::default();
-    // syncfs, not sync(2): a write the device failed must be an error here, not lost silently.
+    let overran = |step: &'static str, waited: Duration| {
+        warn!(mount_path = %p.mount_path.display(), step, waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX), "abandoned at the deadline; left mounted");
+        ReleaseError::Overran { mount_point: p.mount_path.clone(), step, waited }
+    };
+    // syncfs, not sync(2): a write the device failed must be an error here, not
+    // lost silently; and only this filesystem's writeback is waited for.
     let mount_path = p.mount_path.clone();
-    match tokio::task::spawn_blocking(move || super::health::flush(&mount_path)).await {
+    let mut abandoned = false;
+    match blocking_until(deadline, move || super::health::flush(&mount_path)).await {
         Ok(Ok(())) => {}
         Ok(Err(source)) => {
             report.dirty = true;
             report.errors.push(ReleaseError::Flush { mount_point: p.mount_path.clone(), source });
         }
-        Err(join) => report.errors.push(ReleaseError::Flush { mount_point: p.mount_path.clone(), source: std::io::Error::other(join) }),
+        Err(BlockingError::Overran(waited)) => {
+            report.errors.push(overran("the flush (syncfs)", waited));
+            abandoned = true;
+        }
+        Err(BlockingError::Panicked(join)) => {
+            report.errors.push(ReleaseError::Flush { mount_point: p.mount_path.clone(), source: std::io::Error::other(join) })
+        }
     }
     if let Some(count) = p.fs_type.starts_with("ext").then(|| super::health::read_ext4_errors(&settings.sys_root, &p.device)).flatten().filter(|&n| n > 0) {
         report.dirty = true;
         report.errors.push(ReleaseError::FsErrors { mount_point: p.mount_path.clone(), count });
     }
-    if !p.skip_trim {
-        match fstrim(&p.mount_path).await {
-            Ok(bytes) => {
+    if !p.skip_trim && !abandoned {
+        let started = Instant::now();
+        // fstrim runs on the blocking pool; dropping its wait at the deadline abandons it.
+        match tokio::time::timeout_at(deadline, fstrim(&p.mount_path)).await {
+            Ok(Ok(bytes)) => {
                 info!(mount_path = %p.mount_path.display(), trimmed_bytes = bytes, "fstrim done");
                 report.trimmed_bytes = Some(bytes);
             }
-            Err(TrimError::NotSupported { .. }) => info!(mount_path = %p.mount_path.display(), "device does not support discard; no fstrim"),
-            Err(error) => warn!(%error, "fstrim failed; unmounting anyway"),
+            Ok(Err(TrimError::NotSupported { .. })) => info!(mount_path = %p.mount_path.display(), "device does not support discard; no fstrim"),
+            Ok(Err(error)) => warn!(%error, "fstrim failed; unmounting anyway"),
+            Err(_) => {
+                // The trim still holds the mount point open: an unmount would only find it busy.
+                report.errors.push(overran("fstrim", started.elapsed()));
+                abandoned = true;
+            }
         }
     }
-    report.unmounted = match unmount_all_beneath(settings, &p.mount_path).await {
-        Ok(()) => true,
-        Err(error) => {
-            report.errors.push(error);
-            false
-        }
-    };
+    report.unmounted = !abandoned
+        && match unmount_all_beneath(settings, &p.mount_path, deadline).await {
+            Ok(()) => true,
+            Err(error) => {
+                report.errors.push(error);
+                false
+            }
+        };
     if let Some(att) = &p.loop_attachment {
         let detached = report.unmounted
             && match detach_file(att).await {
@@ -721,7 +758,7 @@ fn rbd_finish(mode: CacheMode, task_id: &str, keep: u32, report: &ReleaseReport)
 /// the next agent formats the device again.
 pub async fn abandon_mount(settings: &VolumeSettings, m: &VolumeMount) -> ReleaseReport {
     let mut report = ReleaseReport::default();
-    if let Err(error) = unmount_all_beneath(settings, &m.mount_path).await {
+    if let Err(error) = unmount_all_beneath(settings, &m.mount_path, Instant::now() + settings.unmount_timeout).await {
         report.errors.push(error);
     }
     if let VolumeSource::File { path, .. } = &m.source {
@@ -797,9 +834,12 @@ async fn release_device_mode(p: &PreparedMount, report: &mut ReleaseReport) {
 
 /// Unmounts every mount at or below `path`, deepest first; each EBUSY is
 /// retried with backoff until the unmount timeout.
-async fn unmount_all_beneath(settings: &VolumeSettings, path: &Path) -> Result<(), ReleaseError> {
-    let deadline = Instant::now() + settings.unmount_timeout;
-    let kill_after = Instant::now() + settings.unmount_timeout / 2;
+/// `until` (the drain's deadline) cuts the unmount timeout short; an umount2
+/// or a scan for holders still running then is abandoned on its thread.
+async fn unmount_all_beneath(settings: &VolumeSettings, path: &Path, until: Instant) -> Result<(), ReleaseError> {
+    let started = Instant::now();
+    let deadline = (started + settings.unmount_timeout).min(until);
+    let kill_after = started + settings.unmount_timeout / 2;
     let mut gaps = PollGaps::doubling(UNMOUNT_RETRY_MIN, UNMOUNT_RETRY_MAX);
     let mut killed = false;
     loop {
@@ -808,13 +848,27 @@ async fn unmount_all_beneath(settings: &VolumeSettings, path: &Path) -> Result<(
         let Some(next) = beneath.first() else { return Ok(()) };
         // Mount points come from mountinfo, link-free; a link swapped in at the
         // last component since must not turn this into someone else's unmount.
-        match umount2(next.as_path(), MntFlags::UMOUNT_NOFOLLOW) {
+        // umount2 writes back what is still dirty and may wait as long as a flush.
+        let target = next.clone();
+        let unmounted = match blocking_until(until, move || umount2(target.as_path(), MntFlags::UMOUNT_NOFOLLOW)).await {
+            Ok(result) => result,
+            Err(BlockingError::Overran(waited)) => return Err(ReleaseError::Overran { mount_point: next.clone(), step: "umount2", waited }),
+            Err(BlockingError::Panicked(join)) => return Err(ReleaseError::Unmount { mount_point: next.clone(), source: join_errno(&join) }),
+        };
+        match unmounted {
             Ok(()) => {
                 info!(mount_point = %next.display(), "unmounted");
                 gaps.reset();
             }
             Err(nix::Error::EBUSY) => {
-                let holders = find_holders(Path::new("/"), next);
+                let target = next.clone();
+                let holders = match blocking_until(until, move || find_holders(Path::new("/"), &target)).await {
+                    Ok(holders) => holders,
+                    Err(BlockingError::Overran(waited)) => {
+                        return Err(ReleaseError::Overran { mount_point: next.clone(), step: "the scan of /proc for holders", waited })
+                    }
+                    Err(BlockingError::Panicked(join)) => return Err(ReleaseError::Unmount { mount_point: next.clone(), source: join_errno(&join) }),
+                };
                 let named: Vec<String> = holders.iter().map(|h| format!("{} ({})", h.pid, h.name)).collect();
                 // Another agent runs on this mount (two agents given one task):
                 // waiting cannot free it and killing would end that agent's builds.
@@ -834,7 +888,7 @@ async fn unmount_all_beneath(settings: &VolumeSettings, path: &Path) -> Result<(
                     } else {
                         named.join(", ")
                     };
-                    return Err(ReleaseError::Busy { mount_point: next.clone(), waited: settings.unmount_timeout, held_by });
+                    return Err(ReleaseError::Busy { mount_point: next.clone(), waited: started.elapsed(), held_by });
                 }
                 // The last try lands on the deadline itself, and the kill time is not overslept.
                 let mut wake = (now + gaps.next_gap()).min(deadline);
@@ -846,6 +900,12 @@ async fn unmount_all_beneath(settings: &VolumeSettings, path: &Path) -> Result<(
             Err(source) => return Err(ReleaseError::Unmount { mount_point: next.clone(), source }),
         }
     }
+}
+
+/// A blocking task that panicked, as an errno for the unmount's error (it has no other source).
+fn join_errno(join: &tokio::task::JoinError) -> nix::Error {
+    warn!(%join, "a blocking unmount step panicked");
+    nix::Error::EIO
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! the health stream carries.
 
 pub mod backing;
+pub mod bounded;
 pub mod device;
 pub mod file_modes;
 pub mod format;

@@ -172,11 +172,11 @@ pub enum ProbeError {
         #[source]
         source: std::io::Error,
     },
-    /// cannot run /usr/sbin/blkid on {device}: {source}
-    BlkidSpawn {
+    /// cannot probe {device} with blkid: {source}
+    BlkidRun {
         device: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: super::tool::ToolError,
     },
     /// blkid -p {device} failed ({status}): {stderr}
     BlkidFailed { device: PathBuf, status: String, stderr: String },
@@ -184,6 +184,9 @@ pub enum ProbeError {
 
 /// util-linux's probe; an absolute path so PATH cannot change what runs.
 pub const BLKID: &str = "/usr/sbin/blkid";
+/// blkid -p reads a few superblock locations; a device that does not answer
+/// within this is hung, and the prepare says so instead of waiting forever.
+const BLKID_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Probes a block device with our reader, then asks `blkid -p` for a second opinion.
 /// `Ok(None)` only when both find nothing.
@@ -201,12 +204,10 @@ pub async fn read_device_signature(device: &Path) -> Result<Option<Signature>, P
     if ours.is_some() {
         return Ok(ours);
     }
-    let out = tokio::process::Command::new(BLKID)
-        .args(["-p", "-o", "export"])
-        .arg(device)
-        .output()
+    let args = [std::ffi::OsStr::new("-p"), std::ffi::OsStr::new("-o"), std::ffi::OsStr::new("export"), device.as_os_str()];
+    let out = super::tool::run_tool_any_exit(Path::new(BLKID), &args, BLKID_TIMEOUT)
         .await
-        .map_err(|source| ProbeError::BlkidSpawn { device: device.into(), source })?;
+        .map_err(|source| ProbeError::BlkidRun { device: device.into(), source })?;
     parse_blkid_probe(out.status.code(), &String::from_utf8_lossy(&out.stdout)).map_err(|status| ProbeError::BlkidFailed {
         device: device.into(),
         status,

@@ -41,6 +41,21 @@ fn stderr_summary(stderr: &str) -> String {
 
 /// Runs `program` with `args`; Ok only on exit status 0.
 pub async fn run_tool<S: AsRef<OsStr>>(program: &Path, args: &[S], timeout: Duration) -> Result<Output, ToolError> {
+    let out = run_tool_any_exit(program, args, timeout).await?;
+    if !out.status.success() {
+        return Err(ToolError::Failed {
+            command: describe(program, args),
+            status: crate::describe::describe_exit(out.status),
+            stderr: stderr_summary(&String::from_utf8_lossy(&out.stderr)),
+        });
+    }
+    Ok(out)
+}
+
+/// Runs `program` with `args` like [`run_tool`], and returns its output
+/// whatever its exit status: for tools whose status is an answer (blkid -p
+/// exits 2 for "nothing found").
+pub async fn run_tool_any_exit<S: AsRef<OsStr>>(program: &Path, args: &[S], timeout: Duration) -> Result<Output, ToolError> {
     let command = describe(program, args);
     let child = tokio::process::Command::new(program)
         .args(args)
@@ -55,13 +70,6 @@ pub async fn run_tool<S: AsRef<OsStr>>(program: &Path, args: &[S], timeout: Dura
         // Dropping the wait dropped the child, and kill_on_drop killed it.
         Err(_) => return Err(ToolError::Timeout { command, waited: timeout }),
     };
-    if !out.status.success() {
-        return Err(ToolError::Failed {
-            command,
-            status: crate::describe::describe_exit(out.status),
-            stderr: stderr_summary(&String::from_utf8_lossy(&out.stderr)),
-        });
-    }
     Ok(out)
 }
 

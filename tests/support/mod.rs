@@ -341,6 +341,10 @@ impl AgentBuilder {
             .env("MACHINE_AGENT_LOG", "info,machine_agent=debug")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
+            // Test machines run no time daemon, so the kernel never calls the
+            // clock synchronized: retention would wait its 10 minutes. Tests of
+            // the clock guard itself are in src/gc/clock.rs.
+            .env("MACHINE_AGENT__GC__CLOCK_SYNC_WAIT_SECS", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
