@@ -319,7 +319,7 @@ impl StepWatch {
     /// Runs until the receiver of the records goes away.
     pub async fn run(mut self) {
         let (news_tx, mut news) = mpsc::channel(64);
-        let history = tokio::spawn(listen_history(self.engine_socket.clone(), news_tx));
+        let history = tokio::spawn(listen_history(self.engine_socket.clone(), self.status.clone(), news_tx));
         let mut steps = Steps::default();
         let mut idle = tokio::time::interval(IDLE_TICK);
         idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -674,14 +674,17 @@ impl Drop for CgroupWatcher {
 }
 
 /// Listens to the engine's build history for as long as `news` is open,
-/// reopening it whenever it ends.
-async fn listen_history(socket: PathBuf, news: mpsc::Sender<HistoryNews>) {
+/// reopening it whenever it ends, and at once when the engine becomes ready
+/// (not at the end of a backoff: a build right after ready would find no
+/// history open, and its steps no build).
+async fn listen_history(socket: PathBuf, mut status: watch::Receiver<Status>, news: mpsc::Sender<HistoryNews>) {
     let mut gaps = PollGaps::doubling(HISTORY_RETRY_MIN, HISTORY_RETRY_MAX);
     loop {
         if let Ok(client) = EngineClient::connect(&socket).await {
             match client.listen_build_history(true).await {
                 Ok(mut stream) => {
                     // Running builds come first, then every change: from here nothing is missed.
+                    debug!("build history stream open");
                     if news.send(HistoryNews::Opened(unix_time_ms())).await.is_err() {
                         return;
                     }
@@ -707,8 +710,24 @@ async fn listen_history(socket: PathBuf, news: mpsc::Sender<HistoryNews>) {
         }
         tokio::select! {
             () = tokio::time::sleep(gaps.next_gap()) => {}
+            Ok(()) = engine_running(&mut status) => gaps.reset(),
             () = news.closed() => return,
         }
+    }
+}
+
+/// Returns once the engine starts running (a change into Running, not every
+/// status change while it runs); Err when the agent is gone.
+async fn engine_running(status: &mut watch::Receiver<Status>) -> Result<(), watch::error::RecvError> {
+    let running = |s: &Status| s.engine == crate::engine::EngineState::Running;
+    let mut was_running = running(&status.borrow_and_update());
+    loop {
+        status.changed().await?;
+        let now_running = running(&status.borrow_and_update());
+        if now_running && !was_running {
+            return Ok(());
+        }
+        was_running = now_running;
     }
 }
 
