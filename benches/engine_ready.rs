@@ -19,42 +19,15 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use support::bare_engine::BareEngine;
+use support::bare_engine::{detect_accepting_and_serving, BareEngine};
 use support::BUILDCTL;
 /// Far above a healthy start; a run that hits it fails the bench.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// The reference loop's period, as in `until buildctl debug workers; do sleep 0.25; done`.
 const BUILDCTL_PERIOD: Duration = Duration::from_millis(250);
-
-/// When buildkitd accepts and when it serves gRPC, seen from a thread that
-/// connects without pause until a connect succeeds ("accepting"), then speaks
-/// raw HTTP/2 on that connection until the server's SETTINGS frame arrives
-/// ("serving": buildkitd's gRPC server has taken the connection).
-fn detect_accepting(socket: PathBuf) -> std::thread::JoinHandle<(Instant, Instant)> {
-    use std::io::{Read, Write};
-    std::thread::spawn(move || {
-        let give_up = Instant::now() + READY_TIMEOUT;
-        let mut stream = loop {
-            if let Ok(stream) = UnixStream::connect(&socket) {
-                break stream;
-            }
-            assert!(Instant::now() < give_up, "{} never accepted", socket.display());
-            std::thread::yield_now();
-        };
-        let accepting = Instant::now();
-        stream.set_read_timeout(Some(READY_TIMEOUT)).unwrap();
-        // The client preface, then an empty SETTINGS frame (length 0, type 4, stream 0).
-        stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").unwrap();
-        let mut header = [0u8; 9];
-        stream.read_exact(&mut header).unwrap();
-        assert_eq!(header[3], 4, "the server's first frame is not SETTINGS: {header:?}");
-        (accepting, Instant::now())
-    })
-}
 
 async fn native(socket: &Path) -> u32 {
     let ready = machine_agent::engine::client::wait_ready(socket, READY_TIMEOUT).await.unwrap();
@@ -99,7 +72,7 @@ impl Samples {
     fn run(&mut self, rt: &tokio::runtime::Runtime, native_method: bool) {
         let engine = BareEngine::start(&[]);
         let spawned = Instant::now();
-        let accepting = detect_accepting(engine.socket.clone());
+        let accepting = detect_accepting_and_serving(engine.socket.clone(), READY_TIMEOUT);
         let tries = if native_method { rt.block_on(native(&engine.socket)) } else { rt.block_on(buildctl_loop(&engine.socket)) };
         let ready = Instant::now();
         let (accepted, serving) = accepting.join().unwrap();

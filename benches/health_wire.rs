@@ -22,9 +22,9 @@
 mod support;
 
 use machine_agent::proto::v1 as pb;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use support::bare_engine::detect_accepting_and_serving;
 use support::control_plane::{buildkit_task, control_plane, ControlPlaneDouble};
 use support::engine::World;
 use support::proxy::ChaosProxy;
@@ -91,32 +91,6 @@ async fn wire(deltas: bool, secs: u64) -> (f64, f64) {
     (pending, ready)
 }
 
-/// When the engine's socket first accepts, and when its gRPC server first
-/// answers on it (its HTTP/2 SETTINGS frame arrives: buildkitd accepts on the
-/// socket before its workers are initialised, and serves only after), seen
-/// from a thread connecting without pause.
-fn detect_accepting(socket: PathBuf) -> std::thread::JoinHandle<(Instant, Instant)> {
-    use std::io::{Read, Write};
-    std::thread::spawn(move || {
-        let give_up = Instant::now() + Duration::from_secs(60);
-        let mut stream = loop {
-            if let Ok(stream) = UnixStream::connect(&socket) {
-                break stream;
-            }
-            assert!(Instant::now() < give_up, "{} never accepted", socket.display());
-            std::thread::yield_now();
-        };
-        let accepting = Instant::now();
-        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        // The client preface, then an empty SETTINGS frame (length 0, type 4, stream 0).
-        stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").unwrap();
-        let mut header = [0u8; 9];
-        stream.read_exact(&mut header).unwrap();
-        assert_eq!(header[3], 4, "the server's first frame is not SETTINGS: {header:?}");
-        (accepting, Instant::now())
-    })
-}
-
 /// Socket accepts -> the control plane's state says ready, and gRPC serving
 /// -> the same, one run.
 async fn readiness_once() -> (Duration, Duration) {
@@ -124,7 +98,7 @@ async fn readiness_once() -> (Duration, Duration) {
     let cp = control_plane().initial(vec![buildkit_task("bench-ready", &w.root.join("mnt"))]).start();
     cp.set_health_reporting(pb::HealthReporting { deltas: true, ..Default::default() });
     w.use_control_plane(&cp);
-    let detector = detect_accepting(engine_socket(&w.root));
+    let detector = detect_accepting_and_serving(engine_socket(&w.root), Duration::from_secs(60));
     let _agent = agent(&w.config).env("MACHINE_AGENT_LOG", "warn").start();
     let rec = cp.wait_for_within(Duration::from_secs(60), "ready", |r| r.health_state().is_some_and(|h| h.agent_state == pb::AgentState::Ready as i32)).await;
     let first_ready = rec.health_states.iter().position(|h| h.agent_state == pb::AgentState::Ready as i32).unwrap();

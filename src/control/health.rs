@@ -156,12 +156,10 @@ impl HealthStream {
         let call = client.report_health(req);
         tokio::pin!(call);
         debug!(machine_id = %session.machine_id, "health stream opened");
-        let mut oom_sent = self.oom_delivered;
-        let mut steps_sent = self.steps_delivered;
         // Kept on self at every return: the dropped count spans streams.
         let mut steps = self.steps;
         // The first report goes at once: a new stream's control plane knows nothing yet.
-        let mut sent = Sent::default();
+        let mut sent = Sent { oom_sent: self.oom_delivered, steps_sent: self.steps_delivered, ..Sent::default() };
         let mut sent_mark: Option<StateMark> = None;
         let mut send_at = Some(tokio::time::Instant::now());
         let mut format = self.reporting();
@@ -177,8 +175,8 @@ impl HealthStream {
                     self.steps = steps;
                     return match result {
                         Ok(resp) => {
-                            self.oom_delivered = oom_sent;
-                            self.steps_delivered = steps_sent;
+                            self.oom_delivered = sent.oom_sent;
+                            self.steps_delivered = sent.steps_sent;
                             let should_terminate = resp.into_inner().should_terminate;
                             if !should_terminate {
                                 warn!("control plane ended the health stream without should_terminate; reopening");
@@ -218,12 +216,12 @@ impl HealthStream {
                 }
                 () = due => {
                     send_at = None;
-                    sent_mark = Some(self.send_report(&tx, session, &format, &mut sent, &mut oom_sent, &mut steps_sent, &mut steps));
+                    sent_mark = Some(self.send_report(&tx, session, &format, &mut sent, &mut steps));
                 }
                 _ = ticker.tick() => {
                     self.heartbeat.beat();
                     send_at = None;
-                    sent_mark = Some(self.send_report(&tx, session, &format, &mut sent, &mut oom_sent, &mut steps_sent, &mut steps));
+                    sent_mark = Some(self.send_report(&tx, session, &format, &mut sent, &mut steps));
                 }
             }
         }
@@ -242,8 +240,6 @@ impl HealthStream {
         session: &Session,
         format: &pb::HealthReporting,
         sent: &mut Sent,
-        oom_sent: &mut u64,
-        steps_sent: &mut u64,
         steps: &mut crate::observe::steps::StepDelivery,
     ) -> StateMark {
         // The newest session (a re-registration may have renewed it) names the machine.
@@ -251,7 +247,7 @@ impl HealthStream {
         let (full, oom_through, steps_through, mark) = {
             let status = self.status.borrow();
             let steps_dropped = steps.account(status.step_entries, status.recent_steps.len());
-            (build_report(&status, &machine_id, *oom_sent, *steps_sent, steps_dropped), status.oom_entries, status.step_entries, StateMark::of(&status))
+            (build_report(&status, &machine_id, sent.oom_sent, sent.steps_sent, steps_dropped), status.oom_entries, status.step_entries, StateMark::of(&status))
         };
         let now = tokio::time::Instant::now();
         let Some(report) = next_report(format, sent, full, now, self.thresholds) else {
@@ -264,8 +260,8 @@ impl HealthStream {
                 self.control.metrics.health_reports_sent.inc();
                 self.control.metrics.health_report_bytes.with_label_values(&[kind]).inc_by(bytes as u64);
                 sent.record(&shown, now);
-                *oom_sent = oom_through;
-                *steps_sent = steps_through;
+                sent.oom_sent = oom_through;
+                sent.steps_sent = steps_through;
                 steps.queued(steps_through);
             }
             Err(mpsc::error::TrySendError::Full(_)) => debug!("health stream is backed up; dropping this report"),
@@ -276,9 +272,14 @@ impl HealthStream {
 }
 
 /// What one health stream has sent so far: the state the control plane
-/// holds (every report applied), for the next delta.
+/// holds (every report applied), for the next delta, and how far the event
+/// lists went.
 #[derive(Debug, Default)]
 pub struct Sent {
+    /// OOM kills and step records sent, counted as in `Status::oom_entries`
+    /// and `Status::step_entries`.
+    pub oom_sent: u64,
+    pub steps_sent: u64,
     held: Option<pb::HealthReport>,
     sequence: u64,
     last_at: Option<tokio::time::Instant>,

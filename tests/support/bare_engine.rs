@@ -100,3 +100,33 @@ impl Drop for BareEngine {
         let _ = self.child.wait();
     }
 }
+
+/// When a buildkitd's unix socket first accepts and when its gRPC server first
+/// answers there, seen from a thread that connects without pause until a
+/// connect succeeds ("accepting"), then speaks raw HTTP/2 on that connection
+/// until the server's SETTINGS frame arrives ("serving": buildkitd accepts
+/// before its workers are up, and its gRPC server takes the connection only
+/// after). Panics after `within`. For the benches of engine readiness.
+#[allow(clippy::disallowed_types)] // wall-clock instants are what the benches compare
+pub fn detect_accepting_and_serving(socket: PathBuf, within: Duration) -> std::thread::JoinHandle<(std::time::Instant, std::time::Instant)> {
+    use std::io::{Read, Write};
+    use std::time::Instant;
+    std::thread::spawn(move || {
+        let give_up = Instant::now() + within;
+        let mut stream = loop {
+            if let Ok(stream) = std::os::unix::net::UnixStream::connect(&socket) {
+                break stream;
+            }
+            assert!(Instant::now() < give_up, "{} never accepted", socket.display());
+            std::thread::yield_now();
+        };
+        let accepting = Instant::now();
+        stream.set_read_timeout(Some(within)).unwrap();
+        // The client preface, then an empty SETTINGS frame (length 0, type 4, stream 0).
+        stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").unwrap();
+        let mut header = [0u8; 9];
+        stream.read_exact(&mut header).unwrap();
+        assert_eq!(header[3], 4, "the server's first frame is not SETTINGS: {header:?}");
+        (accepting, Instant::now())
+    })
+}
