@@ -677,9 +677,20 @@ impl Drop for CgroupWatcher {
 /// reopening it whenever it ends, and at once when the engine becomes ready
 /// (not at the end of a backoff: a build right after ready would find no
 /// history open, and its steps no build).
+///
+/// The stream is closed as soon as the agent stops the engine, and not
+/// reopened until it runs again: buildkitd's graceful stop waits for every
+/// open call, so a history stream left open held each drain's engine stop
+/// to its SIGKILL.
 async fn listen_history(socket: PathBuf, mut status: watch::Receiver<Status>, news: mpsc::Sender<HistoryNews>) {
     let mut gaps = PollGaps::doubling(HISTORY_RETRY_MIN, HISTORY_RETRY_MAX);
     loop {
+        if engine_stopping(&status.borrow_and_update()) {
+            tokio::select! {
+                Ok(()) = engine_running(&mut status) => gaps.reset(),
+                () = news.closed() => return,
+            }
+        }
         if let Ok(client) = EngineClient::connect(&socket).await {
             match client.listen_build_history(true).await {
                 Ok(mut stream) => {
@@ -690,7 +701,11 @@ async fn listen_history(socket: PathBuf, mut status: watch::Receiver<Status>, ne
                     }
                     gaps.reset();
                     let ended = loop {
-                        match stream.next().await {
+                        let item = tokio::select! {
+                            item = stream.next() => item,
+                            Ok(()) = stopping_now(&mut status) => break "the agent is stopping the engine".to_string(),
+                        };
+                        match item {
                             Ok(Some(event)) => {
                                 if news.send(HistoryNews::Event(event)).await.is_err() {
                                     return;
@@ -713,6 +728,22 @@ async fn listen_history(socket: PathBuf, mut status: watch::Receiver<Status>, ne
             Ok(()) = engine_running(&mut status) => gaps.reset(),
             () = news.closed() => return,
         }
+    }
+}
+
+/// The agent is stopping the engine (a drain, a cache reset) or has stopped it.
+fn engine_stopping(status: &Status) -> bool {
+    matches!(status.engine, crate::engine::EngineState::Stopping | crate::engine::EngineState::Stopped)
+}
+
+/// Returns once the agent stops the engine (at once if it already does); Err
+/// when the agent is gone.
+async fn stopping_now(status: &mut watch::Receiver<Status>) -> Result<(), watch::error::RecvError> {
+    loop {
+        if engine_stopping(&status.borrow_and_update()) {
+            return Ok(());
+        }
+        status.changed().await?;
     }
 }
 
