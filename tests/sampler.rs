@@ -204,7 +204,10 @@ async fn steps_that_start_and_exit_between_ticks_are_charged() {
     for sample in &seen {
         let e = sample.engine.as_ref().unwrap();
         assert!(e.cpu_utilisation <= cpus() + 0.1, "no spike: {seen:#?}");
-        assert!(e.processes <= 4, "the short processes come and go: {e:?}");
+        // The loop's shell, the test's shell, a short one and its fork for
+        // `$((...))` at worst: a tick that catches them all counts 5 (seen in
+        // CI under load). Never the dozens a leak would leave.
+        assert!(e.processes <= 6, "the short processes come and go: {e:?}");
     }
 }
 
