@@ -26,7 +26,7 @@ use machine_agent::observe::step_watch::StepDirs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
-use support::engine::{unix_addr, World};
+use support::engine::World;
 
 fn cpu_of_self() -> Duration {
     let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF).unwrap();
@@ -145,18 +145,9 @@ fn context(dir: &Path, scripts: &[String], parallel: bool) -> PathBuf {
 }
 
 fn build(w: &World, ctx: &Path) -> String {
-    let ref_file = ctx.join("build-ref");
-    let out = Command::new(support::BUILDCTL)
-        .args(unix_addr(w))
-        .args(["build", "--frontend", "dockerfile.v0", "--progress", "plain"])
-        .arg(format!("--local=context={}", ctx.display()))
-        .arg(format!("--local=dockerfile={}", ctx.display()))
-        .arg(format!("--ref-file={}", ref_file.display()))
-        .arg(format!("--output=type=local,dest={}", ctx.join("out").display()))
-        .output()
-        .unwrap();
+    let (out, build_ref) = support::engine::build_with_ref(w, ctx);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::read_to_string(&ref_file).unwrap().trim().to_string()
+    build_ref
 }
 
 /// (duration s, cpu s, ended) of every step record of `build_ref` in the agent's log, in order of arrival.

@@ -9,9 +9,8 @@ mod support;
 
 use machine_agent::proto::v1 as pb;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use support::engine::{readyz, unix_addr, wait_ready, World};
-use support::{agent, metric_value, BUILDCTL};
+use support::engine::{readyz, wait_ready, World};
+use support::{agent, metric_value};
 
 /// Busy for a second of wall time: about a second of CPU when a core is free.
 const BURN_CPU: &str = "/bin/busybox timeout 1 /bin/busybox sh -c 'while :; do :; done' || true";
@@ -36,22 +35,6 @@ fn steps_context(dir: &Path, scripts: &[&str]) -> PathBuf {
     }
     std::fs::write(ctx.join("Dockerfile"), dockerfile).unwrap();
     ctx
-}
-
-/// Builds `ctx` on the engine; returns the output and the build's ref.
-fn build(w: &World, ctx: &Path) -> (std::process::Output, String) {
-    let ref_file = ctx.join("build-ref");
-    let out = Command::new(BUILDCTL)
-        .args(unix_addr(w))
-        .args(["build", "--frontend", "dockerfile.v0", "--progress", "plain"])
-        .arg(format!("--local=context={}", ctx.display()))
-        .arg(format!("--local=dockerfile={}", ctx.display()))
-        .arg(format!("--ref-file={}", ref_file.display()))
-        .arg(format!("--output=type=local,dest={}", ctx.join("out").display()))
-        .output()
-        .unwrap();
-    let build_ref = std::fs::read_to_string(&ref_file).unwrap_or_default().trim().to_string();
-    (out, build_ref)
 }
 
 /// An agent registered with `cp`, Ready; `env` added to its environment.
@@ -86,7 +69,7 @@ async fn three_steps_are_recorded_with_their_figures_and_build_and_reach_the_con
     let (_agent, base) = ready_agent(&w, &cp, "steps", &[]).await;
 
     let ctx = steps_context(&w.root, &[BURN_CPU, ALLOCATE_100_MIB, SHORT]);
-    let (out, build_ref) = build(&w, &ctx);
+    let (out, build_ref) = support::engine::build_with_ref(&w, &ctx);
     assert!(out.status.success(), "the build succeeds: {}", String::from_utf8_lossy(&out.stderr));
     assert!(!build_ref.is_empty(), "buildctl wrote the build's ref");
 
@@ -157,7 +140,7 @@ async fn an_oom_killed_step_is_recorded_as_such_with_the_kills_container_id() {
     let (_agent, _base) = ready_agent(&w, &cp, "steps-oom", &[("MACHINE_AGENT__ENGINE__MEMORY_RESERVE_BYTES", reserve.to_string())]).await;
 
     let ctx = steps_context(&w.root, &["/bin/busybox dd if=/dev/zero of=/dev/null bs=256M count=1"]);
-    let (out, build_ref) = build(&w, &ctx);
+    let (out, build_ref) = support::engine::build_with_ref(&w, &ctx);
     assert!(!out.status.success(), "a step over the memory limit cannot succeed");
 
     let rec = cp

@@ -256,3 +256,21 @@ impl Drop for GatedBuild {
         }
     }
 }
+
+/// Builds `ctx` (a Dockerfile context) on `w`'s engine over its unix socket,
+/// exporting to `ctx/out`; returns buildctl's output and the build's ref
+/// ("" when buildctl wrote none).
+pub fn build_with_ref(w: &World, ctx: &Path) -> (std::process::Output, String) {
+    let ref_file = ctx.join("build-ref");
+    let out = Command::new(super::BUILDCTL)
+        .args(unix_addr(w))
+        .args(["build", "--frontend", "dockerfile.v0", "--progress", "plain"])
+        .arg(format!("--local=context={}", ctx.display()))
+        .arg(format!("--local=dockerfile={}", ctx.display()))
+        .arg(format!("--ref-file={}", ref_file.display()))
+        .arg(format!("--output=type=local,dest={}", ctx.join("out").display()))
+        .output()
+        .unwrap();
+    let build_ref = std::fs::read_to_string(&ref_file).unwrap_or_default().trim().to_string();
+    (out, build_ref)
+}
